@@ -1,0 +1,3 @@
+from gguf_abliterate.cli import main
+
+main()

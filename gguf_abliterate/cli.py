@@ -1,0 +1,179 @@
+"""The `gguf-abliterate` command: the edit is the default form, other verbs are subcommands."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from gguf import GGMLQuantizationType
+
+from gguf_abliterate import __version__, quants
+from gguf_abliterate.errors import UserError
+
+EDIT_HELP = """Remove (abliterate) or amplify (--reverse) a direction in INPUT's weights; write OUTPUT.
+
+Every matrix that writes into the residual stream (attn_output, ffn_down, MoE experts, and
+token_embd unless tied to the output head) is dequantized, projected and requantized to its
+own type; every other tensor is copied byte for byte. OUTPUT appears only when complete.
+
+\b
+  gguf-abliterate in.gguf out.gguf --direction d.npy
+  gguf-abliterate in.gguf out.gguf --direction d.safetensors --reverse --scale 0.5 --layers 8-20
+"""
+
+
+class _DefaultEdit(click.Group):
+    """A group whose first argument, when not a subcommand name, starts the default `edit`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["edit", *args]
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage("gguf-abliterate", "INPUT OUTPUT --direction FILE [OPTIONS]")
+        formatter.write_usage("gguf-abliterate", "COMMAND [ARGS]...", prefix="   or: ")
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected failures into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except MemoryError:
+            raise click.ClickException("out of memory") from None
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
+
+    return wrapper
+
+
+@click.group(cls=_DefaultEdit, help=EDIT_HELP + "\nOther commands are listed below.")
+@click.version_option(__version__, prog_name="gguf-abliterate")
+def cli() -> None:
+    pass
+
+
+def _qtype(ctx: click.Context, param: click.Parameter, value: str | None) -> GGMLQuantizationType | None:
+    if value is None:
+        return None
+    return GGMLQuantizationType[value.upper()]
+
+
+_WRITABLE = sorted(t.name.lower() for t in GGMLQuantizationType if quants.can_quantize(t))
+
+
+def _check_output(inp: Path, out: Path, force: bool) -> None:
+    """Refuse to overwrite the input, an existing file without --force, or a missing folder."""
+    if (out.exists() and inp.exists() and os.path.samefile(inp, out)) or out.resolve() == inp.resolve():
+        raise UserError("OUTPUT is the same file as INPUT; write the edit to a new file")
+    if out.is_dir():
+        raise UserError(f"{out} is a directory")
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to replace it")
+    if not out.parent.resolve().is_dir():
+        raise UserError(f"{out.parent}: no such directory")
+
+
+@cli.command("edit", help=EDIT_HELP)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=Path))
+@click.option("--direction", "direction_path", required=True, type=click.Path(path_type=Path),
+              help="Direction file: .npy or .safetensors, one vector (n_embd) or one per block (n_layer, n_embd).")
+@click.option("--reverse", is_flag=True, help="Amplify the direction (W + S u u^T W) instead of removing it.")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="Strength S: 1 removes the component fully; 0 changes nothing.")
+@click.option("--layers", default=None, metavar="A-B",
+              help="Blocks to edit, 0-based and inclusive, e.g. 4-20 or 3,5,8-12. Default: all.")
+@click.option("--embeddings/--no-embeddings", default=None,
+              help="Edit token_embd too. Default: yes, unless it is tied to the output head.")
+@click.option("--requant-type", type=click.Choice(_WRITABLE, case_sensitive=False), callback=_qtype,
+              help="Store the edited matrices as this type instead of their own (e.g. f32, f16, q8_0).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new file is complete).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-v", "--verbose", is_flag=True, help="List every edited tensor.")
+@_user_errors
+def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse: bool, scale: float,
+             layers: str | None, embeddings: bool | None, requant_type: GGMLQuantizationType | None,
+             force: bool, quiet: bool, verbose: bool) -> None:
+    from tqdm import tqdm
+
+    from gguf_abliterate.directions import load_direction
+    from gguf_abliterate.edit import EditOptions, apply_edit, format_layers, output_nbytes, parse_layers, plan_edit
+    from gguf_abliterate.gguf_io import Model
+
+    if not (scale >= 0 and scale != float("inf")):
+        raise UserError("--scale must be a finite number >= 0 (use --reverse to amplify)")
+    _check_output(input_path, output_path, force)
+    model = Model(input_path)
+    direction = load_direction(direction_path)
+    direction.check_fits(model.n_layer, model.n_embd, model.arch)
+    opts = EditOptions(reverse, scale, parse_layers(layers, model.n_layer), embeddings, requant_type)
+    plan = plan_edit(model, opts)
+    say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    for notice in plan.notices:
+        say(f"note: {notice}")
+    mode = "reverse-abliterating" if reverse else "abliterating"
+    say(f"{mode} {model.path.name} ({model.arch}, blocks {format_layers(plan.layers)}, scale {scale:g}): "
+        f"{len(plan.edits)} tensors")
+    if verbose:
+        for e in plan.edits.values():
+            say(f"  {e.name}  {e.src_type.name} -> {e.out_type.name}")
+    total = output_nbytes(model, plan)
+    with tqdm(total=total, unit="B", unit_scale=True, disable=quiet, desc="writing", file=sys.stderr) as bar:
+        apply_edit(model, plan, direction, opts, output_path, bar.update)
+    say(f"wrote {output_path}")
+
+
+@cli.command("inspect")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("-v", "--verbose", is_flag=True, help="List every tensor an edit would touch.")
+@_user_errors
+def inspect_cmd(model_path: Path, verbose: bool) -> None:
+    """Show a model's architecture and which tensors an edit would touch."""
+    from gguf_abliterate.arch import ARCHITECTURES
+    from gguf_abliterate.edit import EditOptions, plan_edit
+    from gguf_abliterate.gguf_io import Model
+
+    model = Model(model_path)
+    types = Counter(t.tensor_type.name for t in model.tensors.values())
+    click.echo(f"file:          {model.path}")
+    click.echo(f"name:          {model.get_str('general.name') or '-'}")
+    click.echo(f"architecture:  {model.arch}")
+    if model.arch not in ARCHITECTURES:
+        click.echo(f"  (not supported for editing; supported: {', '.join(sorted(ARCHITECTURES))})")
+        return
+    click.echo(f"blocks:        {model.n_layer}")
+    click.echo(f"n_embd:        {model.n_embd}")
+    click.echo(f"tensors:       {len(model.tensors)} ({', '.join(f'{n} {k}' for k, n in sorted(types.items()))})")
+    plan = plan_edit(model, EditOptions(), strict=False)
+    click.echo(f"tied embeddings: {'yes' if plan.tied_embeddings else 'no'}")
+    kinds = Counter((e.name.split(".")[-2] if e.name.startswith("blk.") else e.name, e.src_type.name)
+                    for e in plan.edits.values())
+    click.echo(f"an edit touches {len(plan.edits)} tensors:")
+    for (kind, qtype), n in sorted(kinds.items()):
+        writable = "" if quants.can_quantize(GGMLQuantizationType[qtype]) else "  (cannot be requantized yet: use --requant-type)"
+        click.echo(f"  {n:4d} x {kind:<20} {qtype}{writable}")
+    if verbose:
+        for e in plan.edits.values():
+            click.echo(f"  {e.name}  {e.src_type.name}{'  (post-norm ' + e.post_norm + ')' if e.post_norm else ''}")
+    for notice in plan.notices:
+        click.echo(f"note: {notice}")
+
+
+def main() -> None:
+    cli(prog_name="gguf-abliterate")

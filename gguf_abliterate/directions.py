@@ -1,0 +1,129 @@
+"""Direction files: load, validate, normalise, save.
+
+A direction file holds either one vector of length n_embd (used for every edited block) or
+an array `(n_layer, n_embd)` (row N for block N). Formats:
+
+- `.npy`: the bare array, loaded with `allow_pickle=False`.
+- `.safetensors`: tensor `direction` with the same shapes, plus string metadata. Keys we
+  read and write: `layer` (the block whose output, llama.cpp's `l_out-L`, the direction was
+  measured at), `sign` (`harmful-minus-harmless`: the edit removes what the first set has
+  more of), `model`, `architecture`, `n_embd`.
+
+Vectors need not be unit length; they are normalised here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gguf_abliterate.errors import UserError
+
+TENSOR_NAME = "direction"
+SIGN_CONVENTION = "harmful-minus-harmless"
+
+
+@dataclass
+class Direction:
+    """Unit direction(s) in the residual stream, and where they came from."""
+
+    vectors: np.ndarray  # float32, (n_embd,) for all blocks or (n_layer, n_embd)
+    sha256: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_embd(self) -> int:
+        return int(self.vectors.shape[-1])
+
+    @property
+    def per_layer(self) -> bool:
+        return self.vectors.ndim == 2
+
+    def for_block(self, block: int) -> np.ndarray:
+        """The unit vector to remove from block `block`'s writers (block 0 for token_embd)."""
+        return self.vectors[block] if self.per_layer else self.vectors
+
+    def check_fits(self, n_layer: int, n_embd: int, arch: str) -> None:
+        """Refuse a direction that was made for a model of another shape or family."""
+        if self.n_embd != n_embd:
+            raise UserError(f"direction has length {self.n_embd}, but the model's n_embd is {n_embd}")
+        if self.per_layer and self.vectors.shape[0] != n_layer:
+            raise UserError(
+                f"direction has {self.vectors.shape[0]} rows, but the model has {n_layer} blocks "
+                f"(use one row per block, or a single vector)"
+            )
+        made_for = self.metadata.get("architecture")
+        if made_for and made_for != arch:
+            raise UserError(f"direction was made for a {made_for} model, not {arch}")
+
+
+def normalise(vectors: np.ndarray, what: str = "direction") -> np.ndarray:
+    """Unit-normalise each row in float64; refuse NaN/Inf, zero norm, bad rank or dtype."""
+    if vectors.dtype.kind not in "fiu":
+        raise UserError(f"{what} must be a numeric array, not {vectors.dtype}")
+    v = np.asarray(vectors, dtype=np.float64)
+    if v.ndim == 2 and v.shape[0] == 1:
+        v = v[0]
+    if v.ndim not in (1, 2) or v.shape[-1] == 0:
+        raise UserError(f"{what} must be a vector (n_embd,) or an array (n_layer, n_embd), got shape {v.shape}")
+    if not np.isfinite(v).all():
+        raise UserError(f"{what} contains NaN or Inf")
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)
+    if (norms == 0).any():
+        rows = np.flatnonzero(norms.ravel() == 0)
+        where = f" (rows {', '.join(map(str, rows[:8]))})" if v.ndim == 2 else ""
+        raise UserError(f"{what} has zero norm{where}")
+    return (v / norms).astype(np.float32)
+
+
+def load_direction(path: str | Path) -> Direction:
+    """Load and normalise a `.npy` or `.safetensors` direction file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such direction file")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    suffix = path.suffix.lower()
+    metadata: dict[str, str] = {}
+    if suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise UserError(f"{path}: not a plain numeric .npy array ({e})") from None
+        except OSError as e:
+            raise UserError(f"{path}: unreadable .npy file ({e})") from None
+    elif suffix == ".safetensors":
+        array, metadata = _load_safetensors(path)
+    else:
+        raise UserError(f"{path}: direction files must be .npy or .safetensors")
+    return Direction(normalise(array, f"{path.name}"), digest, metadata)
+
+
+def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            names = list(f.keys())
+            if TENSOR_NAME not in names:
+                raise UserError(f"{path}: no tensor named {TENSOR_NAME!r} (has: {', '.join(names) or 'none'})")
+            return f.get_tensor(TENSOR_NAME), dict(f.metadata() or {})
+    except (SafetensorError, OSError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: unreadable .safetensors file ({e})") from None
+
+
+def save_direction(path: str | Path, vectors: np.ndarray, metadata: dict[str, str] | None = None) -> None:
+    """Write a direction file; `.npy` keeps only the array, `.safetensors` keeps metadata too."""
+    path = Path(path)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if path.suffix.lower() == ".npy":
+        np.save(path, vectors, allow_pickle=False)
+    elif path.suffix.lower() == ".safetensors":
+        from safetensors.numpy import save_file
+
+        meta = {"sign": SIGN_CONVENTION, **(metadata or {})}
+        save_file({TENSOR_NAME: vectors}, str(path), metadata={k: str(v) for k, v in meta.items()})
+    else:
+        raise UserError(f"{path}: direction files must be .npy or .safetensors")

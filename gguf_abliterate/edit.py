@@ -1,0 +1,270 @@
+"""Plan which tensors an edit changes, and apply the signed projection to each.
+
+Abliterate: `W' = W - s u (u^T W)`; reverse: `W' = W + s u (u^T W)`, for every matrix that
+writes into the residual stream (numpy rows are residual dimensions). `token_embd` holds one
+residual-stream row per token, so it is projected row-wise: `E' = E -/+ s (E r) r^T`.
+Edited tensors are dequantized, projected in float32 and requantized to their own type (or
+`requant_type`); every other tensor is copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from gguf_abliterate import __version__, quants
+from gguf_abliterate.arch import EMBEDDING, LM_HEAD, WRITER_KINDS, Arch, get_arch
+from gguf_abliterate.directions import Direction, normalise
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.gguf_io import Model, OutTensor, write_model
+
+PROVENANCE_PREFIX = "abliterate."
+# float32 bytes processed at once; bounds the working memory of one tensor edit.
+CHUNK_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """What the user asked for."""
+
+    reverse: bool = False
+    scale: float = 1.0
+    layers: frozenset[int] | None = None  # None: every block
+    embeddings: bool | None = None  # None: on unless the embeddings are tied to the LM head
+    requant_type: GGMLQuantizationType | None = None
+
+    @property
+    def coef(self) -> float:
+        """The signed factor in `W + coef * u (u^T W)`."""
+        return self.scale if self.reverse else -self.scale
+
+
+@dataclass(frozen=True)
+class TensorEdit:
+    """One tensor the edit changes."""
+
+    name: str
+    kind: str  # "matrix" (rows are residual dims), "embedding" (columns are), "bias"
+    block: int  # which row of a per-layer direction applies
+    src_type: GGMLQuantizationType
+    out_type: GGMLQuantizationType
+    post_norm: str | None = None  # norm weight g: project with u = g*r/||g*r||
+
+
+@dataclass
+class EditPlan:
+    """Every edited tensor, by name, and what the user should be told about the choices."""
+
+    arch: Arch
+    tied_embeddings: bool
+    layers: frozenset[int]
+    edits: dict[str, TensorEdit]
+    notices: list[str] = field(default_factory=list)
+
+
+def parse_layers(spec: str | None, n_layer: int) -> frozenset[int] | None:
+    """Parse `A-B`, `A`, or comma-separated mixes of both (inclusive, 0-based) into block indices."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return None
+    blocks: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise UserError(f"--layers {spec!r}: expected ranges like 4-20 or 3,5,7-9")
+        lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
+        if lo > hi:
+            raise UserError(f"--layers {spec!r}: range {lo}-{hi} runs backwards")
+        if hi >= n_layer:
+            raise UserError(f"--layers {spec!r}: the model has blocks 0-{n_layer - 1}")
+        blocks.update(range(lo, hi + 1))
+    return frozenset(blocks)
+
+
+def format_layers(blocks: frozenset[int]) -> str:
+    """The inverse of parse_layers, compact: {0,1,2,5} -> '0-2,5'."""
+    out, run = [], []
+    for b in sorted(blocks):
+        if run and b != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(b)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def _out_type(
+    name: str, src: GGMLQuantizationType, opts: EditOptions, n_per_row: int, is_bias: bool, strict: bool
+) -> GGMLQuantizationType:
+    """The type an edited tensor is stored as; refuses (if strict) types we cannot write."""
+    out = src if is_bias or opts.requant_type is None else opts.requant_type
+    if not strict:
+        return out
+    if not quants.can_quantize(out):
+        hint = " (it needs an importance matrix)" if out in quants.NEEDS_IMATRIX else ""
+        raise UserError(
+            f"tensor {name} is {out.name}, which cannot be requantized yet{hint}; "
+            f"store the edited tensors as another type with --requant-type (e.g. q8_0 or f16)"
+        )
+    if n_per_row % quants.block_size(out):
+        raise UserError(f"tensor {name}: rows of {n_per_row} values do not fit {out.name} blocks")
+    return out
+
+
+def plan_edit(model: Model, opts: EditOptions, strict: bool = True) -> EditPlan:
+    """Decide which tensors change and how, checking everything before anything is written.
+
+    `strict=False` skips the check that each output type can be written (for `inspect`).
+    """
+    arch = get_arch(model.arch)
+    n_layer = model.n_layer
+    layers = opts.layers if opts.layers is not None else frozenset(range(n_layer))
+    tied = LM_HEAD not in model.tensors
+    plan = EditPlan(arch, tied, layers, {})
+
+    def add(name: str, kind: str, block: int, post_norm: str | None = None) -> None:
+        t = model.tensors[name]
+        is_bias = name.endswith(".bias")
+        out = _out_type(name, t.tensor_type, opts, int(t.shape[0]), is_bias, strict)
+        if post_norm is not None and post_norm not in model.tensors:
+            raise UserError(f"{arch.name} model lacks {post_norm}, needed to edit {name}")
+        plan.edits[name] = TensorEdit(name, kind, block, t.tensor_type, out, post_norm)
+
+    embeddings = opts.embeddings if opts.embeddings is not None else not tied
+    if embeddings:
+        if EMBEDDING not in model.tensors:
+            raise UserError(f"model has no {EMBEDDING}")
+        add(EMBEDDING, "embedding", 0)
+        if tied:
+            plan.notices.append(
+                "token_embd is tied to the output head: editing it changes the output logits too"
+            )
+    elif opts.embeddings is None and tied:
+        plan.notices.append(
+            "token_embd is tied to the output head, so it is left unedited (--embeddings to edit it)"
+        )
+    for block in sorted(layers):
+        for kind in WRITER_KINDS:
+            norm = arch.post_norm(block, kind)
+            for suffix, what in (("weight", "matrix"), ("bias", "bias")):
+                name = f"blk.{block}.{kind}.{suffix}"
+                if name in model.tensors:
+                    add(name, what, block, norm)
+    if not plan.edits:
+        raise UserError("nothing to edit: no residual-stream writers in the selected blocks")
+    return plan
+
+
+def _axis_vector(model: Model, edit: TensorEdit, direction: Direction) -> np.ndarray:
+    """The unit vector u the tensor is projected with (Gemma post-norms: g*r/||g*r||)."""
+    r = direction.for_block(edit.block)
+    if edit.post_norm is None:
+        return r
+    g = model.values(edit.post_norm).astype(np.float32)
+    return normalise(g * r, f"post-norm-weighted direction for {edit.name}")
+
+
+def _rows_per_chunk(row_len: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * max(row_len, 1)))
+
+
+def project_residual_rows(w: np.ndarray, u: np.ndarray, coef: float) -> None:
+    """In place: `W += coef * u (u^T W)` for a 2-D `w` whose rows are residual dimensions."""
+    c = u @ w
+    step = _rows_per_chunk(w.shape[1])
+    for i in range(0, w.shape[0], step):
+        w[i : i + step] += (coef * u[i : i + step, None]) * c[None, :]
+
+
+def project_residual_cols(e: np.ndarray, u: np.ndarray, coef: float) -> None:
+    """In place: `E += coef * (E u) u^T` for a 2-D `e` whose columns are residual dimensions."""
+    e += (coef * (e @ u))[:, None] * u[None, :]
+
+
+def _edited_chunks(model: Model, edit: TensorEdit, u: np.ndarray, coef: float) -> Iterator[np.ndarray]:
+    """The edited tensor's output bytes, produced in bounded chunks of rows."""
+    raw = model.raw(edit.name)
+    if edit.kind == "bias":
+        b = quants.dequantize(raw, edit.src_type).copy()
+        b += coef * u * float(u @ b)
+        yield quants.quantize(b[None, :], edit.out_type)
+        return
+    if edit.kind == "embedding":
+        rows = raw.reshape(-1, raw.shape[-1])
+        step = _rows_per_chunk(model.n_embd)
+        for i in range(0, rows.shape[0], step):
+            e = quants.dequantize(rows[i : i + step], edit.src_type).copy()
+            project_residual_cols(e, u, coef)
+            yield quants.quantize(e, edit.out_type)
+        return
+    # matrix: (..., n_embd, n_in); one 2-D slice (one expert) at a time
+    slices = raw.reshape(-1, *raw.shape[-2:])
+    for s in slices:
+        w = quants.dequantize(s, edit.src_type).copy()
+        project_residual_rows(w, u, coef)
+        step = _rows_per_chunk(w.shape[1])
+        for i in range(0, w.shape[0], step):
+            yield quants.quantize(w[i : i + step], edit.out_type)
+
+
+def _copy_chunks(model: Model, name: str) -> Iterator[np.ndarray]:
+    """A tensor's bytes as stored, in slices of bounded size."""
+    flat = model.raw(name).reshape(-1)
+    for i in range(0, flat.shape[0], CHUNK_BYTES):
+        yield flat[i : i + CHUNK_BYTES]
+
+
+def provenance(plan: EditPlan, opts: EditOptions, direction: Direction) -> dict[str, str | bool | int | float]:
+    """The `abliterate.*` keys recorded in the output."""
+    kv: dict[str, str | bool | int | float] = {
+        "abliterate.mode": "reverse" if opts.reverse else "abliterate",
+        "abliterate.scale": float(opts.scale),
+        "abliterate.layers": format_layers(plan.layers),
+        "abliterate.embeddings": EMBEDDING in plan.edits,
+        "abliterate.tensor_count": len(plan.edits),
+        "abliterate.direction_sha256": direction.sha256,
+        "abliterate.tool_version": __version__,
+    }
+    if "layer" in direction.metadata:
+        kv["abliterate.direction_layer"] = direction.metadata["layer"]
+    if opts.requant_type is not None:
+        kv["abliterate.requant_type"] = opts.requant_type.name
+    return kv
+
+
+def output_nbytes(model: Model, plan: EditPlan) -> int:
+    """Total tensor bytes the edited file will hold (for progress bars)."""
+    total = 0
+    for name, t in model.tensors.items():
+        edit = plan.edits.get(name)
+        total += int(t.n_bytes) if edit is None else int(t.n_elements) // quants.block_size(edit.out_type) * (
+            quants.row_bytes(edit.out_type, quants.block_size(edit.out_type)))
+    return total
+
+
+def apply_edit(
+    model: Model,
+    plan: EditPlan,
+    direction: Direction,
+    opts: EditOptions,
+    out_path: Path,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Write the edited model to `out_path` (atomically), streaming tensor by tensor."""
+    direction.check_fits(model.n_layer, model.n_embd, model.arch)
+    coef = opts.coef
+    out: list[OutTensor] = []
+    for name, t in model.tensors.items():
+        dims = tuple(int(d) for d in t.shape)
+        edit = plan.edits.get(name)
+        if edit is None or (coef == 0 and edit.out_type == edit.src_type):
+            out.append(OutTensor(name, dims, t.tensor_type, lambda n=name: _copy_chunks(model, n)))
+            continue
+        u = _axis_vector(model, edit, direction)
+        out.append(OutTensor(name, dims, edit.out_type, lambda e=edit, u=u: _edited_chunks(model, e, u, coef)))
+    write_model(model, out_path, out, provenance(plan, opts, direction), PROVENANCE_PREFIX, on_bytes)

@@ -1,0 +1,63 @@
+"""Quantize and dequantize GGML tensor rows: the one pair the rest of the project calls.
+
+`quantize(values, qtype)` takes float32 `(rows, n_per_row)` and returns uint8
+`(rows, row_bytes)`; `dequantize(data, qtype)` takes uint8 `(..., row_bytes)` and returns
+float32 `(..., n_per_row)`. Dequantization covers every type gguf-py knows (bit-exact with
+ggml). Quantization covers the types whose numpy port is bit-exact with ggml's reference
+quantizers; `can_quantize` tells which, so callers refuse the rest before writing anything.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as _gq
+
+Q = GGMLQuantizationType
+
+# gguf-py's numpy quantizers, each bit-exact with ggml's quantize_row_*_ref (checked in tests).
+_GGUF_PY_QUANTIZE = frozenset(
+    {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.TQ1_0, Q.TQ2_0}
+)
+
+# Types that ggml cannot quantize well (or at all) without an importance matrix.
+NEEDS_IMATRIX = frozenset({Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S})
+
+
+def block_size(qtype: GGMLQuantizationType) -> int:
+    """Elements per quantization block (1 for plain float types)."""
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def row_bytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
+    """Bytes one row of `n_per_row` values takes in `qtype`."""
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    if n_per_row % bs:
+        raise ValueError(f"row of {n_per_row} values is not a multiple of {qtype.name}'s block of {bs}")
+    return n_per_row // bs * ts
+
+
+def can_quantize(qtype: GGMLQuantizationType) -> bool:
+    """Whether `quantize` can write this type."""
+    return qtype in _GGUF_PY_QUANTIZE
+
+
+def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Quantize float32 rows to the bytes ggml would write for them (no importance matrix)."""
+    if not can_quantize(qtype):
+        raise NotImplementedError(f"quantizing to {qtype.name} is not supported yet")
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError("cannot quantize NaN or Inf values")
+    out = _gq.quantize(values, qtype)
+    return np.ascontiguousarray(out).view(np.uint8).reshape(*values.shape[:-1], -1)
+
+
+def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Dequantize uint8 rows of `qtype` to float32, exactly as ggml's to_float does."""
+    data = np.ascontiguousarray(data).view(np.uint8)
+    if qtype == Q.F32:
+        return data.view(np.float32)
+    if qtype == Q.F16:
+        return data.view(np.float16).astype(np.float32)
+    return np.asarray(_gq.dequantize(data, qtype), dtype=np.float32)
