@@ -188,35 +188,27 @@ def project_residual_cols(e: np.ndarray, u: np.ndarray, coef: float) -> None:
 
 def _edited_chunks(model: Model, edit: TensorEdit, u: np.ndarray, coef: float) -> Iterator[np.ndarray]:
     """The edited tensor's output bytes, produced in bounded chunks of rows."""
-    raw = model.raw(edit.name)
+    t = model.tensors[edit.name]
+    n_rows, row_len = model.n_rows(edit.name), int(t.shape[0])
     if edit.kind == "bias":
-        b = quants.dequantize(raw, edit.src_type).copy()
-        b += coef * u * float(u @ b)
-        yield quants.quantize(b[None, :], edit.out_type)
+        b = quants.dequantize(model.read_rows(edit.name, 0, 1), edit.src_type)
+        b += coef * u * float(u @ b[0])
+        yield quants.quantize(b, edit.out_type)
         return
+    step = _rows_per_chunk(row_len)
     if edit.kind == "embedding":
-        rows = raw.reshape(-1, raw.shape[-1])
-        step = _rows_per_chunk(model.n_embd)
-        for i in range(0, rows.shape[0], step):
-            e = quants.dequantize(rows[i : i + step], edit.src_type).copy()
+        for i in range(0, n_rows, step):
+            e = quants.dequantize(model.read_rows(edit.name, i, min(step, n_rows - i)), edit.src_type)
             project_residual_cols(e, u, coef)
             yield quants.quantize(e, edit.out_type)
         return
-    # matrix: (..., n_embd, n_in); one 2-D slice (one expert) at a time
-    slices = raw.reshape(-1, *raw.shape[-2:])
-    for s in slices:
-        w = quants.dequantize(s, edit.src_type).copy()
+    # matrix (..., n_embd, n_in): one 2-D slice (one expert) of n_embd rows at a time
+    n_embd = int(t.shape[1])
+    for first in range(0, n_rows, n_embd):
+        w = quants.dequantize(model.read_rows(edit.name, first, n_embd), edit.src_type)
         project_residual_rows(w, u, coef)
-        step = _rows_per_chunk(w.shape[1])
-        for i in range(0, w.shape[0], step):
+        for i in range(0, n_embd, step):
             yield quants.quantize(w[i : i + step], edit.out_type)
-
-
-def _copy_chunks(model: Model, name: str) -> Iterator[np.ndarray]:
-    """A tensor's bytes as stored, in slices of bounded size."""
-    flat = model.raw(name).reshape(-1)
-    for i in range(0, flat.shape[0], CHUNK_BYTES):
-        yield flat[i : i + CHUNK_BYTES]
 
 
 def provenance(plan: EditPlan, opts: EditOptions, direction: Direction) -> dict[str, str | bool | int | float]:
@@ -242,8 +234,7 @@ def output_nbytes(model: Model, plan: EditPlan) -> int:
     total = 0
     for name, t in model.tensors.items():
         edit = plan.edits.get(name)
-        total += int(t.n_bytes) if edit is None else int(t.n_elements) // quants.block_size(edit.out_type) * (
-            quants.row_bytes(edit.out_type, quants.block_size(edit.out_type)))
+        total += int(t.n_bytes) if edit is None else quants.row_bytes(edit.out_type, int(t.n_elements))
     return total
 
 
@@ -263,8 +254,8 @@ def apply_edit(
         dims = tuple(int(d) for d in t.shape)
         edit = plan.edits.get(name)
         if edit is None or (coef == 0 and edit.out_type == edit.src_type):
-            out.append(OutTensor(name, dims, t.tensor_type, lambda n=name: _copy_chunks(model, n)))
+            out.append(OutTensor(name, dims, t.tensor_type, copy_of=name))
             continue
         u = _axis_vector(model, edit, direction)
-        out.append(OutTensor(name, dims, edit.out_type, lambda e=edit, u=u: _edited_chunks(model, e, u, coef)))
+        out.append(OutTensor(name, dims, edit.out_type, chunks=lambda e=edit, u=u: _edited_chunks(model, e, u, coef)))
     write_model(model, out_path, out, provenance(plan, opts, direction), PROVENANCE_PREFIX, on_bytes)

@@ -61,6 +61,8 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType, n_per_row: int) -> np.ndarray:
     """ggml's to_float over uint8 rows: float32 (rows, n_per_row)."""
     data = np.ascontiguousarray(data, dtype=np.uint8)
+    if qtype == GGMLQuantizationType.F32:  # ggml has no to_float for its own float type
+        return data.view(np.float32).reshape(-1, n_per_row).copy()
     rows = data.size // row_bytes(qtype, n_per_row)
     out = np.zeros((rows, n_per_row), dtype=np.float32)
     fn = _TO_FLOAT(lib().ggml_get_type_traits(int(qtype)).contents.to_float)

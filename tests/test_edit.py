@@ -1,0 +1,267 @@
+"""The converter end to end, on tiny built models of each architecture and on real SmolLM2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli, generate, random_direction
+from gguf import GGMLQuantizationType as Q
+
+from gguf_abliterate import quants
+from gguf_abliterate.directions import save_direction
+from gguf_abliterate.gguf_io import Model
+
+# Relative RMS error a fresh quantization of a weight matrix may have, per type (loose bounds
+# far above what ggml's quantizers reach, far below what a wrong edit produces).
+REL_ERR = {Q.F32: 1e-6, Q.F16: 1e-3, Q.Q8_0: 0.01, Q.Q5_0: 0.06, Q.Q5_1: 0.05, Q.Q4_0: 0.12, Q.Q4_1: 0.1}
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def axis_for(model: Model, name: str, r: np.ndarray) -> np.ndarray:
+    """The projection axis the edit must use: r, or g*r/|g*r| behind a Gemma post-norm."""
+    post = {"attn_output": "post_attention_norm", "ffn_down": "post_ffw_norm"}
+    parts = name.split(".")
+    if model.arch == "gemma3" and parts[0] == "blk" and parts[2] in post:
+        g = model.values(f"blk.{parts[1]}.{post[parts[2]]}.weight").astype(np.float64)
+        return unit(g * r)
+    return r
+
+
+def expected_values(model: Model, name: str, r: np.ndarray, coef: float) -> np.ndarray:
+    """The float64 target of the edit for one tensor, computed independently of the package."""
+    w = model.values(name).astype(np.float64)
+    u = axis_for(model, name, r)
+    if name == "token_embd.weight":
+        return w + coef * np.outer(w @ u, u)
+    if w.ndim == 1:
+        return w + coef * u * (u @ w)
+    return w + coef * np.outer(u, u @ w)
+
+
+def writers(model: Model, blocks: range | list[int], embeddings: bool) -> set[str]:
+    names = {f"blk.{b}.{k}.{s}" for b in blocks for k in ("attn_output", "ffn_down") for s in ("weight", "bias")}
+    names = {n for n in names if n in model.tensors}
+    return names | ({"token_embd.weight"} if embeddings else set())
+
+
+def check_edit(src: Path, dst: Path, r: np.ndarray, coef: float, edited: set[str]) -> None:
+    """Untouched tensors byte-identical, edited ones equal to the float target within quant error,
+    metadata kept, provenance added."""
+    a, b = Model(src), Model(dst)
+    assert list(a.tensors) == list(b.tensors)
+    for name, t in a.tensors.items():
+        tb = b.tensors[name]
+        assert list(t.shape) == list(tb.shape), name
+        if name not in edited:
+            assert t.tensor_type == tb.tensor_type and np.array_equal(a.raw(name), b.raw(name)), name
+            continue
+        target = expected_values(a, name, r, coef)
+        got = b.values(name).astype(np.float64)
+        rel = np.sqrt(np.mean((got - target) ** 2) / np.mean(target**2))
+        assert rel <= REL_ERR[tb.tensor_type], (name, tb.tensor_type.name, rel)
+        # and as close as a fresh quantization of the target gets
+        fresh = quants.dequantize(quants.quantize(target.astype(np.float32).reshape(-1, target.shape[-1]),
+                                                  tb.tensor_type), tb.tensor_type).reshape(target.shape)
+        fresh_err = np.sqrt(np.mean((fresh - target) ** 2))
+        assert np.sqrt(np.mean((got - target) ** 2)) <= fresh_err * 1.02 + 1e-7, name
+    a_kv, b_kv = dict(a.kv_spans()), dict(b.kv_spans())
+    for key, span in a_kv.items():
+        assert bytes(b_kv[key]) == bytes(span), key
+    assert b.get("abliterate.mode") == ("reverse" if coef > 0 else "abliterate")
+    assert b.get("abliterate.tensor_count") == len(edited)
+
+
+def last_logits(path: Path, prompt: str = "Hello, how are you?") -> np.ndarray:
+    """Next-token logits after `prompt` (llama-cpp-python keeps scores only with logits_all)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False, logits_all=True)
+    try:
+        toks = llm.tokenize(prompt.encode())
+        llm.eval(toks)
+        return np.array(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_abliterate_tiny_models(arch: str, tiny: dict[str, Path], tmp_path: Path) -> None:
+    src = tiny[arch]
+    model = Model(src)
+    r = random_direction(model.n_embd)
+    np.save(tmp_path / "d.npy", r)
+    out = tmp_path / "out.gguf"
+    run = cli(src, out, "--direction", tmp_path / "d.npy", "-q")
+    assert run.returncode == 0, run.stderr
+    untied = "output.weight" in model.tensors
+    check_edit(src, out, unit(r), -1.0, writers(model, range(model.n_layer), untied))
+    before, after = last_logits(src), last_logits(out)
+    assert np.isfinite(after).all()
+    assert np.abs(after - before).max() > 1e-3  # the edit reaches llama.cpp's output
+    assert isinstance(generate(out), str)
+
+
+def test_reverse_per_layer_direction_and_layer_range(tiny: dict[str, Path], tmp_path: Path) -> None:
+    src = tiny["llama"]
+    model = Model(src)
+    rows = np.stack([random_direction(model.n_embd, seed=10 + i) for i in range(model.n_layer)])
+    save_direction(tmp_path / "d.safetensors", rows, {"layer": "2", "model": "tiny-llama"})
+    out = tmp_path / "out.gguf"
+    run = cli(src, out, "--direction", tmp_path / "d.safetensors", "--reverse", "--scale", "0.5",
+              "--layers", "1-2", "-q")
+    assert run.returncode == 0, run.stderr
+    edited = writers(model, [1, 2], False)
+    a, b = Model(src), Model(out)
+    for name in a.tensors:
+        if name not in edited:
+            assert np.array_equal(a.raw(name), b.raw(name)), name
+            continue
+        block = int(name.split(".")[1])
+        target = expected_values(a, name, unit(rows[block]), 0.5)
+        got = b.values(name).astype(np.float64)
+        assert np.sqrt(np.mean((got - target) ** 2) / np.mean(target**2)) <= REL_ERR[b.tensors[name].tensor_type]
+    assert b.get("abliterate.layers") == "1-2"
+    assert b.get("abliterate.direction_layer") == "2"
+    assert b.get("abliterate.scale") == pytest.approx(0.5)
+
+
+def test_scale_zero_changes_no_tensor(tiny: dict[str, Path], tmp_path: Path) -> None:
+    src = tiny["qwen2"]
+    np.save(tmp_path / "d.npy", random_direction(Model(src).n_embd))
+    out = tmp_path / "out.gguf"
+    assert cli(src, out, "--direction", tmp_path / "d.npy", "--scale", "0", "-q").returncode == 0
+    a, b = Model(src), Model(out)
+    for name in a.tensors:
+        assert a.tensors[name].tensor_type == b.tensors[name].tensor_type
+        assert np.array_equal(a.raw(name), b.raw(name)), name
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_f32_storage_removes_or_amplifies_exactly(reverse: bool, tiny: dict[str, Path], tmp_path: Path) -> None:
+    src = tiny["qwen2"]
+    model = Model(src)
+    r = unit(random_direction(model.n_embd, seed=3))
+    np.save(tmp_path / "d.npy", r.astype(np.float32))
+    out = tmp_path / "out.gguf"
+    args = ["--reverse", "--scale", "0.7"] if reverse else []
+    run = cli(src, out, "--direction", tmp_path / "d.npy", "--requant-type", "f32", "-q", *args)
+    assert run.returncode == 0, run.stderr
+    edited = Model(out)
+    for name in writers(model, range(model.n_layer), True) - {"token_embd.weight"}:
+        assert edited.tensors[name].tensor_type == Q.F32
+        before = r @ model.values(name).astype(np.float64)
+        after = r @ edited.values(name).astype(np.float64)
+        want = 1.7 * before if reverse else 0 * before
+        assert np.abs(after - want).max() <= 1e-5 * np.abs(before).max(), name
+    emb_before = model.values("token_embd.weight").astype(np.float64) @ r
+    emb_after = edited.values("token_embd.weight").astype(np.float64) @ r
+    assert np.abs(emb_after - (1.7 * emb_before if reverse else 0)).max() <= 1e-5 * np.abs(emb_before).max()
+
+
+def test_gemma3_post_norm_output_has_no_component_along_r(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """With F32 storage, RMSNorm(W' h) * g (what gemma3 adds to the residual) is orthogonal to r."""
+    src = tiny["gemma3"]
+    model = Model(src)
+    r = unit(random_direction(model.n_embd, seed=5))
+    np.save(tmp_path / "d.npy", r.astype(np.float32))
+    out = tmp_path / "out.gguf"
+    assert cli(src, out, "--direction", tmp_path / "d.npy", "--requant-type", "f32", "-q").returncode == 0
+    edited = Model(out)
+    rng = np.random.default_rng(0)
+
+    def residual_write(m: Model, block: int, writer: str, norm: str, h: np.ndarray) -> np.ndarray:
+        y = m.values(f"blk.{block}.{writer}.weight").astype(np.float64) @ h
+        y = y / np.sqrt(np.mean(y**2, axis=0) + 1e-6)
+        return y * m.values(f"blk.{block}.{norm}.weight").astype(np.float64)[:, None]
+
+    for block in range(model.n_layer):
+        for writer, norm in (("attn_output", "post_attention_norm"), ("ffn_down", "post_ffw_norm")):
+            n_in = int(model.tensors[f"blk.{block}.{writer}.weight"].shape[0])
+            h = rng.normal(size=(n_in, 16))
+            before = np.abs(r @ residual_write(model, block, writer, norm, h))
+            after = np.abs(r @ residual_write(edited, block, writer, norm, h))
+            assert before.mean() > 0.05
+            assert after.max() < 1e-5 * before.mean(), (block, writer)
+
+
+def test_embeddings_default_and_flags(tiny: dict[str, Path], tmp_path: Path) -> None:
+    np.save(tmp_path / "d.npy", random_direction(256))
+    tied, untied = tiny["llama"], tiny["qwen2"]
+    run = cli(tied, tmp_path / "a.gguf", "--direction", tmp_path / "d.npy")
+    assert run.returncode == 0 and "tied" in run.stderr and "--embeddings" in run.stderr
+    assert Model(tmp_path / "a.gguf").get("abliterate.embeddings") is False
+    assert cli(tied, tmp_path / "b.gguf", "--direction", tmp_path / "d.npy", "--embeddings", "-q").returncode == 0
+    b = Model(tmp_path / "b.gguf")
+    assert b.get("abliterate.embeddings") is True
+    assert not np.array_equal(b.raw("token_embd.weight"), Model(tied).raw("token_embd.weight"))
+    assert cli(untied, tmp_path / "c.gguf", "--direction", tmp_path / "d.npy", "--no-embeddings", "-q").returncode == 0
+    assert np.array_equal(Model(tmp_path / "c.gguf").raw("token_embd.weight"), Model(untied).raw("token_embd.weight"))
+
+
+def test_kquant_needs_requant_type_until_the_engine_writes_it(tiny: dict[str, Path], tmp_path: Path) -> None:
+    src = tiny["llama-kquant"]
+    np.save(tmp_path / "d.npy", random_direction(256))
+    out = tmp_path / "out.gguf"
+    run = cli(src, out, "--direction", tmp_path / "d.npy")
+    assert run.returncode != 0
+    assert "blk.0.attn_output.weight" in run.stderr and "Q4_K" in run.stderr and "--requant-type" in run.stderr
+    assert not out.exists()
+    run = cli(src, out, "--direction", tmp_path / "d.npy", "--requant-type", "q8_0", "-q")
+    assert run.returncode == 0, run.stderr
+    m = Model(out)
+    assert m.tensors["blk.0.attn_output.weight"].tensor_type == Q.Q8_0
+    assert m.tensors["blk.0.attn_q.weight"].tensor_type == Model(src).tensors["blk.0.attn_q.weight"].tensor_type
+    assert m.get("abliterate.requant_type") == "Q8_0"
+    assert isinstance(generate(out), str)
+
+
+def test_force_replaces_existing_output(tiny: dict[str, Path], tmp_path: Path) -> None:
+    np.save(tmp_path / "d.npy", random_direction(256))
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"old")
+    run = cli(tiny["llama"], out, "--direction", tmp_path / "d.npy")
+    assert run.returncode != 0 and "--force" in run.stderr and out.read_bytes() == b"old"
+    assert cli(tiny["llama"], out, "--direction", tmp_path / "d.npy", "--force", "-q").returncode == 0
+    assert Model(out).get("abliterate.mode") == "abliterate"
+
+
+def test_inspect(tiny: dict[str, Path]) -> None:
+    run = cli("inspect", tiny["llama-kquant"])
+    assert run.returncode == 0, run.stderr
+    assert "architecture:  llama" in run.stdout and "n_embd:        256" in run.stdout
+    assert "4 x attn_output" in run.stdout and "Q4_K" in run.stdout and "cannot be requantized" in run.stdout
+    assert "tied" in run.stdout
+
+
+@pytest.mark.real
+def test_real_smollm2(smollm2: Path, tmp_path: Path) -> None:
+    model = Model(smollm2)
+    assert (model.arch, model.n_layer, model.n_embd) == ("llama", 30, 576)
+    r = random_direction(model.n_embd, seed=7)
+    np.save(tmp_path / "d.npy", r)
+    out = tmp_path / "out.gguf"
+    run = cli(smollm2, out, "--direction", tmp_path / "d.npy", "-q")
+    assert run.returncode == 0, run.stderr
+    check_edit(smollm2, out, unit(r), -1.0, writers(model, range(30), False))
+    text = generate(out, "The capital of France is", 8)
+    assert len(text.strip()) > 0
+
+    zero = tmp_path / "zero.gguf"
+    assert cli(smollm2, zero, "--direction", tmp_path / "d.npy", "--scale", "0", "-q").returncode == 0
+    z = Model(zero)
+    assert all(np.array_equal(model.raw(n), z.raw(n)) for n in model.tensors)
+
+    f32 = tmp_path / "f32.gguf"
+    assert cli(smollm2, f32, "--direction", tmp_path / "d.npy", "--requant-type", "f32", "--layers", "10-12",
+               "-q").returncode == 0
+    f = Model(f32)
+    for name in writers(model, [10, 11, 12], False):
+        before = unit(r) @ model.values(name).astype(np.float64)
+        assert np.abs(unit(r) @ f.values(name).astype(np.float64)).max() <= 1e-5 * np.abs(before).max()
+    assert len(generate(f32, "The capital of France is", 8).strip()) > 0

@@ -1,0 +1,160 @@
+"""Bad input: one line on stderr, non-zero exit, no traceback, and no output file left behind."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli, random_direction
+from gguf import GGUFWriter
+
+from gguf_abliterate.directions import save_direction
+
+
+def assert_clean_failure(run, out_dir: Path, *needles: str) -> None:  # type: ignore[no-untyped-def]
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, run.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    leftovers = [p.name for p in out_dir.iterdir() if p.name.startswith(".") or p.name.startswith("out")]
+    assert leftovers == [], leftovers
+
+
+def _npy(path: Path, array: np.ndarray, allow_pickle: bool = False) -> Path:
+    np.save(path, array, allow_pickle=allow_pickle)
+    return path
+
+
+BAD_DIRECTIONS = {
+    "wrong length": (lambda d: _npy(d / "x.npy", random_direction(100)), "length 100"),
+    "nan": (lambda d: _npy(d / "x.npy", np.full(256, np.nan, np.float32)), "NaN"),
+    "inf": (lambda d: _npy(d / "x.npy", np.r_[np.inf, np.ones(255)].astype(np.float32)), "Inf"),
+    "zero norm": (lambda d: _npy(d / "x.npy", np.zeros(256, np.float32)), "zero norm"),
+    "zero row": (lambda d: _npy(d / "x.npy", np.r_[np.ones((3, 256)), np.zeros((1, 256))]), "rows 3"),
+    "pickled object": (lambda d: _npy(d / "x.npy", np.array([{"a": 1}], dtype=object), True), "not a plain"),
+    "string array": (lambda d: _npy(d / "x.npy", np.array(["a", "b"])), "numeric"),
+    "rank 3": (lambda d: _npy(d / "x.npy", np.ones((2, 4, 256), np.float32)), "shape (2, 4, 256)"),
+    "rows != blocks": (lambda d: _npy(d / "x.npy", np.ones((3, 256), np.float32)), "3 rows"),
+    "not npy": (lambda d: (d / "x.npy").write_bytes(b"hello") and d / "x.npy", "x.npy"),
+    "txt": (lambda d: (d / "x.txt").write_text("1 2 3") and d / "x.txt", ".npy or .safetensors"),
+    "missing": (lambda d: d / "nope.npy", "no such direction file"),
+    "safetensors without direction": (
+        lambda d: _st(d, {"other": np.ones(256, np.float32)}), "no tensor named 'direction'"),
+    "corrupt safetensors": (lambda d: (d / "x.safetensors").write_bytes(b"\xff" * 40) and d / "x.safetensors",
+                            "unreadable"),
+    "other architecture": (lambda d: _save(d / "x.safetensors", {"architecture": "gemma3"}), "gemma3"),
+}
+
+
+def _st(d: Path, tensors: dict[str, np.ndarray]) -> Path:
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(d / "x.safetensors"))
+    return d / "x.safetensors"
+
+
+def _save(path: Path, meta: dict[str, str]) -> Path:
+    save_direction(path, random_direction(256), meta)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DIRECTIONS))
+def test_bad_direction(case: str, tiny: dict[str, Path], tmp_path: Path) -> None:
+    make, needle = BAD_DIRECTIONS[case]
+    d = tmp_path / "in"
+    d.mkdir()
+    direction = make(d)
+    outdir = tmp_path / "o"
+    outdir.mkdir()
+    run = cli(tiny["llama"], outdir / "out.gguf", "--direction", direction)
+    assert_clean_failure(run, outdir, needle)
+
+
+def _unsupported_arch(path: Path) -> Path:
+    w = GGUFWriter(str(path), "rwkv6")
+    w.add_uint32("rwkv6.block_count", 1)
+    w.add_uint32("rwkv6.embedding_length", 256)
+    w.add_tensor("token_embd.weight", np.ones((4, 256), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+BAD_MODELS = {
+    "missing": (lambda d, src: d / "nope.gguf", "no such file"),
+    "not gguf": (lambda d, src: (d / "m.gguf").write_bytes(b"PK\x03\x04" + b"\0" * 100) and d / "m.gguf",
+                 "not a GGUF file"),
+    "truncated header": (lambda d, src: (d / "m.gguf").write_bytes(src.read_bytes()[:2000]) and d / "m.gguf",
+                         "truncated or corrupt"),
+    "truncated data": (lambda d, src: (d / "m.gguf").write_bytes(src.read_bytes()[:-5000]) and d / "m.gguf",
+                       "truncated"),
+    "unsupported arch": (lambda d, src: _unsupported_arch(d / "m.gguf"), "rwkv6"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODELS))
+def test_bad_model(case: str, tiny: dict[str, Path], tmp_path: Path) -> None:
+    make, needle = BAD_MODELS[case]
+    d = tmp_path / "in"
+    d.mkdir()
+    model = make(d, tiny["llama"])
+    np.save(d / "d.npy", random_direction(256))
+    outdir = tmp_path / "o"
+    outdir.mkdir()
+    run = cli(model, outdir / "out.gguf", "--direction", d / "d.npy")
+    assert_clean_failure(run, outdir, needle)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--layers", "5-2"], "backwards"),
+    (["--layers", "0-99"], "blocks 0-3"),
+    (["--layers", "two"], "expected ranges"),
+    (["--scale", "-1"], "--reverse"),
+    (["--scale", "nan"], ">= 0"),
+])
+def test_bad_options(args: list[str], needle: str, tiny: dict[str, Path], tmp_path: Path) -> None:
+    np.save(tmp_path / "d.npy", random_direction(256))
+    outdir = tmp_path / "o"
+    outdir.mkdir()
+    run = cli(tiny["llama"], outdir / "out.gguf", "--direction", tmp_path / "d.npy", *args)
+    assert_clean_failure(run, outdir, needle)
+
+
+def test_output_is_input_or_in_missing_folder(tiny: dict[str, Path], tmp_path: Path) -> None:
+    src = tmp_path / "m.gguf"
+    src.write_bytes(tiny["llama"].read_bytes())
+    np.save(tmp_path / "d.npy", random_direction(256))
+    before = src.read_bytes()
+    for out in (src, tmp_path / "." / "m.gguf"):
+        run = cli(src, out, "--direction", tmp_path / "d.npy", "--force")
+        assert run.returncode != 0 and "same file" in run.stderr and "Traceback" not in run.stderr
+    assert src.read_bytes() == before
+    run = cli(src, tmp_path / "no" / "out.gguf", "--direction", tmp_path / "d.npy")
+    assert run.returncode != 0 and "no such directory" in run.stderr
+
+
+def test_write_failure_leaves_nothing(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A write error half-way (file size limit) gives a clean error and no partial output."""
+    np.save(tmp_path / "d.npy", random_direction(256))
+    outdir = tmp_path / "o"
+    outdir.mkdir()
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    p = subprocess.run([sys.executable, "-m", "gguf_abliterate", str(tiny["llama"]), str(outdir / "out.gguf"),
+                        "--direction", str(tmp_path / "d.npy"), "-q"],
+                       capture_output=True, text=True, preexec_fn=limit)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and "File too large" in p.stderr
+    assert list(outdir.iterdir()) == []

@@ -1,0 +1,54 @@
+"""The quant engine against ggml's own C code (libggml-base, through ctypes), byte for byte."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from gguf_abliterate import quants
+from tools import ggml_ref
+
+WRITABLE = [t for t in Q if quants.can_quantize(t)]
+
+
+def cases(n_per_row: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(42)
+    rows = 8
+    heavy = rng.standard_t(2, (rows, n_per_row)).astype(np.float32)
+    outlier = rng.normal(0, 0.01, (rows, n_per_row)).astype(np.float32)
+    outlier[:, 7] = 40.0
+    return {
+        "normal": rng.normal(0, 1, (rows, n_per_row)).astype(np.float32),
+        "heavy-tailed": heavy,
+        "zeros": np.zeros((rows, n_per_row), np.float32),
+        "constant": np.full((rows, n_per_row), 0.37, np.float32),
+        "outlier": outlier,
+        "tiny": (rng.normal(0, 1, (rows, n_per_row)) * 1e-38).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("qtype", WRITABLE, ids=lambda t: t.name)
+def test_quantize_and_dequantize_match_ggml(qtype: Q) -> None:
+    for name, values in cases(512).items():
+        ours = quants.quantize(values, qtype)
+        theirs = ggml_ref.quantize(values, qtype)
+        assert ours.shape == theirs.shape and ours.dtype == np.uint8
+        assert np.array_equal(ours, theirs), (qtype.name, name)
+        back = quants.dequantize(ours, qtype)
+        assert np.array_equal(back.view(np.uint32), ggml_ref.dequantize(ours, qtype, 512).view(np.uint32)), name
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K, Q.IQ4_XS, Q.IQ4_NL],
+                         ids=lambda t: t.name)
+def test_dequantize_of_types_we_cannot_write_yet_matches_ggml(qtype: Q) -> None:
+    values = cases(512)["normal"]
+    data = ggml_ref.quantize(values, qtype)
+    assert np.array_equal(quants.dequantize(data, qtype), ggml_ref.dequantize(data, qtype, 512))
+
+
+def test_nan_input_is_an_error() -> None:
+    values = np.ones((1, 32), np.float32)
+    values[0, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        quants.quantize(values, Q.Q8_0)

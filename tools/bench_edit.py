@@ -1,0 +1,93 @@
+"""Wall time and peak RSS of an edit, next to a plain copy of the same file, in the same run.
+
+    python tools/bench_edit.py [--models smollm2-135m,gemma3-270m] [--repeat 2]
+
+Each measurement runs in its own child process (peak RSS from wait4's rusage), so the
+numbers do not include this script. The copy baseline is `shutil.copyfile` of the input.
+Machines here are noisy: read the ratios, not the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gguf_abliterate import zoo  # noqa: E402
+from gguf_abliterate.edit import EditOptions, plan_edit  # noqa: E402
+from gguf_abliterate.gguf_io import Model  # noqa: E402
+
+# (model, extra edit arguments, what the case shows)
+CASES = [
+    ("smollm2-135m", [], "Q4_1 writers, requantized to Q4_1"),
+    ("smollm2-135m", ["--embeddings"], "plus the tied Q8_0 token_embd (49k rows)"),
+    # Q4_K / Q6_K writers cannot be requantized until the K-quant engine lands
+    ("gemma3-270m", ["--requant-type", "q8_0", "--embeddings"], "writers stored as Q8_0, plus 262k-row token_embd"),
+]
+
+
+# Runs `-m module args` or `-c code args` and then prints its own VmHWM. A child's
+# ru_maxrss is useless here: Linux carries the parent's peak RSS over fork and exec.
+_PEAK_WRAPPER = """
+import runpy, sys
+kind, target, *rest = sys.argv[1:]
+sys.argv = [target, *rest]
+code = 0
+try:
+    runpy.run_module(target, run_name="__main__", alter_sys=True) if kind == "-m" else exec(target)
+except SystemExit as e:
+    code = e.code or 0
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print("VmHWM", peak, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def measure(py_args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of `python *py_args` in a child process."""
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *py_args], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if run.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(py_args)}\n{run.stderr}")
+    peak_kib = int(run.stderr.strip().splitlines()[-1].split()[1])
+    return wall, peak_kib / 1024
+
+
+def largest_edited_mib(path: Path, extra: list[str]) -> float:
+    model = Model(path)
+    plan = plan_edit(model, EditOptions(embeddings="--embeddings" in extra), strict=False)
+    return max(int(model.tensors[n].n_elements) * 4 for n in plan.edits) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is kept")
+    args = ap.parse_args()
+    print(f"{'model':<14} {'case':<52} {'copy s':>7} {'edit s':>7} {'ratio':>6} "
+          f"{'copy MiB':>9} {'edit MiB':>9} {'largest f32 MiB':>16}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra, what in CASES:
+            src = zoo.fetch(name, quiet=True)
+            d = Path(tmp) / "d.npy"
+            np.save(d, np.random.default_rng(0).normal(size=Model(src).n_embd).astype(np.float32))
+            out = Path(tmp) / "out.gguf"
+            copy = ["-c", "import shutil,sys; shutil.copyfile(sys.argv[1], sys.argv[2])", str(src), str(out)]
+            edit = ["-m", "gguf_abliterate", str(src), str(out), "--direction", str(d), "--force", "-q", *extra]
+            copies = [measure(copy) for _ in range(args.repeat)]
+            edits = [measure(edit) for _ in range(args.repeat)]
+            cw, cr = min(c[0] for c in copies), min(c[1] for c in copies)
+            ew, er = min(e[0] for e in edits), min(e[1] for e in edits)
+            print(f"{name:<14} {what:<52} {cw:7.2f} {ew:7.2f} {ew / cw:6.1f} {cr:9.0f} {er:9.0f} "
+                  f"{largest_edited_mib(src, extra):16.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
