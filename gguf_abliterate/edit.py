@@ -127,8 +127,14 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True) -> EditPlan:
     tied = LM_HEAD not in model.tensors
     plan = EditPlan(arch, tied, layers, {})
 
+    n_embd = model.n_embd
+
     def add(name: str, kind: str, block: int, post_norm: str | None = None) -> None:
         t = model.tensors[name]
+        residual_axis = {"matrix": 1, "embedding": 0, "bias": 0}[kind]
+        if len(t.shape) <= residual_axis or t.shape[residual_axis] != n_embd:
+            raise UserError(f"tensor {name} has shape {list(t.shape)}, expected n_embd={n_embd} "
+                            f"along ggml dimension {residual_axis}")
         is_bias = name.endswith(".bias")
         out = _out_type(name, t.tensor_type, opts, int(t.shape[0]), is_bias, strict)
         if post_norm is not None and post_norm not in model.tensors:
@@ -186,6 +192,13 @@ def project_residual_cols(e: np.ndarray, u: np.ndarray, coef: float) -> None:
     e += (coef * (e @ u))[:, None] * u[None, :]
 
 
+def _requantize(values: np.ndarray, edit: TensorEdit) -> np.ndarray:
+    try:
+        return quants.quantize(values, edit.out_type)
+    except ValueError as e:  # NaN/Inf: the input tensor itself holds them
+        raise UserError(f"tensor {edit.name}: {e} (is the input file corrupt?)") from None
+
+
 def _edited_chunks(model: Model, edit: TensorEdit, u: np.ndarray, coef: float) -> Iterator[np.ndarray]:
     """The edited tensor's output bytes, produced in bounded chunks of rows."""
     t = model.tensors[edit.name]
@@ -193,14 +206,14 @@ def _edited_chunks(model: Model, edit: TensorEdit, u: np.ndarray, coef: float) -
     if edit.kind == "bias":
         b = quants.dequantize(model.read_rows(edit.name, 0, 1), edit.src_type)
         b += coef * u * float(u @ b[0])
-        yield quants.quantize(b, edit.out_type)
+        yield _requantize(b, edit)
         return
     step = _rows_per_chunk(row_len)
     if edit.kind == "embedding":
         for i in range(0, n_rows, step):
             e = quants.dequantize(model.read_rows(edit.name, i, min(step, n_rows - i)), edit.src_type)
             project_residual_cols(e, u, coef)
-            yield quants.quantize(e, edit.out_type)
+            yield _requantize(e, edit)
         return
     # matrix (..., n_embd, n_in): one 2-D slice (one expert) of n_embd rows at a time
     n_embd = int(t.shape[1])
@@ -208,7 +221,7 @@ def _edited_chunks(model: Model, edit: TensorEdit, u: np.ndarray, coef: float) -
         w = quants.dequantize(model.read_rows(edit.name, first, n_embd), edit.src_type)
         project_residual_rows(w, u, coef)
         for i in range(0, n_embd, step):
-            yield quants.quantize(w[i : i + step], edit.out_type)
+            yield _requantize(w[i : i + step], edit)
 
 
 def provenance(plan: EditPlan, opts: EditOptions, direction: Direction) -> dict[str, str | bool | int | float]:

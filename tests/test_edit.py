@@ -41,11 +41,14 @@ def expected_values(model: Model, name: str, r: np.ndarray, coef: float) -> np.n
         return w + coef * np.outer(w @ u, u)
     if w.ndim == 1:
         return w + coef * u * (u @ w)
+    if w.ndim == 3:  # experts: each (n_embd, n_in) slice on its own
+        return w + coef * u[None, :, None] * np.einsum("i,xij->xj", u, w)[:, None, :]
     return w + coef * np.outer(u, u @ w)
 
 
 def writers(model: Model, blocks: range | list[int], embeddings: bool) -> set[str]:
-    names = {f"blk.{b}.{k}.{s}" for b in blocks for k in ("attn_output", "ffn_down") for s in ("weight", "bias")}
+    kinds = ("attn_output", "ffn_down", "ffn_down_exps", "ffn_down_shexp")
+    names = {f"blk.{b}.{k}.{s}" for b in blocks for k in kinds for s in ("weight", "bias")}
     names = {n for n in names if n in model.tensors}
     return names | ({"token_embd.weight"} if embeddings else set())
 
@@ -90,7 +93,7 @@ def last_logits(path: Path, prompt: str = "Hello, how are you?") -> np.ndarray:
         llm.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2moe", "gemma3"])
 def test_abliterate_tiny_models(arch: str, tiny: dict[str, Path], tmp_path: Path) -> None:
     src = tiny[arch]
     model = Model(src)

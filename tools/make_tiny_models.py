@@ -33,6 +33,8 @@ class TinySpec:
     n_head_kv: int = 2
     head_dim: int = 64
     tied: bool = True
+    n_expert: int = 4  # qwen2moe only
+    n_ff_expert: int = 256  # qwen2moe only; its shared expert uses n_ff
     output_biases: bool = False  # attn_output.bias and ffn_down.bias (llama supports them)
     seed: int = 0
     # tensor kind ("attn_output", "ffn_down", "token_embd", "output", ...) -> storage type
@@ -84,6 +86,11 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     w.add_uint32(f"{a}.attention.head_count_kv", spec.n_head_kv)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_float32(f"{a}.rope.freq_base", 10000.0)
+    if a == "qwen2moe":
+        w.add_uint32(f"{a}.expert_count", spec.n_expert)
+        w.add_uint32(f"{a}.expert_used_count", 2)
+        w.add_uint32(f"{a}.expert_feed_forward_length", spec.n_ff_expert)
+        w.add_uint32(f"{a}.expert_shared_feed_forward_length", spec.n_ff)
     if a == "gemma3":
         w.add_uint32(f"{a}.attention.key_length", hd)
         w.add_uint32(f"{a}.attention.value_length", hd)
@@ -97,10 +104,11 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     w.add_uint32("tokenizer.ggml.eos_token_id", 2)
     w.add_uint32("tokenizer.ggml.unknown_token_id", 0)
 
-    def matrix(name: str, kind: str, rows: int, cols: int, std: float = 0.05) -> None:
-        values = rng.normal(0, std, (rows, cols)).astype(np.float32)
+    def matrix(name: str, kind: str, rows: int, cols: int, std: float = 0.05, experts: int = 0) -> None:
+        shape = (experts, rows, cols) if experts else (rows, cols)
+        values = rng.normal(0, std, shape).astype(np.float32)
         qtype = spec.types.get(kind, spec.default_type)
-        data = _store(values, qtype)
+        data = _store(values.reshape(-1, cols), qtype).reshape(*shape[:-1], -1)
         w.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
 
     def vector(name: str, n: int, around: float = 1.0, spread: float = 0.0) -> None:
@@ -116,7 +124,7 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
         matrix(b + "attn_q.weight", "attn_q", spec.n_head * hd, e)
         matrix(b + "attn_k.weight", "attn_k", spec.n_head_kv * hd, e)
         matrix(b + "attn_v.weight", "attn_v", spec.n_head_kv * hd, e)
-        if a == "qwen2":
+        if a in ("qwen2", "qwen2moe"):
             vector(b + "attn_q.bias", spec.n_head * hd, 0.0, 0.1)
             vector(b + "attn_k.bias", spec.n_head_kv * hd, 0.0, 0.1)
             vector(b + "attn_v.bias", spec.n_head_kv * hd, 0.0, 0.1)
@@ -124,6 +132,17 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
         if spec.output_biases:
             vector(b + "attn_output.bias", e, 0.0, 0.1)
         vector(b + "ffn_norm.weight", e)
+        if a == "qwen2moe":
+            x, fx = spec.n_expert, spec.n_ff_expert
+            matrix(b + "ffn_gate_inp.weight", "ffn_gate_inp", x, e, 0.5)
+            matrix(b + "ffn_gate_exps.weight", "ffn_gate_exps", fx, e, experts=x)
+            matrix(b + "ffn_up_exps.weight", "ffn_up_exps", fx, e, experts=x)
+            matrix(b + "ffn_down_exps.weight", "ffn_down_exps", e, fx, experts=x)
+            vector(b + "ffn_gate_inp_shexp.weight", e, 0.0, 0.1)
+            matrix(b + "ffn_gate_shexp.weight", "ffn_gate_shexp", spec.n_ff, e)
+            matrix(b + "ffn_up_shexp.weight", "ffn_up_shexp", spec.n_ff, e)
+            matrix(b + "ffn_down_shexp.weight", "ffn_down_shexp", e, spec.n_ff)
+            continue
         matrix(b + "ffn_gate.weight", "ffn_gate", spec.n_ff, e)
         matrix(b + "ffn_up.weight", "ffn_up", spec.n_ff, e)
         matrix(b + "ffn_down.weight", "ffn_down", e, spec.n_ff)
@@ -143,7 +162,7 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     return path
 
 
-ARCHES = ("llama", "qwen2", "gemma3")
+ARCHES = ("llama", "qwen2", "qwen2moe", "gemma3")
 
 
 if __name__ == "__main__":
