@@ -6,6 +6,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,4 +158,25 @@ def test_write_failure_leaves_nothing(tiny: dict[str, Path], tmp_path: Path) -> 
                        capture_output=True, text=True, preexec_fn=limit)
     assert p.returncode != 0
     assert "Traceback" not in p.stderr and "File too large" in p.stderr
+    assert list(outdir.iterdir()) == []
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_during_write_leaves_nothing(sig: int, smollm2: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "d.npy", random_direction(576))
+    outdir = tmp_path / "o"
+    outdir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "gguf_abliterate", str(smollm2), str(outdir / "out.gguf"),
+                             "--direction", str(tmp_path / "d.npy"), "--embeddings", "-q"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".partial") for p in outdir.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the edit never started writing"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
     assert list(outdir.iterdir()) == []
