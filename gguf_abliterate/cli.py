@@ -104,12 +104,14 @@ def _check_output(inp: Path, out: Path, force: bool) -> None:
 @click.option("--requant-type", type=click.Choice(_WRITABLE, case_sensitive=False), callback=_qtype,
               help="Store the edited matrices as this type instead of their own (e.g. f32, f16, q8_0).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new file is complete).")
+@click.option("--verify", is_flag=True,
+              help="Before OUTPUT takes its place, re-read it: types, shapes, offsets, untouched tensors byte-identical.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="List every edited tensor.")
 @_user_errors
 def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse: bool, scale: float,
              layers: str | None, embeddings: bool | None, requant_type: GGMLQuantizationType | None,
-             force: bool, quiet: bool, verbose: bool) -> None:
+             force: bool, verify: bool, quiet: bool, verbose: bool) -> None:
     from tqdm import tqdm
 
     from gguf_abliterate.directions import load_direction
@@ -134,8 +136,11 @@ def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse:
         for e in plan.edits.values():
             say(f"  {e.name}  {e.src_type.name} -> {e.out_type.name}")
     total = output_nbytes(model, plan)
+    reports: list[str] = []
     with tqdm(total=total, unit="B", unit_scale=True, disable=quiet, desc="writing", file=sys.stderr) as bar:
-        apply_edit(model, plan, direction, opts, output_path, bar.update)
+        apply_edit(model, plan, direction, opts, output_path, bar.update, reports.append if verify else None)
+    for report in reports:
+        say(report)
     say(f"wrote {output_path}")
 
 

@@ -251,15 +251,8 @@ def output_nbytes(model: Model, plan: EditPlan) -> int:
     return total
 
 
-def apply_edit(
-    model: Model,
-    plan: EditPlan,
-    direction: Direction,
-    opts: EditOptions,
-    out_path: Path,
-    on_bytes: Callable[[int], None] = lambda n: None,
-) -> None:
-    """Write the edited model to `out_path` (atomically), streaming tensor by tensor."""
+def output_tensors(model: Model, plan: EditPlan, direction: Direction, opts: EditOptions) -> list[OutTensor]:
+    """Every tensor of the output, in input order: copied verbatim, or produced by the edit."""
     direction.check_fits(model.n_layer, model.n_embd, model.arch)
     coef = opts.coef
     out: list[OutTensor] = []
@@ -271,4 +264,52 @@ def apply_edit(
             continue
         u = _axis_vector(model, edit, direction)
         out.append(OutTensor(name, dims, edit.out_type, chunks=lambda e=edit, u=u: _edited_chunks(model, e, u, coef)))
-    write_model(model, out_path, out, provenance(plan, opts, direction), PROVENANCE_PREFIX, on_bytes)
+    return out
+
+
+def apply_edit(
+    model: Model,
+    plan: EditPlan,
+    direction: Direction,
+    opts: EditOptions,
+    out_path: Path,
+    on_bytes: Callable[[int], None] = lambda n: None,
+    verify: Callable[[str], None] | None = None,
+) -> None:
+    """Write the edited model to `out_path` (atomically), streaming tensor by tensor.
+
+    With `verify`, the complete file is re-read and checked against the input before it
+    takes `out_path`'s place; `verify` receives the one-line report.
+    """
+    out = output_tensors(model, plan, direction, opts)
+    check = None if verify is None else (lambda tmp: verify(verify_output(model, tmp, out)))
+    write_model(model, out_path, out, provenance(plan, opts, direction), PROVENANCE_PREFIX, on_bytes, check)
+
+
+def verify_output(src: Model, written: Path, expected: list[OutTensor]) -> str:
+    """Re-open a written file and check every tensor's name, shape and type; copied tensors
+    must be byte-identical to the input and edited ones finite. Returns a one-line report."""
+    try:
+        out = Model(written)
+    except UserError as e:
+        raise UserError(f"verification failed: the output does not parse: {e}") from None
+    if list(out.tensors) != [t.name for t in expected]:
+        raise UserError("verification failed: the output's tensors differ from the input's")
+    identical = edited = 0
+    for want in expected:
+        got = out.tensors[want.name]
+        if tuple(got.shape) != want.dims or got.tensor_type != want.qtype:
+            raise UserError(f"verification failed: {want.name} is {got.tensor_type.name} {list(got.shape)}")
+        n_rows = out.n_rows(want.name)
+        step = max(1, CHUNK_BYTES // max(1, int(got.n_bytes) // n_rows))
+        for i in range(0, n_rows, step):
+            rows = out.read_rows(want.name, i, min(step, n_rows - i))
+            if want.copy_of is not None:
+                same = np.array_equal(rows, src.read_rows(want.copy_of, i, rows.shape[0]))
+                if not same:
+                    raise UserError(f"verification failed: {want.name} differs from the input")
+            elif not np.isfinite(quants.dequantize(rows, want.qtype)).all():
+                raise UserError(f"verification failed: {want.name} holds NaN or Inf")
+        identical += want.copy_of is not None
+        edited += want.copy_of is None
+    return f"verified {len(expected)} tensors: {identical} byte-identical to the input, {edited} edited and finite"

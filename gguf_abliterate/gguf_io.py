@@ -185,6 +185,8 @@ class Model:
             if not 1 <= n_dims <= MAX_DIMS:
                 raise _Corrupt(f"tensor {name} has {n_dims} dimensions")
             dims = tuple(c.u64() for _ in range(n_dims))
+            if 0 in dims:
+                raise _Corrupt(f"tensor {name} has an empty dimension {list(dims)}")
             raw_type = c.u32()
             offset = c.u64()
             try:
@@ -348,11 +350,13 @@ def write_model(
     new_kv: dict[str, str | bool | int | float],
     drop_kv_prefix: str,
     on_bytes: Callable[[int], None] = lambda n: None,
+    check: Callable[[Path], None] | None = None,
 ) -> None:
     """Write `tensors` with `src`'s metadata (less keys under `drop_kv_prefix`, plus `new_kv`).
 
     The file is written beside `dst` under a temporary name and renamed over `dst` only when
-    complete, so an error, Ctrl-C or SIGTERM never leaves a partial output behind.
+    complete (and accepted by `check`), so an error, Ctrl-C or SIGTERM never leaves a partial
+    output behind.
     """
     kv = [span for key, span in src.kv_spans() if not key.startswith(drop_kv_prefix)]
     kv += [memoryview(pack_kv(k, v)) for k, v in new_kv.items()]
@@ -367,7 +371,7 @@ def write_model(
         offset += t.nbytes + _pad(t.nbytes, align)
     header = GGUF_MAGIC + struct.pack("<IQQ", src.version, len(tensors), len(kv))
 
-    with atomic_output(dst) as f:
+    with atomic_output(dst, check) as f:
         _write_all(f, header + b"".join(kv) + infos)
         _write_all(f, b"\0" * _pad(f.tell(), align))
         for t in tensors:
@@ -418,10 +422,12 @@ def _copy_range(src_fd: int, f: IO[bytes], offset: int, nbytes: int, on_bytes: C
     return done
 
 @contextlib.contextmanager
-def atomic_output(dst: Path) -> Iterator[IO[bytes]]:
+def atomic_output(dst: Path, check: Callable[[Path], None] | None = None) -> Iterator[IO[bytes]]:
     """A binary file that becomes `dst` only if the block finishes; removed on any failure.
 
-    SIGTERM is turned into KeyboardInterrupt for the duration so that it cleans up too.
+    `check`, if given, inspects the complete temporary file before it replaces `dst` and
+    raises to refuse it. SIGTERM is turned into KeyboardInterrupt for the duration so that it
+    cleans up too.
     """
     dst = Path(dst)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent or ".")
@@ -438,6 +444,8 @@ def atomic_output(dst: Path) -> Iterator[IO[bytes]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -268,3 +268,35 @@ def test_real_smollm2(smollm2: Path, tmp_path: Path) -> None:
         before = unit(r) @ model.values(name).astype(np.float64)
         assert np.abs(unit(r) @ f.values(name).astype(np.float64)).max() <= 1e-5 * np.abs(before).max()
     assert len(generate(f32, "The capital of France is", 8).strip()) > 0
+
+
+def test_verify_reports_and_catches_damage(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from gguf_abliterate.directions import load_direction
+    from gguf_abliterate.edit import EditOptions, apply_edit, output_tensors, plan_edit, verify_output
+    from gguf_abliterate.errors import UserError
+
+    src = tiny["qwen2"]
+    np.save(tmp_path / "d.npy", random_direction(256))
+    out = tmp_path / "out.gguf"
+    run = cli(src, out, "--direction", tmp_path / "d.npy", "--verify")
+    assert run.returncode == 0, run.stderr
+    assert "verified 51 tensors: 42 byte-identical to the input, 9 edited and finite" in run.stderr
+
+    model, opts = Model(src), EditOptions()
+    plan, direction = plan_edit(model, opts), load_direction(tmp_path / "d.npy")
+    expected = output_tensors(model, plan, direction, opts)
+    assert "verified" in verify_output(model, out, expected)
+    damaged = tmp_path / "damaged.gguf"
+    data = bytearray(out.read_bytes())
+    t = Model(out).tensors["blk.1.attn_q.weight"]
+    data[t.data_offset + 5] ^= 0x40
+    damaged.write_bytes(data)
+    with pytest.raises(UserError, match="blk.1.attn_q.weight differs from the input"):
+        verify_output(model, damaged, expected)
+
+    def refuse(report: str) -> None:
+        raise UserError("refused")
+
+    with pytest.raises(UserError, match="refused"):
+        apply_edit(model, plan, direction, opts, tmp_path / "never.gguf", verify=refuse)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npy", "damaged.gguf", "out.gguf"]
