@@ -1,6 +1,7 @@
 """Wall time and peak RSS of an edit, next to a plain copy of the same file, in the same run.
 
-    python tools/bench_edit.py [--models smollm2-135m,gemma3-270m] [--repeat 2]
+    python tools/bench_edit.py [--repeat 2]      # SmolLM2-135M and gemma-3-270m
+    python tools/bench_edit.py --big             # a synthetic 8B-shaped Q4_K_M-like file (~4.9 GB)
 
 Each measurement runs in its own child process (peak RSS from wait4's rusage), so the
 numbers do not include this script. The copy baseline is `shutil.copyfile` of the input.
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gguf_abliterate import zoo  # noqa: E402
 from gguf_abliterate.edit import EditOptions, plan_edit  # noqa: E402
 from gguf_abliterate.gguf_io import Model  # noqa: E402
+from tools.make_big_model import build_big_model  # noqa: E402
 
 # (model, extra edit arguments, what the case shows)
 CASES = [
@@ -31,6 +33,8 @@ CASES = [
     # Q4_K / Q6_K writers cannot be requantized until the K-quant engine lands
     ("gemma3-270m", ["--requant-type", "q8_0", "--embeddings"], "writers stored as Q8_0, plus 262k-row token_embd"),
 ]
+# K-quant writers are stored as Q8_0 until the K-quant engine lands
+BIG_CASE = ("synthetic-8b", ["--requant-type", "q8_0"], "32 blocks, n_embd 4096, 128k untied token_embd")
 
 
 # Runs `-m module args` or `-c code args` and then prints its own VmHWM. A child's
@@ -63,19 +67,27 @@ def measure(py_args: list[str]) -> tuple[float, float]:
 
 def largest_edited_mib(path: Path, extra: list[str]) -> float:
     model = Model(path)
-    plan = plan_edit(model, EditOptions(embeddings="--embeddings" in extra), strict=False)
+    plan = plan_edit(model, EditOptions(embeddings=True if "--embeddings" in extra else None), strict=False)
     return max(int(model.tensors[n].n_elements) * 4 for n in plan.edits) / 2**20
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is kept")
+    ap.add_argument("--big", action="store_true", help="benchmark a synthetic 8B-shaped model instead")
+    ap.add_argument("--big-path", type=Path, default=zoo.cache_dir() / "synthetic-8b-q4_k_m.gguf",
+                    help="where the synthetic model is built (reused if present)")
     args = ap.parse_args()
+    cases = [BIG_CASE] if args.big else CASES
+    if args.big and not args.big_path.exists():
+        args.big_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"building {args.big_path} ...", flush=True)
+        build_big_model(args.big_path)
     print(f"{'model':<14} {'case':<52} {'copy s':>7} {'edit s':>7} {'ratio':>6} "
           f"{'copy MiB':>9} {'edit MiB':>9} {'largest f32 MiB':>16}")
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, extra, what in CASES:
-            src = zoo.fetch(name, quiet=True)
+    with tempfile.TemporaryDirectory(dir=args.big_path.parent if args.big else None) as tmp:
+        for name, extra, what in cases:
+            src = args.big_path if name == BIG_CASE[0] else zoo.fetch(name, quiet=True)
             d = Path(tmp) / "d.npy"
             np.save(d, np.random.default_rng(0).normal(size=Model(src).n_embd).astype(np.float32))
             out = Path(tmp) / "out.gguf"
