@@ -77,16 +77,18 @@ def _qtype(ctx: click.Context, param: click.Parameter, value: str | None) -> GGM
 _WRITABLE = sorted(t.name.lower() for t in GGMLQuantizationType if quants.can_quantize(t))
 
 
-def _check_output(inp: Path, out: Path, force: bool) -> None:
-    """Refuse to overwrite the input, an existing file without --force, or a missing folder."""
-    if (out.exists() and inp.exists() and os.path.samefile(inp, out)) or out.resolve() == inp.resolve():
-        raise UserError("OUTPUT is the same file as INPUT; write the edit to a new file")
-    if out.is_dir():
-        raise UserError(f"{out} is a directory")
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to replace it")
-    if not out.parent.resolve().is_dir():
-        raise UserError(f"{out.parent}: no such directory")
+def _check_output(inputs: list[Path], outputs: list[Path], force: bool) -> None:
+    """Refuse to overwrite an input, an existing file without --force, or a missing folder."""
+    for out in outputs:
+        for inp in inputs:
+            if (out.exists() and inp.exists() and os.path.samefile(inp, out)) or out.resolve() == inp.resolve():
+                raise UserError(f"{out} is an input file; write the edit to a new file")
+        if out.is_dir():
+            raise UserError(f"{out} is a directory")
+        if out.exists() and not force:
+            raise UserError(f"{out} exists; pass --force to replace it")
+        if not out.parent.resolve().is_dir():
+            raise UserError(f"{out.parent}: no such directory")
 
 
 @cli.command("edit", help=EDIT_HELP)
@@ -104,6 +106,7 @@ def _check_output(inp: Path, out: Path, force: bool) -> None:
 @click.option("--requant-type", type=click.Choice(_WRITABLE, case_sensitive=False), callback=_qtype,
               help="Store the edited matrices as this type instead of their own (e.g. f32, f16, q8_0).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new file is complete).")
+@click.option("--merge", is_flag=True, help="Write a split input as one OUTPUT file instead of parts like it.")
 @click.option("--verify", is_flag=True,
               help="Before OUTPUT takes its place, re-read it: types, shapes, offsets, untouched tensors byte-identical.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -111,17 +114,18 @@ def _check_output(inp: Path, out: Path, force: bool) -> None:
 @_user_errors
 def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse: bool, scale: float,
              layers: str | None, embeddings: bool | None, requant_type: GGMLQuantizationType | None,
-             force: bool, verify: bool, quiet: bool, verbose: bool) -> None:
+             force: bool, merge: bool, verify: bool, quiet: bool, verbose: bool) -> None:
     from tqdm import tqdm
 
     from gguf_abliterate.directions import load_direction
     from gguf_abliterate.edit import EditOptions, apply_edit, format_layers, output_nbytes, parse_layers, plan_edit
-    from gguf_abliterate.gguf_io import Model
+    from gguf_abliterate.gguf_io import Model, output_paths
 
     if not (scale >= 0 and scale != float("inf")):
         raise UserError("--scale must be a finite number >= 0 (use --reverse to amplify)")
-    _check_output(input_path, output_path, force)
+    _check_output([input_path], [output_path], force)
     model = Model(input_path)
+    _check_output([p.path for p in model.parts], output_paths(model, output_path, merge), force)
     direction = load_direction(direction_path)
     direction.check_fits(model.n_layer, model.n_embd, model.arch)
     opts = EditOptions(reverse, scale, parse_layers(layers, model.n_layer), embeddings, requant_type)
@@ -138,10 +142,11 @@ def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse:
     total = output_nbytes(model, plan)
     reports: list[str] = []
     with tqdm(total=total, unit="B", unit_scale=True, disable=quiet, desc="writing", file=sys.stderr) as bar:
-        apply_edit(model, plan, direction, opts, output_path, bar.update, reports.append if verify else None)
+        written = apply_edit(model, plan, direction, opts, output_path, bar.update,
+                             reports.append if verify else None, merge)
     for report in reports:
         say(report)
-    say(f"wrote {output_path}")
+    say(f"wrote {', '.join(str(p) for p in written)}")
 
 
 @cli.command("inspect")

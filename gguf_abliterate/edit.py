@@ -21,11 +21,11 @@ from gguf_abliterate import __version__, quants
 from gguf_abliterate.arch import EMBEDDING, LM_HEAD, WRITER_KINDS, Arch, get_arch
 from gguf_abliterate.directions import Direction, normalise
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.gguf_io import Model, OutTensor, write_model
+from gguf_abliterate.gguf_io import Model, OutTensor, plan_files, write_files
 
 PROVENANCE_PREFIX = "abliterate."
 # float32 bytes processed at once; bounds the working memory of one tensor edit.
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -217,8 +217,12 @@ def _edited_chunks(model: Model, edit: TensorEdit, u: np.ndarray, coef: float) -
         return
     # matrix (..., n_embd, n_in): one 2-D slice (one expert) of n_embd rows at a time
     n_embd = int(t.shape[1])
+    w = np.empty((n_embd, row_len), dtype=np.float32)
     for first in range(0, n_rows, n_embd):
-        w = quants.dequantize(model.read_rows(edit.name, first, n_embd), edit.src_type)
+        # dequantize in chunks into one buffer: whole-tensor dequantizers hold several temporaries
+        for i in range(0, n_embd, step):
+            w[i : i + step] = quants.dequantize(model.read_rows(edit.name, first + i, min(step, n_embd - i)),
+                                                edit.src_type)
         project_residual_rows(w, u, coef)
         for i in range(0, n_embd, step):
             yield _requantize(w[i : i + step], edit)
@@ -275,22 +279,27 @@ def apply_edit(
     out_path: Path,
     on_bytes: Callable[[int], None] = lambda n: None,
     verify: Callable[[str], None] | None = None,
-) -> None:
+    merge: bool = False,
+) -> list[Path]:
     """Write the edited model to `out_path` (atomically), streaming tensor by tensor.
 
-    With `verify`, the complete file is re-read and checked against the input before it
-    takes `out_path`'s place; `verify` receives the one-line report.
+    A split input gives a split output with the same parts (unless `merge`). With `verify`,
+    the complete files are re-read and checked against the input before they take their
+    places; `verify` receives the one-line report. Returns the paths written.
     """
     out = output_tensors(model, plan, direction, opts)
-    check = None if verify is None else (lambda tmp: verify(verify_output(model, tmp, out)))
-    write_model(model, out_path, out, provenance(plan, opts, direction), PROVENANCE_PREFIX, on_bytes, check)
+    files = plan_files(model, out_path, out, provenance(plan, opts, direction), PROVENANCE_PREFIX, merge)
+    check = None if verify is None else (lambda tmps: verify(verify_output(model, tmps, out)))
+    write_files(model, files, on_bytes, check)
+    return [f.path for f in files]
 
 
-def verify_output(src: Model, written: Path, expected: list[OutTensor]) -> str:
-    """Re-open a written file and check every tensor's name, shape and type; copied tensors
-    must be byte-identical to the input and edited ones finite. Returns a one-line report."""
+def verify_output(src: Model, written: list[Path], expected: list[OutTensor]) -> str:
+    """Re-open written files (the parts of one model) and check every tensor's name, shape
+    and type; copied tensors must be byte-identical to the input and edited ones finite.
+    Returns a one-line report."""
     try:
-        out = Model(written)
+        out = Model(written[0], parts=written)
     except UserError as e:
         raise UserError(f"verification failed: the output does not parse: {e}") from None
     if list(out.tensors) != [t.name for t in expected]:

@@ -285,14 +285,14 @@ def test_verify_reports_and_catches_damage(tiny: dict[str, Path], tmp_path: Path
     model, opts = Model(src), EditOptions()
     plan, direction = plan_edit(model, opts), load_direction(tmp_path / "d.npy")
     expected = output_tensors(model, plan, direction, opts)
-    assert "verified" in verify_output(model, out, expected)
+    assert "verified" in verify_output(model, [out], expected)
     damaged = tmp_path / "damaged.gguf"
     data = bytearray(out.read_bytes())
     t = Model(out).tensors["blk.1.attn_q.weight"]
     data[t.data_offset + 5] ^= 0x40
     damaged.write_bytes(data)
     with pytest.raises(UserError, match="blk.1.attn_q.weight differs from the input"):
-        verify_output(model, damaged, expected)
+        verify_output(model, [damaged], expected)
 
     def refuse(report: str) -> None:
         raise UserError("refused")

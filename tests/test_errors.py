@@ -137,7 +137,7 @@ def test_output_is_input_or_in_missing_folder(tiny: dict[str, Path], tmp_path: P
     before = src.read_bytes()
     for out in (src, tmp_path / "." / "m.gguf"):
         run = cli(src, out, "--direction", tmp_path / "d.npy", "--force")
-        assert run.returncode != 0 and "same file" in run.stderr and "Traceback" not in run.stderr
+        assert run.returncode != 0 and "is an input file" in run.stderr and "Traceback" not in run.stderr
     assert src.read_bytes() == before
     run = cli(src, tmp_path / "no" / "out.gguf", "--direction", tmp_path / "d.npy")
     assert run.returncode != 0 and "no such directory" in run.stderr
@@ -180,3 +180,79 @@ def test_interrupt_during_write_leaves_nothing(sig: int, smollm2: Path, tmp_path
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
     assert list(outdir.iterdir()) == []
+
+
+def _patch(data: bytes, pos: int, value: int, width: int) -> bytes:
+    return data[:pos] + value.to_bytes(width, "little") + data[pos + width:]
+
+
+def _tensor_info_pos(data: bytes, name: str) -> tuple[int, int]:
+    """(position of n_dims, n_dims) of a tensor's info record, found by its name."""
+    encoded = len(name).to_bytes(8, "little") + name.encode()
+    pos = data.index(encoded) + len(encoded)
+    return pos, int.from_bytes(data[pos : pos + 4], "little")
+
+
+def _hostile(data: bytes, case: str, scratch: Path) -> bytes:
+    from gguf_abliterate.gguf_io import GGUFFile
+
+    scratch.write_bytes(data)
+    f = GGUFFile(scratch)
+    if case == "version":
+        return _patch(data, 4, 99, 4)
+    if case == "tensor count":
+        return _patch(data, 8, 2**62, 8)
+    if case == "kv count":
+        return _patch(data, 16, 2**62, 8)
+    if case == "key length":
+        return _patch(data, 24, 2**62, 8)
+    if case == "array count":
+        return _patch(data, f.fields["tokenizer.ggml.tokens"].value_start + 4, 2**60, 8)
+    pos, n_dims = _tensor_info_pos(data, "blk.0.attn_q.weight")
+    offset_pos = pos + 4 + 8 * n_dims + 4
+    if case == "offset past end":
+        return _patch(data, offset_pos, 2**40, 8)
+    if case == "overlapping offsets":
+        return _patch(data, offset_pos, 0, 8)
+    if case == "row not a block multiple":
+        return _patch(data, pos + 4, 250, 8)
+    if case == "too many dims":
+        return _patch(data, pos, 7, 4)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("version", "version 99 is not supported"),
+    ("tensor count", "cannot fit"),
+    ("kv count", "cannot fit"),
+    ("key length", "past the end"),
+    ("array count", "past the end"),
+    ("offset past end", "runs past the end"),
+    ("overlapping offsets", "overlaps"),
+    ("row not a block multiple", "does not fit Q8_0 blocks"),
+    ("too many dims", "7 dimensions"),
+])
+def test_hostile_headers(case: str, needle: str, tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Absurd counts and lengths are refused before any allocation, with a clear line."""
+    bad = tmp_path / "in" / "m.gguf"
+    bad.parent.mkdir()
+    bad.write_bytes(_hostile(tiny["llama"].read_bytes(), case, tmp_path / "probe.gguf"))
+    before = bad.read_bytes()
+    np.save(tmp_path / "d.npy", random_direction(256))
+    outdir = tmp_path / "o"
+    outdir.mkdir()
+    run = cli(bad, outdir / "out.gguf", "--direction", tmp_path / "d.npy")
+    assert_clean_failure(run, outdir, needle)
+    assert bad.read_bytes() == before
+
+
+def test_failed_edit_keeps_existing_output(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """With --force, an existing output is replaced only by a complete new file."""
+    np.save(tmp_path / "d.npy", random_direction(256))
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"previous result")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(tiny["llama"].read_bytes()[:-5000])
+    run = cli(bad, out, "--direction", tmp_path / "d.npy", "--force")
+    assert run.returncode != 0 and out.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "d.npy", "out.gguf"]

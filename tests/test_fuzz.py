@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from gguf_abliterate.directions import Direction, normalise
 from gguf_abliterate.edit import EditOptions, apply_edit, plan_edit
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.gguf_io import GGUFFile, Model
 from tools.make_tiny_models import TinySpec, build_model
 
 # CI runs the full count; GGUF_FUZZ_EXAMPLES lowers it for a quick local run.
@@ -25,7 +25,7 @@ class Seed:
     """A small valid model's bytes and where its tensor data starts (short repr for reports)."""
 
     def __init__(self, path: Path):
-        self.data, self.header_end = path.read_bytes(), Model(path).data_start
+        self.data, self.header_end = path.read_bytes(), GGUFFile(path).data_start
 
     def __repr__(self) -> str:
         return f"Seed({len(self.data)} bytes, header {self.header_end})"

@@ -36,6 +36,7 @@ class TinySpec:
     n_expert: int = 4  # qwen2moe only
     n_ff_expert: int = 256  # qwen2moe only; its shared expert uses n_ff
     output_biases: bool = False  # attn_output.bias and ffn_down.bias (llama supports them)
+    split_max_tensors: int = 0  # >0: write a split model (gguf-split layout), this many tensors a part
     seed: int = 0
     # tensor kind ("attn_output", "ffn_down", "token_embd", "output", ...) -> storage type
     types: dict[str, GGMLQuantizationType] = field(default_factory=dict)
@@ -68,7 +69,8 @@ def _store(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
 
 
 def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
-    """Write a random model of `spec` to `path` and return the path."""
+    """Write a random model of `spec` to `path` and return its path (of a split model: the
+    first part, `stem-00001-of-0000N.gguf`)."""
     spec = spec or TinySpec()
     rng = np.random.default_rng(spec.seed)
     path = Path(path)
@@ -76,7 +78,7 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     tokens, scores, ttypes = _vocab()
     n_vocab = len(tokens)
 
-    w = GGUFWriter(str(path), a)
+    w = GGUFWriter(str(path), a, split_max_tensors=spec.split_max_tensors)
     w.add_name(f"tiny-{a}")
     w.add_uint32(f"{a}.context_length", 256)
     w.add_uint32(f"{a}.embedding_length", e)
@@ -159,7 +161,7 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return w.format_shard_names(path)[0]
 
 
 ARCHES = ("llama", "qwen2", "qwen2moe", "gemma3")

@@ -63,4 +63,5 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return data.view(np.float32)
     if qtype == Q.F16:
         return data.view(np.float16).astype(np.float32)
-    return np.asarray(_gq.dequantize(data, qtype), dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf scales in a damaged file stay visible
+        return np.asarray(_gq.dequantize(data, qtype), dtype=np.float32)

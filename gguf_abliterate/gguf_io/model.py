@@ -1,0 +1,138 @@
+"""A model as one GGUF file or as the parts of a split model (llama.cpp's gguf-split layout).
+
+A split model is `prefix-00001-of-0000N.gguf` ... `prefix-0000N-of-0000N.gguf`: every part
+carries `split.no` (u16), `split.count` (u16) and `split.tensors.count` (i32); the first part
+holds all other metadata; tensors are spread over the parts. Any part can be given: the
+others are found by name, and metadata is read from the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.gguf_io.reader import GGUFFile, TensorInfo
+from gguf_abliterate.quants import dequantize
+
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+
+
+def split_path(prefix: Path, index: int, count: int) -> Path:
+    """Part `index` (0-based) of `count`, named as llama.cpp's llama_split_path does."""
+    return prefix.with_name(f"{prefix.name}-{index + 1:05d}-of-{count:05d}.gguf")
+
+
+def _split_count(f: GGUFFile) -> int:
+    count = f.get("split.count", 1)
+    if not isinstance(count, int) or count < 1:
+        raise UserError(f"{f.path}: bad split.count {count!r}")
+    return count
+
+
+class Model:
+    """A model opened read-only: metadata, tensor infos and tensor data, over all its parts."""
+
+    def __init__(self, path: str | os.PathLike[str], parts: list[Path] | None = None):
+        given = GGUFFile(path)
+        count = _split_count(given)
+        if parts is None:
+            parts = [given.path]
+            if count > 1:
+                m = SPLIT_NAME.match(given.path.name)
+                if not m or int(m["count"]) != count:
+                    raise UserError(f"{given.path}: a part of a {count}-part split model, but not named "
+                                    f"NAME-0000K-of-{count:05d}.gguf, so the other parts cannot be found")
+                parts = [split_path(given.path.with_name(m["prefix"]), i, count) for i in range(count)]
+        if len(parts) != count:
+            raise UserError(f"{given.path}: split.count is {count}, but {len(parts)} parts were given")
+        self.parts = [given if Path(p) == given.path else GGUFFile(p) for p in parts]
+        self.path = self.parts[0].path
+        self.tensors: dict[str, TensorInfo] = {}
+        for i, part in enumerate(self.parts):
+            if count > 1 and (part.get("split.no") != i or _split_count(part) != count):
+                raise UserError(f"{part.path}: expected part {i + 1} of {count} (split.no {i}), "
+                                f"found split.no {part.get('split.no')!r} of {part.get('split.count')!r}")
+            for name, t in part.tensors.items():
+                if name in self.tensors:
+                    raise UserError(f"{part.path}: tensor {name} is also in another part")
+                self.tensors[name] = dataclasses.replace(t, part=i)
+        expected = self.parts[0].get("split.tensors.count")
+        if count > 1 and expected != len(self.tensors):
+            raise UserError(f"{self.path}: split.tensors.count is {expected}, the parts hold {len(self.tensors)}")
+        self.arch = self.get_str("general.architecture")
+        if self.arch is None:
+            raise UserError(f"{self.path}: no general.architecture key")
+
+    @property
+    def is_split(self) -> bool:
+        return len(self.parts) > 1
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of a metadata key (from the first part), or `default`."""
+        return self.parts[0].get(key, default)
+
+    def get_str(self, key: str) -> str | None:
+        value = self.get(key)
+        return value if isinstance(value, str) else None
+
+    def arch_int(self, suffix: str) -> int:
+        """An integer hyper-parameter `<arch>.<suffix>`, required."""
+        value = self.get(f"{self.arch}.{suffix}")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{self.path}: missing or bad integer key {self.arch}.{suffix}")
+        return value
+
+    @property
+    def n_layer(self) -> int:
+        return self.arch_int("block_count")
+
+    @property
+    def n_embd(self) -> int:
+        return self.arch_int("embedding_length")
+
+    def file_of(self, name: str) -> GGUFFile:
+        return self.parts[self.tensors[name].part]
+
+    def kv_spans(self, part: int = 0) -> Iterator[tuple[str, memoryview]]:
+        """Each metadata key of a part with its exact encoded bytes."""
+        return self.parts[part].kv_spans()
+
+    def raw(self, name: str) -> np.ndarray:
+        """A tensor's stored bytes as uint8 `(..., row_bytes)` in numpy axis order, memory-mapped."""
+        t = self.tensors[name]
+        data = self.file_of(name).map[t.data_offset : t.data_offset + t.n_bytes]
+        return data.reshape(*reversed(t.shape[1:]), -1)
+
+    def n_rows(self, name: str) -> int:
+        """Rows of a tensor (all dims but ne0, flattened)."""
+        t = self.tensors[name]
+        return int(t.n_elements) // int(t.shape[0])
+
+    def read_rows(self, name: str, first: int, count: int) -> np.ndarray:
+        """Stored bytes of rows `first .. first+count` as a fresh uint8 `(count, row_bytes)` array.
+
+        Read with pread rather than through the memory map, so that pages of a large model do
+        not pile up in this process's resident set.
+        """
+        t = self.tensors[name]
+        rb = int(t.n_bytes) // self.n_rows(name)
+        buf = np.empty(count * rb, dtype=np.uint8)
+        view, done, offset, fd = memoryview(buf), 0, t.data_offset + first * rb, self.file_of(name).fd
+        while done < buf.nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise UserError(f"{self.file_of(name).path}: unexpected end of file in tensor {name}")
+            done += n
+        return buf.reshape(count, rb)
+
+    def values(self, name: str) -> np.ndarray:
+        """A whole tensor dequantized to float32, numpy axis order (last axis = ggml ne0)."""
+        return dequantize(self.raw(name), self.tensors[name].tensor_type)

@@ -1,0 +1,235 @@
+"""Writing GGUF files atomically: one file, or every part of a split model.
+
+Metadata is copied as the exact bytes it had (empty arrays and strings that are not valid
+UTF-8 included; gguf-py's GGUFWriter refuses the former). Untouched tensors are copied with
+copy_file_range, inside the kernel, never through this process's memory. Every output file
+is written under a temporary name beside its destination and renamed only when all of them
+are complete (and accepted by `check`): an error, Ctrl-C or SIGTERM leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.gguf_io.model import SPLIT_KEYS, SPLIT_NAME, Model, split_path
+from gguf_abliterate.gguf_io.reader import GGUF_MAGIC
+
+KVValue = str | bool | int | float
+
+
+@dataclass
+class OutTensor:
+    """One tensor of the output: its info, and where its bytes come from.
+
+    Either `chunks` produces the bytes, or `copy_of` names an input tensor copied verbatim.
+    """
+
+    name: str
+    dims: tuple[int, ...]  # ggml order: ne0 first
+    qtype: GGMLQuantizationType
+    chunks: Callable[[], Iterable[np.ndarray]] | None = None
+    copy_of: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        bs, ts = GGML_QUANT_SIZES[self.qtype]
+        n = int(np.prod(self.dims, dtype=np.int64))
+        return n // bs * ts
+
+
+@dataclass
+class OutFile:
+    """One output file: its destination, metadata (encoded) and tensors."""
+
+    path: Path
+    version: int
+    alignment: int
+    kv: list[bytes | memoryview] = field(default_factory=list)
+    tensors: list[OutTensor] = field(default_factory=list)
+
+
+def _pack_str(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def pack_kv(key: str, value: KVValue) -> bytes:
+    """Encode one new metadata key/value pair (string, bool, int64 or float32)."""
+    if isinstance(value, bool):
+        body = struct.pack("<I?", GGUFValueType.BOOL, value)
+    elif isinstance(value, int):
+        body = struct.pack("<Iq", GGUFValueType.INT64, value)
+    elif isinstance(value, float):
+        body = struct.pack("<If", GGUFValueType.FLOAT32, value)
+    else:
+        body = struct.pack("<I", GGUFValueType.STRING) + _pack_str(str(value))
+    return _pack_str(key) + body
+
+
+def output_paths(src: Model, out: Path, merge: bool) -> list[Path]:
+    """Where the output goes: `out`, or one part per input part, named like llama.cpp's splits.
+
+    `out` may be `name.gguf` (parts become `name-0000K-of-0000N.gguf`) or already a part name.
+    """
+    n = len(src.parts)
+    if merge or n == 1:
+        return [out]
+    m = SPLIT_NAME.match(out.name)
+    if m and int(m["count"]) != n:
+        raise UserError(f"{out.name}: the model has {n} parts, not {int(m['count'])}")
+    prefix = out.with_name(m["prefix"]) if m else out.with_suffix("") if out.suffix == ".gguf" else out
+    return [split_path(prefix, i, n) for i in range(n)]
+
+
+def plan_files(src: Model, out: Path, tensors: list[OutTensor], new_kv: dict[str, KVValue],
+               drop_kv_prefix: str, merge: bool) -> list[OutFile]:
+    """Lay the output tensors out as the input was: same parts, same tensors in each.
+
+    `new_kv` goes into the first part; keys under `drop_kv_prefix` are dropped; `merge` writes
+    a single file without the `split.*` keys.
+    """
+    paths = output_paths(src, out, merge)
+    files = []
+    for i, path in enumerate(paths):
+        part = src.parts[i]
+        drop = (drop_kv_prefix, *SPLIT_KEYS) if merge and src.is_split else (drop_kv_prefix,)
+        kv: list[bytes | memoryview] = [span for key, span in part.kv_spans() if not key.startswith(drop)]
+        if i == 0:
+            kv += [pack_kv(k, v) for k, v in new_kv.items()]
+        mine = tensors if len(paths) == 1 else [t for t in tensors if src.tensors[t.name].part == i]
+        files.append(OutFile(path, part.version, part.alignment, kv, mine))
+    return files
+
+
+def _pad(n: int, align: int) -> int:
+    return (align - n % align) % align
+
+
+def write_files(src: Model, files: list[OutFile], on_bytes: Callable[[int], None] = lambda n: None,
+                check: Callable[[list[Path]], None] | None = None) -> None:
+    """Write every file under a temporary name; rename them all once all are complete."""
+    with atomic_outputs([f.path for f in files], check) as outs:
+        for spec, f in zip(files, outs):
+            _write_one(src, spec, f, on_bytes)
+
+
+def _write_one(src: Model, spec: OutFile, f: IO[bytes], on_bytes: Callable[[int], None]) -> None:
+    align = spec.alignment
+    infos = bytearray()
+    offset = 0
+    for t in spec.tensors:
+        infos += _pack_str(t.name)
+        infos += struct.pack(f"<I{len(t.dims)}Q", len(t.dims), *t.dims)
+        infos += struct.pack("<IQ", t.qtype, offset)
+        offset += t.nbytes + _pad(t.nbytes, align)
+    header = GGUF_MAGIC + struct.pack("<IQQ", spec.version, len(spec.tensors), len(spec.kv))
+    _write_all(f, header + b"".join(spec.kv) + infos)
+    _write_all(f, b"\0" * _pad(f.tell(), align))
+    for t in spec.tensors:
+        written = 0
+        if t.copy_of is not None:
+            src_t = src.tensors[t.copy_of]
+            written = _copy_range(src.file_of(t.copy_of).fd, f, src_t.data_offset, int(src_t.n_bytes), on_bytes)
+        else:
+            assert t.chunks is not None
+            for chunk in t.chunks():
+                chunk = np.ascontiguousarray(chunk).view(np.uint8)
+                _write_all(f, memoryview(chunk).cast("B"))
+                written += chunk.nbytes
+                on_bytes(chunk.nbytes)
+        if written != t.nbytes:
+            raise RuntimeError(f"internal error: {t.name} produced {written} bytes, expected {t.nbytes}")
+        _write_all(f, b"\0" * _pad(written, align))
+
+
+def _write_all(f: IO[bytes], data: bytes | memoryview) -> None:
+    """Write everything (an unbuffered file may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        view = view[n:]
+
+
+_COPY_STEP = 64 << 20
+# copy_file_range cannot work here (other filesystem, old kernel): fall back to read/write
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def _copy_range(src_fd: int, f: IO[bytes], offset: int, nbytes: int, on_bytes: Callable[[int], None]) -> int:
+    """Copy `nbytes` of the input at `offset` to the output's current position."""
+    done = 0
+    while done < nbytes:
+        step = min(_COPY_STEP, nbytes - done)
+        try:
+            n = os.copy_file_range(src_fd, f.fileno(), step, offset + done)
+        except OSError as e:
+            if e.errno not in _NO_COPY_RANGE:
+                raise
+            n = 0
+        if n == 0:
+            chunk = os.pread(src_fd, step, offset + done)
+            if not chunk:
+                raise UserError(f"unexpected end of input file at offset {offset + done}")
+            _write_all(f, chunk)
+            n = len(chunk)
+        done += n
+        on_bytes(n)
+    return done
+
+
+@contextlib.contextmanager
+def atomic_outputs(dsts: list[Path], check: Callable[[list[Path]], None] | None = None) -> Iterator[list[IO[bytes]]]:
+    """Binary files that become `dsts` only if the block finishes; all removed on any failure.
+
+    `check`, if given, inspects the complete temporary files before they replace `dsts` and
+    raises to refuse them. SIGTERM is turned into KeyboardInterrupt for the duration so that
+    it cleans up too.
+    """
+    def _on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_term) if in_main else None
+    tmps: list[Path] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            files = []
+            for dst in dsts:
+                fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+                tmps.append(Path(name))
+                os.chmod(name, 0o666 & ~_umask())
+                files.append(stack.enter_context(os.fdopen(fd, "wb", buffering=0)))
+            yield files
+            for f in files:
+                os.fsync(f.fileno())
+        if check is not None:
+            check(tmps)
+        for tmp, dst in zip(tmps, dsts):
+            os.replace(tmp, dst)
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
