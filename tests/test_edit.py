@@ -15,7 +15,8 @@ from gguf_abliterate.gguf_io import Model
 
 # Relative RMS error a fresh quantization of a weight matrix may have, per type (loose bounds
 # far above what ggml's quantizers reach, far below what a wrong edit produces).
-REL_ERR = {Q.F32: 1e-6, Q.F16: 1e-3, Q.Q8_0: 0.01, Q.Q5_0: 0.06, Q.Q5_1: 0.05, Q.Q4_0: 0.12, Q.Q4_1: 0.1}
+REL_ERR = {Q.F32: 1e-6, Q.F16: 1e-3, Q.Q8_0: 0.01, Q.Q5_0: 0.06, Q.Q5_1: 0.05, Q.Q4_0: 0.12, Q.Q4_1: 0.1,
+           Q.Q6_K: 0.03, Q.Q5_K: 0.05, Q.Q4_K: 0.1}
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -207,20 +208,36 @@ def test_embeddings_default_and_flags(tiny: dict[str, Path], tmp_path: Path) -> 
     assert np.array_equal(Model(tmp_path / "c.gguf").raw("token_embd.weight"), Model(untied).raw("token_embd.weight"))
 
 
-def test_kquant_needs_requant_type_until_the_engine_writes_it(tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_kquant_model_is_requantized_to_its_own_types(tiny: dict[str, Path], tmp_path: Path) -> None:
     src = tiny["llama-kquant"]
+    model = Model(src)
+    r = random_direction(256)
+    np.save(tmp_path / "d.npy", r)
+    out = tmp_path / "out.gguf"
+    run = cli(src, out, "--direction", tmp_path / "d.npy", "--embeddings", "-q")
+    assert run.returncode == 0, run.stderr
+    edited = writers(model, range(model.n_layer), True)
+    check_edit(src, out, unit(r), -1.0, edited)
+    m = Model(out)
+    assert {m.tensors[n].tensor_type for n in edited} == {Q.Q4_K, Q.Q6_K, Q.Q5_K}
+    assert isinstance(generate(out), str)
+
+
+def test_imatrix_types_are_refused_with_a_way_out(tiny: dict[str, Path], tmp_path: Path) -> None:
+    src = tiny["llama-iq2"]
     np.save(tmp_path / "d.npy", random_direction(256))
     out = tmp_path / "out.gguf"
     run = cli(src, out, "--direction", tmp_path / "d.npy")
     assert run.returncode != 0
-    assert "blk.0.attn_output.weight" in run.stderr and "Q4_K" in run.stderr and "--requant-type" in run.stderr
+    for needle in ("blk.0.attn_output.weight", "IQ2_XXS", "importance matrix", "--requant-type"):
+        assert needle in run.stderr
     assert not out.exists()
-    run = cli(src, out, "--direction", tmp_path / "d.npy", "--requant-type", "q8_0", "-q")
+    run = cli(src, out, "--direction", tmp_path / "d.npy", "--requant-type", "q4_k", "-q")
     assert run.returncode == 0, run.stderr
     m = Model(out)
-    assert m.tensors["blk.0.attn_output.weight"].tensor_type == Q.Q8_0
+    assert m.tensors["blk.0.attn_output.weight"].tensor_type == Q.Q4_K
     assert m.tensors["blk.0.attn_q.weight"].tensor_type == Model(src).tensors["blk.0.attn_q.weight"].tensor_type
-    assert m.get("abliterate.requant_type") == "Q8_0"
+    assert m.get("abliterate.requant_type") == "Q4_K"
     assert isinstance(generate(out), str)
 
 
@@ -235,10 +252,10 @@ def test_force_replaces_existing_output(tiny: dict[str, Path], tmp_path: Path) -
 
 
 def test_inspect(tiny: dict[str, Path]) -> None:
-    run = cli("inspect", tiny["llama-kquant"])
+    run = cli("inspect", tiny["llama-iq2"])
     assert run.returncode == 0, run.stderr
     assert "architecture:  llama" in run.stdout and "n_embd:        256" in run.stdout
-    assert "4 x attn_output" in run.stdout and "Q4_K" in run.stdout and "cannot be requantized" in run.stdout
+    assert "4 x attn_output" in run.stdout and "IQ2_XXS" in run.stdout and "cannot be requantized" in run.stdout
     assert "tied" in run.stdout
 
 

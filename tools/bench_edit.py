@@ -30,11 +30,10 @@ from tools.make_big_model import build_big_model  # noqa: E402
 CASES = [
     ("smollm2-135m", [], "Q4_1 writers, requantized to Q4_1"),
     ("smollm2-135m", ["--embeddings"], "plus the tied Q8_0 token_embd (49k rows)"),
-    # Q4_K / Q6_K writers cannot be requantized until the K-quant engine lands
-    ("gemma3-270m", ["--requant-type", "q8_0", "--embeddings"], "writers stored as Q8_0, plus 262k-row token_embd"),
+    ("gemma3-270m", [], "Q4_K / Q6_K writers, requantized to their types"),
+    ("gemma3-270m", ["--embeddings"], "plus the tied Q8_0 token_embd (262k rows)"),
 ]
-# K-quant writers are stored as Q8_0 until the K-quant engine lands
-BIG_CASE = ("synthetic-8b", ["--requant-type", "q8_0"], "32 blocks, n_embd 4096, 128k untied token_embd")
+BIG_CASE = ("synthetic-8b", [], "Q4_K/Q6_K, 32 blocks, n_embd 4096, 128k-row Q4_K token_embd")
 
 
 # Runs `-m module args` or `-c code args` and then prints its own VmHWM. A child's

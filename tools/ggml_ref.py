@@ -48,12 +48,15 @@ def lib() -> ctypes.CDLL:
     return so
 
 
-def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """ggml_quantize_chunk over float32 rows, no importance matrix: uint8 (rows, row_bytes)."""
+def quantize(values: np.ndarray, qtype: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml_quantize_chunk over float32 rows (by default without an importance matrix):
+    uint8 (rows, row_bytes). Types such as IQ2_XXS abort in ggml without one."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     rows, n = values.reshape(-1, values.shape[-1]).shape
     out = np.zeros((rows, row_bytes(qtype, n)), dtype=np.uint8)
-    written = lib().ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    written = lib().ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, rows, n,
+                                        None if im is None else im.ctypes.data)
     assert written == out.nbytes, (written, out.nbytes)
     return out.reshape(*values.shape[:-1], -1)
 

@@ -65,7 +65,9 @@ def _store(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return quants.quantize(values, qtype)
     from tools import ggml_ref
 
-    return ggml_ref.quantize(values, qtype)
+    # types that need an importance matrix get a flat one
+    imatrix = np.ones(values.shape[-1], np.float32) if qtype in quants.NEEDS_IMATRIX else None
+    return ggml_ref.quantize(values, qtype, imatrix)
 
 
 def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:

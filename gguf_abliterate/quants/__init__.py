@@ -13,12 +13,23 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as _gq
 
+from gguf_abliterate.quants import kquants
+
 Q = GGMLQuantizationType
 
 # gguf-py's numpy quantizers, each bit-exact with ggml's quantize_row_*_ref (checked in tests).
 _GGUF_PY_QUANTIZE = frozenset(
     {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.TQ1_0, Q.TQ2_0}
 )
+
+# Our own ports, each bit-exact with ggml's reference quantizer: blocks (nb, block) -> (nb, bytes).
+_OWN_QUANTIZE = {
+    Q.Q4_K: kquants.quantize_q4_k,
+    Q.Q5_K: kquants.quantize_q5_k,
+    Q.Q6_K: kquants.quantize_q6_k,
+}
+# blocks quantized per call: big enough to amortise numpy's per-call cost, small enough for cache
+_BLOCKS_PER_CALL = 512
 
 # Types that ggml cannot quantize well (or at all) without an importance matrix.
 NEEDS_IMATRIX = frozenset({Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S})
@@ -39,7 +50,7 @@ def row_bytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
 
 def can_quantize(qtype: GGMLQuantizationType) -> bool:
     """Whether `quantize` can write this type."""
-    return qtype in _GGUF_PY_QUANTIZE
+    return qtype in _GGUF_PY_QUANTIZE or qtype in _OWN_QUANTIZE
 
 
 def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -49,6 +60,16 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     values = np.ascontiguousarray(values, dtype=np.float32)
     if not np.isfinite(values).all():
         raise ValueError("cannot quantize NaN or Inf values")
+    own = _OWN_QUANTIZE.get(qtype)
+    if own is not None:
+        bs, ts = GGML_QUANT_SIZES[qtype]
+        rows = values.reshape(-1, values.shape[-1])
+        blocks = rows.reshape(-1, bs)
+        out = np.empty((blocks.shape[0], ts), np.uint8)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            for i in range(0, blocks.shape[0], _BLOCKS_PER_CALL):
+                out[i : i + _BLOCKS_PER_CALL] = own(blocks[i : i + _BLOCKS_PER_CALL])
+        return out.reshape(*values.shape[:-1], -1)
     # gguf-py divides by block scales that underflow on denormal input; ggml does the same
     # and the bytes still match, so the floating-point warnings are noise.
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):

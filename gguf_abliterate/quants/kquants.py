@@ -1,0 +1,205 @@
+"""K-quant quantizers (Q4_K, Q5_K, Q6_K), bit-exact with ggml's `quantize_row_*_ref`.
+
+ggml's reference quantizers are what `ggml_quantize_chunk` runs without an importance matrix
+(what llama-quantize does when given none). To match them byte for byte:
+
+- every sum over a sub-block is taken strictly in order, in float32, as the C loops do
+  (`_ordered_sum`); numpy's `sum` is pairwise and rounds differently;
+- `nearest_int` is ggml's magic-number rounding (`_nearest_int`): round-half-to-even for
+  ordinary values, but inf gives -4194304 and NaN 0 (the overflow of `15/(max-min)` on
+  denormal-range input), which `np.rint` does not reproduce;
+- expressions are evaluated in the C order, e.g. `w*l*x` is `(w*l)*x`, constants in float32;
+- `make_qkx2_quants` updates `min` inside its search loop, and later steps use the new min.
+
+Everything is vectorised over sub-blocks: arrays are laid out (elements, sub-blocks) so that
+each of the 16 or 32 ordered additions is one contiguous vector operation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+QK_K = 256
+GROUP_MAX_EPS = F32(1e-15)
+
+
+_MAGIC = F32(12582912.0)  # 1.5 * 2**23
+
+
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int(): add 1.5*2^23 in float32, read the low mantissa bits (as float32)."""
+    bits = (np.asarray(v, dtype=F32) + _MAGIC).view(np.int32)
+    return ((bits & 0x7FFFFF) - 0x400000).astype(F32)
+
+
+def _ordered_sum(t: np.ndarray) -> np.ndarray:
+    """Sum over axis 0, strictly first to last, in float32."""
+    acc = t[0].copy()
+    for row in t[1:]:
+        acc += row
+    return acc
+
+
+def _fp16_round(v: np.ndarray) -> np.ndarray:
+    """The float32 value ggml reads back after storing `v` as fp16."""
+    return v.astype(np.float16).astype(F32)
+
+
+def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                     nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's make_qkx2_quants (use_mad=false) on columns of x (n, m): (scale, -min, L)."""
+    mn = np.minimum(x.min(axis=0), F32(0))
+    mx = x.max(axis=0)
+    sum_w = _ordered_sum(w)
+    sum_x = _ordered_sum(w * x)
+    flat = mx == mn
+    span = np.where(flat, F32(1), mx - mn)
+    iscale = F32(nmax) / span
+    scale = F32(1) / iscale
+    L = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
+    diff = scale * L + mn - x
+    best = _ordered_sum(w * (diff * diff))
+    for step in range(nstep + 1):
+        factor = F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)
+        laux = np.clip(_nearest_int(factor / np.where(flat, F32(1), mx - mn) * (x - mn)), 0, nmax)
+        wl = w * laux
+        sum_l, sum_l2, sum_xl = _ordered_sum(wl), _ordered_sum(wl * laux), _ordered_sum(wl * x)
+        d = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
+        positive = this_min > 0
+        this_min = np.where(positive, F32(0), this_min)
+        this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
+        diff = this_scale * laux + this_min - x
+        cur = _ordered_sum(w * (diff * diff))
+        better = (d > 0) & (cur < best) & ~flat
+        L = np.where(better, laux, L)
+        best = np.where(better, cur, best)
+        scale = np.where(better, this_scale, scale)
+        mn = np.where(better, this_min, mn)
+    scale = np.where(flat, F32(0), scale)
+    L = np.where(flat, F32(0), L)
+    return scale, -mn, L
+
+
+def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_qx_quants with rmse_type 1 and no weights, on columns of x (n, m): (scale, L)."""
+    cols = np.arange(x.shape[1])
+    mx = x[np.abs(x).argmax(axis=0), cols]
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    w = x * x
+    wx = w * x
+
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lv = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+        return lv, _ordered_sum(wx * lv), _ordered_sum(w * lv * lv)
+
+    lv, sumlx, suml2 = trial(F32(-nmax) / mx)
+    L = lv + nmax
+    scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, F32(1)), F32(0))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        lv, sumlx, suml2 = trial(-(F32(nmax) + F32(0.1) * F32(step)) / mx)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = np.where(better, lv + nmax, L)
+        scale = np.where(better, sumlx / suml2, scale)
+        best = np.where(better, scale * sumlx, best)
+    return np.where(zero, F32(0), scale), np.where(zero, F32(0), L)
+
+
+def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and mins (nb, 8) into ggml's 12-byte K_SCALE layout."""
+    out = np.zeros((ls.shape[0], 12), np.uint8)
+    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return out
+
+
+def _qkx_superblocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):  # type: ignore[no-untyped-def]
+    """Shared Q4_K/Q5_K steps: per-32 scales and mins, their 6-bit codes, d/dmin, final codes."""
+    nb = x.shape[0]
+    sub = x.reshape(nb * 8, 32).T  # (32, sub-blocks)
+    sum_x2 = _ordered_sum(sub * sub)
+    av_x = np.sqrt(sum_x2 / F32(32))
+    weights = av_x + np.abs(sub)
+    scales, mins, L = make_qkx2_quants(sub, weights, nmax, rmin, rdelta, nstep)
+    scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+    L = L.T.reshape(nb, 8, 32)
+    # C keeps a running max from 0 with `>`, which passes over NaN: fmax does too
+    max_scale = np.fmax(np.fmax.reduce(scales, axis=1), F32(0))
+    max_min = np.fmax(np.fmax.reduce(mins, axis=1), F32(0))
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+    # C stores nearest_int() in a uint8 (wrapping negatives), then takes MIN(63, .)
+    ls = np.minimum(_nearest_int(inv_scale[:, None] * scales).astype(np.int64) & 0xFF, 63).astype(np.uint8)
+    lm = np.minimum(_nearest_int(inv_min[:, None] * mins).astype(np.int64) & 0xFF, 63).astype(np.uint8)
+    d16 = (max_scale / F32(63)).astype(np.float16)
+    dmin16 = (max_min / F32(63)).astype(np.float16)
+    d = d16.astype(F32)[:, None] * ls.astype(F32)
+    dm = dmin16.astype(F32)[:, None] * lm.astype(F32)
+    xs = x.reshape(nb, 8, 32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fresh = np.clip(_nearest_int((xs + dm[:, :, None]) / d[:, :, None]), 0, nmax)
+    L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
+    return d16, dmin16, _pack_scales_k4(ls, lm), L
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """float32 (nb, 256) -> Q4_K blocks (nb, 144): d, dmin, scales[12], qs[128]."""
+    d16, dmin16, scales, L = _qkx_superblocks(x, 15, -1.0, 0.1, 20)
+    nb = x.shape[0]
+    q = L.reshape(nb, 4, 2, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(nb, 128)
+    return np.concatenate([d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2), scales, qs], 1)
+
+
+def quantize_q5_k(x: np.ndarray) -> np.ndarray:
+    """float32 (nb, 256) -> Q5_K blocks (nb, 176): d, dmin, scales[12], qh[32], qs[128]."""
+    d16, dmin16, scales, L = _qkx_superblocks(x, 31, -0.5, 0.1, 15)
+    nb = x.shape[0]
+    q = L.reshape(nb, 4, 2, 32)
+    low = q & 0xF
+    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(nb, 128)
+    high = (q >> 4).astype(np.uint8)  # (nb, 4 pairs, 2, 32): bit 2*pair + half
+    shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)
+    qh = np.bitwise_or.reduce(high << shifts[None, :, :, None], axis=(1, 2)).astype(np.uint8)
+    return np.concatenate([d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2),
+                           scales, qh, qs], 1)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """float32 (nb, 256) -> Q6_K blocks (nb, 210): ql[128], qh[64], scales[16] (int8), d."""
+    nb = x.shape[0]
+    sub = x.reshape(nb * 16, 16).T
+    scales, L = make_qx_quants(sub, 32)
+    scales = scales.reshape(nb, 16)
+    L = L.T.reshape(nb, 16, 16)
+    # C: the first scale whose |.| beats the running max (from 0, so NaN never wins)
+    mag = np.where(np.isnan(scales), F32(-1), np.abs(scales))
+    first_max = mag.argmax(axis=1)
+    max_abs = mag[np.arange(nb), first_max]
+    max_scale = np.where(max_abs > 0, scales[np.arange(nb), first_max], F32(0))
+    empty = max_abs < GROUP_MAX_EPS
+    with np.errstate(divide="ignore"):
+        iscale = F32(-128) / np.where(empty, F32(1), max_scale)
+    d16 = (F32(1) / iscale).astype(np.float16)
+    sc = np.minimum(_nearest_int(iscale[:, None] * scales), 127).astype(np.int8)
+    d = d16.astype(F32)[:, None] * sc.astype(F32)
+    xs = x.reshape(nb, 16, 16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fresh = np.clip(_nearest_int(xs / d[:, :, None]), -32, 31) + 32
+    L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, 2, 4, 32)
+    low = L & 0xF
+    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
+    hi = L >> 4
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    blocks = np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8),
+                             d16.view(np.uint8).reshape(nb, 2)], 1)
+    blocks[empty] = 0
+    return blocks
