@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as _gq
 
-from gguf_abliterate.quants import kquants
+from gguf_abliterate.quants import iquants, kquants
 
 Q = GGMLQuantizationType
 
@@ -24,9 +24,13 @@ _GGUF_PY_QUANTIZE = frozenset(
 
 # Our own ports, each bit-exact with ggml's reference quantizer: blocks (nb, block) -> (nb, bytes).
 _OWN_QUANTIZE = {
+    Q.Q2_K: kquants.quantize_q2_k,
+    Q.Q3_K: kquants.quantize_q3_k,
     Q.Q4_K: kquants.quantize_q4_k,
     Q.Q5_K: kquants.quantize_q5_k,
     Q.Q6_K: kquants.quantize_q6_k,
+    Q.IQ4_NL: iquants.quantize_iq4_nl,
+    Q.IQ4_XS: iquants.quantize_iq4_xs,
 }
 # blocks quantized per call: big enough to amortise numpy's per-call cost, small enough for cache
 _BLOCKS_PER_CALL = 512

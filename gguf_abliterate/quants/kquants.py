@@ -1,4 +1,4 @@
-"""K-quant quantizers (Q4_K, Q5_K, Q6_K), bit-exact with ggml's `quantize_row_*_ref`.
+"""K-quant quantizers (Q2_K to Q6_K), bit-exact with ggml's `quantize_row_*_ref`.
 
 ggml's reference quantizers are what `ggml_quantize_chunk` runs without an importance matrix
 (what llama-quantize does when given none). To match them byte for byte:
@@ -47,8 +47,11 @@ def _fp16_round(v: np.ndarray) -> np.ndarray:
 
 
 def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                     nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml's make_qkx2_quants (use_mad=false) on columns of x (n, m): (scale, -min, L)."""
+                     nstep: int, use_mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's make_qkx2_quants on columns of x (n, m): (scale, -min, L)."""
+    def err(diff: np.ndarray) -> np.ndarray:
+        return np.abs(diff) if use_mad else diff * diff
+
     mn = np.minimum(x.min(axis=0), F32(0))
     mx = x.max(axis=0)
     sum_w = _ordered_sum(w)
@@ -58,8 +61,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     iscale = F32(nmax) / span
     scale = F32(1) / iscale
     L = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
-    diff = scale * L + mn - x
-    best = _ordered_sum(w * (diff * diff))
+    best = _ordered_sum(w * err(scale * L + mn - x))
     for step in range(nstep + 1):
         factor = F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)
         laux = np.clip(_nearest_int(factor / np.where(flat, F32(1), mx - mn) * (x - mn)), 0, nmax)
@@ -71,8 +73,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         positive = this_min > 0
         this_min = np.where(positive, F32(0), this_min)
         this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-        diff = this_scale * laux + this_min - x
-        cur = _ordered_sum(w * (diff * diff))
+        cur = _ordered_sum(w * err(this_scale * laux + this_min - x))
         better = (d > 0) & (cur < best) & ~flat
         L = np.where(better, laux, L)
         best = np.where(better, cur, best)
@@ -109,6 +110,110 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         scale = np.where(better, sumlx / suml2, scale)
         best = np.where(better, scale * sumlx, best)
     return np.where(zero, F32(0), scale), np.where(zero, F32(0), L)
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_q3_quants with do_rmse on columns of x (n, m): (scale, L).
+
+    Its coordinate descent is sequential over elements; C stops after a pass that changes
+    nothing, which is the same as running all five passes (a pass without change leaves the
+    state, and so every later pass, unchanged).
+    """
+    cols = np.arange(x.shape[1])
+    mx = x[np.abs(x).argmax(axis=0), cols]
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    mx = np.where(zero, F32(1), mx)
+    L = np.clip(_nearest_int((F32(-nmax) / mx) * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx = _ordered_sum(wx * L)
+    suml2 = _ordered_sum(w * L * L)
+    for _ in range(5):
+        for i in range(x.shape[0]):
+            li = L[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = np.clip(_nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1)
+            slx2 = slx + wx[i] * new
+            sl22 = sl2 + w[i] * new * new
+            take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = np.where(take, new, li)
+            sumlx = np.where(take, slx2, sumlx)
+            suml2 = np.where(take, sl22, suml2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    return np.where(zero, F32(0), scale), np.where(zero, F32(0), L + nmax)
+
+
+def _first_max_abs(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, C's `if (|s| > amax) {amax = |s|; max = s;}` from 0: (amax, max); NaN never wins."""
+    mag = np.where(np.isnan(scales), F32(-1), np.abs(scales))
+    first = mag.argmax(axis=1)
+    amax = np.maximum(mag[np.arange(len(first)), first], F32(0))
+    return amax, np.where(amax > 0, scales[np.arange(len(first)), first], F32(0))
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """(nb, 256) 2-bit codes into ggml's qs[64]: per 128, byte l holds l, l+32, l+64, l+96."""
+    q = L.reshape(L.shape[0], 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(L.shape[0], 64)
+
+
+def quantize_q2_k(x: np.ndarray) -> np.ndarray:
+    """float32 (nb, 256) -> Q2_K blocks (nb, 84): scales[16], qs[64], d, dmin."""
+    nb = x.shape[0]
+    sub = x.reshape(nb * 16, 16).T
+    scales, mins, L = make_qkx2_quants(sub, np.abs(sub), 3, -0.5, 0.1, 15, use_mad=True)
+    scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+    L = L.T.reshape(nb, 16, 16)
+    max_scale = np.fmax(np.fmax.reduce(scales, axis=1), F32(0))
+    max_min = np.fmax(np.fmax.reduce(mins, axis=1), F32(0))
+    q4 = F32(15)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ls = np.where((max_scale > 0)[:, None], _nearest_int((q4 / max_scale)[:, None] * scales), F32(0))
+        lm = np.where((max_min > 0)[:, None], _nearest_int((q4 / max_min)[:, None] * mins), F32(0))
+    # uint8 stores: the scale code, then |= the min code << 4, both wrapping
+    sc = ((ls.astype(np.int64) & 0xFF) | ((lm.astype(np.int64) << 4) & 0xFF)).astype(np.uint8)
+    d16 = np.where(max_scale > 0, max_scale / q4, F32(0)).astype(np.float16)
+    dmin16 = np.where(max_min > 0, max_min / q4, F32(0)).astype(np.float16)
+    d = d16.astype(F32)[:, None] * (sc & 0xF).astype(F32)
+    dm = dmin16.astype(F32)[:, None] * (sc >> 4).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fresh = np.clip(_nearest_int((x.reshape(nb, 16, 16) + dm[:, :, None]) / d[:, :, None]), 0, 3)
+    L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
+    return np.concatenate([sc, _pack_2bit(L), d16.view(np.uint8).reshape(nb, 2),
+                           dmin16.view(np.uint8).reshape(nb, 2)], 1)
+
+
+def quantize_q3_k(x: np.ndarray) -> np.ndarray:
+    """float32 (nb, 256) -> Q3_K blocks (nb, 110): hmask[32], qs[64], scales[12], d."""
+    nb = x.shape[0]
+    sub = x.reshape(nb * 16, 16).T
+    scales, L = make_q3_quants(sub, 4)
+    scales = scales.reshape(nb, 16)
+    L = L.T.reshape(nb, 16, 16)
+    _, max_scale = _first_max_abs(scales)
+    has = max_scale != 0
+    with np.errstate(divide="ignore"):
+        iscale = F32(-32) / np.where(has, max_scale, F32(1))
+    raw = _nearest_int(iscale[:, None] * scales).astype(np.int64)
+    l6 = np.clip(((raw + 128) & 0xFF) - 128, -32, 31) + 32  # int8 store, then clamp
+    l6 = np.where(has[:, None], l6, 0)
+    packed = np.zeros((nb, 12), np.int64)
+    packed[:, 0:8] = (l6[:, 0:8] & 0xF) | ((l6[:, 8:16] & 0xF) << 4)
+    hi = l6 >> 4  # (nb, 16): two bits each into scales[8 + j%4] at 2*(j//4)
+    for j in range(16):
+        packed[:, 8 + j % 4] |= hi[:, j] << (2 * (j // 4))
+    d16 = np.where(has, F32(1) / iscale, F32(0)).astype(np.float16)
+    d = d16.astype(F32)[:, None] * np.where(has[:, None], l6 - 32, -32).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fresh = np.clip(_nearest_int(x.reshape(nb, 16, 16) / d[:, :, None]), -4, 3) + 4
+    L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
+    high = (L > 3).astype(np.uint8).reshape(nb, 8, 32)  # element j: byte j%32, bit j//32
+    hmask = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+    L = np.where(L > 3, L - 4, L)
+    return np.concatenate([hmask, _pack_2bit(L), packed.astype(np.uint8), d16.view(np.uint8).reshape(nb, 2)], 1)
 
 
 def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:

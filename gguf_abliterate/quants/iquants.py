@@ -1,0 +1,87 @@
+"""IQ4_NL and IQ4_XS quantizers, bit-exact with what `ggml_quantize_chunk` writes without an
+importance matrix.
+
+Note: `ggml_quantize_chunk` runs `quantize_iq4_nl` / `quantize_iq4_xs`, which search 15 scale
+candidates (ntry = 7) with weights x^2; ggml's separate `quantize_row_iq4_nl_ref` uses no
+search. We match the former, since that is what llama-quantize produces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gguf_abliterate.quants.kquants import F32, GROUP_MAX_EPS, _first_max_abs, _nearest_int, _ordered_sum
+
+KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=F32)
+NTRY = 7
+
+
+def best_index(x: np.ndarray) -> np.ndarray:
+    """ggml's best_index_int8 over the IQ4 grid: the nearest value's index, ties going up."""
+    mu = np.clip(np.searchsorted(KVALUES, x, side="right"), 1, 15)
+    idx = np.where(x - KVALUES[mu - 1] < KVALUES[mu] - x, mu - 1, mu)
+    idx = np.where(x <= KVALUES[0], 0, idx)
+    return np.where(x >= KVALUES[15], 15, idx)
+
+
+def _block_scales(x: np.ndarray) -> np.ndarray:
+    """The per-32 scale search of quantize_row_iq4_nl_impl, on columns of x (32, m)."""
+    cols = np.arange(x.shape[1])
+    mx = x[np.abs(x).argmax(axis=0), cols]
+    skip = np.abs(mx) < GROUP_MAX_EPS
+    mx = np.where(skip, F32(1), mx)
+    w = x * x
+
+    def sums(ident: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = KVALUES[best_index(ident * x)]
+        wq = w * q
+        return _ordered_sum(wq * x), _ordered_sum(wq * q)
+
+    d = -mx / KVALUES[0]
+    sumqx, sumq2 = sums(F32(1) / d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(sumq2 > 0, sumqx / sumq2, F32(0))
+    best = d * sumqx
+    for itry in range(-NTRY, NTRY + 1):
+        sumqx, sumq2 = sums((F32(itry) + KVALUES[0]) / mx)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(better, sumqx / sumq2, d)
+        best = np.where(better, d * sumqx, best)
+    return np.where(skip, F32(0), d)
+
+
+def _pack_nibbles(L: np.ndarray) -> np.ndarray:
+    """Per 32 codes, byte j holds codes j and j+16."""
+    q = L.reshape(L.shape[0], -1, 2, 16).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(L.shape[0], -1)
+
+
+def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
+    """float32 (nb, 32) -> IQ4_NL blocks (nb, 18): d, qs[16]."""
+    d = _block_scales(x.T)
+    d16 = d.astype(np.float16)
+    with np.errstate(divide="ignore"):
+        ident = np.where(d != 0, F32(1) / d, F32(0))
+    L = best_index(ident[:, None] * x)
+    return np.concatenate([d16.view(np.uint8).reshape(-1, 2), _pack_nibbles(L)], 1)
+
+
+def quantize_iq4_xs(x: np.ndarray) -> np.ndarray:
+    """float32 (nb, 256) -> IQ4_XS blocks (nb, 136): d, scales_h (u16), scales_l[4], qs[128]."""
+    nb = x.shape[0]
+    scales = _block_scales(x.reshape(nb * 8, 32).T).reshape(nb, 8)
+    _, max_scale = _first_max_abs(scales)
+    d = -max_scale / F32(32)
+    with np.errstate(divide="ignore"):
+        ident = np.where(d != 0, F32(1) / d, F32(0))
+    l = np.clip(_nearest_int(ident[:, None] * scales), -32, 31)
+    dl = d[:, None] * l
+    with np.errstate(divide="ignore"):
+        idl = np.where(dl != 0, F32(1) / dl, F32(0))
+    L = best_index(idl[:, :, None] * x.reshape(nb, 8, 32)).reshape(nb, 256)
+    code = (l + 32).astype(np.int64)
+    scales_l = ((code[:, 0::2] & 0xF) | ((code[:, 1::2] & 0xF) << 4)).astype(np.uint8)
+    scales_h = np.bitwise_or.reduce((code >> 4) << (2 * np.arange(8)), axis=1).astype("<u2")
+    return np.concatenate([d.astype(np.float16).view(np.uint8).reshape(nb, 2),
+                           scales_h.view(np.uint8).reshape(nb, 2), scales_l, _pack_nibbles(L)], 1)
