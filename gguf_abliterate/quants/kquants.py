@@ -41,75 +41,134 @@ def _ordered_sum(t: np.ndarray) -> np.ndarray:
     return acc
 
 
-def _fp16_round(v: np.ndarray) -> np.ndarray:
-    """The float32 value ggml reads back after storing `v` as fp16."""
-    return v.astype(np.float16).astype(F32)
+_RINT_SAFE = F32(4.0e6)  # below 2^22 ggml's nearest_int is exactly np.rint
+
+
+def _levels_into(v: np.ndarray, bound: np.ndarray, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
+    """clip(nearest_int(v), lo, hi) into `out`, fast.
+
+    `bound` bounds |v| per column; np.rint is used where it is below 2^22 (where it equals
+    ggml's nearest_int), the exact emulation only on the rare columns where it is not
+    (non-finite or huge scales).
+    """
+    np.rint(v, out=out)
+    np.clip(out, lo, hi, out=out)
+    odd = ~(bound < _RINT_SAFE)
+    if odd.any():
+        out[:, odd] = np.clip(_nearest_int(v[:, odd]), lo, hi)
+    return out
 
 
 def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
                      nstep: int, use_mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml's make_qkx2_quants on columns of x (n, m): (scale, -min, L)."""
-    def err(diff: np.ndarray) -> np.ndarray:
-        return np.abs(diff) if use_mad else diff * diff
+    """ggml's make_qkx2_quants on columns of x (n, m): (scale, -min, L).
 
-    mn = np.minimum(x.min(axis=0), F32(0))
-    mx = x.max(axis=0)
+    Instead of copying the codes of every improving step, it keeps the (iscale, min) that
+    produced them and recomputes the codes once at the end: same codes, far fewer passes.
+    Work arrays are reused in place.
+    """
+    xmin, mx = x.min(axis=0), x.max(axis=0)
+    mn = np.minimum(xmin, F32(0))
     sum_w = _ordered_sum(w)
     sum_x = _ordered_sum(w * x)
     flat = mx == mn
-    span = np.where(flat, F32(1), mx - mn)
-    iscale = F32(nmax) / span
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = F32(nmax) / np.where(flat, F32(1), mx - mn)
     scale = F32(1) / iscale
-    L = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax)
-    best = _ordered_sum(w * err(scale * L + mn - x))
+    dev, lv, tmp = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+
+    def levels(iscale: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        np.subtract(x, mn, out=dev)
+        np.multiply(dev, iscale, out=dev)
+        bound = np.abs(iscale) * np.maximum(mx - mn, np.abs(xmin - mn))
+        return _levels_into(dev, bound, 0, nmax, lv)
+
+    def error_sum(scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        np.multiply(lv, scale, out=tmp)
+        np.add(tmp, mn, out=tmp)
+        np.subtract(tmp, x, out=tmp)
+        if use_mad:
+            np.abs(tmp, out=tmp)
+        else:
+            np.multiply(tmp, tmp, out=tmp)
+        np.multiply(tmp, w, out=tmp)
+        return _ordered_sum(tmp)
+
+    levels(iscale, mn)
+    best = error_sum(scale, mn)
+    best_iscale, best_mn = iscale, mn
     for step in range(nstep + 1):
         factor = F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)
-        laux = np.clip(_nearest_int(factor / np.where(flat, F32(1), mx - mn) * (x - mn)), 0, nmax)
-        wl = w * laux
-        sum_l, sum_l2, sum_xl = _ordered_sum(wl), _ordered_sum(wl * laux), _ordered_sum(wl * x)
+        iscale = factor / np.where(flat, F32(1), mx - mn)
+        levels(iscale, mn)
+        np.multiply(w, lv, out=tmp)  # w*l
+        sum_l = _ordered_sum(tmp)
+        np.multiply(tmp, lv, out=dev)
+        sum_l2 = _ordered_sum(dev)
+        np.multiply(tmp, x, out=dev)
+        sum_xl = _ordered_sum(dev)
         d = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
         positive = this_min > 0
         this_min = np.where(positive, F32(0), this_min)
         this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-        cur = _ordered_sum(w * err(this_scale * laux + this_min - x))
+        cur = error_sum(this_scale, this_min)
         better = (d > 0) & (cur < best) & ~flat
-        L = np.where(better, laux, L)
+        best_iscale = np.where(better, iscale, best_iscale)
+        best_mn = np.where(better, mn, best_mn)
         best = np.where(better, cur, best)
         scale = np.where(better, this_scale, scale)
         mn = np.where(better, this_min, mn)
-    scale = np.where(flat, F32(0), scale)
-    L = np.where(flat, F32(0), L)
-    return scale, -mn, L
+    L = levels(best_iscale, best_mn).copy()
+    L[:, flat] = 0
+    return np.where(flat, F32(0), scale), -mn, L
 
 
 def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's make_qx_quants with rmse_type 1 and no weights, on columns of x (n, m): (scale, L)."""
+    """ggml's make_qx_quants with rmse_type 1 and no weights, on columns of x (n, m): (scale, L).
+
+    Like make_qkx2_quants, it remembers the best iscale and computes the codes once.
+    """
     cols = np.arange(x.shape[1])
     mx = x[np.abs(x).argmax(axis=0), cols]
-    zero = np.abs(mx) < GROUP_MAX_EPS
+    amax = np.abs(mx)
+    zero = amax < GROUP_MAX_EPS
     mx = np.where(zero, F32(1), mx)
     w = x * x
     wx = w * x
+    lv, tmp = np.empty_like(x), np.empty_like(x)
 
-    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lv = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
-        return lv, _ordered_sum(wx * lv), _ordered_sum(w * lv * lv)
+    def levels(iscale: np.ndarray) -> np.ndarray:
+        np.multiply(x, iscale, out=tmp)
+        return _levels_into(tmp, np.abs(iscale) * amax, -nmax, nmax - 1, lv)
 
-    lv, sumlx, suml2 = trial(F32(-nmax) / mx)
-    L = lv + nmax
-    scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, F32(1)), F32(0))
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        levels(iscale)
+        np.multiply(wx, lv, out=tmp)
+        sumlx = _ordered_sum(tmp)
+        np.multiply(w, lv, out=tmp)
+        np.multiply(tmp, lv, out=tmp)
+        return sumlx, _ordered_sum(tmp)
+
+    best_iscale = F32(-nmax) / mx
+    sumlx, suml2 = trial(best_iscale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        lv, sumlx, suml2 = trial(-(F32(nmax) + F32(0.1) * F32(step)) / mx)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = np.where(better, lv + nmax, L)
-        scale = np.where(better, sumlx / suml2, scale)
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
+        sumlx, suml2 = trial(iscale)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            scale = np.where(better, sumlx / suml2, scale)
+        best_iscale = np.where(better, iscale, best_iscale)
         best = np.where(better, scale * sumlx, best)
-    return np.where(zero, F32(0), scale), np.where(zero, F32(0), L)
+    L = levels(best_iscale) + nmax
+    L[:, zero] = 0
+    return np.where(zero, F32(0), scale), L
 
 
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
