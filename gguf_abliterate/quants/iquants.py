@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gguf_abliterate.quants.kquants import F32, GROUP_MAX_EPS, _first_max_abs, _nearest_int, _ordered_sum
+from gguf_abliterate.quants.kquants import F32, GROUP_MAX_EPS, _columns, _first_max_abs, _nearest_int, _ordered_sum
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=F32)
 NTRY = 7
@@ -59,7 +59,7 @@ def _pack_nibbles(L: np.ndarray) -> np.ndarray:
 
 def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 32) -> IQ4_NL blocks (nb, 18): d, qs[16]."""
-    d = _block_scales(x.T)
+    d = _block_scales(_columns(x, 32))
     d16 = d.astype(np.float16)
     with np.errstate(divide="ignore"):
         ident = np.where(d != 0, F32(1) / d, F32(0))
@@ -70,7 +70,7 @@ def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
 def quantize_iq4_xs(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> IQ4_XS blocks (nb, 136): d, scales_h (u16), scales_l[4], qs[128]."""
     nb = x.shape[0]
-    scales = _block_scales(x.reshape(nb * 8, 32).T).reshape(nb, 8)
+    scales = _block_scales(_columns(x, 32)).reshape(nb, 8)
     _, max_scale = _first_max_abs(scales)
     d = -max_scale / F32(32)
     with np.errstate(divide="ignore"):

@@ -33,12 +33,36 @@ def _nearest_int(v: np.ndarray) -> np.ndarray:
     return ((bits & 0x7FFFFF) - 0x400000).astype(F32)
 
 
-def _ordered_sum(t: np.ndarray) -> np.ndarray:
+def _ordered_sum_loop(t: np.ndarray) -> np.ndarray:
     """Sum over axis 0, strictly first to last, in float32."""
     acc = t[0].copy()
     for row in t[1:]:
         acc += row
     return acc
+
+
+def _reduce_is_ordered() -> bool:
+    """numpy reduces a C-ordered array over axis 0 row by row (pairwise summation is used only
+    along the contiguous axis), which is the order we need, in one call. Not documented, so
+    checked on values where any other order rounds differently."""
+    probe = np.array([[2.0**24], [1.0], [1.0], [-(2.0**24)]] * 8, dtype=F32).repeat(3, axis=1)
+    probe[:, 1] = probe[::-1, 0]
+    return np.array_equal(probe.sum(axis=0), _ordered_sum_loop(probe))
+
+
+_REDUCE_IS_ORDERED = _reduce_is_ordered()
+
+
+def _ordered_sum(t: np.ndarray) -> np.ndarray:
+    """Sum over axis 0, strictly first to last: one numpy call for C-ordered input."""
+    if _REDUCE_IS_ORDERED and t.flags.c_contiguous:
+        return t.sum(axis=0)
+    return _ordered_sum_loop(t)
+
+
+def _columns(x: np.ndarray, n: int) -> np.ndarray:
+    """Blocks of n consecutive values as the columns of a C-ordered (n, m) array."""
+    return np.ascontiguousarray(x.reshape(-1, n).T)
 
 
 _RINT_SAFE = F32(4.0e6)  # below 2^22 ggml's nearest_int is exactly np.rint
@@ -65,7 +89,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
 
     Instead of copying the codes of every improving step, it keeps the (iscale, min) that
     produced them and recomputes the codes once at the end: same codes, far fewer passes.
-    Work arrays are reused in place.
+    Work arrays are reused in place, and `x - min` is recomputed only when a min changed.
     """
     xmin, mx = x.min(axis=0), x.max(axis=0)
     mn = np.minimum(xmin, F32(0))
@@ -75,11 +99,10 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = F32(nmax) / np.where(flat, F32(1), mx - mn)
     scale = F32(1) / iscale
-    dev, lv, tmp = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+    xm, dev, lv, tmp = (np.empty_like(x) for _ in range(4))
 
-    def levels(iscale: np.ndarray, mn: np.ndarray) -> np.ndarray:
-        np.subtract(x, mn, out=dev)
-        np.multiply(dev, iscale, out=dev)
+    def levels(iscale: np.ndarray, mn: np.ndarray, xm: np.ndarray) -> np.ndarray:
+        np.multiply(xm, iscale, out=dev)
         bound = np.abs(iscale) * np.maximum(mx - mn, np.abs(xmin - mn))
         return _levels_into(dev, bound, 0, nmax, lv)
 
@@ -94,13 +117,15 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         np.multiply(tmp, w, out=tmp)
         return _ordered_sum(tmp)
 
-    levels(iscale, mn)
+    np.subtract(x, mn, out=xm)
+    levels(iscale, mn, xm)
     best = error_sum(scale, mn)
-    best_iscale, best_mn = iscale, mn
+    best_iscale, best_mn = iscale.copy(), mn.copy()
+    span = np.where(flat, F32(1), mx - mn)
     for step in range(nstep + 1):
         factor = F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)
-        iscale = factor / np.where(flat, F32(1), mx - mn)
-        levels(iscale, mn)
+        iscale = factor / span
+        levels(iscale, mn, xm)
         np.multiply(w, lv, out=tmp)  # w*l
         sum_l = _ordered_sum(tmp)
         np.multiply(tmp, lv, out=dev)
@@ -110,19 +135,24 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         d = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
-        positive = this_min > 0
-        this_min = np.where(positive, F32(0), this_min)
-        this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
+        positive = np.flatnonzero(this_min > 0)
+        this_min[positive] = 0
+        this_scale[positive] = sum_xl[positive] / sum_l2[positive]
         cur = error_sum(this_scale, this_min)
-        better = (d > 0) & (cur < best) & ~flat
-        best_iscale = np.where(better, iscale, best_iscale)
-        best_mn = np.where(better, mn, best_mn)
-        best = np.where(better, cur, best)
-        scale = np.where(better, this_scale, scale)
-        mn = np.where(better, this_min, mn)
-    L = levels(best_iscale, best_mn).copy()
+        better = np.flatnonzero((d > 0) & (cur < best) & ~flat)
+        if better.size:
+            best_iscale[better] = iscale[better]
+            best_mn[better] = mn[better]
+            best[better] = cur[better]
+            scale[better] = this_scale[better]
+            mn[better] = this_min[better]
+            span[better] = mx[better] - mn[better]
+            xm[:, better] = x[:, better] - mn[better]
+    np.subtract(x, best_mn, out=xm)
+    L = levels(best_iscale, best_mn, xm).copy()
     L[:, flat] = 0
-    return np.where(flat, F32(0), scale), -mn, L
+    scale[flat] = 0
+    return scale, -mn, L
 
 
 def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +252,7 @@ def _pack_2bit(L: np.ndarray) -> np.ndarray:
 def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> Q2_K blocks (nb, 84): scales[16], qs[64], d, dmin."""
     nb = x.shape[0]
-    sub = x.reshape(nb * 16, 16).T
+    sub = _columns(x, 16)
     scales, mins, L = make_qkx2_quants(sub, np.abs(sub), 3, -0.5, 0.1, 15, use_mad=True)
     scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
     L = L.T.reshape(nb, 16, 16)
@@ -248,7 +278,7 @@ def quantize_q2_k(x: np.ndarray) -> np.ndarray:
 def quantize_q3_k(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> Q3_K blocks (nb, 110): hmask[32], qs[64], scales[12], d."""
     nb = x.shape[0]
-    sub = x.reshape(nb * 16, 16).T
+    sub = _columns(x, 16)
     scales, L = make_q3_quants(sub, 4)
     scales = scales.reshape(nb, 16)
     L = L.T.reshape(nb, 16, 16)
@@ -287,7 +317,7 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
 def _qkx_superblocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):  # type: ignore[no-untyped-def]
     """Shared Q4_K/Q5_K steps: per-32 scales and mins, their 6-bit codes, d/dmin, final codes."""
     nb = x.shape[0]
-    sub = x.reshape(nb * 8, 32).T  # (32, sub-blocks)
+    sub = _columns(x, 32)  # (32, sub-blocks)
     sum_x2 = _ordered_sum(sub * sub)
     av_x = np.sqrt(sum_x2 / F32(32))
     weights = av_x + np.abs(sub)
@@ -340,7 +370,7 @@ def quantize_q5_k(x: np.ndarray) -> np.ndarray:
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> Q6_K blocks (nb, 210): ql[128], qh[64], scales[16] (int8), d."""
     nb = x.shape[0]
-    sub = x.reshape(nb * 16, 16).T
+    sub = _columns(x, 16)
     scales, L = make_qx_quants(sub, 32)
     scales = scales.reshape(nb, 16)
     L = L.T.reshape(nb, 16, 16)
