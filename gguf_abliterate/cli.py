@@ -106,6 +106,8 @@ def _check_output(inputs: list[Path], outputs: list[Path], force: bool) -> None:
 @click.option("--requant-type", type=click.Choice(_WRITABLE, case_sensitive=False), callback=_qtype,
               help="Store the edited matrices as this type instead of their own (e.g. f32, f16, q8_0).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new file is complete).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+              help="Worker processes for the edit. Default: all cores for large edits, 1 for small ones.")
 @click.option("--merge", is_flag=True, help="Write a split input as one OUTPUT file instead of parts like it.")
 @click.option("--verify", is_flag=True,
               help="Before OUTPUT takes its place, re-read it: types, shapes, offsets, untouched tensors byte-identical.")
@@ -114,7 +116,7 @@ def _check_output(inputs: list[Path], outputs: list[Path], force: bool) -> None:
 @_user_errors
 def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse: bool, scale: float,
              layers: str | None, embeddings: bool | None, requant_type: GGMLQuantizationType | None,
-             force: bool, merge: bool, verify: bool, quiet: bool, verbose: bool) -> None:
+             force: bool, jobs: int | None, merge: bool, verify: bool, quiet: bool, verbose: bool) -> None:
     from tqdm import tqdm
 
     from gguf_abliterate.directions import load_direction
@@ -143,7 +145,7 @@ def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse:
     reports: list[str] = []
     with tqdm(total=total, unit="B", unit_scale=True, disable=quiet, desc="writing", file=sys.stderr) as bar:
         written = apply_edit(model, plan, direction, opts, output_path, bar.update,
-                             reports.append if verify else None, merge)
+                             reports.append if verify else None, merge, jobs)
     for report in reports:
         say(report)
     say(f"wrote {', '.join(str(p) for p in written)}")

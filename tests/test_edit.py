@@ -272,6 +272,10 @@ def test_real_smollm2(smollm2: Path, tmp_path: Path) -> None:
     text = generate(out, "The capital of France is", 8)
     assert len(text.strip()) > 0
 
+    serial = tmp_path / "serial.gguf"
+    assert cli(smollm2, serial, "--direction", tmp_path / "d.npy", "-q", "-j", "1").returncode == 0
+    assert serial.read_bytes() == out.read_bytes()  # worker processes change nothing
+
     zero = tmp_path / "zero.gguf"
     assert cli(smollm2, zero, "--direction", tmp_path / "d.npy", "--scale", "0", "-q").returncode == 0
     z = Model(zero)

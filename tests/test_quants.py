@@ -71,3 +71,19 @@ def test_real_tensors_match_ggml(qtype: Q, smollm2: Path) -> None:
         n = values.shape[-1] - values.shape[-1] % 256 if values.shape[-1] % quants.block_size(qtype) else values.shape[-1]
         values = np.ascontiguousarray(values[:, :n])
         assert np.array_equal(quants.quantize(values, qtype), ggml_ref.quantize(values, qtype)), name
+
+
+@pytest.mark.real
+def test_real_kquant_tensors_match_ggml(gemma3: Path) -> None:
+    """gemma-3-270m's own Q4_K / Q6_K / Q5_0 / Q8_0 tensors, dequantized and requantized to
+    every K and IQ4 type: same bytes as ggml."""
+    model = Model(gemma3)
+    by_type: dict[Q, str] = {}
+    for name, t in model.tensors.items():
+        if t.tensor_type not in by_type and len(t.shape) == 2 and t.shape[0] % 256 == 0:
+            by_type[t.tensor_type] = name
+    assert {Q.Q4_K, Q.Q6_K} <= set(by_type)
+    for name in by_type.values():
+        values = np.ascontiguousarray(model.values(name)[:128])
+        for qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.Q8_0, Q.Q5_0):
+            assert np.array_equal(quants.quantize(values, qtype), ggml_ref.quantize(values, qtype)), (name, qtype)
