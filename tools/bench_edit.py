@@ -3,14 +3,15 @@
     python tools/bench_edit.py [--repeat 2]      # SmolLM2-135M and gemma-3-270m
     python tools/bench_edit.py --big             # a synthetic 8B-shaped Q4_K_M-like file (~4.9 GB)
 
-Each measurement runs in its own child process (peak RSS from wait4's rusage), so the
-numbers do not include this script. The copy baseline is `shutil.copyfile` of the input.
+Each measurement runs in its own child process; peak RSS is sampled over it and its worker
+processes, so the numbers do not include this script. The copy baseline is `shutil.copyfile` of the input.
 Machines here are noisy: read the ratios, not the seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -36,32 +37,38 @@ CASES = [
 BIG_CASE = ("synthetic-8b", [], "Q4_K/Q6_K, 32 blocks, n_embd 4096, 128k-row Q4_K token_embd")
 
 
-# Runs `-m module args` or `-c code args` and then prints its own VmHWM. A child's
-# ru_maxrss is useless here: Linux carries the parent's peak RSS over fork and exec.
-_PEAK_WRAPPER = """
-import runpy, sys
-kind, target, *rest = sys.argv[1:]
-sys.argv = [target, *rest]
-code = 0
-try:
-    runpy.run_module(target, run_name="__main__", alter_sys=True) if kind == "-m" else exec(target)
-except SystemExit as e:
-    code = e.code or 0
-peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print("VmHWM", peak, file=sys.stderr)
-sys.exit(code)
-"""
+def _tree_rss_kib(root: int) -> int:
+    """Resident memory of a process and all its descendants (worker processes included)."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            continue
+    return total
 
 
 def measure(py_args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of `python *py_args` in a child process."""
+    """(wall seconds, peak RSS MiB of the whole process tree) of `python *py_args`.
+
+    RSS is sampled every 20 ms over the process and its workers; a child's ru_maxrss would
+    not do: Linux carries the parent's peak over fork and exec, and workers are separate.
+    """
     t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *py_args], capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, *py_args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss_kib(proc.pid))
+        time.sleep(0.02)
     wall = time.perf_counter() - t0
-    if run.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(py_args)}\n{run.stderr}")
-    peak_kib = int(run.stderr.strip().splitlines()[-1].split()[1])
-    return wall, peak_kib / 1024
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(py_args)}\n{proc.stderr.read().decode() if proc.stderr else ''}")
+    return wall, peak / 1024
 
 
 def largest_edited_mib(path: Path, extra: list[str]) -> float:
