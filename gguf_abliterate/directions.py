@@ -15,6 +15,7 @@ Vectors need not be unit length; they are normalised here.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,16 +115,30 @@ def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str]]:
         raise UserError(f"{path}: unreadable .safetensors file ({e})") from None
 
 
-def save_direction(path: str | Path, vectors: np.ndarray, metadata: dict[str, str] | None = None) -> None:
-    """Write a direction file; `.npy` keeps only the array, `.safetensors` keeps metadata too."""
+def check_direction_path(path: str | Path) -> Path:
     path = Path(path)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if path.suffix.lower() == ".npy":
-        np.save(path, vectors, allow_pickle=False)
-    elif path.suffix.lower() == ".safetensors":
-        from safetensors.numpy import save_file
-
-        meta = {"sign": SIGN_CONVENTION, **(metadata or {})}
-        save_file({TENSOR_NAME: vectors}, str(path), metadata={k: str(v) for k, v in meta.items()})
-    else:
+    if path.suffix.lower() not in (".npy", ".safetensors"):
         raise UserError(f"{path}: direction files must be .npy or .safetensors")
+    return path
+
+
+def save_direction(path: str | Path, vectors: np.ndarray, metadata: dict[str, str] | None = None,
+                   extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write a direction file atomically; `.npy` keeps only the array, `.safetensors` keeps
+    metadata and any `extra` tensors (per-layer directions and statistics) too."""
+    path = check_direction_path(path)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        if path.suffix.lower() == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, vectors, allow_pickle=False)
+        else:
+            from safetensors.numpy import save_file
+
+            meta = {"sign": SIGN_CONVENTION, **(metadata or {})}
+            tensors = {TENSOR_NAME: vectors, **{k: np.ascontiguousarray(v) for k, v in (extra or {}).items()}}
+            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,103 @@
+"""Find the direction to remove: difference of means per layer, and the layer that works best.
+
+Per layer L (llama.cpp's `l_out-L`, the residual stream after block L, at the last prompt
+token): mean activation over harmful prompts minus mean over harmless ones, normalised.
+`choose_layer` then ablates each candidate layer's direction from the whole residual stream
+(inside llama.cpp, through the capture hook) and scores it on the validation prompts: how
+much probability the first response token gives to refusal openings ("I", "Sorry", ...) on
+harmful prompts, and the KL divergence of the first-token distribution on harmless prompts.
+The last 20% of layers are not candidates (they hold little of the direction and ablating
+there damages the output most).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gguf_abliterate.capture import LlamaModel
+
+REFUSAL_OPENINGS = ("I", "I'm", "I cannot", "I can't", "Sorry", "I apologize", "As an", "Unfortunately",
+                    "No", "It is not", "Cannot")
+MAX_LAYER_FRACTION = 0.8
+DEFAULT_MAX_KL = 0.1
+
+
+@dataclass
+class LayerStats:
+    """Per-layer numbers stored with the directions."""
+
+    directions: np.ndarray  # (n_layer, n_embd), unit rows
+    harmful_norm: np.ndarray  # (n_layer,) norm of the harmful mean
+    harmless_norm: np.ndarray
+    diff_norm: np.ndarray  # norm of the difference of means
+    separation: np.ndarray  # gap of the projections' means over their pooled std
+
+
+@dataclass
+class LayerChoice:
+    layer: int
+    candidates: list[int]
+    refusal: dict[int, float] = field(default_factory=dict)  # refusal-opening probability mass
+    kl: dict[int, float] = field(default_factory=dict)
+    baseline_refusal: float = float("nan")
+
+
+def difference_of_means(harmful: np.ndarray, harmless: np.ndarray) -> LayerStats:
+    """From residuals (n_prompts, n_layer, n_embd) of each set: per-layer directions and stats."""
+    mh, ml = harmful.mean(axis=0, dtype=np.float64), harmless.mean(axis=0, dtype=np.float64)
+    diff = mh - ml
+    norm = np.linalg.norm(diff, axis=-1)
+    directions = (diff / np.where(norm > 0, norm, 1)[:, None]).astype(np.float32)
+    ph = np.einsum("pld,ld->pl", harmful, directions)
+    pl = np.einsum("pld,ld->pl", harmless, directions)
+    pooled = np.sqrt(0.5 * (ph.var(axis=0) + pl.var(axis=0))) + 1e-12
+    return LayerStats(directions, np.linalg.norm(mh, axis=-1), np.linalg.norm(ml, axis=-1), norm,
+                      (ph.mean(axis=0) - pl.mean(axis=0)) / pooled)
+
+
+def refusal_token_ids(model: LlamaModel) -> list[int]:
+    """First tokens of typical refusal openings, with and without a leading space."""
+    ids = set()
+    for text in REFUSAL_OPENINGS:
+        for variant in (text, " " + text):
+            toks = model.tokenize(variant)
+            toks = [t for t in toks if model.ll.llama_vocab_bos(model.vocab) != t]
+            if toks:
+                ids.add(toks[0])
+    return sorted(ids)
+
+
+def refusal_mass(logprobs: np.ndarray, ids: list[int]) -> float:
+    """Mean probability the first response token gives to refusal openings."""
+    return float(np.exp(logprobs[:, ids]).sum(axis=1).mean())
+
+
+def kl_divergence(base: np.ndarray, other: np.ndarray) -> float:
+    """Mean KL(base || other) over prompts, from log-probabilities over the full vocabulary."""
+    p = np.exp(base.astype(np.float64))
+    return float(np.mean(np.sum(p * (base - other), axis=1)))
+
+
+def candidate_layers(n_layer: int) -> list[int]:
+    """Layers from a fifth of the depth up to (not into) the last 20%."""
+    return list(range(max(1, n_layer // 5), max(2, int(n_layer * MAX_LAYER_FRACTION))))
+
+
+def choose_layer(model: LlamaModel, stats: LayerStats, harmful: list[str], harmless: list[str],
+                 candidates: list[int], max_kl: float = DEFAULT_MAX_KL,
+                 progress: Callable[[int], None] = lambda n: None) -> LayerChoice:
+    """Ablate each candidate's direction; keep the one that removes most refusal within max_kl."""
+    ids = refusal_token_ids(model)
+    base_harmless = model.next_token_logprobs(harmless)
+    choice = LayerChoice(-1, candidates, baseline_refusal=refusal_mass(model.next_token_logprobs(harmful), ids))
+    for layer in candidates:
+        r = stats.directions[layer]
+        choice.refusal[layer] = refusal_mass(model.next_token_logprobs(harmful, ablate=r), ids)
+        choice.kl[layer] = kl_divergence(base_harmless, model.next_token_logprobs(harmless, ablate=r))
+        progress(1)
+    within = [layer for layer in candidates if choice.kl[layer] <= max_kl] or candidates
+    choice.layer = min(within, key=lambda layer: choice.refusal[layer])
+    return choice

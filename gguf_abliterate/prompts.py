@@ -1,0 +1,71 @@
+"""Prompt sets: the project's own defaults (package data) and user files.
+
+The defaults are 144 clearly harmful requests over many categories and 144 harmless
+requests of similar length and form, written for this project (public jailbreak benchmarks
+are kept out, for independent evaluation). Each set is split the same way: even lines are
+for computing the direction, odd lines for validating it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib.resources import files
+from pathlib import Path
+
+from gguf_abliterate.errors import UserError
+
+SPLITS = ("direction", "validation", "all")
+
+
+def _default(name: str) -> list[str]:
+    text = files("gguf_abliterate").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def split(prompts: list[str], part: str) -> list[str]:
+    """The direction (even lines) or validation (odd lines) part of a prompt list, or all."""
+    if part not in SPLITS:
+        raise ValueError(part)
+    return prompts if part == "all" else prompts[0 if part == "direction" else 1 :: 2]
+
+
+def default_prompts(part: str = "all") -> tuple[list[str], list[str]]:
+    """(harmful, harmless) from the package's own sets."""
+    return split(_default("harmful"), part), split(_default("harmless"), part)
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """One prompt per line (.txt), or JSON / JSON Lines: strings or objects with a `prompt` field."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such prompt file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            items = json.loads(text)
+            if not isinstance(items, list):
+                raise UserError(f"{path}: expected a JSON list of prompts")
+        elif suffix == ".jsonl":
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            items = text.splitlines()
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+    prompts = []
+    for n, item in enumerate(items, 1):
+        if isinstance(item, dict):
+            item = item.get("prompt")
+        if not isinstance(item, str):
+            raise UserError(f"{path}: entry {n} is not a prompt string (or an object with a 'prompt' field)")
+        if item.strip():
+            prompts.append(item.strip())
+    if not prompts:
+        raise UserError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def prompt_hash(prompts: list[str]) -> str:
+    """sha256 of the prompts, one per line: records which set a direction came from."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()

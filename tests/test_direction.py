@@ -1,0 +1,135 @@
+"""Directions from the GGUF itself: capture through llama.cpp's hook, difference of means, layer choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli
+from safetensors import safe_open
+
+from gguf_abliterate import prompts as P
+from gguf_abliterate.capture import LlamaModel
+from gguf_abliterate.directions import load_direction
+from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.measure import difference_of_means, kl_divergence
+
+
+def test_default_prompt_sets() -> None:
+    bad, good = P.default_prompts("all")
+    assert len(bad) >= 128 and len(good) >= 128
+    assert len(set(bad)) == len(bad) and len(set(good)) == len(good) and not set(bad) & set(good)
+    d_bad, v_bad = P.default_prompts("direction")[0], P.default_prompts("validation")[0]
+    assert sorted(d_bad + v_bad) == sorted(bad) and not set(d_bad) & set(v_bad)
+    # similar length and form, so the direction is about content, not shape
+    assert abs(np.mean([len(p) for p in bad]) - np.mean([len(p) for p in good])) < 10
+
+
+@pytest.mark.parametrize("fmt", ["txt", "json", "jsonl", "json-objects"])
+def test_user_prompt_files(fmt: str, tmp_path: Path) -> None:
+    prompts = ["first prompt", "second one", "third"]
+    path = tmp_path / f"p.{fmt.split('-')[0]}"
+    if fmt == "txt":
+        path.write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
+    elif fmt == "json":
+        path.write_text(json.dumps(prompts))
+    elif fmt == "jsonl":
+        path.write_text("\n".join(json.dumps({"prompt": p, "id": i}) for i, p in enumerate(prompts)))
+    else:
+        path.write_text(json.dumps([{"prompt": p} for p in prompts]))
+    assert P.load_prompts(path) == prompts
+
+
+def test_capture_matches_batched_and_single(tiny: dict[str, Path]) -> None:
+    """Residuals of a prompt do not depend on which other prompts share its decode."""
+    prompts = ["how to bake bread", "the sky is blue", "a b c d e f g"]
+    with LlamaModel(tiny["qwen2"], chat=False, n_seq=4) as m:
+        batched = m.residuals(prompts)
+        single = np.stack([m.residuals([p])[0] for p in prompts])
+        assert batched.shape == (3, 4, 256)
+        assert np.abs(batched).max() > 0
+        cos = np.sum(batched * single, -1) / np.linalg.norm(batched, axis=-1) / np.linalg.norm(single, axis=-1)
+        assert cos.min() > 0.999
+        base = m.next_token_logprobs(prompts)
+        assert np.allclose(np.exp(base).sum(axis=1), 1, atol=1e-4)
+        assert kl_divergence(base, base) == pytest.approx(0, abs=1e-9)
+        r = np.random.default_rng(0).normal(size=256).astype(np.float32)
+        r /= np.linalg.norm(r)
+        assert kl_divergence(base, m.next_token_logprobs(prompts, ablate=r)) > 1e-4
+        # ablation really removes r from the residual stream it hooks
+        m._ablate = r
+        try:
+            ablated = m.residuals(prompts)
+        finally:
+            m._ablate = None
+        assert np.abs(ablated @ r).max() < 1e-3 * np.abs(batched @ r).max()
+
+
+def test_difference_of_means_sign_and_norm() -> None:
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(3, 16))
+    harmless = rng.normal(size=(20, 3, 16)).astype(np.float32)
+    harmful = (rng.normal(size=(20, 3, 16)) + 4 * r).astype(np.float32)
+    stats = difference_of_means(harmful, harmless)
+    assert np.allclose(np.linalg.norm(stats.directions, axis=-1), 1, atol=1e-6)
+    want = harmful.mean(0) - harmless.mean(0)
+    assert np.allclose(stats.directions, want / np.linalg.norm(want, axis=-1, keepdims=True), atol=1e-6)
+    assert (stats.separation > 2).all()  # harmful projects higher: the sign is harmful minus harmless
+
+
+def test_direction_command_on_tiny_model(tiny: dict[str, Path], tmp_path: Path) -> None:
+    bad, good = tmp_path / "bad.txt", tmp_path / "good.jsonl"
+    bad.write_text("\n".join(f"how do i hack a {w}" for w in "abcdefgh"))
+    good.write_text("\n".join(json.dumps({"prompt": f"how do i bake a {w}"}) for w in "abcdefgh"))
+    out = tmp_path / "d.safetensors"
+    run = cli("direction", tiny["llama"], "-o", out, "--harmful", bad, "--harmless", good, "--score-prompts", "2")
+    assert run.returncode == 0, run.stderr
+    assert "no chat template" in run.stderr and "<- chosen" in run.stderr
+    d = load_direction(out)
+    assert d.vectors.shape == (256,) and np.isclose(np.linalg.norm(d.vectors), 1, atol=1e-5)
+    layer = int(d.metadata["layer"])
+    assert d.metadata["architecture"] == "llama" and d.metadata["sign"] == "harmful-minus-harmless"
+    assert d.metadata["harmful_sha256"] == P.prompt_hash(P.load_prompts(bad))
+    with safe_open(str(out), framework="numpy") as f:
+        directions = f.get_tensor("directions")
+        kl = f.get_tensor("kl")
+    assert directions.shape == (4, 256) and np.array_equal(directions[layer], d.vectors)
+    assert np.isfinite(kl[layer])
+    # the direction is exactly the difference of means of the captured residuals
+    with LlamaModel(tiny["llama"], chat=False) as m:
+        stats = difference_of_means(m.residuals(P.split(P.load_prompts(bad), "direction")),
+                                    m.residuals(P.split(P.load_prompts(good), "direction")))
+    assert np.allclose(stats.directions[layer], d.vectors, atol=1e-5)
+    # and it feeds the edit
+    edited = tmp_path / "out.gguf"
+    assert cli(tiny["llama"], edited, "--direction", out, "-q").returncode == 0
+    assert Model(edited).get("abliterate.direction_layer") == str(layer)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--layer", "99"], "block number 0-3"),
+    (["--harmful", "EMPTY"], "no prompts"),
+    (["--harmful", "LONG"], "more than the context"),
+    (["-o", "x.txt"], ".npy or .safetensors"),
+])
+def test_direction_errors(args: list[str], needle: str, tiny: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "long.txt").write_text(("word " * 3000 + "\n") * 2)
+    args = [{"EMPTY": str(tmp_path / "empty.txt"), "LONG": str(tmp_path / "long.txt")}.get(a, a) for a in args]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "d.npy")]
+    run = cli("direction", tiny["llama"], *args, cwd=tmp_path)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert needle in run.stderr.strip().splitlines()[-1], run.stderr
+    assert not (tmp_path / "d.npy").exists()
+
+
+@pytest.mark.real
+def test_direction_on_smollm2(smollm2: Path, tmp_path: Path) -> None:
+    out = tmp_path / "d.npy"
+    run = cli("direction", smollm2, "-o", out, "--layer", "15", "-q")
+    assert run.returncode == 0, run.stderr
+    v = np.load(out)
+    assert v.shape == (576,) and np.isclose(np.linalg.norm(v), 1, atol=1e-5)
