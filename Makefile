@@ -12,7 +12,9 @@ export OMP_WAIT_POLICY := PASSIVE
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[llama,test]"
+	# the CPU build: an unpinned torch would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[llama,torch,test]"
 	touch $@
 
 test: $(VENV)/.installed

@@ -206,11 +206,14 @@ def main() -> None:
 @click.option("--score-prompts", type=click.IntRange(min=1), default=32, show_default=True,
               help="With --layer auto: validation prompts per set used to score each candidate.")
 @click.option("--raw", is_flag=True, help="Feed prompts as raw text instead of through the model's chat template.")
+@click.option("--engine", type=click.Choice(["llama", "torch"]), default="llama", show_default=True,
+              help="What computes the residual stream: llama.cpp's hook, or a CPU torch pass over the "
+                   "dequantized weights (llama, qwen2, gemma3). Layer scoring always runs in llama.cpp.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_user_errors
 def direction_cmd(model_path: Path, output_path: Path, harmful: Path | None, harmless: Path | None, layer: str,
-                  max_kl: float, score_prompts: int, raw: bool, force: bool, quiet: bool) -> None:
+                  max_kl: float, score_prompts: int, raw: bool, engine: str, force: bool, quiet: bool) -> None:
     """Compute the direction to remove from MODEL itself, on CPU (llama.cpp hooks).
 
     Difference of means of the residual stream after each block at the last prompt token,
@@ -244,9 +247,19 @@ def direction_cmd(model_path: Path, output_path: Path, harmful: Path | None, har
         if layer != "auto" and not (layer.isdigit() and int(layer) < n_layer):
             raise UserError(f"--layer must be 'auto' or a block number 0-{n_layer - 1}")
         d_bad, d_good = P.split(bad, "direction"), P.split(good, "direction")
-        with tqdm(total=len(d_bad) + len(d_good), desc="residuals", unit="prompt", disable=quiet,
-                  file=sys.stderr) as bar:
-            stats = difference_of_means(model.residuals(d_bad, bar.update), model.residuals(d_good, bar.update))
+        if engine == "torch":
+            from gguf_abliterate.torch_pass import TorchModel
+
+            tm = TorchModel(meta)
+            say("computing residuals with the torch engine")
+            stats = difference_of_means(tm.last_token_residuals(model.encode(d_bad)),
+                                        tm.last_token_residuals(model.encode(d_good)))
+            del tm
+        else:
+            with tqdm(total=len(d_bad) + len(d_good), desc="residuals", unit="prompt", disable=quiet,
+                      file=sys.stderr) as bar:
+                stats = difference_of_means(model.residuals(d_bad, bar.update),
+                                            model.residuals(d_good, bar.update))
         refusal = np.full(n_layer, np.nan, np.float32)
         kl = np.full(n_layer, np.nan, np.float32)
         info: dict[str, str] = {}
@@ -275,7 +288,7 @@ def direction_cmd(model_path: Path, output_path: Path, harmful: Path | None, har
         "model": meta.get_str("general.name") or model_path.name, "architecture": meta.arch,
         "n_embd": str(stats.directions.shape[1]), "n_layer": str(n_layer),
         "harmful_sha256": P.prompt_hash(bad), "harmless_sha256": P.prompt_hash(good),
-        "chat_template": "raw" if raw else "model", **info,
+        "chat_template": "raw" if raw else "model", "engine": engine, **info,
     }
     extra = {"directions": stats.directions, "harmful_mean_norm": stats.harmful_norm.astype(np.float32),
              "harmless_mean_norm": stats.harmless_norm.astype(np.float32),

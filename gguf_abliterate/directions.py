@@ -139,6 +139,9 @@ def save_direction(path: str | Path, vectors: np.ndarray, metadata: dict[str, st
             meta = {"sign": SIGN_CONVENTION, **(metadata or {})}
             tensors = {TENSOR_NAME: vectors, **{k: np.ascontiguousarray(v) for k, v in (extra or {}).items()}}
             save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # safetensors creates its file private
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

