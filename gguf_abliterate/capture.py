@@ -77,8 +77,7 @@ class LlamaModel:
         if not self.path.is_file():
             raise UserError(f"{self.path}: no such file")
         self.ggml = _Ggml(ll)
-        self._log_cb = ll.llama_log_callback(lambda level, text, data: None)
-        ll.llama_log_set(self._log_cb, None)
+        _silence_logs(ll)
         ll.llama_backend_init()
         mparams = ll.llama_model_default_params()
         self.model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
@@ -246,6 +245,18 @@ class LlamaModel:
         finally:
             self._ablate = None
         return out
+
+
+_silent_log: Any = None
+
+
+def _silence_logs(ll: Any) -> None:
+    """Route llama.cpp's log to nowhere. The callback must outlive every later llama.cpp call
+    in the process (llama.cpp keeps the pointer), so it is created once, at module level."""
+    global _silent_log
+    if _silent_log is None:
+        _silent_log = ll.llama_log_callback(lambda level, text, data: None)
+    ll.llama_log_set(_silent_log, None)
 
 
 def _piece(ll: Any, vocab: Any, token: int) -> str:
