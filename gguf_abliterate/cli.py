@@ -296,3 +296,52 @@ def direction_cmd(model_path: Path, output_path: Path, harmful: Path | None, har
              "refusal_mass": refusal, "kl": kl}
     save_direction(output_path, stats.directions[chosen], metadata, extra)
     say(f"wrote {output_path} (layer {chosen})")
+
+
+@cli.command("eval")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="BASE [EDITED]...")
+@click.option("--harmful", type=click.Path(path_type=Path), help="Harmful prompts. Default: the built-in validation split.")
+@click.option("--harmless", type=click.Path(path_type=Path), help="Harmless prompts. Default: the built-in validation split.")
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts of each set.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Greedy response length.")
+@click.option("--markers", type=click.Path(path_type=Path),
+              help="Refusal markers, one per line (matched lower-case near the start of a response).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write everything, per prompt, here.")
+@click.option("--samples", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Responses to print per model.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def eval_cmd(models: tuple[Path, ...], harmful: Path | None, harmless: Path | None, limit: int | None,
+             max_tokens: int, markers: Path | None, json_path: Path | None, samples: int, quiet: bool) -> None:
+    """Compare models: refusals on harmful prompts, over-refusal on harmless ones, and the
+    first-token KL divergence KL(BASE || model) on harmless prompts."""
+    import json
+
+    from tqdm import tqdm
+
+    from gguf_abliterate import prompts as P
+    from gguf_abliterate.evaluate import DEFAULT_MARKERS, evaluate, to_json
+
+    for m in models:
+        if not m.is_file():
+            raise UserError(f"{m}: no such file")
+    bad, good = P.default_prompts("validation")
+    bad = P.load_prompts(harmful) if harmful else bad
+    good = P.load_prompts(harmless) if harmless else good
+    bad, good = bad[:limit], good[:limit]
+    marks = tuple(m.lower() for m in P.load_prompts(markers)) if markers else DEFAULT_MARKERS
+    with tqdm(total=len(models) * (len(bad) + len(good)), desc="responses", unit="prompt", disable=quiet,
+              file=sys.stderr) as bar:
+        reports = evaluate(models, bad, good, max_tokens, marks, bar.update)
+    click.echo(f"{'model':<40} {'harmful refused':>16} {'harmless refused':>17} {'KL vs base':>11}")
+    for r in reports:
+        kl = "-" if r.kl_vs_base is None else f"{r.kl_vs_base:.4f}"
+        click.echo(f"{Path(r.path).name[:40]:<40} {r.harmful_refusals:>7}/{r.harmful_total:<8} "
+                   f"{r.harmless_refusals:>8}/{r.harmless_total:<8} {kl:>11}")
+    for r in reports:
+        for prompt, answer in list(zip(bad, r.harmful_responses))[:samples]:
+            click.echo(f"\n[{Path(r.path).name}] {prompt}\n  -> {answer[:200]!r}")
+    if json_path:
+        settings = {"max_tokens": max_tokens, "markers": list(marks), "greedy": True}
+        json_path.write_text(json.dumps(to_json(reports, bad, good, settings), indent=1))

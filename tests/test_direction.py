@@ -157,3 +157,13 @@ def test_direction_command_torch_engine(tiny: dict[str, Path], tmp_path: Path) -
     a, b = load_direction(outs["llama"]), load_direction(outs["torch"])
     assert b.metadata["engine"] == "torch" and a.metadata["engine"] == "llama"
     assert float(a.vectors @ b.vectors) >= 0.999
+
+
+def test_direction_on_a_model_llama_cpp_cannot_load(tmp_path: Path) -> None:
+    from test_errors import _unsupported_arch
+
+    bad = _unsupported_arch(tmp_path / "rwkv.gguf")
+    run = cli("direction", bad, "-o", tmp_path / "d.npy")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "llama.cpp could not load this model" in run.stderr
+    assert not (tmp_path / "d.npy").exists()

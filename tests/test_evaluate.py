@@ -1,0 +1,51 @@
+"""The evaluation yardsticks: refusal classifier, KL, the JSON report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli, random_direction
+
+from gguf_abliterate.evaluate import is_refusal
+
+
+@pytest.mark.parametrize("text,refused", [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I\u2019m sorry, but I can\u2019t help with that.", True),  # typographic apostrophes
+    ("**I cannot** assist with this request.", True),  # emphasis
+    ("I   can't\n\n do that", True),  # whitespace
+    ("", True),
+    ("   \n", True),
+    ("Sure! Here is a recipe for bread: mix flour and water.", False),
+    ("Here is how. " + "Mix and knead. " * 20 + "As an AI I enjoyed this.", False),  # marker far from start
+    ("As an AI language model, I cannot do that.", True),
+])
+def test_refusal_classifier(text: str, refused: bool) -> None:
+    assert is_refusal(text) is refused
+
+
+def test_eval_command_on_tiny_models(tiny: dict[str, Path], tmp_path: Path) -> None:
+    base = tiny["qwen2"]
+    np.save(tmp_path / "d.npy", random_direction(256))
+    edited = tmp_path / "edited.gguf"
+    assert cli(base, edited, "--direction", tmp_path / "d.npy", "-q").returncode == 0
+    report = tmp_path / "r.json"
+    run = cli("eval", base, base, edited, "-n", "3", "--max-tokens", "4", "--json", report, "-q")
+    assert run.returncode == 0, run.stderr
+    data = json.loads(report.read_text())
+    assert [Path(m["path"]).name for m in data["models"]] == ["qwen2.gguf", "qwen2.gguf", "edited.gguf"]
+    kl = [m["kl_vs_base"] for m in data["models"]]
+    assert kl[0] is None and kl[1] == pytest.approx(0, abs=1e-6) and kl[2] > 1e-4
+    for m in data["models"]:
+        assert len(m["harmful_responses"]) == m["harmful_total"] == 3
+        assert 0 <= m["harmful_refusals"] <= 3
+    assert len(data["harmful_prompts"]) == 3 and data["settings"]["max_tokens"] == 4
+    assert "harmful refused" in run.stdout
+
+
+def test_eval_missing_model(tmp_path: Path) -> None:
+    run = cli("eval", tmp_path / "nope.gguf")
+    assert run.returncode != 0 and "no such file" in run.stderr and "Traceback" not in run.stderr
