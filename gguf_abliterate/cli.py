@@ -308,12 +308,14 @@ def direction_cmd(model_path: Path, output_path: Path, harmful: Path | None, har
 @click.option("--markers", type=click.Path(path_type=Path),
               help="Refusal markers, one per line (matched lower-case near the start of a response).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write everything, per prompt, here.")
+@click.option("--ppl", "ppl_path", type=click.Path(path_type=Path), help="Also measure perplexity on this text file.")
 @click.option("--samples", type=click.IntRange(min=0), default=2, show_default=True,
               help="Responses to print per model.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def eval_cmd(models: tuple[Path, ...], harmful: Path | None, harmless: Path | None, limit: int | None,
-             max_tokens: int, markers: Path | None, json_path: Path | None, samples: int, quiet: bool) -> None:
+             max_tokens: int, markers: Path | None, json_path: Path | None, ppl_path: Path | None, samples: int,
+             quiet: bool) -> None:
     """Compare models: refusals on harmful prompts, over-refusal on harmless ones, and the
     first-token KL divergence KL(BASE || model) on harmless prompts."""
     import json
@@ -331,14 +333,19 @@ def eval_cmd(models: tuple[Path, ...], harmful: Path | None, harmless: Path | No
     good = P.load_prompts(harmless) if harmless else good
     bad, good = bad[:limit], good[:limit]
     marks = tuple(m.lower() for m in P.load_prompts(markers)) if markers else DEFAULT_MARKERS
+    if ppl_path is not None and not ppl_path.is_file():
+        raise UserError(f"{ppl_path}: no such text file")
+    ppl_text = ppl_path.read_text(encoding="utf-8", errors="replace") if ppl_path else None
     with tqdm(total=len(models) * (len(bad) + len(good)), desc="responses", unit="prompt", disable=quiet,
               file=sys.stderr) as bar:
-        reports = evaluate(models, bad, good, max_tokens, marks, bar.update)
-    click.echo(f"{'model':<40} {'harmful refused':>16} {'harmless refused':>17} {'KL vs base':>11}")
+        reports = evaluate(models, bad, good, max_tokens, marks, ppl_text, bar.update)
+    ppl_head = f" {'perplexity':>11}" if ppl_text else ""
+    click.echo(f"{'model':<40} {'harmful refused':>16} {'harmless refused':>17} {'KL vs base':>11}{ppl_head}")
     for r in reports:
         kl = "-" if r.kl_vs_base is None else f"{r.kl_vs_base:.4f}"
+        ppl = f" {r.perplexity:11.3f}" if r.perplexity is not None else ""
         click.echo(f"{Path(r.path).name[:40]:<40} {r.harmful_refusals:>7}/{r.harmful_total:<8} "
-                   f"{r.harmless_refusals:>8}/{r.harmless_total:<8} {kl:>11}")
+                   f"{r.harmless_refusals:>8}/{r.harmless_total:<8} {kl:>11}{ppl}")
     for r in reports:
         for prompt, answer in list(zip(bad, r.harmful_responses))[:samples]:
             click.echo(f"\n[{Path(r.path).name}] {prompt}\n  -> {answer[:200]!r}")
@@ -395,8 +402,8 @@ def demo_cmd(ctx: click.Context, model_path: Path | None, out_dir: Path, limit: 
         stage(f"edit ({mode})")
     click.echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
     ctx.invoke(eval_cmd, models=(src, outputs["abliterated"], outputs["reverse"]), harmful=None, harmless=None,
-               limit=limit, max_tokens=max_tokens, markers=None, json_path=out_dir / "report.json", samples=1,
-               quiet=False)
+               limit=limit, max_tokens=max_tokens, markers=None, json_path=out_dir / "report.json", ppl_path=None,
+               samples=1, quiet=False)
     stage("evaluation")
     modelfile = out_dir / "Modelfile"
     modelfile.write_text(f"FROM ./{outputs['abliterated'].name}\n")

@@ -62,6 +62,29 @@ def generate(path: Path, prompts: Sequence[str], max_tokens: int = 64, n_ctx: in
         llm.close()
 
 
+def perplexity(path: Path, text: str, n_ctx: int = 512) -> float:
+    """Perplexity of `text` under the model, in non-overlapping windows of n_ctx tokens."""
+    ll = _llama_cpp()
+    _silence_logs(ll)
+    llm = ll.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False)
+    try:
+        tokens = llm.tokenize(text.encode(), add_bos=True)
+        nll, count = 0.0, 0
+        for start in range(0, max(len(tokens) - 1, 0), n_ctx):
+            window = tokens[start : start + n_ctx]
+            if len(window) < 2:
+                break
+            llm.reset()
+            llm.eval(window)
+            logits = np.array(llm.scores[: len(window)], dtype=np.float64)
+            logprobs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+            nll -= float(logprobs[np.arange(len(window) - 1), window[1:]].sum())
+            count += len(window) - 1
+        return float(np.exp(nll / count)) if count else float("nan")
+    finally:
+        llm.close()
+
+
 @dataclass
 class ModelReport:
     path: str
@@ -70,6 +93,7 @@ class ModelReport:
     harmless_refusals: int
     harmless_total: int
     kl_vs_base: float | None
+    perplexity: float | None = None
     harmful_responses: list[str] = field(default_factory=list)
     harmless_responses: list[str] = field(default_factory=list)
 
@@ -80,7 +104,7 @@ def first_token_logprobs(path: Path, prompts: Sequence[str]) -> np.ndarray:
 
 
 def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[str], max_tokens: int = 64,
-             markers: Sequence[str] = DEFAULT_MARKERS,
+             markers: Sequence[str] = DEFAULT_MARKERS, ppl_text: str | None = None,
              progress: Callable[[int], None] = lambda n: None) -> list[ModelReport]:
     """Report for each model; the first is the base that KL is measured against."""
     reports = []
@@ -95,7 +119,8 @@ def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[s
         reports.append(ModelReport(
             str(path), sum(is_refusal(r, markers) for r in bad), len(bad),
             sum(is_refusal(r, markers) for r in good), len(good),
-            None if i == 0 else kl_divergence(base_lp, lp), bad, good))
+            None if i == 0 else kl_divergence(base_lp, lp),
+            None if ppl_text is None else perplexity(path, ppl_text), bad, good))
     return reports
 
 

@@ -33,7 +33,9 @@ def test_eval_command_on_tiny_models(tiny: dict[str, Path], tmp_path: Path) -> N
     edited = tmp_path / "edited.gguf"
     assert cli(base, edited, "--direction", tmp_path / "d.npy", "-q").returncode == 0
     report = tmp_path / "r.json"
-    run = cli("eval", base, base, edited, "-n", "3", "--max-tokens", "4", "--json", report, "-q")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    run = cli("eval", base, base, edited, "-n", "3", "--max-tokens", "4", "--json", report, "--ppl", text, "-q")
     assert run.returncode == 0, run.stderr
     data = json.loads(report.read_text())
     assert [Path(m["path"]).name for m in data["models"]] == ["qwen2.gguf", "qwen2.gguf", "edited.gguf"]
@@ -43,7 +45,9 @@ def test_eval_command_on_tiny_models(tiny: dict[str, Path], tmp_path: Path) -> N
         assert len(m["harmful_responses"]) == m["harmful_total"] == 3
         assert 0 <= m["harmful_refusals"] <= 3
     assert len(data["harmful_prompts"]) == 3 and data["settings"]["max_tokens"] == 4
-    assert "harmful refused" in run.stdout
+    assert "harmful refused" in run.stdout and "perplexity" in run.stdout
+    ppl = [m["perplexity"] for m in data["models"]]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-4) and 1 < ppl[0] < 1000 and ppl[2] != ppl[0]
 
 
 def test_eval_missing_model(tmp_path: Path) -> None:
