@@ -143,12 +143,22 @@ def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse:
         for e in plan.edits.values():
             say(f"  {e.name}  {e.src_type.name} -> {e.out_type.name}")
     total = output_nbytes(model, plan)
+    from gguf_abliterate.fidelity import Report
+
     reports: list[str] = []
+    fidelity = Report()
     with tqdm(total=total, unit="B", unit_scale=True, disable=quiet, desc="writing", file=sys.stderr) as bar:
         written = apply_edit(model, plan, direction, opts, output_path, bar.update,
-                             reports.append if verify else None, merge, jobs)
+                             reports.append if verify else None, merge, jobs, fidelity)
     for report in reports:
         say(report)
+    summary = fidelity.summary()
+    if summary:
+        what = "error of the amplified component" if reverse else "share of the removed component put back"
+        say(f"requantization ({what}; weight RMSE):")
+        for qtype, s in summary.items():
+            say(f"  {qtype:<6} {s['tensors']:4d} tensors  leak median {s['leak_median']:.2%} worst "
+                f"{s['leak_worst']:.2%}  RMSE median {s['rmse_median']:.3g} worst {s['rmse_worst']:.3g}")
     say(f"wrote {', '.join(str(p) for p in written)}")
 
 

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from gguf_abliterate import __version__, quants
+from gguf_abliterate import __version__, fidelity, quants
 from gguf_abliterate.arch import EMBEDDING, LM_HEAD, WRITER_KINDS, Arch, get_arch
 from gguf_abliterate.directions import Direction, normalise
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.gguf_io import Model, OutTensor, plan_files, write_files
+from gguf_abliterate.gguf_io import Model, OutTensor, Reserved, plan_files, write_files
 from gguf_abliterate.parallel import UnitRunner, available_cores
 
 PROVENANCE_PREFIX = "abliterate."
@@ -215,8 +215,10 @@ def edit_units(model: Model, edit: TensorEdit) -> list[tuple[int, int]]:
     return [(i, n_embd) for i in range(0, n_rows, n_embd)]
 
 
-def edit_unit(model: Model, edit: TensorEdit, u: np.ndarray, coef: float, first: int, count: int) -> np.ndarray:
-    """One piece of an edited tensor: dequantize, project, requantize; its output bytes."""
+def edit_unit(model: Model, edit: TensorEdit, u: np.ndarray, coef: float, first: int,
+              count: int) -> tuple[np.ndarray, np.ndarray]:
+    """One piece of an edited tensor: dequantize, project, requantize. Returns its output
+    bytes and its fidelity sums (how much of the edit survived requantization)."""
     row_len = int(model.tensors[edit.name].shape[0])
     step = _rows_per_chunk(row_len)
     if edit.kind == "matrix":
@@ -225,14 +227,26 @@ def edit_unit(model: Model, edit: TensorEdit, u: np.ndarray, coef: float, first:
         for i in range(0, count, step):
             w[i : i + step] = quants.dequantize(model.read_rows(edit.name, first + i, min(step, count - i)),
                                                 edit.src_type)
+        before = u @ w
         project_residual_rows(w, u, coef)
-        return np.concatenate([_requantize(w[i : i + step], edit) for i in range(0, count, step)])
+        pieces, written, err2 = [], np.zeros(row_len, np.float64), 0.0
+        for i in range(0, count, step):
+            data = _requantize(w[i : i + step], edit)
+            back = quants.dequantize(data, edit.out_type)
+            written += u[i : i + step] @ back
+            err2 += float(np.square(back - w[i : i + step], dtype=np.float64).sum())
+            pieces.append(data)
+        return np.concatenate(pieces), fidelity.piece_sums(before, u @ w, written, err2, w.size)
     v = quants.dequantize(model.read_rows(edit.name, first, count), edit.src_type)
+    before = v @ u
     if edit.kind == "bias":
         v += coef * u * float(u @ v[0])
     else:
         project_residual_cols(v, u, coef)
-    return _requantize(v, edit)
+    data = _requantize(v, edit)
+    back = quants.dequantize(data, edit.out_type)
+    err2 = float(np.square(back - v, dtype=np.float64).sum())
+    return data, fidelity.piece_sums(before, v @ u, back @ u, err2, v.size)
 
 
 def provenance(plan: EditPlan, opts: EditOptions, direction: Direction) -> dict[str, str | bool | int | float]:
@@ -273,7 +287,7 @@ def default_jobs(model: Model, plan: EditPlan) -> int:
 
 
 def output_tensors(model: Model, plan: EditPlan, direction: Direction, opts: EditOptions,
-                   runner: UnitRunner | None = None) -> list[OutTensor]:
+                   runner: UnitRunner | None = None, report: fidelity.Report | None = None) -> list[OutTensor]:
     """Every tensor of the output, in input order: copied verbatim, or produced by the edit.
 
     With a `runner`, the pieces of all edited tensors are computed ahead, in parallel, and
@@ -293,13 +307,22 @@ def output_tensors(model: Model, plan: EditPlan, direction: Direction, opts: Edi
         mine = [(edit, u, coef, first, count) for first, count in edit_units(model, edit)]
         tasks += mine
         if runner is None:
-            chunks = lambda mine=mine: (edit_unit(model, *task) for task in mine)  # noqa: E731
+            results = lambda mine=mine: (edit_unit(model, *task) for task in mine)  # noqa: E731
         else:
-            chunks = lambda n=len(mine): itertools.islice(stream, n)  # noqa: E731
-        out.append(OutTensor(name, dims, edit.out_type, chunks=chunks))
+            results = lambda n=len(mine): itertools.islice(stream, n)  # noqa: E731
+        out.append(OutTensor(name, dims, edit.out_type, chunks=lambda r=results, e=edit: _recorded(r(), e, report)))
     if runner is not None:
         stream = runner.results(tasks)
     return out
+
+
+def _recorded(results: Iterable[tuple[np.ndarray, np.ndarray]], edit: TensorEdit,
+              report: fidelity.Report | None) -> Iterator[np.ndarray]:
+    """The bytes of each piece, noting its fidelity sums on the way."""
+    for data, sums in results:
+        if report is not None:
+            report.add(edit.name, edit.out_type.name, sums)
+        yield data
 
 
 def apply_edit(
@@ -312,6 +335,7 @@ def apply_edit(
     verify: Callable[[str], None] | None = None,
     merge: bool = False,
     jobs: int | None = None,
+    report: fidelity.Report | None = None,
 ) -> list[Path]:
     """Write the edited model to `out_path` (atomically), streaming tensor by tensor.
 
@@ -320,9 +344,11 @@ def apply_edit(
     complete files are re-read and checked against the input before they take their places;
     `verify` receives the one-line report. Returns the paths written.
     """
+    report = report if report is not None else fidelity.Report()
+    kv = {**provenance(plan, opts, direction), fidelity.REPORT_KEY: Reserved(fidelity.REPORT_WIDTH, report.to_json)}
     with UnitRunner(model, jobs or default_jobs(model, plan), edit_unit) as runner:
-        out = output_tensors(model, plan, direction, opts, runner)
-        files = plan_files(model, out_path, out, provenance(plan, opts, direction), PROVENANCE_PREFIX, merge)
+        out = output_tensors(model, plan, direction, opts, runner, report)
+        files = plan_files(model, out_path, out, kv, PROVENANCE_PREFIX, merge)
         check = None if verify is None else (lambda tmps: verify(verify_output(model, tmps, out)))
         write_files(model, files, on_bytes, check)
     return [f.path for f in files]

@@ -321,3 +321,24 @@ def test_verify_reports_and_catches_damage(tiny: dict[str, Path], tmp_path: Path
     with pytest.raises(UserError, match="refused"):
         apply_edit(model, plan, direction, opts, tmp_path / "never.gguf", verify=refuse)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npy", "damaged.gguf", "out.gguf"]
+
+
+def test_requantization_report(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Leak (snap-back) and RMSE per type: printed, and stored in the output's metadata."""
+    import json
+
+    np.save(tmp_path / "d.npy", random_direction(256))
+    src = tiny["llama"]
+    out = tmp_path / "out.gguf"
+    run = cli(src, out, "--direction", tmp_path / "d.npy")
+    assert run.returncode == 0, run.stderr
+    assert "leak median" in run.stderr and "Q4_0" in run.stderr
+    report = json.loads(Model(out).get("abliterate.requant_report"))
+    assert set(report) == {"Q4_0", "Q5_0", "F32"}  # attn_output, ffn_down, their biases
+    assert 0.01 < report["Q4_0"]["leak_median"] < 1 and report["Q4_0"]["leak_worst"] >= report["Q4_0"]["leak_median"]
+    assert report["F32"]["leak_worst"] < 1e-5 and report["F32"]["rmse_worst"] < 1e-6
+    assert report["Q5_0"]["leak_median"] < report["Q4_0"]["leak_median"]  # finer grid, less snap-back
+    f32 = tmp_path / "f32.gguf"
+    assert cli(src, f32, "--direction", tmp_path / "d.npy", "--requant-type", "f32", "-q").returncode == 0
+    report = json.loads(Model(f32).get("abliterate.requant_report"))
+    assert set(report) == {"F32"} and report["F32"]["leak_worst"] < 1e-5

@@ -3,6 +3,7 @@ write files atomically (writer)."""
 
 from gguf_abliterate.gguf_io.model import Model
 from gguf_abliterate.gguf_io.reader import GGUFFile, TensorInfo
-from gguf_abliterate.gguf_io.writer import OutFile, OutTensor, output_paths, plan_files, write_files
+from gguf_abliterate.gguf_io.writer import OutFile, OutTensor, Reserved, output_paths, plan_files, write_files
 
-__all__ = ["GGUFFile", "Model", "OutFile", "OutTensor", "TensorInfo", "output_paths", "plan_files", "write_files"]
+__all__ = ["GGUFFile", "Model", "OutFile", "OutTensor", "Reserved", "TensorInfo", "output_paths", "plan_files",
+           "write_files"]

@@ -28,7 +28,16 @@ from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.model import SPLIT_KEYS, SPLIT_NAME, Model, split_path
 from gguf_abliterate.gguf_io.reader import GGUF_MAGIC
 
-KVValue = str | bool | int | float
+@dataclass(frozen=True)
+class Reserved:
+    """A string value known only once the tensors are written: `width` bytes are reserved in
+    the header and filled with `fill()` (space-padded) before the file is renamed."""
+
+    width: int
+    fill: Callable[[], str]
+
+
+KVValue = str | bool | int | float | Reserved
 
 
 @dataclass
@@ -60,6 +69,8 @@ class OutFile:
     alignment: int
     kv: list[bytes | memoryview] = field(default_factory=list)
     tensors: list[OutTensor] = field(default_factory=list)
+    # (offset of the value within the metadata bytes, what fills it)
+    reserved: list[tuple[int, Reserved]] = field(default_factory=list)
 
 
 def _pack_str(s: str) -> bytes:
@@ -68,7 +79,9 @@ def _pack_str(s: str) -> bytes:
 
 
 def pack_kv(key: str, value: KVValue) -> bytes:
-    """Encode one new metadata key/value pair (string, bool, int64 or float32)."""
+    """Encode one new metadata key/value pair (string, bool, int64, float32, or a reserved string)."""
+    if isinstance(value, Reserved):
+        value = " " * value.width
     if isinstance(value, bool):
         body = struct.pack("<I?", GGUFValueType.BOOL, value)
     elif isinstance(value, int):
@@ -108,10 +121,15 @@ def plan_files(src: Model, out: Path, tensors: list[OutTensor], new_kv: dict[str
         part = src.parts[i]
         drop = (drop_kv_prefix, *SPLIT_KEYS) if merge and src.is_split else (drop_kv_prefix,)
         kv: list[bytes | memoryview] = [span for key, span in part.kv_spans() if not key.startswith(drop)]
+        reserved = []
         if i == 0:
-            kv += [pack_kv(k, v) for k, v in new_kv.items()]
+            for k, v in new_kv.items():
+                packed = pack_kv(k, v)
+                if isinstance(v, Reserved):
+                    reserved.append((sum(len(b) for b in kv) + len(packed) - v.width, v))
+                kv.append(packed)
         mine = tensors if len(paths) == 1 else [t for t in tensors if src.tensors[t.name].part == i]
-        files.append(OutFile(path, part.version, part.alignment, kv, mine))
+        files.append(OutFile(path, part.version, part.alignment, kv, mine, reserved))
     return files
 
 
@@ -138,6 +156,7 @@ def _write_one(src: Model, spec: OutFile, f: IO[bytes], on_bytes: Callable[[int]
         offset += t.nbytes + _pad(t.nbytes, align)
     header = GGUF_MAGIC + struct.pack("<IQQ", spec.version, len(spec.tensors), len(spec.kv))
     _write_all(f, header + b"".join(spec.kv) + infos)
+    kv_start = len(header)
     _write_all(f, b"\0" * _pad(f.tell(), align))
     for t in spec.tensors:
         written = 0
@@ -154,6 +173,9 @@ def _write_one(src: Model, spec: OutFile, f: IO[bytes], on_bytes: Callable[[int]
         if written != t.nbytes:
             raise RuntimeError(f"internal error: {t.name} produced {written} bytes, expected {t.nbytes}")
         _write_all(f, b"\0" * _pad(written, align))
+    for offset, slot in spec.reserved:
+        value = slot.fill().encode()[: slot.width].ljust(slot.width)
+        os.pwrite(f.fileno(), value, kv_start + offset)
 
 
 def _write_all(f: IO[bytes], data: bytes | memoryview) -> None:
