@@ -275,13 +275,16 @@ def quantize_q2_k(x: np.ndarray) -> np.ndarray:
                            dmin16.view(np.uint8).reshape(nb, 2)], 1)
 
 
+def _per16(x: np.ndarray, make) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Run a scale search over the 16-value sub-blocks: scales (nb, 16), codes (nb, 16, 16)."""
+    scales, L = make(_columns(x, 16))
+    return scales.reshape(x.shape[0], 16), L.T.reshape(x.shape[0], 16, 16)
+
+
 def quantize_q3_k(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> Q3_K blocks (nb, 110): hmask[32], qs[64], scales[12], d."""
     nb = x.shape[0]
-    sub = _columns(x, 16)
-    scales, L = make_q3_quants(sub, 4)
-    scales = scales.reshape(nb, 16)
-    L = L.T.reshape(nb, 16, 16)
+    scales, L = _per16(x, lambda sub: make_q3_quants(sub, 4))
     _, max_scale = _first_max_abs(scales)
     has = max_scale != 0
     with np.errstate(divide="ignore"):
@@ -370,15 +373,8 @@ def quantize_q5_k(x: np.ndarray) -> np.ndarray:
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> Q6_K blocks (nb, 210): ql[128], qh[64], scales[16] (int8), d."""
     nb = x.shape[0]
-    sub = _columns(x, 16)
-    scales, L = make_qx_quants(sub, 32)
-    scales = scales.reshape(nb, 16)
-    L = L.T.reshape(nb, 16, 16)
-    # C: the first scale whose |.| beats the running max (from 0, so NaN never wins)
-    mag = np.where(np.isnan(scales), F32(-1), np.abs(scales))
-    first_max = mag.argmax(axis=1)
-    max_abs = mag[np.arange(nb), first_max]
-    max_scale = np.where(max_abs > 0, scales[np.arange(nb), first_max], F32(0))
+    scales, L = _per16(x, lambda sub: make_qx_quants(sub, 32))
+    max_abs, max_scale = _first_max_abs(scales)
     empty = max_abs < GROUP_MAX_EPS
     with np.errstate(divide="ignore"):
         iscale = F32(-128) / np.where(empty, F32(1), max_scale)
