@@ -110,6 +110,9 @@ def _check_output(inputs: list[Path], outputs: list[Path], force: bool) -> None:
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Worker processes for the edit. Default: all cores for large edits, 1 for small ones.")
 @click.option("--merge", is_flag=True, help="Write a split input as one OUTPUT file instead of parts like it.")
+@click.option("--format", "out_format", type=click.Choice(["gguf", "lora"]), default="gguf", show_default=True,
+              help="gguf: the whole edited model. lora: the edit as an exact rank-1 LoRA adapter for "
+                   "llama.cpp (--lora), a few hundred KB.")
 @click.option("--verify", is_flag=True,
               help="Before OUTPUT takes its place, re-read it: types, shapes, offsets, untouched tensors byte-identical.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -117,7 +120,8 @@ def _check_output(inputs: list[Path], outputs: list[Path], force: bool) -> None:
 @_user_errors
 def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse: bool, scale: float,
              layers: str | None, embeddings: bool | None, requant_type: GGMLQuantizationType | None,
-             force: bool, jobs: int | None, merge: bool, verify: bool, quiet: bool, verbose: bool) -> None:
+             force: bool, jobs: int | None, merge: bool, out_format: str, verify: bool, quiet: bool,
+             verbose: bool) -> None:
     from tqdm import tqdm
 
     from gguf_abliterate.directions import load_direction
@@ -142,6 +146,16 @@ def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse:
     if verbose:
         for e in plan.edits.values():
             say(f"  {e.name}  {e.src_type.name} -> {e.out_type.name}")
+    if out_format == "lora":
+        from gguf_abliterate.edit import provenance
+        from gguf_abliterate.exports import write_lora
+
+        skipped = write_lora(model, plan, direction, opts, output_path, provenance(plan, opts, direction))
+        if skipped:
+            say(f"note: an adapter cannot hold {len(skipped)} of the edits (biases, expert stacks, token_embd): "
+                f"{', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}")
+        say(f"wrote {output_path} (LoRA adapter: llama-cli -m {input_path} --lora {output_path})")
+        return
     total = output_nbytes(model, plan)
     from gguf_abliterate.fidelity import Report
 
@@ -408,7 +422,7 @@ def demo_cmd(ctx: click.Context, model_path: Path | None, out_dir: Path, limit: 
         click.echo(f"== {mode} model", err=True)
         ctx.invoke(edit_cmd, input_path=src, output_path=outputs[mode], direction_path=direction,
                    reverse=mode == "reverse", scale=1.0, layers=None, embeddings=None, requant_type=None, force=True,
-                   jobs=None, merge=False, verify=False, quiet=True, verbose=False)
+                   jobs=None, merge=False, out_format="gguf", verify=False, quiet=True, verbose=False)
         stage(f"edit ({mode})")
     click.echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
     ctx.invoke(eval_cmd, models=(src, outputs["abliterated"], outputs["reverse"]), harmful=None, harmless=None,

@@ -1,0 +1,66 @@
+"""The edit as a small file instead of a whole model: a rank-1 LoRA adapter for llama.cpp.
+
+`W' = W + coef * u (u^T W)` is exactly `W + B A` with `A = u^T W` (1 x n_in, from this very
+file's dequantized weights) and `B = coef * u` (n_out x 1). llama.cpp applies an adapter as
+`W x + scale * alpha / r * B (A x)`; with alpha = r = 1 and `--lora` (scale 1) that is the
+float edit. Only 2-D writer matrices are expressible: biases, MoE expert stacks and
+token_embd (llama.cpp aborts on an adapter for a tied token_embd) are left out, and said so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFValueType, GGUFWriter
+
+from gguf_abliterate.directions import Direction
+from gguf_abliterate.edit import EditOptions, EditPlan, _axis_vector
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.gguf_io import Model
+
+
+def lora_pieces(model: Model, plan: EditPlan, direction: Direction,
+                opts: EditOptions) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """{tensor name: (A (1, n_in), B (n_out, 1))} and what could not be expressed."""
+    pieces, skipped = {}, []
+    for name, edit in plan.edits.items():
+        if edit.kind != "matrix" or len(model.tensors[name].shape) != 2:
+            skipped.append(name)
+            continue
+        u = _axis_vector(model, edit, direction).astype(np.float32)
+        a = (u @ model.values(name)).astype(np.float32)[None, :]
+        pieces[name] = (a, (opts.coef * u)[:, None].astype(np.float32))
+    return pieces, skipped
+
+
+def write_lora(model: Model, plan: EditPlan, direction: Direction, opts: EditOptions, out: Path,
+               provenance: dict[str, str | bool | int | float]) -> list[str]:
+    """Write the adapter GGUF (under a temporary name, renamed when complete); returns the
+    names of the edits it leaves out."""
+    pieces, skipped = lora_pieces(model, plan, direction, opts)
+    if not pieces:
+        raise UserError("nothing to put in an adapter: the edit touches no 2-D writer matrix")
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        w = GGUFWriter(str(tmp), model.arch)
+        w.add_string("general.type", "adapter")
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", 1.0)
+        for key, value in provenance.items():
+            w.add_key_value(key, value, _VTYPES.get(type(value), GGUFValueType.STRING))
+        for name, (a, b) in pieces.items():
+            w.add_tensor(f"{name}.lora_a", a)
+            w.add_tensor(f"{name}.lora_b", b)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return skipped
+
+
+_VTYPES = {bool: GGUFValueType.BOOL, int: GGUFValueType.INT64, float: GGUFValueType.FLOAT32}
