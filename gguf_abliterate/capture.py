@@ -121,6 +121,20 @@ class LlamaModel:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
+    def set_control_vector(self, vectors: dict[int, np.ndarray] | None) -> None:
+        """Add vectors[L] to the output of block L (llama.cpp's control-vector adapter); None clears."""
+        ll = self.ll
+        if not vectors:
+            ll.llama_set_adapter_cvec(self.ctx, None, 0, self.n_embd, -1, -1)
+            return
+        data = np.zeros((self.n_layer - 1, self.n_embd), np.float32)  # row 0 is block 1
+        for block, v in vectors.items():
+            data[block - 1] = v
+        rc = ll.llama_set_adapter_cvec(self.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), data.size,
+                                       self.n_embd, min(vectors), max(vectors))
+        if rc != 0:
+            raise UserError("llama.cpp refused the control vector")
+
     # -- prompts ------------------------------------------------------------------------------
 
     def render(self, prompt: str) -> str:

@@ -64,3 +64,45 @@ def write_lora(model: Model, plan: EditPlan, direction: Direction, opts: EditOpt
 
 
 _VTYPES = {bool: GGUFValueType.BOOL, int: GGUFValueType.INT64, float: GGUFValueType.FLOAT32}
+
+
+def control_vectors(direction_path: Path, n_layer: int, blocks: frozenset[int], scale: float) -> dict[int, np.ndarray]:
+    """{block: vector added to that block's output}: scale times the block's direction (per-layer
+    directions from a `direction` .safetensors file, else the one vector), times the block's
+    mean-difference norm when the file has one, so scale 1 adds the measured difference."""
+    from safetensors import safe_open
+
+    from gguf_abliterate.directions import load_direction, normalise
+
+    d = load_direction(direction_path)
+    rows = np.broadcast_to(d.vectors, (n_layer, d.n_embd)) if not d.per_layer else d.vectors
+    norms = np.ones(n_layer, np.float32)
+    if direction_path.suffix.lower() == ".safetensors":
+        with safe_open(str(direction_path), framework="numpy") as f:
+            if "directions" in f.keys():
+                rows = normalise(f.get_tensor("directions"))
+            if "diff_norm" in f.keys():
+                norms = f.get_tensor("diff_norm").astype(np.float32)
+    if rows.shape[0] != n_layer:
+        raise UserError(f"{direction_path}: {rows.shape[0]} layers of directions, the model has {n_layer}")
+    if 0 in blocks:
+        raise UserError("llama.cpp control vectors cannot act on block 0; use --layers 1-...")
+    return {b: (scale * norms[b] * rows[b]).astype(np.float32) for b in sorted(blocks)}
+
+
+def write_control_vector(vectors: dict[int, np.ndarray], arch: str, n_layer: int, out: Path) -> None:
+    """llama.cpp's control-vector GGUF: `direction.N` is added to the output of block N (l_out-N)."""
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        w = GGUFWriter(str(tmp), "controlvector")
+        w.add_string("controlvector.model_hint", arch)
+        w.add_int32("controlvector.layer_count", len(vectors))
+        for block, v in vectors.items():
+            w.add_tensor(f"direction.{block}", v)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -57,3 +57,31 @@ def test_lora_adapter_reproduces_the_float_edit(arch: str, tiny: dict[str, Path]
     assert kl_divergence(edited, with_lora) <= 1e-3
     if arch != "llama":  # llama's fixture has output biases, which an adapter cannot edit
         assert cos > 0.95
+
+
+def test_control_vector_shifts_exactly_the_chosen_block(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from gguf_abliterate.capture import LlamaModel
+    from gguf_abliterate.directions import save_direction
+
+    src = tiny["qwen2"]
+    rows = np.stack([random_direction(256, seed=20 + i) for i in range(4)])
+    save_direction(tmp_path / "d.safetensors", rows[2], {"layer": "2"},
+                   {"directions": rows, "diff_norm": np.array([1, 2, 3, 4], np.float32)})
+    out = tmp_path / "cv.gguf"
+    run = cli("cvector", tmp_path / "d.safetensors", out, "--model", src, "--layers", "2", "--scale", "0.5")
+    assert run.returncode == 0, run.stderr
+    cv = GGUFFile(out)
+    assert cv.get("general.architecture") == "controlvector" and cv.get("controlvector.model_hint") == "qwen2"
+    assert list(cv.tensors) == ["direction.2"]
+    v = np.array(cv.map[cv.tensors["direction.2"].data_offset:][:1024].view(np.float32))
+    want = 0.5 * 3 * rows[2] / np.linalg.norm(rows[2])
+    assert np.allclose(v, want, atol=1e-6)
+    prompts = ["how to bake a bread", "the sky"]
+    with LlamaModel(src, chat=False) as m:
+        before = m.residuals(prompts)
+        m.set_control_vector({2: v})
+        after = m.residuals(prompts)
+    assert np.abs(after[:, :2] - before[:, :2]).max() == 0  # earlier blocks untouched
+    assert np.allclose(after[:, 2] - before[:, 2], v[None, :], atol=1e-4)  # exactly v at block 2
+    run = cli("cvector", tmp_path / "d.safetensors", tmp_path / "x.gguf", "--model", src, "--layers", "0")
+    assert run.returncode != 0 and "block 0" in run.stderr
