@@ -93,8 +93,7 @@ def _check_output(inputs: list[Path], outputs: list[Path], force: bool) -> None:
 
 
 @cli.command("edit", help=EDIT_HELP)
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, metavar="INPUT OUTPUT", type=click.Path(path_type=Path))
 @click.option("--direction", "direction_path", required=True, type=click.Path(path_type=Path),
               help="Direction file: .npy or .safetensors, one vector (n_embd) or one per block (n_layer, n_embd).")
 @click.option("--reverse", is_flag=True, help="Amplify the direction (W + S u u^T W) instead of removing it.")
@@ -115,21 +114,41 @@ def _check_output(inputs: list[Path], outputs: list[Path], force: bool) -> None:
                    "llama.cpp (--lora), a few hundred KB.")
 @click.option("--verify", is_flag=True,
               help="Before OUTPUT takes its place, re-read it: types, shapes, offsets, untouched tensors byte-identical.")
+@click.option("--ollama", "ollama_name", metavar="MODEL[:TAG]",
+              help="Take INPUT from the local Ollama store (give only OUTPUT); a Modelfile with the "
+                   "original template, system prompt and parameters is written beside OUTPUT.")
+@click.option("--lmstudio", is_flag=True,
+              help="Put OUTPUT (a file name) under LM Studio's models folder, local/<name>/, so the app lists it.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="List every edited tensor.")
 @_user_errors
-def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse: bool, scale: float,
+def edit_cmd(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale: float,
              layers: str | None, embeddings: bool | None, requant_type: GGMLQuantizationType | None,
-             force: bool, jobs: int | None, merge: bool, out_format: str, verify: bool, quiet: bool,
-             verbose: bool) -> None:
+             force: bool, jobs: int | None, merge: bool, out_format: str, verify: bool, ollama_name: str | None,
+             lmstudio: bool, quiet: bool, verbose: bool) -> None:
     from tqdm import tqdm
 
     from gguf_abliterate.directions import load_direction
     from gguf_abliterate.edit import EditOptions, apply_edit, format_layers, output_nbytes, parse_layers, plan_edit
     from gguf_abliterate.gguf_io import Model, output_paths
 
+    from gguf_abliterate import apps
+
     if not (scale >= 0 and scale != float("inf")):
         raise UserError("--scale must be a finite number >= 0 (use --reverse to amplify)")
+    ollama = None
+    if ollama_name:
+        if len(paths) != 1:
+            raise UserError("with --ollama give only OUTPUT: the input comes from the Ollama store")
+        ollama = apps.resolve_ollama(ollama_name)
+        input_path, output_path = ollama.gguf, paths[0]
+    elif len(paths) != 2:
+        raise UserError("expected INPUT OUTPUT (see --help)")
+    else:
+        input_path, output_path = paths
+    if lmstudio:
+        output_path = apps.lmstudio_path(output_path.name)
+        output_path.parent.mkdir(parents=True, exist_ok=True)
     _check_output([input_path], [output_path], force)
     model = Model(input_path)
     _check_output([p.path for p in model.parts], output_paths(model, output_path, merge), force)
@@ -166,6 +185,11 @@ def edit_cmd(input_path: Path, output_path: Path, direction_path: Path, reverse:
                              reports.append if verify else None, merge, jobs, fidelity)
     for report in reports:
         say(report)
+    if ollama is not None:
+        mf = output_path.parent / "Modelfile"
+        mf.write_text(apps.modelfile(output_path.name, ollama))
+        say(f"wrote {mf}; import with: cd {output_path.parent} && ollama create "
+            f"{ollama.name.split(':')[0].split('/')[-1]}-abliterated -f Modelfile")
     summary = fidelity.summary()
     if summary:
         what = "error of the amplified component" if reverse else "share of the removed component put back"
@@ -420,9 +444,10 @@ def demo_cmd(ctx: click.Context, model_path: Path | None, out_dir: Path, limit: 
     for mode in ("abliterated", "reverse"):
         outputs[mode] = out_dir / f"{stem}-{mode}.gguf"
         click.echo(f"== {mode} model", err=True)
-        ctx.invoke(edit_cmd, input_path=src, output_path=outputs[mode], direction_path=direction,
+        ctx.invoke(edit_cmd, paths=(src, outputs[mode]), direction_path=direction,
                    reverse=mode == "reverse", scale=1.0, layers=None, embeddings=None, requant_type=None, force=True,
-                   jobs=None, merge=False, out_format="gguf", verify=False, quiet=True, verbose=False)
+                   jobs=None, merge=False, out_format="gguf", verify=False, ollama_name=None, lmstudio=False,
+                   quiet=True, verbose=False)
         stage(f"edit ({mode})")
     click.echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
     ctx.invoke(eval_cmd, models=(src, outputs["abliterated"], outputs["reverse"]), harmful=None, harmless=None,

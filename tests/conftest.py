@@ -65,10 +65,10 @@ class Run:
     stderr: str
 
 
-def cli(*args: str | Path, cwd: Path | None = None) -> Run:
-    """Run the real command line in a subprocess, as a user would."""
+def cli(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> Run:
+    """Run the real command line in a subprocess, as a user would (`env` adds variables)."""
     p = subprocess.run([sys.executable, "-m", "gguf_abliterate", *map(str, args)],
-                       capture_output=True, text=True, cwd=cwd)
+                       capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})})
     return Run(p.returncode, p.stdout, p.stderr)
 
 
