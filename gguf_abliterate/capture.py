@@ -121,6 +121,21 @@ class LlamaModel:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
+    def set_lora(self, path: Path | None, scale: float = 1.0) -> None:
+        """Apply a LoRA adapter GGUF to this context (None removes it)."""
+        ll = self.ll
+        if path is None:
+            ll.llama_set_adapters_lora(self.ctx, None, 0, None)
+            return
+        adapter = ll.llama_adapter_lora_init(self.model, str(path).encode())
+        if not adapter:
+            raise UserError(f"{path}: llama.cpp could not load this adapter")
+        self._adapters = getattr(self, "_adapters", []) + [adapter]  # freed with the model
+        arr = (ll.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(scale)
+        if ll.llama_set_adapters_lora(self.ctx, arr, 1, scales) != 0:
+            raise UserError(f"{path}: llama.cpp refused the adapter")
+
     def set_control_vector(self, vectors: dict[int, np.ndarray] | None) -> None:
         """Add vectors[L] to the output of block L (llama.cpp's control-vector adapter); None clears."""
         ll = self.ll

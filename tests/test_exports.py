@@ -85,3 +85,29 @@ def test_control_vector_shifts_exactly_the_chosen_block(tiny: dict[str, Path], t
     assert np.allclose(after[:, 2] - before[:, 2], v[None, :], atol=1e-4)  # exactly v at block 2
     run = cli("cvector", tmp_path / "d.safetensors", tmp_path / "x.gguf", "--model", src, "--layers", "0")
     assert run.returncode != 0 and "block 0" in run.stderr
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_lora_hidden_states_match_the_float_edit(arch: str, tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Through the capture hook: with the adapter, the component along r of every block's
+    output matches the F32-stored edit's within 1% (relative to how far the edit moved it)."""
+    from gguf_abliterate.capture import LlamaModel
+
+    src = tiny[arch]
+    r = random_direction(256, seed=4)
+    np.save(tmp_path / "d.npy", r)
+    r = r / np.linalg.norm(r)
+    adapter, f32 = tmp_path / "a.gguf", tmp_path / "f32.gguf"
+    assert cli(src, adapter, "--direction", tmp_path / "d.npy", "--format", "lora", "-q").returncode == 0
+    assert cli(src, f32, "--direction", tmp_path / "d.npy", "--requant-type", "f32", "--no-embeddings",
+               "-q").returncode == 0
+    prompts = ["how to bake a bread", "the sky is blue today"]
+    with LlamaModel(f32, chat=False) as m:
+        edited = m.residuals(prompts) @ r
+    with LlamaModel(src, chat=False) as m:
+        base = m.residuals(prompts) @ r
+        m.set_lora(adapter)
+        with_lora = m.residuals(prompts) @ r
+    moved = np.abs(edited - base).max()
+    assert moved > 0.1
+    assert np.abs(with_lora - edited).max() <= 0.01 * moved, (np.abs(with_lora - edited).max(), moved)
