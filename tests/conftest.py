@@ -27,6 +27,7 @@ TINY_SPECS = {
     "gemma3": TinySpec(arch="gemma3", types={"attn_output": Q.Q8_0, "ffn_down": Q.Q5_1}),
     "qwen2moe": TinySpec(arch="qwen2moe", tied=False, types={"ffn_down_exps": Q.Q4_0, "ffn_down_shexp": Q.Q5_0}),
     "llama-kquant": TinySpec(arch="llama", types={"attn_output": Q.Q4_K, "ffn_down": Q.Q6_K, "token_embd": Q.Q5_K}),
+    "llama-nobias": TinySpec(arch="llama", types={"attn_output": Q.Q4_0, "ffn_down": Q.Q5_0}, seed=3),
     "llama-iq2": TinySpec(arch="llama", types={"attn_output": Q.IQ2_XXS, "ffn_down": Q.Q4_K}),
 }
 
