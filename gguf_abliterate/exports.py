@@ -42,17 +42,24 @@ def write_lora(model: Model, plan: EditPlan, direction: Direction, opts: EditOpt
     pieces, skipped = lora_pieces(model, plan, direction, opts)
     if not pieces:
         raise UserError("nothing to put in an adapter: the edit touches no 2-D writer matrix")
+    kv = {"general.type": "adapter", "adapter.type": "lora", "adapter.lora.alpha": 1.0, **provenance}
+    tensors = {}
+    for name, (a, b) in pieces.items():
+        tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = a, b
+    _write_small_gguf(out, model.arch, kv, tensors)
+    return skipped
+
+
+def _write_small_gguf(out: Path, arch: str, kv: dict[str, str | bool | int | float | np.int32],
+                      tensors: dict[str, np.ndarray]) -> None:
+    """A fresh (small, in-memory) GGUF through gguf-py, under a temporary name renamed when complete."""
     tmp = out.with_name(f".{out.name}.partial")
     try:
-        w = GGUFWriter(str(tmp), model.arch)
-        w.add_string("general.type", "adapter")
-        w.add_string("adapter.type", "lora")
-        w.add_float32("adapter.lora.alpha", 1.0)
-        for key, value in provenance.items():
+        w = GGUFWriter(str(tmp), arch)
+        for key, value in kv.items():
             w.add_key_value(key, value, _VTYPES.get(type(value), GGUFValueType.STRING))
-        for name, (a, b) in pieces.items():
-            w.add_tensor(f"{name}.lora_a", a)
-            w.add_tensor(f"{name}.lora_b", b)
+        for name, data in tensors.items():
+            w.add_tensor(name, data)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -60,10 +67,10 @@ def write_lora(model: Model, plan: EditPlan, direction: Direction, opts: EditOpt
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return skipped
 
 
-_VTYPES = {bool: GGUFValueType.BOOL, int: GGUFValueType.INT64, float: GGUFValueType.FLOAT32}
+_VTYPES = {bool: GGUFValueType.BOOL, int: GGUFValueType.INT64, float: GGUFValueType.FLOAT32,
+           np.int32: GGUFValueType.INT32}
 
 
 def control_vectors(direction_path: Path, n_layer: int, blocks: frozenset[int], scale: float) -> dict[int, np.ndarray]:
@@ -92,17 +99,5 @@ def control_vectors(direction_path: Path, n_layer: int, blocks: frozenset[int], 
 
 def write_control_vector(vectors: dict[int, np.ndarray], arch: str, n_layer: int, out: Path) -> None:
     """llama.cpp's control-vector GGUF: `direction.N` is added to the output of block N (l_out-N)."""
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        w = GGUFWriter(str(tmp), "controlvector")
-        w.add_string("controlvector.model_hint", arch)
-        w.add_int32("controlvector.layer_count", len(vectors))
-        for block, v in vectors.items():
-            w.add_tensor(f"direction.{block}", v)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_small_gguf(out, "controlvector", {"controlvector.model_hint": arch, "controlvector.layer_count": np.int32(len(vectors))},
+                      {f"direction.{block}": v for block, v in vectors.items()})
