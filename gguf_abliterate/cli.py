@@ -149,7 +149,6 @@ def edit_cmd(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale
     if lmstudio:
         output_path = apps.lmstudio_path(output_path.name)
         output_path.parent.mkdir(parents=True, exist_ok=True)
-    _check_output([input_path], [output_path], force)
     model = Model(input_path)
     _check_output([p.path for p in model.parts], output_paths(model, output_path, merge), force)
     direction = load_direction(direction_path)

@@ -168,7 +168,7 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True) -> EditPlan:
     return plan
 
 
-def _axis_vector(model: Model, edit: TensorEdit, direction: Direction) -> np.ndarray:
+def axis_vector(model: Model, edit: TensorEdit, direction: Direction) -> np.ndarray:
     """The unit vector u the tensor is projected with (Gemma post-norms: g*r/||g*r||)."""
     r = direction.for_block(edit.block)
     if edit.post_norm is None:
@@ -303,7 +303,7 @@ def output_tensors(model: Model, plan: EditPlan, direction: Direction, opts: Edi
         if edit is None or (coef == 0 and edit.out_type == edit.src_type):
             out.append(OutTensor(name, dims, t.tensor_type, copy_of=name))
             continue
-        u = _axis_vector(model, edit, direction)
+        u = axis_vector(model, edit, direction)
         mine = [(edit, u, coef, first, count) for first, count in edit_units(model, edit)]
         tasks += mine
         if runner is None:

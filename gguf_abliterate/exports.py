@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGUFValueType, GGUFWriter
 
 from gguf_abliterate.directions import Direction
-from gguf_abliterate.edit import EditOptions, EditPlan, _axis_vector
+from gguf_abliterate.edit import EditOptions, EditPlan, axis_vector
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
 
@@ -29,7 +29,7 @@ def lora_pieces(model: Model, plan: EditPlan, direction: Direction,
         if edit.kind != "matrix" or len(model.tensors[name].shape) != 2:
             skipped.append(name)
             continue
-        u = _axis_vector(model, edit, direction).astype(np.float32)
+        u = axis_vector(model, edit, direction).astype(np.float32)
         a = (u @ model.values(name)).astype(np.float32)[None, :]
         pieces[name] = (a, (opts.coef * u)[:, None].astype(np.float32))
     return pieces, skipped
