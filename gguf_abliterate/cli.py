@@ -105,6 +105,9 @@ def _check_output(inputs: list[Path], outputs: list[Path], force: bool) -> None:
               help="Edit token_embd too. Default: yes, unless it is tied to the output head.")
 @click.option("--requant-type", type=click.Choice(_WRITABLE, case_sensitive=False), callback=_qtype,
               help="Store the edited matrices as this type instead of their own (e.g. f32, f16, q8_0).")
+@click.option("--rounding", type=click.Choice(["aware", "nearest"]), default="aware", show_default=True,
+              help="aware: keep ggml's block scales but re-round single codes so requantization does not "
+                   "put the removed component back (snap-back); nearest: plain ggml rounding.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new file is complete).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Worker processes for the edit. Default: all cores for large edits, 1 for small ones.")
@@ -124,7 +127,7 @@ def _check_output(inputs: list[Path], outputs: list[Path], force: bool) -> None:
 @_user_errors
 def edit_cmd(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale: float,
              layers: str | None, embeddings: bool | None, requant_type: GGMLQuantizationType | None,
-             force: bool, jobs: int | None, merge: bool, out_format: str, verify: bool, ollama_name: str | None,
+             rounding: str, force: bool, jobs: int | None, merge: bool, out_format: str, verify: bool, ollama_name: str | None,
              lmstudio: bool, quiet: bool, verbose: bool) -> None:
     from tqdm import tqdm
 
@@ -153,7 +156,7 @@ def edit_cmd(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale
     _check_output([p.path for p in model.parts], output_paths(model, output_path, merge), force)
     direction = load_direction(direction_path)
     direction.check_fits(model.n_layer, model.n_embd, model.arch)
-    opts = EditOptions(reverse, scale, parse_layers(layers, model.n_layer), embeddings, requant_type)
+    opts = EditOptions(reverse, scale, parse_layers(layers, model.n_layer), embeddings, requant_type, rounding)
     plan = plan_edit(model, opts)
     say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     for notice in plan.notices:
@@ -444,7 +447,8 @@ def demo_cmd(ctx: click.Context, model_path: Path | None, out_dir: Path, limit: 
         outputs[mode] = out_dir / f"{stem}-{mode}.gguf"
         click.echo(f"== {mode} model", err=True)
         ctx.invoke(edit_cmd, paths=(src, outputs[mode]), direction_path=direction,
-                   reverse=mode == "reverse", scale=1.0, layers=None, embeddings=None, requant_type=None, force=True,
+                   reverse=mode == "reverse", scale=1.0, layers=None, embeddings=None, requant_type=None, rounding="aware",
+                   force=True,
                    jobs=None, merge=False, out_format="gguf", verify=False, ollama_name=None, lmstudio=False,
                    quiet=True, verbose=False)
         stage(f"edit ({mode})")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from gguf_abliterate import __version__, fidelity, quants
+from gguf_abliterate import __version__, fidelity, quants, rounding
 from gguf_abliterate.arch import EMBEDDING, LM_HEAD, WRITER_KINDS, Arch, get_arch
 from gguf_abliterate.directions import Direction, normalise
 from gguf_abliterate.errors import UserError
@@ -39,6 +39,7 @@ class EditOptions:
     layers: frozenset[int] | None = None  # None: every block
     embeddings: bool | None = None  # None: on unless the embeddings are tied to the LM head
     requant_type: GGMLQuantizationType | None = None
+    rounding: str = "aware"  # "aware": keep the edit through requantization; "nearest": ggml's
 
     @property
     def coef(self) -> float:
@@ -56,6 +57,7 @@ class TensorEdit:
     src_type: GGMLQuantizationType
     out_type: GGMLQuantizationType
     post_norm: str | None = None  # norm weight g: project with u = g*r/||g*r||
+    aware: bool = False  # re-round the codes so the edit survives requantization
 
 
 @dataclass
@@ -141,7 +143,8 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True) -> EditPlan:
         out = _out_type(name, t.tensor_type, opts, int(t.shape[0]), is_bias, strict)
         if post_norm is not None and post_norm not in model.tensors:
             raise UserError(f"{arch.name} model lacks {post_norm}, needed to edit {name}")
-        plan.edits[name] = TensorEdit(name, kind, block, t.tensor_type, out, post_norm)
+        aware = opts.rounding == "aware" and not is_bias and rounding.supports(out)
+        plan.edits[name] = TensorEdit(name, kind, block, t.tensor_type, out, post_norm, aware)
 
     embeddings = opts.embeddings if opts.embeddings is not None else not tied
     if embeddings:
@@ -229,14 +232,15 @@ def edit_unit(model: Model, edit: TensorEdit, u: np.ndarray, coef: float, first:
                                                 edit.src_type)
         before = u @ w
         project_residual_rows(w, u, coef)
-        pieces, written, err2 = [], np.zeros(row_len, np.float64), 0.0
+        data = np.concatenate([_requantize(w[i : i + step], edit) for i in range(0, count, step)])
+        if edit.aware:
+            data = rounding.keep_edit(data, w, u, edit.out_type, True, before)
+        written, err2 = np.zeros(row_len, np.float64), 0.0
         for i in range(0, count, step):
-            data = _requantize(w[i : i + step], edit)
-            back = quants.dequantize(data, edit.out_type)
+            back = quants.dequantize(data[i : i + step], edit.out_type)
             written += u[i : i + step] @ back
             err2 += float(np.square(back - w[i : i + step], dtype=np.float64).sum())
-            pieces.append(data)
-        return np.concatenate(pieces), fidelity.piece_sums(before, u @ w, written, err2, w.size)
+        return data, fidelity.piece_sums(before, u @ w, written, err2, w.size)
     v = quants.dequantize(model.read_rows(edit.name, first, count), edit.src_type)
     before = v @ u
     if edit.kind == "bias":
@@ -244,6 +248,8 @@ def edit_unit(model: Model, edit: TensorEdit, u: np.ndarray, coef: float, first:
     else:
         project_residual_cols(v, u, coef)
     data = _requantize(v, edit)
+    if edit.aware:
+        data = rounding.keep_edit(data, v, u, edit.out_type, False, before)
     back = quants.dequantize(data, edit.out_type)
     err2 = float(np.square(back - v, dtype=np.float64).sum())
     return data, fidelity.piece_sums(before, v @ u, back @ u, err2, v.size)
@@ -264,6 +270,7 @@ def provenance(plan: EditPlan, opts: EditOptions, direction: Direction) -> dict[
         kv["abliterate.direction_layer"] = direction.metadata["layer"]
     if opts.requant_type is not None:
         kv["abliterate.requant_type"] = opts.requant_type.name
+    kv["abliterate.rounding"] = opts.rounding
     return kv
 
 

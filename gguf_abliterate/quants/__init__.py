@@ -9,6 +9,8 @@ quantizers; `can_quantize` tells which, so callers refuse the rest before writin
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as _gq
@@ -62,6 +64,7 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     if not can_quantize(qtype):
         raise NotImplementedError(f"quantizing to {qtype.name} is not supported yet")
     values = np.ascontiguousarray(values, dtype=np.float32)
+    row_bytes(qtype, values.shape[-1])  # raises unless rows are whole blocks
     if not np.isfinite(values).all():
         raise ValueError("cannot quantize NaN or Inf values")
     own = _OWN_QUANTIZE.get(qtype)
@@ -88,5 +91,11 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return data.view(np.float32)
     if qtype == Q.F16:
         return data.view(np.float16).astype(np.float32)
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    shape = (*data.shape[:-1], data.shape[-1] // ts * bs)
+    # gguf-py works through a few rows per call: short rows (single blocks) make that per-call
+    # cost dominate, so hand it rows of up to 256 blocks (blocks are independent).
+    n_blocks = data.size // ts
+    rows = data.reshape(-1, ts * math.gcd(n_blocks, 256))
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf scales in a damaged file stay visible
-        return np.asarray(_gq.dequantize(data, qtype), dtype=np.float32)
+        return np.asarray(_gq.dequantize(rows, qtype), dtype=np.float32).reshape(shape)

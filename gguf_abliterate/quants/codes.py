@@ -1,0 +1,230 @@
+"""The integer codes inside quantized blocks: read them, write them back, and what they are worth.
+
+Quantization-aware rounding keeps the block scales ggml chose and moves single codes, so it
+needs each type's code bit layout but never its scale layout. Each value ggml dequantizes
+is `a * table[code] + b`, with `a` and `b` fixed per (sub-)block by the scale bytes; `levels`
+recovers them from the engine's own dequantizer rather than a second copy of every scale
+format. One small class per type, registered by type.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from gguf_abliterate.quants import dequantize
+from gguf_abliterate.quants.iquants import KVALUES
+
+Q = GGMLQuantizationType
+F32 = np.float32
+
+
+def _nibbles(qs: np.ndarray, half: int) -> np.ndarray:
+    """Per `2*half` codes, byte j holds code j in its low nibble and code j+half in its high one."""
+    q = qs.reshape(qs.shape[0], -1, 1, half)
+    return np.concatenate([q & 0xF, q >> 4], axis=2).reshape(qs.shape[0], -1)
+
+
+def _pack_nibbles(codes: np.ndarray, half: int) -> np.ndarray:
+    q = codes.reshape(codes.shape[0], -1, 2, half)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(codes.shape[0], -1)
+
+
+def _bitplanes(b: np.ndarray) -> np.ndarray:
+    """32 bytes -> 256 bits: code j's bit is bit j//32 of byte j%32 (Q3_K hmask, Q5_K qh)."""
+    return ((b[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).reshape(b.shape[0], -1)
+
+
+def _pack_bitplanes(bits: np.ndarray) -> np.ndarray:
+    planes = bits.reshape(bits.shape[0], 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
+    return np.bitwise_or.reduce(planes, axis=1)
+
+
+def _crumbs(b: np.ndarray) -> np.ndarray:
+    """Per 128 codes, 32 bytes: byte l holds codes l, l+32, l+64, l+96 at bits 0, 2, 4, 6."""
+    q = b.reshape(b.shape[0], -1, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    return (q & 3).reshape(b.shape[0], -1)
+
+
+def _pack_crumbs(codes: np.ndarray) -> np.ndarray:
+    q = codes.reshape(codes.shape[0], -1, 4, 32) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    return np.bitwise_or.reduce(q, axis=2).reshape(codes.shape[0], -1)
+
+
+def _low_bits32(qh: np.ndarray) -> np.ndarray:
+    """A little-endian 32-bit word per block: code j's high bit is bit j (Q5_0, Q5_1)."""
+    return (qh[:, :, None] >> np.arange(8, dtype=np.uint8)[None, None, :] & 1).reshape(qh.shape[0], 32)
+
+
+def _pack_low_bits32(bits: np.ndarray) -> np.ndarray:
+    return np.bitwise_or.reduce(bits.reshape(-1, 4, 8) << np.arange(8, dtype=np.uint8), axis=2)
+
+
+class Layout:
+    """Where one type keeps its codes. `table[code]` is the multiple of the block step a code means."""
+
+    qtype: GGMLQuantizationType
+    table: np.ndarray
+
+    def get(self, blocks: np.ndarray) -> np.ndarray:
+        """uint8 blocks (nb, type_size) -> codes (nb, block_size), each in range(len(table))."""
+        raise NotImplementedError
+
+    def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
+        """Write codes into the blocks in place; scale bytes are left as they are."""
+        raise NotImplementedError
+
+
+LAYOUTS: dict[GGMLQuantizationType, Layout] = {}
+
+
+def _register(cls: type[Layout]) -> type[Layout]:
+    LAYOUTS[cls.qtype] = cls()
+    return cls
+
+
+class _Nibbles32(Layout):
+    """4-bit codes after `start` scale bytes, two per byte, halves of 32."""
+
+    start = 2
+
+    def get(self, blocks: np.ndarray) -> np.ndarray:
+        return _nibbles(blocks[:, self.start :], 16)
+
+    def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
+        blocks[:, self.start :] = _pack_nibbles(codes, 16)
+
+
+@_register
+class Q4_0(_Nibbles32):
+    qtype, table = Q.Q4_0, np.arange(-8, 8, dtype=F32)
+
+
+@_register
+class Q4_1(_Nibbles32):
+    qtype, table, start = Q.Q4_1, np.arange(16, dtype=F32), 4
+
+
+@_register
+class IQ4_NL(_Nibbles32):
+    qtype, table = Q.IQ4_NL, KVALUES
+
+
+@_register
+class IQ4_XS(_Nibbles32):
+    qtype, table, start = Q.IQ4_XS, KVALUES, 8
+
+
+class _Q5(Layout):
+    """Q5_0/Q5_1: 4-bit nibbles plus a 32-bit word of high bits."""
+
+    start = 2
+
+    def get(self, blocks: np.ndarray) -> np.ndarray:
+        low = _nibbles(blocks[:, self.start + 4 :], 16)
+        return low | (_low_bits32(blocks[:, self.start : self.start + 4]) << 4)
+
+    def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
+        blocks[:, self.start : self.start + 4] = _pack_low_bits32(codes >> 4)
+        blocks[:, self.start + 4 :] = _pack_nibbles(codes & 0xF, 16)
+
+
+@_register
+class Q5_0(_Q5):
+    qtype, table = Q.Q5_0, np.arange(-16, 16, dtype=F32)
+
+
+@_register
+class Q5_1(_Q5):
+    qtype, table, start = Q.Q5_1, np.arange(32, dtype=F32), 4
+
+
+@_register
+class Q8_0(Layout):
+    qtype, table = Q.Q8_0, np.arange(-128, 128, dtype=F32)
+
+    def get(self, blocks: np.ndarray) -> np.ndarray:
+        return blocks[:, 2:] ^ np.uint8(0x80)  # int8 q -> q + 128
+
+    def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
+        blocks[:, 2:] = codes ^ np.uint8(0x80)
+
+
+@_register
+class Q2_K(Layout):
+    qtype, table = Q.Q2_K, np.arange(4, dtype=F32)
+
+    def get(self, blocks: np.ndarray) -> np.ndarray:
+        return _crumbs(blocks[:, 16:80])
+
+    def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
+        blocks[:, 16:80] = _pack_crumbs(codes)
+
+
+@_register
+class Q3_K(Layout):
+    """Code = low 2 bits + 4 * hmask bit; ggml's value is d_sub * (code - 4)."""
+
+    qtype, table = Q.Q3_K, np.arange(-4, 4, dtype=F32)
+
+    def get(self, blocks: np.ndarray) -> np.ndarray:
+        return _crumbs(blocks[:, 32:96]) | (_bitplanes(blocks[:, 0:32]) << 2)
+
+    def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
+        blocks[:, 0:32] = _pack_bitplanes(codes >> 2)
+        blocks[:, 32:96] = _pack_crumbs(codes & 3)
+
+
+@_register
+class Q4_K(Layout):
+    qtype, table = Q.Q4_K, np.arange(16, dtype=F32)
+
+    def get(self, blocks: np.ndarray) -> np.ndarray:
+        return _nibbles(blocks[:, 16:], 32)
+
+    def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
+        blocks[:, 16:] = _pack_nibbles(codes, 32)
+
+
+@_register
+class Q5_K(Layout):
+    qtype, table = Q.Q5_K, np.arange(32, dtype=F32)
+
+    def get(self, blocks: np.ndarray) -> np.ndarray:
+        return _nibbles(blocks[:, 48:], 32) | (_bitplanes(blocks[:, 16:48]) << 4)
+
+    def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
+        blocks[:, 16:48] = _pack_bitplanes(codes >> 4)
+        blocks[:, 48:] = _pack_nibbles(codes & 0xF, 32)
+
+
+@_register
+class Q6_K(Layout):
+    qtype, table = Q.Q6_K, np.arange(-32, 32, dtype=F32)
+
+    def get(self, blocks: np.ndarray) -> np.ndarray:
+        return _nibbles(blocks[:, :128], 64) | (_crumbs(blocks[:, 128:192]) << 4)
+
+    def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
+        blocks[:, :128] = _pack_nibbles(codes & 0xF, 64)
+        blocks[:, 128:192] = _pack_crumbs(codes >> 4)
+
+
+def levels(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
+    """Per value, (a, b) such that code c dequantizes to about `a * table[c] + b`.
+
+    Found by dequantizing the blocks with every code set to the level nearest zero, then to
+    the next: exact up to float32 rounding, which is all a rounding decision needs (the bytes
+    written are measured exactly afterwards).
+    """
+    layout = LAYOUTS[qtype]
+    bs = GGML_QUANT_SIZES[qtype][0]
+    first = int(np.abs(layout.table).argmin())
+    probe = blocks.copy()
+    vals = []
+    for code in (first, first + 1):
+        layout.put(probe, np.full((blocks.shape[0], bs), code, np.uint8))
+        vals.append(dequantize(probe, qtype).reshape(blocks.shape[0], bs))
+    t0, t1 = layout.table[first], layout.table[first + 1]
+    a = (vals[1] - vals[0]) / (t1 - t0)
+    return a, vals[0] - a * t0

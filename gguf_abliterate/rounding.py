@@ -1,0 +1,129 @@
+"""Quantization-aware rounding: requantize an edited tensor so the edit survives.
+
+Rounding each edited weight to its nearest code adds an error E whose component along the
+edit axis, u^T E, puts back part of what the projection removed ("snap-back"). Here the
+block scales stay those ggml's quantizer chose for the edited weights, and single codes move
+to the neighbouring level where that cancels u^T E at the least cost in squared weight error:
+
+For every group of values that sums into one component (a matrix column over its residual
+rows; an embedding row over its residual columns), with residual r = sum_i u_i e_i, each
+value i offers one move (to the level above or below, whichever pushes r towards zero) with
+gain g_i = |u_i delta_i| and cost c_i = (e_i + delta_i)^2 - e_i^2. The moves are taken
+cheapest-per-gain first, as many as bring |r| closest to zero, and the search repeats on what
+is left with ever smaller moves (a move is only offered if g_i < 2|r|, so |r| never grows).
+About sqrt(rows) moves per column suffice, out of rows * columns values, so the weight error
+barely changes. Moving back a code moved in an earlier pass is a move like any other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from gguf_abliterate.quants import codes
+
+# values handled at once: the search holds about a dozen temporaries of this size
+GROUP_VALUES = 1 << 18
+PASSES = 12
+# moves considered per group and pass; a pass needs about 0.3 * sqrt(group size) of them
+CANDIDATES = 64
+# a group is done when its error component is below this fraction of the RMS component the
+# edit acted on (its size before the edit)
+TOLERANCE = 1e-3
+
+
+def supports(qtype: GGMLQuantizationType) -> bool:
+    """Whether the type has codes this module can move (every integer-coded type)."""
+    return qtype in codes.LAYOUTS
+
+
+def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, u: np.ndarray,
+            table: np.ndarray, tol: float) -> None:
+    """Move codes (groups, n) in place so that each group's u-weighted error is near zero."""
+    n_groups, n = code.shape
+    # padded so that code-1 and code+1 index safely; NaN marks "no level there"
+    padded = np.concatenate([[np.nan], table, [np.nan]]).astype(np.float32)
+    idx = code.astype(np.int64) + 1
+    err = a * padded[idx] + b - target
+    u64 = u.astype(np.float64)
+    rows = np.arange(n_groups)
+    k = min(CANDIDATES, n)
+    live = rows
+    for _ in range(PASSES):
+        r = err[live].astype(np.float64) @ u64
+        busy = np.abs(r) > tol
+        live, r = live[busy], r[busy]
+        if live.size == 0:
+            break
+        want = -np.sign(r).astype(np.float32)[:, None]
+        here = padded[idx[live]]
+        up = a[live] * (padded[idx[live] + 1] - here)
+        down = a[live] * (padded[idx[live] - 1] - here)
+        go_up = (up * u) * want > 0
+        delta = np.where(go_up, up, down)
+        gain = (delta * u) * want
+        e = err[live]
+        cost = delta * (e + e + delta)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ok = (gain > 0) & (gain < 2 * np.abs(r).astype(np.float32)[:, None])
+            ratio = np.where(ok, cost / gain, np.inf)
+        pick = np.argpartition(ratio, k - 1, axis=1)[:, :k] if k < n else np.broadcast_to(np.arange(n), (live.size, n))
+        order = np.argsort(np.take_along_axis(ratio, pick, 1), axis=1)
+        pick = np.take_along_axis(pick, order, 1)
+        usable = np.isfinite(np.take_along_axis(ratio, pick, 1))
+        cum = np.cumsum(np.where(usable, np.take_along_axis(gain, pick, 1), 0), axis=1, dtype=np.float64)
+        left = np.abs(np.abs(r)[:, None] - np.concatenate([np.zeros((live.size, 1)), cum], axis=1))
+        count = left.argmin(axis=1)
+        take = (np.arange(k)[None, :] < count[:, None]) & usable
+        if not take.any():
+            break
+        g_rows = np.broadcast_to(live[:, None], take.shape)[take]
+        local = np.broadcast_to(np.arange(live.size)[:, None], take.shape)[take]
+        cols = pick[take]
+        step = np.where(go_up[local, cols], 1, -1)
+        idx[g_rows, cols] += step
+        err[g_rows, cols] += delta[local, cols]
+    code[:] = idx - 1
+
+
+def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQuantizationType,
+              over_rows: bool, before: np.ndarray) -> np.ndarray:
+    """Re-round quantized rows `data` (rows, row_bytes) of float `target` (rows, n) so that
+    the component along `u` matches the target's. `over_rows`: the component is u^T W
+    (u indexes rows, a matrix writing the residual stream); else W u (u indexes columns,
+    token embeddings). `before` is that component before the edit, which sets the tolerance.
+    Returns new bytes with the same scales and nearly the same codes."""
+    layout = codes.LAYOUTS[qtype]
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    n_rows, n = target.shape
+    out = np.array(data, dtype=np.uint8, copy=True).reshape(n_rows, n // bs, ts)
+    u = np.asarray(u, dtype=np.float32)
+    tol = TOLERANCE * float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
+    if over_rows:
+        # groups are columns: take whole blocks of columns, transposed so a group is a row
+        per = max(1, GROUP_VALUES // (n_rows * bs))
+        for j in range(0, n // bs, per):
+            blocks = out[:, j : j + per].reshape(-1, ts)
+            width = blocks.shape[0] // n_rows * bs
+            c = layout.get(blocks)
+            a, b = codes.levels(blocks, qtype)
+
+            def cols(x: np.ndarray) -> np.ndarray:
+                return np.ascontiguousarray(x.reshape(n_rows, width).T)
+
+            code = cols(c)
+            _settle(code, cols(a), cols(b), np.ascontiguousarray(target[:, j * bs : j * bs + width].T), u,
+                    layout.table, tol)
+            layout.put(blocks, np.ascontiguousarray(code.T).reshape(-1, bs).astype(np.uint8))
+            out[:, j : j + per] = blocks.reshape(n_rows, -1, ts)
+    else:
+        per = max(1, GROUP_VALUES // n)
+        for i in range(0, n_rows, per):
+            blocks = out[i : i + per].reshape(-1, ts)
+            m = blocks.shape[0] * bs // n
+            code = layout.get(blocks).reshape(m, n)
+            a, b = codes.levels(blocks, qtype)
+            _settle(code, a.reshape(m, n), b.reshape(m, n), target[i : i + per], u, layout.table, tol)
+            layout.put(blocks, code.reshape(-1, bs).astype(np.uint8))
+            out[i : i + per] = blocks.reshape(m, -1, ts)
+    return out.reshape(n_rows, -1)

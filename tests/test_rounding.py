@@ -1,0 +1,164 @@
+"""Quantization-aware rounding: the edit survives requantization, for every integer-coded type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli, random_direction
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+
+from gguf_abliterate import quants, rounding
+from gguf_abliterate.edit import EditOptions, axis_vector, plan_edit, project_residual_cols, project_residual_rows
+from gguf_abliterate.directions import Direction
+from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.quants import codes
+from tools import ggml_ref
+
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS]
+
+
+def test_every_integer_type_has_a_code_layout() -> None:
+    assert set(codes.LAYOUTS) == set(TYPES)
+    assert all(rounding.supports(t) for t in TYPES) and not rounding.supports(Q.F16)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_code_layout_round_trips_and_levels_match_the_dequantizer(qtype: Q) -> None:
+    rng = np.random.default_rng(0)
+    layout = codes.LAYOUTS[qtype]
+    blocks = quants.quantize(rng.normal(size=(4, 512)).astype(np.float32), qtype).reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    assert layout.get(blocks).max() < len(layout.table)
+    a, b = codes.levels(blocks, qtype)
+    random_codes = rng.integers(0, len(layout.table), (blocks.shape[0], GGML_QUANT_SIZES[qtype][0])).astype(np.uint8)
+    moved = blocks.copy()
+    layout.put(moved, random_codes)
+    assert np.array_equal(layout.get(moved), random_codes)
+    back = quants.dequantize(moved, qtype).reshape(random_codes.shape)
+    assert np.allclose(a * layout.table[random_codes] + b, back, rtol=1e-6, atol=1e-6 * np.abs(back).max())
+
+
+def edited(w: np.ndarray, u: np.ndarray, coef: float) -> np.ndarray:
+    out = w.copy()
+    project_residual_rows(out, u, coef)
+    return out
+
+
+def leak_and_rmse(data: np.ndarray, qtype: Q, w: np.ndarray, target: np.ndarray, u: np.ndarray) -> tuple[float, float]:
+    back = quants.dequantize(data, qtype)
+    denom = max(np.linalg.norm(u @ w), np.linalg.norm(u @ target))
+    return float(np.linalg.norm(u @ back - u @ target) / denom), float(np.sqrt(np.mean((back - target) ** 2)))
+
+
+def check(qtype: Q, w: np.ndarray, u: np.ndarray, coef: float, max_rmse_ratio: float) -> tuple[float, float]:
+    """Aware rounding of the edited `w`: leak under 1%, RMSE within `max_rmse_ratio` of plain
+    rounding, only code fields changed, and ggml's own dequantizer reads the same values."""
+    target = edited(w, u, coef)
+    plain = quants.quantize(target, qtype)
+    aware = rounding.keep_edit(plain, target, u, qtype, True, u @ w)
+    leak_plain, rmse_plain = leak_and_rmse(plain, qtype, w, target, u)
+    leak, rmse = leak_and_rmse(aware, qtype, w, target, u)
+    assert leak < 0.01 and leak < leak_plain, (leak, leak_plain)
+    assert rmse <= max_rmse_ratio * rmse_plain, rmse / rmse_plain
+    layout, ts = codes.LAYOUTS[qtype], GGML_QUANT_SIZES[qtype][1]
+    only_codes = plain.reshape(-1, ts).copy()
+    layout.put(only_codes, layout.get(aware.reshape(-1, ts)))
+    assert np.array_equal(only_codes, aware.reshape(-1, ts))  # scales untouched
+    moved = layout.get(aware.reshape(-1, ts)) != layout.get(plain.reshape(-1, ts))
+    assert 0 < moved.mean() < 0.1
+    ours = quants.dequantize(aware, qtype)
+    assert np.array_equal(ours.view(np.uint32), ggml_ref.dequantize(aware, qtype, w.shape[1]).view(np.uint32))
+    return leak_plain, leak
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("coef", [-1.0, 0.5], ids=["abliterate", "reverse"])
+def test_aware_rounding_on_random_weights(qtype: Q, coef: float) -> None:
+    """Weights off the grid (a fresh quantization): the weight error barely grows."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.02, (384, 512)).astype(np.float32)
+    u = random_direction(384, seed=2)
+    check(qtype, w, u / np.linalg.norm(u), coef, 1.15)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_aware_rounding_on_weights_already_on_the_grid(qtype: Q) -> None:
+    """Requantizing a dequantized tensor to its own type, the case of every real edit. The edit
+    moves each weight by far less than a step, so nearest rounding snaps most of it back, and
+    its small weight error is mostly the edit undone. Keeping the edit takes whole-step code
+    moves (up to 2x that error for Q2_K), yet the result stays closer to its target than a
+    fresh quantization of the edited full-precision weights would be."""
+    rng = np.random.default_rng(3)
+    original = rng.normal(0, 0.02, (384, 512)).astype(np.float32)
+    w = quants.dequantize(quants.quantize(original, qtype), qtype)
+    u = random_direction(384, seed=4)
+    u /= np.linalg.norm(u)
+    leak_plain, _ = check(qtype, w, u, -1.0, 2.5)
+    fresh_target = edited(original, u, -1.0)
+    fresh = quants.dequantize(quants.quantize(fresh_target, qtype), qtype)
+    target = edited(w, u, -1.0)
+    aware = quants.dequantize(rounding.keep_edit(quants.quantize(target, qtype), target, u, qtype, True, u @ w), qtype)
+    assert np.sqrt(np.mean((aware - target) ** 2)) < np.sqrt(np.mean((fresh - fresh_target) ** 2))
+
+
+def test_no_edit_moves_no_code() -> None:
+    w = np.random.default_rng(5).normal(0, 0.02, (256, 512)).astype(np.float32)
+    u = random_direction(256) / np.linalg.norm(random_direction(256))
+    for qtype in (Q.Q4_K, Q.Q8_0):
+        data = quants.quantize(w, qtype)
+        grid = quants.dequantize(data, qtype)
+        assert np.array_equal(rounding.keep_edit(data, grid, u, qtype, True, u @ grid), data)
+
+
+def test_embedding_rows_keep_the_edit() -> None:
+    """token_embd: the component is E u, summed along each row."""
+    rng = np.random.default_rng(6)
+    e = rng.normal(0, 0.02, (300, 512)).astype(np.float32)
+    u = random_direction(512, seed=7) / np.linalg.norm(random_direction(512, seed=7))
+    before = e @ u
+    target = e.copy()
+    project_residual_cols(target, u, -1.0)
+    for qtype in (Q.Q4_K, Q.Q5_0):
+        plain = quants.quantize(target, qtype)
+        aware = rounding.keep_edit(plain, target, u, qtype, False, before)
+        leak_plain, leak = (np.linalg.norm(quants.dequantize(d, qtype) @ u) / np.linalg.norm(before)
+                            for d in (plain, aware))
+        assert leak < 0.01 and leak < leak_plain / 4, (qtype.name, leak, leak_plain)
+
+
+def test_real_tensors_keep_the_edit(gemma3: Path, smollm2: Path) -> None:
+    """Writers of real models (Q4_K/Q6_K gemma-3 with its post-norm axis, Q4_1 SmolLM2),
+    requantized to their own type with a direction in the residual stream."""
+    for path in (gemma3, smollm2):
+        model = Model(path)
+        r = random_direction(model.n_embd, seed=8)
+        direction = Direction(r / np.linalg.norm(r), "")
+        plan = plan_edit(model, EditOptions(layers=frozenset({1, model.n_layer - 2})), strict=False)
+        for e in plan.edits.values():
+            if e.kind != "matrix":
+                continue
+            u = axis_vector(model, e, direction)
+            w = quants.dequantize(model.raw(e.name), e.src_type).reshape(model.n_rows(e.name), -1)
+            check(e.src_type, w, u, -1.0, 1.4)
+
+
+def test_cli_rounding_nearest_and_aware(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The K-quant tiny model end to end: aware output keeps the edit, nearest does not, both load."""
+    import json
+
+    from conftest import generate
+
+    np.save(tmp_path / "d.npy", random_direction(256, seed=9))
+    src = tiny["llama-kquant"]
+    for mode in ("aware", "nearest"):
+        run = cli(src, tmp_path / f"{mode}.gguf", "--direction", tmp_path / "d.npy", "--rounding", mode)
+        assert run.returncode == 0, run.stderr
+        assert generate(tmp_path / f"{mode}.gguf")
+        report = json.loads(Model(tmp_path / f"{mode}.gguf").get("abliterate.requant_report"))
+        for qtype in ("Q4_K", "Q6_K"):  # attn_output, ffn_down
+            leak = report[qtype]["leak_worst"]
+            assert leak < 0.01 if mode == "aware" else leak > 0.02, (mode, qtype, leak)
+    help_text = cli("edit", "--help").stdout
+    assert "--rounding" in help_text and "snap-back" in help_text
