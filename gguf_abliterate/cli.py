@@ -328,6 +328,9 @@ def direction_cmd(model_path: Path, output_path: Path, harmful: Path | None, har
             for c in candidates:
                 mark = "  <- chosen" if c == chosen else ("  (KL too high)" if kl[c] > max_kl else "")
                 say(f"{c:5d} {refusal[c]:8.3f} {kl[c]:8.4f} {stats.separation[c]:10.2f}{mark}")
+            if kl[chosen] > max_kl:
+                say(f"note: no candidate kept the KL within --max-kl {max_kl:g}; took the lowest-KL one. "
+                    f"Check the prompts (a base model without a chat template often has no refusal to find).")
             info = {"candidates": ",".join(map(str, candidates)), "max_kl": str(max_kl),
                     "baseline_refusal_mass": f"{choice.baseline_refusal:.6f}"}
         else:

@@ -89,7 +89,9 @@ def candidate_layers(n_layer: int) -> list[int]:
 def choose_layer(model: LlamaModel, stats: LayerStats, harmful: list[str], harmless: list[str],
                  candidates: list[int], max_kl: float = DEFAULT_MAX_KL,
                  progress: Callable[[int], None] = lambda n: None) -> LayerChoice:
-    """Ablate each candidate's direction; keep the one that removes most refusal within max_kl."""
+    """Ablate each candidate's direction; keep the one that removes most refusal within max_kl.
+    If none stays within max_kl, the least disruptive one (lowest KL): removing the most refusal
+    there would mean picking the layer that breaks the model most."""
     ids = refusal_token_ids(model)
     base_harmless = model.next_token_logprobs(harmless)
     choice = LayerChoice(-1, candidates, baseline_refusal=refusal_mass(model.next_token_logprobs(harmful), ids))
@@ -98,6 +100,9 @@ def choose_layer(model: LlamaModel, stats: LayerStats, harmful: list[str], harml
         choice.refusal[layer] = refusal_mass(model.next_token_logprobs(harmful, ablate=r), ids)
         choice.kl[layer] = kl_divergence(base_harmless, model.next_token_logprobs(harmless, ablate=r))
         progress(1)
-    within = [layer for layer in candidates if choice.kl[layer] <= max_kl] or candidates
-    choice.layer = min(within, key=lambda layer: choice.refusal[layer])
+    within = [layer for layer in candidates if choice.kl[layer] <= max_kl]
+    if within:
+        choice.layer = min(within, key=lambda layer: choice.refusal[layer])
+    else:
+        choice.layer = min(candidates, key=lambda layer: choice.kl[layer])
     return choice

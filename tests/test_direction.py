@@ -106,6 +106,14 @@ def test_direction_command_on_tiny_model(tiny: dict[str, Path], tmp_path: Path) 
     edited = tmp_path / "out.gguf"
     assert cli(tiny["llama"], edited, "--direction", out, "-q").returncode == 0
     assert Model(edited).get("abliterate.direction_layer") == str(layer)
+    # no candidate within --max-kl: the least disruptive layer is taken, with a note
+    run = cli("direction", tiny["llama"], "-o", out, "--harmful", bad, "--harmless", good, "--score-prompts", "2",
+              "--max-kl", "0", "--force")
+    assert run.returncode == 0 and "no candidate kept the KL" in run.stderr, run.stderr
+    with safe_open(str(out), framework="numpy") as f:
+        kl = f.get_tensor("kl")
+    candidates = [int(c) for c in load_direction(out).metadata["candidates"].split(",")]
+    assert int(load_direction(out).metadata["layer"]) == min(candidates, key=lambda c: kl[c])
 
 
 @pytest.mark.parametrize("args,needle", [
