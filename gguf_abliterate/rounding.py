@@ -9,10 +9,16 @@ For every group of values that sums into one component (a matrix column over its
 rows; an embedding row over its residual columns), with residual r = sum_i u_i e_i, each
 value i offers one move (to the level above or below, whichever pushes r towards zero) with
 gain g_i = |u_i delta_i| and cost c_i = (e_i + delta_i)^2 - e_i^2. The moves are taken
-cheapest-per-gain first, as many as bring |r| closest to zero, and the search repeats on what
-is left with ever smaller moves (a move is only offered if g_i < 2|r|, so |r| never grows).
-About sqrt(rows) moves per column suffice, out of rows * columns values, so the weight error
-barely changes. Moving back a code moved in an earlier pass is a move like any other.
+cheapest-per-gain first, as many as minimise sum(c) + WEIGHT * n * r^2 (but always as many as
+bring |r| under LEAK_LIMIT of the component's RMS, if they can), and the search repeats
+on what is left with ever smaller moves (a move is only offered if g_i < 2|r|, so |r| never
+grows). Moving back a code moved in an earlier pass is a move like any other.
+
+The weight error still grows, because the edit moves weights by far less than a step and can
+only survive as whole-step moves: about 1.3x nearest rounding's error on Q4_K tensors
+requantized to Q4_K, where nearest rounding's small error is mostly the edit undone. When u
+sits almost entirely on one or two residual dimensions (Gemma's post-norm weights make it so),
+fine corrections need many costly moves; below LEAK_LIMIT, WEIGHT decides how many are worth it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ CANDIDATES = 64
 # a group is done when its error component is below this fraction of the RMS component the
 # edit acted on (its size before the edit)
 TOLERANCE = 1e-3
+# ... and it must get below this fraction, whatever the cost in weight error
+LEAK_LIMIT = 5e-3
+# How much the component's squared error counts against the weights' squared error, per value
+# of the group: 1 weighs the component along u like all other directions together (for a
+# random error it holds 1/n of the total). Moves stop once they cost more than they save.
+WEIGHT = 1.0
 
 
 def supports(qtype: GGMLQuantizationType) -> bool:
@@ -38,7 +50,7 @@ def supports(qtype: GGMLQuantizationType) -> bool:
 
 
 def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, u: np.ndarray,
-            table: np.ndarray, tol: float) -> None:
+            table: np.ndarray, tol: float, limit: float) -> None:
     """Move codes (groups, n) in place so that each group's u-weighted error is near zero."""
     n_groups, n = code.shape
     # padded so that code-1 and code+1 index safely; NaN marks "no level there"
@@ -72,8 +84,12 @@ def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, 
         pick = np.take_along_axis(pick, order, 1)
         usable = np.isfinite(np.take_along_axis(ratio, pick, 1))
         cum = np.cumsum(np.where(usable, np.take_along_axis(gain, pick, 1), 0), axis=1, dtype=np.float64)
-        left = np.abs(np.abs(r)[:, None] - np.concatenate([np.zeros((live.size, 1)), cum], axis=1))
-        count = left.argmin(axis=1)
+        spent = np.cumsum(np.where(usable, np.take_along_axis(cost, pick, 1), 0), axis=1, dtype=np.float64)
+        zero = np.zeros((live.size, 1))
+        left = np.abs(r)[:, None] - np.concatenate([zero, cum], axis=1)
+        over = np.maximum(np.abs(left) - limit, 0)
+        penalty = WEIGHT * n * np.square(left) + 1e6 * n * np.square(over)
+        count = (np.concatenate([zero, spent], axis=1) + penalty).argmin(axis=1)
         take = (np.arange(k)[None, :] < count[:, None]) & usable
         if not take.any():
             break
@@ -98,7 +114,8 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
     n_rows, n = target.shape
     out = np.array(data, dtype=np.uint8, copy=True).reshape(n_rows, n // bs, ts)
     u = np.asarray(u, dtype=np.float32)
-    tol = TOLERANCE * float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
+    rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
+    tol, limit = TOLERANCE * rms, LEAK_LIMIT * rms
     if over_rows:
         # groups are columns: take whole blocks of columns, transposed so a group is a row
         per = max(1, GROUP_VALUES // (n_rows * bs))
@@ -113,7 +130,7 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
 
             code = cols(c)
             _settle(code, cols(a), cols(b), np.ascontiguousarray(target[:, j * bs : j * bs + width].T), u,
-                    layout.table, tol)
+                    layout.table, tol, limit)
             layout.put(blocks, np.ascontiguousarray(code.T).reshape(-1, bs).astype(np.uint8))
             out[:, j : j + per] = blocks.reshape(n_rows, -1, ts)
     else:
@@ -123,7 +140,7 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
             m = blocks.shape[0] * bs // n
             code = layout.get(blocks).reshape(m, n)
             a, b = codes.levels(blocks, qtype)
-            _settle(code, a.reshape(m, n), b.reshape(m, n), target[i : i + per], u, layout.table, tol)
+            _settle(code, a.reshape(m, n), b.reshape(m, n), target[i : i + per], u, layout.table, tol, limit)
             layout.put(blocks, code.reshape(-1, bs).astype(np.uint8))
             out[i : i + per] = blocks.reshape(m, -1, ts)
     return out.reshape(n_rows, -1)
