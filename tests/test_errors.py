@@ -174,8 +174,12 @@ def test_interrupt_during_write_leaves_nothing(sig: int, smollm2: Path, tmp_path
     while not any(p.name.endswith(".partial") for p in outdir.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, "the edit never started writing"
         time.sleep(0.01)
-    time.sleep(0.2)
+    # Freeze it while the partial file exists, so the signal lands mid-write even on a busy
+    # machine (a fixed sleep let a fast edit finish first and exit 0).
+    proc.send_signal(signal.SIGSTOP)
+    assert any(p.name.endswith(".partial") for p in outdir.iterdir())
     proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err
