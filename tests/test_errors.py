@@ -169,7 +169,9 @@ def test_interrupt_during_write_leaves_nothing(sig: int, smollm2: Path, tmp_path
     outdir.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "gguf_abliterate", str(smollm2), str(outdir / "out.gguf"),
                              "--direction", str(tmp_path / "d.npy"), "--embeddings", "-q"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a shell's background job inherits SIGINT ignored, and Python keeps it so
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not any(p.name.endswith(".partial") for p in outdir.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, "the edit never started writing"
