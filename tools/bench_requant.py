@@ -41,8 +41,8 @@ def main() -> None:
     plan = plan_edit(model, opts, strict=False)
     edits = [e for e in plan.edits.values() if e.kind == "matrix" and e.block % args.every == 0]
     types = [GGMLQuantizationType[t.strip().upper()] for t in args.types.split(",")]
-    rows: dict[str, dict[str, list[float]]] = {t.name: {k: [] for k in ("lp", "la", "ratio", "tp", "ta", "mb")}
-                                               for t in types}
+    keys = ("lp", "la", "lp_rmse", "la_rmse", "ratio", "tp", "ta", "mb")
+    rows: dict[str, dict[str, list[float]]] = {t.name: {k: [] for k in keys} for t in types}
     print(f"{model.path.name}: {len(edits)} tensors ({', '.join(sorted({e.name.split('.')[-2] for e in edits}))})")
     for e in edits:
         u = axis_vector(model, e, direction)
@@ -63,7 +63,7 @@ def main() -> None:
             for key, data in (("lp", plain), ("la", aware)):
                 back = quants.dequantize(data, qt)
                 r[key].append(float(np.linalg.norm(u @ back - target)) / denom)
-                r[key + "_rmse"] = r.get(key + "_rmse", []) + [float(np.sqrt(np.mean(np.square(back - w))))]
+                r[key + "_rmse"].append(float(np.sqrt(np.mean(np.square(back - w)))))
             r["ratio"].append(r["la_rmse"][-1] / r["lp_rmse"][-1])
             r["tp"].append(t1 - t0)
             r["ta"].append(t2 - t0)

@@ -13,51 +13,12 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gguf_abliterate.quants import dequantize
+from gguf_abliterate.quants.bits import (bitplanes, crumbs, low_bits32, nibbles, pack_bitplanes, pack_crumbs,
+                                         pack_low_bits32, pack_nibbles)
 from gguf_abliterate.quants.iquants import KVALUES
 
 Q = GGMLQuantizationType
 F32 = np.float32
-
-
-def _nibbles(qs: np.ndarray, half: int) -> np.ndarray:
-    """Per `2*half` codes, byte j holds code j in its low nibble and code j+half in its high one."""
-    q = qs.reshape(qs.shape[0], -1, 1, half)
-    return np.concatenate([q & 0xF, q >> 4], axis=2).reshape(qs.shape[0], -1)
-
-
-def _pack_nibbles(codes: np.ndarray, half: int) -> np.ndarray:
-    q = codes.reshape(codes.shape[0], -1, 2, half)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(codes.shape[0], -1)
-
-
-def _bitplanes(b: np.ndarray) -> np.ndarray:
-    """32 bytes -> 256 bits: code j's bit is bit j//32 of byte j%32 (Q3_K hmask, Q5_K qh)."""
-    return ((b[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).reshape(b.shape[0], -1)
-
-
-def _pack_bitplanes(bits: np.ndarray) -> np.ndarray:
-    planes = bits.reshape(bits.shape[0], 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
-    return np.bitwise_or.reduce(planes, axis=1)
-
-
-def _crumbs(b: np.ndarray) -> np.ndarray:
-    """Per 128 codes, 32 bytes: byte l holds codes l, l+32, l+64, l+96 at bits 0, 2, 4, 6."""
-    q = b.reshape(b.shape[0], -1, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
-    return (q & 3).reshape(b.shape[0], -1)
-
-
-def _pack_crumbs(codes: np.ndarray) -> np.ndarray:
-    q = codes.reshape(codes.shape[0], -1, 4, 32) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
-    return np.bitwise_or.reduce(q, axis=2).reshape(codes.shape[0], -1)
-
-
-def _low_bits32(qh: np.ndarray) -> np.ndarray:
-    """A little-endian 32-bit word per block: code j's high bit is bit j (Q5_0, Q5_1)."""
-    return (qh[:, :, None] >> np.arange(8, dtype=np.uint8)[None, None, :] & 1).reshape(qh.shape[0], 32)
-
-
-def _pack_low_bits32(bits: np.ndarray) -> np.ndarray:
-    return np.bitwise_or.reduce(bits.reshape(-1, 4, 8) << np.arange(8, dtype=np.uint8), axis=2)
 
 
 class Layout:
@@ -89,10 +50,10 @@ class _Nibbles32(Layout):
     start = 2
 
     def get(self, blocks: np.ndarray) -> np.ndarray:
-        return _nibbles(blocks[:, self.start :], 16)
+        return nibbles(blocks[:, self.start :], 16)
 
     def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
-        blocks[:, self.start :] = _pack_nibbles(codes, 16)
+        blocks[:, self.start :] = pack_nibbles(codes, 16)
 
 
 @_register
@@ -121,12 +82,12 @@ class _Q5(Layout):
     start = 2
 
     def get(self, blocks: np.ndarray) -> np.ndarray:
-        low = _nibbles(blocks[:, self.start + 4 :], 16)
-        return low | (_low_bits32(blocks[:, self.start : self.start + 4]) << 4)
+        low = nibbles(blocks[:, self.start + 4 :], 16)
+        return low | (low_bits32(blocks[:, self.start : self.start + 4]) << 4)
 
     def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
-        blocks[:, self.start : self.start + 4] = _pack_low_bits32(codes >> 4)
-        blocks[:, self.start + 4 :] = _pack_nibbles(codes & 0xF, 16)
+        blocks[:, self.start : self.start + 4] = pack_low_bits32(codes >> 4)
+        blocks[:, self.start + 4 :] = pack_nibbles(codes & 0xF, 16)
 
 
 @_register
@@ -155,10 +116,10 @@ class Q2_K(Layout):
     qtype, table = Q.Q2_K, np.arange(4, dtype=F32)
 
     def get(self, blocks: np.ndarray) -> np.ndarray:
-        return _crumbs(blocks[:, 16:80])
+        return crumbs(blocks[:, 16:80])
 
     def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
-        blocks[:, 16:80] = _pack_crumbs(codes)
+        blocks[:, 16:80] = pack_crumbs(codes)
 
 
 @_register
@@ -168,11 +129,11 @@ class Q3_K(Layout):
     qtype, table = Q.Q3_K, np.arange(-4, 4, dtype=F32)
 
     def get(self, blocks: np.ndarray) -> np.ndarray:
-        return _crumbs(blocks[:, 32:96]) | (_bitplanes(blocks[:, 0:32]) << 2)
+        return crumbs(blocks[:, 32:96]) | (bitplanes(blocks[:, 0:32]) << 2)
 
     def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
-        blocks[:, 0:32] = _pack_bitplanes(codes >> 2)
-        blocks[:, 32:96] = _pack_crumbs(codes & 3)
+        blocks[:, 0:32] = pack_bitplanes(codes >> 2)
+        blocks[:, 32:96] = pack_crumbs(codes & 3)
 
 
 @_register
@@ -180,10 +141,10 @@ class Q4_K(Layout):
     qtype, table = Q.Q4_K, np.arange(16, dtype=F32)
 
     def get(self, blocks: np.ndarray) -> np.ndarray:
-        return _nibbles(blocks[:, 16:], 32)
+        return nibbles(blocks[:, 16:], 32)
 
     def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
-        blocks[:, 16:] = _pack_nibbles(codes, 32)
+        blocks[:, 16:] = pack_nibbles(codes, 32)
 
 
 @_register
@@ -191,11 +152,11 @@ class Q5_K(Layout):
     qtype, table = Q.Q5_K, np.arange(32, dtype=F32)
 
     def get(self, blocks: np.ndarray) -> np.ndarray:
-        return _nibbles(blocks[:, 48:], 32) | (_bitplanes(blocks[:, 16:48]) << 4)
+        return nibbles(blocks[:, 48:], 32) | (bitplanes(blocks[:, 16:48]) << 4)
 
     def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
-        blocks[:, 16:48] = _pack_bitplanes(codes >> 4)
-        blocks[:, 48:] = _pack_nibbles(codes & 0xF, 32)
+        blocks[:, 16:48] = pack_bitplanes(codes >> 4)
+        blocks[:, 48:] = pack_nibbles(codes & 0xF, 32)
 
 
 @_register
@@ -203,11 +164,11 @@ class Q6_K(Layout):
     qtype, table = Q.Q6_K, np.arange(-32, 32, dtype=F32)
 
     def get(self, blocks: np.ndarray) -> np.ndarray:
-        return _nibbles(blocks[:, :128], 64) | (_crumbs(blocks[:, 128:192]) << 4)
+        return nibbles(blocks[:, :128], 64) | (crumbs(blocks[:, 128:192]) << 4)
 
     def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
-        blocks[:, :128] = _pack_nibbles(codes & 0xF, 64)
-        blocks[:, 128:192] = _pack_crumbs(codes >> 4)
+        blocks[:, :128] = pack_nibbles(codes & 0xF, 64)
+        blocks[:, 128:192] = pack_crumbs(codes >> 4)
 
 
 def levels(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:

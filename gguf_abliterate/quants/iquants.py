@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gguf_abliterate.quants.bits import pack_nibbles
 from gguf_abliterate.quants.kquants import F32, GROUP_MAX_EPS, _columns, _first_max_abs, _nearest_int, _ordered_sum
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=F32)
@@ -51,12 +52,6 @@ def _block_scales(x: np.ndarray) -> np.ndarray:
     return np.where(skip, F32(0), d)
 
 
-def _pack_nibbles(L: np.ndarray) -> np.ndarray:
-    """Per 32 codes, byte j holds codes j and j+16."""
-    q = L.reshape(L.shape[0], -1, 2, 16).astype(np.uint8)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(L.shape[0], -1)
-
-
 def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 32) -> IQ4_NL blocks (nb, 18): d, qs[16]."""
     d = _block_scales(_columns(x, 32))
@@ -64,7 +59,7 @@ def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         ident = np.where(d != 0, F32(1) / d, F32(0))
     L = best_index(ident[:, None] * x)
-    return np.concatenate([d16.view(np.uint8).reshape(-1, 2), _pack_nibbles(L)], 1)
+    return np.concatenate([d16.view(np.uint8).reshape(-1, 2), pack_nibbles(L.astype(np.uint8), 16)], 1)
 
 
 def quantize_iq4_xs(x: np.ndarray) -> np.ndarray:
@@ -84,4 +79,4 @@ def quantize_iq4_xs(x: np.ndarray) -> np.ndarray:
     scales_l = ((code[:, 0::2] & 0xF) | ((code[:, 1::2] & 0xF) << 4)).astype(np.uint8)
     scales_h = np.bitwise_or.reduce((code >> 4) << (2 * np.arange(8)), axis=1).astype("<u2")
     return np.concatenate([d.astype(np.float16).view(np.uint8).reshape(nb, 2),
-                           scales_h.view(np.uint8).reshape(nb, 2), scales_l, _pack_nibbles(L)], 1)
+                           scales_h.view(np.uint8).reshape(nb, 2), scales_l, pack_nibbles(L.astype(np.uint8), 16)], 1)

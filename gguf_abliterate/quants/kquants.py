@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gguf_abliterate.quants.bits import pack_bitplanes, pack_crumbs, pack_nibbles
+
 F32 = np.float32
 QK_K = 256
 GROUP_MAX_EPS = F32(1e-15)
@@ -243,12 +245,6 @@ def _first_max_abs(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return amax, np.where(amax > 0, scales[np.arange(len(first)), first], F32(0))
 
 
-def _pack_2bit(L: np.ndarray) -> np.ndarray:
-    """(nb, 256) 2-bit codes into ggml's qs[64]: per 128, byte l holds l, l+32, l+64, l+96."""
-    q = L.reshape(L.shape[0], 2, 4, 32)
-    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(L.shape[0], 64)
-
-
 def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> Q2_K blocks (nb, 84): scales[16], qs[64], d, dmin."""
     nb = x.shape[0]
@@ -271,7 +267,7 @@ def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         fresh = np.clip(_nearest_int((x.reshape(nb, 16, 16) + dm[:, :, None]) / d[:, :, None]), 0, 3)
     L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
-    return np.concatenate([sc, _pack_2bit(L), d16.view(np.uint8).reshape(nb, 2),
+    return np.concatenate([sc, pack_crumbs(L), d16.view(np.uint8).reshape(nb, 2),
                            dmin16.view(np.uint8).reshape(nb, 2)], 1)
 
 
@@ -302,10 +298,9 @@ def quantize_q3_k(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         fresh = np.clip(_nearest_int(x.reshape(nb, 16, 16) / d[:, :, None]), -4, 3) + 4
     L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
-    high = (L > 3).astype(np.uint8).reshape(nb, 8, 32)  # element j: byte j%32, bit j//32
-    hmask = np.bitwise_or.reduce(high << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+    hmask = pack_bitplanes((L > 3).astype(np.uint8))
     L = np.where(L > 3, L - 4, L)
-    return np.concatenate([hmask, _pack_2bit(L), packed.astype(np.uint8), d16.view(np.uint8).reshape(nb, 2)], 1)
+    return np.concatenate([hmask, pack_crumbs(L), packed.astype(np.uint8), d16.view(np.uint8).reshape(nb, 2)], 1)
 
 
 def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -351,23 +346,16 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> Q4_K blocks (nb, 144): d, dmin, scales[12], qs[128]."""
     d16, dmin16, scales, L = _qkx_superblocks(x, 15, -1.0, 0.1, 20)
     nb = x.shape[0]
-    q = L.reshape(nb, 4, 2, 32)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(nb, 128)
-    return np.concatenate([d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2), scales, qs], 1)
+    return np.concatenate([d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2), scales,
+                           pack_nibbles(L, 32)], 1)
 
 
 def quantize_q5_k(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> Q5_K blocks (nb, 176): d, dmin, scales[12], qh[32], qs[128]."""
     d16, dmin16, scales, L = _qkx_superblocks(x, 31, -0.5, 0.1, 15)
     nb = x.shape[0]
-    q = L.reshape(nb, 4, 2, 32)
-    low = q & 0xF
-    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(nb, 128)
-    high = (q >> 4).astype(np.uint8)  # (nb, 4 pairs, 2, 32): bit 2*pair + half
-    shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)
-    qh = np.bitwise_or.reduce(high << shifts[None, :, :, None], axis=(1, 2)).astype(np.uint8)
     return np.concatenate([d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2),
-                           scales, qh, qs], 1)
+                           scales, pack_bitplanes(L >> 4), pack_nibbles(L & 0xF, 32)], 1)
 
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
@@ -384,12 +372,8 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     xs = x.reshape(nb, 16, 16)
     with np.errstate(divide="ignore", invalid="ignore"):
         fresh = np.clip(_nearest_int(xs / d[:, :, None]), -32, 31) + 32
-    L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, 2, 4, 32)
-    low = L & 0xF
-    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
-    hi = L >> 4
-    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    blocks = np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8),
+    L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
+    blocks = np.concatenate([pack_nibbles(L & 0xF, 64), pack_crumbs(L >> 4), sc.view(np.uint8),
                              d16.view(np.uint8).reshape(nb, 2)], 1)
     blocks[empty] = 0
     return blocks

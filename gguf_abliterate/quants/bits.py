@@ -1,0 +1,50 @@
+"""How ggml packs small integer codes into bytes: one unpack/pack pair per bit layout.
+
+Shared by the quantizers (which pack fresh codes) and by `codes` (which reads codes back and
+rewrites them), so each layout is written once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def nibbles(qs: np.ndarray, half: int) -> np.ndarray:
+    """Per `2*half` codes, byte j holds code j in its low nibble and code j+half in its high one."""
+    q = qs.reshape(qs.shape[0], -1, 1, half)
+    return np.concatenate([q & 0xF, q >> 4], axis=2).reshape(qs.shape[0], -1)
+
+
+def pack_nibbles(codes: np.ndarray, half: int) -> np.ndarray:
+    q = codes.reshape(codes.shape[0], -1, 2, half)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(codes.shape[0], -1)
+
+
+def bitplanes(b: np.ndarray) -> np.ndarray:
+    """32 bytes -> 256 bits: code j's bit is bit j//32 of byte j%32 (Q3_K hmask, Q5_K qh)."""
+    return ((b[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).reshape(b.shape[0], -1)
+
+
+def pack_bitplanes(bits: np.ndarray) -> np.ndarray:
+    planes = bits.reshape(bits.shape[0], 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
+    return np.bitwise_or.reduce(planes, axis=1)
+
+
+def crumbs(b: np.ndarray) -> np.ndarray:
+    """Per 128 codes, 32 bytes: byte l holds codes l, l+32, l+64, l+96 at bits 0, 2, 4, 6."""
+    q = b.reshape(b.shape[0], -1, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    return (q & 3).reshape(b.shape[0], -1)
+
+
+def pack_crumbs(codes: np.ndarray) -> np.ndarray:
+    q = codes.reshape(codes.shape[0], -1, 4, 32) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]
+    return np.bitwise_or.reduce(q, axis=2).reshape(codes.shape[0], -1)
+
+
+def low_bits32(qh: np.ndarray) -> np.ndarray:
+    """A little-endian 32-bit word per block: code j's high bit is bit j (Q5_0, Q5_1)."""
+    return (qh[:, :, None] >> np.arange(8, dtype=np.uint8)[None, None, :] & 1).reshape(qh.shape[0], 32)
+
+
+def pack_low_bits32(bits: np.ndarray) -> np.ndarray:
+    return np.bitwise_or.reduce(bits.reshape(-1, 4, 8) << np.arange(8, dtype=np.uint8), axis=2)
