@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType as Q
 
 from gguf_abliterate import quants
 from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.quants import legacy
 from tools import ggml_ref
 
 WRITABLE = [t for t in Q if quants.can_quantize(t)]
@@ -40,6 +41,16 @@ def cases(n_per_row: int) -> dict[str, np.ndarray]:
         "huge": (rng.normal(0, 1, (rows, n_per_row)) * 1e30).astype(np.float32),  # x*x overflows
         "positive": np.abs(rng.normal(0, 1, (rows, n_per_row))).astype(np.float32),
         "negative constant": np.full((rows, n_per_row), -0.37, np.float32),
+        # +m and -m in one block, either first: Q4_0/Q5_0 scale by the first of largest magnitude
+        "signed ties": np.tile(np.float32([0.5, -0.5, 0.25, -0.5, 0.5]), rows * n_per_row // 5 + 1)[
+            : rows * n_per_row].reshape(rows, n_per_row),
+        "small integers": rng.integers(-3, 4, (rows, n_per_row)).astype(np.float32),
+        "signed zeros": np.where(rng.random((rows, n_per_row)) < 0.5, -0.0, 0.0).astype(np.float32),
+        # Q4_1/Q5_1 keep the first of equal extremes: a zero minimum (maximum) may be -0.0 or +0.0
+        "rectified": np.where(rng.random((rows, n_per_row)) < 0.3, np.where(rng.random((rows, n_per_row)) < 0.5,
+                              -0.0, 0.0), np.abs(rng.normal(0, 1, (rows, n_per_row)))).astype(np.float32),
+        "rectified negative": np.where(rng.random((rows, n_per_row)) < 0.3, np.where(rng.random((rows, n_per_row)) < 0.5,
+                                       -0.0, 0.0), -np.abs(rng.normal(0, 1, (rows, n_per_row)))).astype(np.float32),
     }
 
 
@@ -54,11 +65,24 @@ def test_quantize_and_dequantize_match_ggml(qtype: Q) -> None:
         assert np.array_equal(back.view(np.uint32), ggml_ref.dequantize(ours, qtype, 512).view(np.uint32)), name
 
 
-def test_nan_input_is_an_error() -> None:
-    values = np.ones((1, 32), np.float32)
-    values[0, 3] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
-        quants.quantize(values, Q.Q8_0)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_is_an_error(qtype: Q, bad: float) -> None:
+    values = np.ones((3, 256), np.float32)
+    values[2, 200] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quants.quantize(values, qtype)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0], ids=lambda t: t.name)
+def test_lane_quantizers_across_chunks_and_extremes(qtype: Q) -> None:
+    """More blocks than one lane chunk (the last one partial), and the largest finite floats."""
+    rng = np.random.default_rng(7)
+    values = rng.normal(0, 0.02, (2 * legacy.CHUNK // 16 + 3, 512)).astype(np.float32)
+    values[5, 40] = np.finfo(np.float32).max
+    values[6, 70] = -np.finfo(np.float32).max
+    values[7, 64:96] = np.finfo(np.float32).smallest_subnormal
+    assert np.array_equal(quants.quantize(values, qtype), ggml_ref.quantize(values, qtype))
 
 
 @pytest.mark.real

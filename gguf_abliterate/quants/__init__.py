@@ -10,19 +10,29 @@ quantizers; `can_quantize` tells which, so callers refuse the rest before writin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as _gq
 
-from gguf_abliterate.quants import iquants, kquants
+from gguf_abliterate.quants import iquants, kquants, legacy
 
 Q = GGMLQuantizationType
 
 # gguf-py's numpy quantizers, each bit-exact with ggml's quantize_row_*_ref (checked in tests).
-_GGUF_PY_QUANTIZE = frozenset(
-    {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.TQ1_0, Q.TQ2_0}
-)
+_GGUF_PY_QUANTIZE = frozenset({Q.F32, Q.F16, Q.BF16, Q.TQ1_0, Q.TQ2_0})
+
+# Our lane-layout ports of the common 32-value types, several times faster than gguf-py's:
+# (n, 32) blocks -> out (n, bytes), with a work area reused chunk to chunk. They check for
+# NaN/Inf themselves, on the block maxima they compute anyway.
+_LANE_QUANTIZE = {
+    Q.Q4_0: legacy.quantize_q4_0,
+    Q.Q4_1: legacy.quantize_q4_1,
+    Q.Q5_0: legacy.quantize_q5_0,
+    Q.Q5_1: legacy.quantize_q5_1,
+    Q.Q8_0: legacy.quantize_q8_0,
+}
 
 # Our own ports, each bit-exact with ggml's reference quantizer: blocks (nb, block) -> (nb, bytes).
 _OWN_QUANTIZE = {
@@ -56,7 +66,7 @@ def row_bytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
 
 def can_quantize(qtype: GGMLQuantizationType) -> bool:
     """Whether `quantize` can write this type."""
-    return qtype in _GGUF_PY_QUANTIZE or qtype in _OWN_QUANTIZE
+    return qtype in _GGUF_PY_QUANTIZE or qtype in _OWN_QUANTIZE or qtype in _LANE_QUANTIZE
 
 
 def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -65,6 +75,9 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         raise NotImplementedError(f"quantizing to {qtype.name} is not supported yet")
     values = np.ascontiguousarray(values, dtype=np.float32)
     row_bytes(qtype, values.shape[-1])  # raises unless rows are whole blocks
+    lane = _LANE_QUANTIZE.get(qtype)
+    if lane is not None:
+        return _quantize_lanes(values, qtype, lane)
     if not np.isfinite(values).all():
         raise ValueError("cannot quantize NaN or Inf values")
     own = _OWN_QUANTIZE.get(qtype)
@@ -82,6 +95,19 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         out = _gq.quantize(values, qtype)
     return np.ascontiguousarray(out).view(np.uint8).reshape(*values.shape[:-1], -1)
+
+
+def _quantize_lanes(values: np.ndarray, qtype: GGMLQuantizationType,
+                    fn: Callable[[np.ndarray, np.ndarray, legacy.Lanes], None]) -> np.ndarray:
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    blocks = values.reshape(-1, bs)
+    out = np.empty((blocks.shape[0], ts), np.uint8)
+    lanes = legacy.Lanes(min(legacy.CHUNK, blocks.shape[0]))
+    # Denormal-range input makes 1/d overflow to inf, as it does in ggml; the bytes still match.
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        for i in range(0, blocks.shape[0], legacy.CHUNK):
+            fn(blocks[i : i + legacy.CHUNK], out[i : i + legacy.CHUNK], lanes)
+    return out.reshape(*values.shape[:-1], -1)
 
 
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
