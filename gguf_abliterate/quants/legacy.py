@@ -25,6 +25,8 @@ Exactness notes, each checked against ggml's C in tests/test_quants.py:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 F32 = np.float32
@@ -120,20 +122,21 @@ def _first_absmax(lanes: Lanes, values: np.ndarray, blocks: np.ndarray) -> np.nd
     tie (+a and -a both present) is settled by position, block by block.
     """
     bits = values.view(np.int32)
-    pos = lanes.block_reduce(bits, np.maximum)  # largest positive value's bits; negative if there is none
-    neg = lanes.block_reduce(bits.view(np.uint32), np.maximum).view(np.int32)  # largest-magnitude negative, if any
+    pos = lanes.block_reduce(bits, np.maximum)  # largest positive value's bits; < 0 if none
+    neg = lanes.block_reduce(bits.view(np.uint32), np.maximum).view(np.int32)  # sign set if any negative
     np.maximum(pos, _ZERO, out=pos)
-    ties = np.flatnonzero((pos | _SIGN) == neg)  # +a and -a (or -0.0 and no positive value)
     p, n = pos.view(F32), neg.view(F32)
     amax = np.negative(n)
     np.maximum(amax, p, out=amax)
-    if not np.isfinite(amax.max()):  # NaN propagates through both maxima
+    if not math.isfinite(amax.max()):  # NaN propagates through both maxima
         raise ValueError("cannot quantize NaN or Inf values")
-    m = np.copysign(amax, np.add(p, n, out=p), out=amax)
+    total = np.add(p, n, out=n)
+    ties = np.flatnonzero(total == 0)
+    ties = ties[p[ties] != 0]  # +a and -a in one block (all-zero blocks come out +0.0 already)
+    m = np.copysign(amax, total, out=amax)
     for i in ties:
         row = blocks[i]
-        first = row[np.argmax(np.abs(row))]
-        m[i] = first if first != 0 else F32(0)  # ggml's max starts at +0.0
+        m[i] = row[np.argmax(np.abs(row))]
     return m
 
 
