@@ -80,11 +80,15 @@ class Lanes:
         out[:, 1] = two
         return out.view(F32).reshape(-1, 4)
 
-    def words_of(self, codes: np.ndarray) -> np.ndarray:
-        """Cast lanes (8, n, 4) float32 to int8 codes (truncating, as C) as (8, n) 32-bit words."""
+    def words_of(self, codes: np.ndarray, bias: np.float32 | None = None) -> np.ndarray:
+        """Lanes (8, n, 4) float32 (plus `bias`: a float32 add, then C's truncating cast to int8,
+        in one call that casts through a small buffer) as (8, n) 32-bit words of int8 codes."""
         n = codes.shape[1]
         q = self.codes[:, :n]
-        np.copyto(q, codes, casting="unsafe")
+        if bias is None:
+            np.copyto(q, codes, casting="unsafe")
+        else:
+            np.add(codes, bias, out=q, casting="unsafe")
         return q.view(np.uint32).reshape(8, n)
 
 
@@ -165,8 +169,7 @@ def _codes(lanes: Lanes, values: np.ndarray, d: np.ndarray, bias: float, top: in
     if low is not None:
         np.subtract(values, lanes.spread4(low), out=values)
     np.multiply(values, lanes.spread4(_inverse(d)), out=values)
-    values += F32(bias)
-    words = lanes.words_of(values)
+    words = lanes.words_of(values, F32(bias))
     if top is not None:
         over = lanes.top[:, : words.shape[1]]
         np.right_shift(words, np.uint32(top), out=over)
