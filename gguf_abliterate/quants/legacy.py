@@ -1,4 +1,5 @@
-"""Q4_0, Q5_0 and Q8_0 quantizers, bit-exact with ggml's `quantize_row_*_ref`, laid out for speed.
+"""Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 quantizers, bit-exact with ggml's `quantize_row_*_ref`,
+laid out for speed.
 
 ggml's C does a 32-value block in a few nanoseconds. numpy, given blocks as rows of 32,
 spends about 30 ns per block on any reduction along the row (the maximum) and on any
@@ -16,6 +17,8 @@ Exactness notes, each checked against ggml's C in tests/test_quants.py:
   exact, and NaN or Inf show up as magnitudes at or above 0x7f800000, so these quantizers
   report non-finite input themselves). Q4_0/Q5_0 want the *first* value of largest magnitude;
   only blocks holding both +m and -m need that settled, which they are one by one.
+- Q4_1/Q5_1 take the float minimum and maximum, also the first of equal values in ggml:
+  that only shows for a zero extreme (+0.0 == -0.0), settled from the block's first zero.
 - ggml's `roundf` (Q8_0) rounds half away from zero. trunc(|v| + 0.49999997) is roundf(|v|)
   for every float32 below 2^23 (the largest float below 0.5 is the one case where adding 0.5
   would round up to 1), and the sign is put back before the truncating cast.
@@ -30,7 +33,6 @@ import math
 import numpy as np
 
 F32 = np.float32
-BLOCK = 32
 LOAD = 1024  # blocks per transposing copy: its source stays in L1/L2 while 8 passes read it
 CHUNK = 8192  # blocks per pass: the lanes and codes of a chunk stay in a 2 MB L2 cache
 _MAGNITUDE = np.int32(0x7FFFFFFF)
@@ -101,7 +103,7 @@ def _inverse(d: np.ndarray) -> np.ndarray:
 
 
 def _store_half(out: np.ndarray, d: np.ndarray) -> None:
-    """fp16 d into the first two bytes of each block (ggml's GGML_FP32_TO_FP16 rounds to even)."""
+    """fp16 d into the first two bytes of each row of `out` (GGML_FP32_TO_FP16 rounds to even)."""
     out.view(np.uint16)[:, 0] = d.astype(np.float16).view(np.uint16)
 
 
