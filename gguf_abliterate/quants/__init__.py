@@ -78,23 +78,28 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     lane = _LANE_QUANTIZE.get(qtype)
     if lane is not None:
         return _quantize_lanes(values, qtype, lane)
-    if not np.isfinite(values).all():
-        raise ValueError("cannot quantize NaN or Inf values")
     own = _OWN_QUANTIZE.get(qtype)
     if own is not None:
         bs, ts = GGML_QUANT_SIZES[qtype]
-        rows = values.reshape(-1, values.shape[-1])
-        blocks = rows.reshape(-1, bs)
+        blocks = values.reshape(-1, bs)
         out = np.empty((blocks.shape[0], ts), np.uint8)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             for i in range(0, blocks.shape[0], _BLOCKS_PER_CALL):
-                out[i : i + _BLOCKS_PER_CALL] = own(blocks[i : i + _BLOCKS_PER_CALL])
+                chunk = blocks[i : i + _BLOCKS_PER_CALL]
+                _check_finite(chunk)  # a chunk at a time: no tensor-sized mask
+                out[i : i + _BLOCKS_PER_CALL] = own(chunk)
         return out.reshape(*values.shape[:-1], -1)
+    _check_finite(values)
     # gguf-py divides by block scales that underflow on denormal input; ggml does the same
     # and the bytes still match, so the floating-point warnings are noise.
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         out = _gq.quantize(values, qtype)
     return np.ascontiguousarray(out).view(np.uint8).reshape(*values.shape[:-1], -1)
+
+
+def _check_finite(values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise ValueError(legacy.NON_FINITE)
 
 
 def _quantize_lanes(values: np.ndarray, qtype: GGMLQuantizationType,

@@ -35,6 +35,7 @@ import numpy as np
 F32 = np.float32
 LOAD = 1024  # blocks per transposing copy: its source stays in L1/L2 while 8 passes read it
 CHUNK = 8192  # blocks per pass: the lanes and codes of a chunk stay in a 2 MB L2 cache
+NON_FINITE = "cannot quantize NaN or Inf values"
 _MAGNITUDE = np.int32(0x7FFFFFFF)
 _SIGN = np.int32(-(2**31))
 _ZERO = np.int32(0)
@@ -117,7 +118,7 @@ def _store_words(out: np.ndarray, words: np.ndarray) -> None:
 
 def _check_finite(magnitude_bits: np.ndarray) -> None:
     if magnitude_bits.max() >= _NONFINITE:
-        raise ValueError("cannot quantize NaN or Inf values")
+        raise ValueError(NON_FINITE)
 
 
 def _first_absmax(lanes: Lanes, values: np.ndarray, blocks: np.ndarray) -> np.ndarray:
@@ -135,7 +136,7 @@ def _first_absmax(lanes: Lanes, values: np.ndarray, blocks: np.ndarray) -> np.nd
     amax = np.negative(n)
     np.maximum(amax, p, out=amax)
     if not math.isfinite(amax.max()):  # NaN propagates through both maxima
-        raise ValueError("cannot quantize NaN or Inf values")
+        raise ValueError(NON_FINITE)
     total = np.add(p, n, out=n)
     ties = np.flatnonzero(total == 0)
     ties = ties[p[ties] != 0]  # +a and -a in one block (all-zero blocks come out +0.0 already)
@@ -153,7 +154,7 @@ def _min_max(lanes: Lanes, values: np.ndarray, blocks: np.ndarray) -> tuple[np.n
     hi = lanes.block_reduce(values, np.maximum)
     lo = lanes.block_reduce(values, np.minimum)
     if not (np.isfinite(hi.max()) and np.isfinite(lo.min())):  # both propagate NaN
-        raise ValueError("cannot quantize NaN or Inf values")
+        raise ValueError(NON_FINITE)
     zero = np.flatnonzero((hi == 0) | (lo == 0))
     if zero.size:
         rows = blocks[zero]
