@@ -111,3 +111,21 @@ def test_real_kquant_tensors_match_ggml(gemma3: Path) -> None:
         values = np.ascontiguousarray(model.values(name)[:128])
         for qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.Q8_0, Q.Q5_0):
             assert np.array_equal(quants.quantize(values, qtype), ggml_ref.quantize(values, qtype)), (name, qtype)
+
+
+@pytest.mark.real
+def test_real_files_dequantize_like_ggml(smollm2: Path, gemma3: Path) -> None:
+    """Every quantized type stored in the SmolLM2 (Q4_1 …) and gemma-3 (Q4_K, Q6_K, Q5_0, Q8_0)
+    files reads back as ggml's to_float reads it, bit for bit."""
+    seen: set[Q] = set()
+    for path in (smollm2, gemma3):
+        model = Model(path)
+        for name, t in model.tensors.items():
+            if t.tensor_type in seen or t.tensor_type in (Q.F32, Q.F16) or len(t.shape) != 2:
+                continue
+            seen.add(t.tensor_type)
+            raw = np.ascontiguousarray(model.raw(name)[:64])
+            ours = quants.dequantize(raw, t.tensor_type)
+            theirs = ggml_ref.dequantize(raw, t.tensor_type, int(t.shape[0]))
+            assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), (name, t.tensor_type.name)
+    assert {Q.Q4_1, Q.Q4_K, Q.Q6_K} <= seen

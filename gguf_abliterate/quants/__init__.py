@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as _gq
 
-from gguf_abliterate.quants import iquants, kquants, legacy
+from gguf_abliterate.quants import codes, iquants, kquants, legacy
 
 Q = GGMLQuantizationType
 
@@ -46,6 +46,11 @@ _OWN_QUANTIZE = {
 }
 # blocks quantized per call: big enough to amortise numpy's per-call cost, small enough for cache
 _BLOCKS_PER_CALL = 512
+
+# Types whose scales `codes` decodes: dequantized there, a cache-sized run of values per call
+# (several times gguf-py's speed, which broadcasts through many small per-row loops).
+_DECODED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+_DEQUANTIZE_VALUES = 1 << 16
 
 # Types that ggml cannot quantize well (or at all) without an importance matrix.
 NEEDS_IMATRIX = frozenset({Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S})
@@ -124,9 +129,16 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return data.view(np.float16).astype(np.float32)
     bs, ts = GGML_QUANT_SIZES[qtype]
     shape = (*data.shape[:-1], data.shape[-1] // ts * bs)
-    # gguf-py works through a few rows per call: short rows (single blocks) make that per-call
-    # cost dominate, so hand it rows of up to 256 blocks (blocks are independent).
     n_blocks = data.size // ts
-    rows = data.reshape(-1, ts * math.gcd(n_blocks, 256))
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf scales in a damaged file stay visible
+        if qtype in _DECODED:
+            blocks = data.reshape(-1, ts)
+            out = np.empty((n_blocks, bs), np.float32)
+            step = max(1, _DEQUANTIZE_VALUES // bs)
+            for i in range(0, n_blocks, step):
+                out[i : i + step] = codes.dequantize_blocks(blocks[i : i + step], qtype)
+            return out.reshape(shape)
+        # gguf-py works through a few rows per call: short rows (single blocks) make that
+        # per-call cost dominate, so hand it rows of up to 256 blocks (blocks are independent).
+        rows = data.reshape(-1, ts * math.gcd(n_blocks, 256))
         return np.asarray(_gq.dequantize(rows, qtype), dtype=np.float32).reshape(shape)

@@ -1,10 +1,11 @@
 """The integer codes inside quantized blocks: read them, write them back, and what they are worth.
 
-Quantization-aware rounding keeps the block scales ggml chose and moves single codes, so it
-needs each type's code bit layout but never its scale layout. Each value ggml dequantizes
-is `a * table[code] + b`, with `a` and `b` fixed per (sub-)block by the scale bytes; `levels`
-recovers them from the engine's own dequantizer rather than a second copy of every scale
-format. One small class per type, registered by type.
+Each value ggml dequantizes is `a * table[code] + b`, with `a` and `b` fixed per (sub-)block
+by the scale bytes. Quantization-aware rounding keeps the scales ggml chose and moves single
+codes, so it needs each type's code bit layout; `levels` recovers a and b through
+`quants.dequantize`. The common types also decode their scales (`steps`), and then that is
+how `quants.dequantize` reads them: codes times steps, in ggml's own order of operations.
+One small class per type, registered by type.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from gguf_abliterate.quants import dequantize
+from gguf_abliterate import quants
 from gguf_abliterate.quants.bits import (bitplanes, crumbs, low_bits32, nibbles, pack_bitplanes, pack_crumbs,
                                          pack_low_bits32, pack_nibbles)
 from gguf_abliterate.quants.iquants import KVALUES
@@ -26,6 +27,7 @@ class Layout:
 
     qtype: GGMLQuantizationType
     table: np.ndarray
+    first: np.float32 | None  # table[0] when the table is consecutive integers (set on registering)
 
     def get(self, blocks: np.ndarray) -> np.ndarray:
         """uint8 blocks (nb, type_size) -> codes (nb, block_size), each in range(len(table))."""
@@ -35,12 +37,47 @@ class Layout:
         """Write codes into the blocks in place; scale bytes are left as they are."""
         raise NotImplementedError
 
+    def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Per (sub-)block, (a, b) as float32 (nb, sub-blocks) computed as ggml's to_float does,
+        b None where ggml adds nothing (adding 0 would turn -0.0 into +0.0); None if not decoded."""
+        return None
+
+
+def _half(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The float16 at byte `offset` of each block, as float32."""
+    return blocks.view(np.float16)[:, offset // 2].astype(F32)
+
+
+def dequantize_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray | None:
+    """uint8 blocks (nb, type_size) -> float32 (nb, block_size), bit-exact with ggml's to_float;
+    None for a type whose scales this module does not decode."""
+    layout = LAYOUTS.get(qtype)
+    found = layout.steps(blocks) if layout is not None else None
+    if found is None:
+        return None
+    a, b = found
+    nb, groups = a.shape
+    c = layout.get(blocks)
+    if layout.first is None:
+        y = np.take(layout.table, c)
+    else:
+        y = c.astype(F32)  # table[c] is c + first: a cast (and an exact add) beats a lookup
+        if layout.first:
+            y += layout.first
+    y = y.reshape(nb, groups, -1)
+    y *= a[:, :, None]
+    if b is not None:
+        y += b[:, :, None]
+    return y.reshape(nb, -1)
+
 
 LAYOUTS: dict[GGMLQuantizationType, Layout] = {}
 
 
 def _register(cls: type[Layout]) -> type[Layout]:
-    LAYOUTS[cls.qtype] = cls()
+    layout = LAYOUTS[cls.qtype] = cls()
+    t = layout.table
+    layout.first = t[0] if np.array_equal(t, t[0] + np.arange(len(t), dtype=F32)) else None
     return cls
 
 
@@ -56,18 +93,32 @@ class _Nibbles32(Layout):
         blocks[:, self.start :] = pack_nibbles(codes, 16)
 
 
+class _Scaled(Layout):
+    """ggml's `x * d`, with the block scale d the float16 in front."""
+
+    def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return _half(blocks, 0)[:, None], None
+
+
+class _ScaledMin(Layout):
+    """ggml's `x * d + m`, d and m the two float16 in front."""
+
+    def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return _half(blocks, 0)[:, None], _half(blocks, 2)[:, None]
+
+
 @_register
-class Q4_0(_Nibbles32):
+class Q4_0(_Nibbles32, _Scaled):
     qtype, table = Q.Q4_0, np.arange(-8, 8, dtype=F32)
 
 
 @_register
-class Q4_1(_Nibbles32):
+class Q4_1(_Nibbles32, _ScaledMin):
     qtype, table, start = Q.Q4_1, np.arange(16, dtype=F32), 4
 
 
 @_register
-class IQ4_NL(_Nibbles32):
+class IQ4_NL(_Nibbles32, _Scaled):
     qtype, table = Q.IQ4_NL, KVALUES
 
 
@@ -91,17 +142,17 @@ class _Q5(Layout):
 
 
 @_register
-class Q5_0(_Q5):
+class Q5_0(_Q5, _Scaled):
     qtype, table = Q.Q5_0, np.arange(-16, 16, dtype=F32)
 
 
 @_register
-class Q5_1(_Q5):
+class Q5_1(_Q5, _ScaledMin):
     qtype, table, start = Q.Q5_1, np.arange(32, dtype=F32), 4
 
 
 @_register
-class Q8_0(Layout):
+class Q8_0(_Scaled):
     qtype, table = Q.Q8_0, np.arange(-128, 128, dtype=F32)
 
     def get(self, blocks: np.ndarray) -> np.ndarray:
@@ -136,8 +187,26 @@ class Q3_K(Layout):
         blocks[:, 32:96] = pack_crumbs(codes & 3)
 
 
+def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's get_scale_min_k4 for all 8 sub-blocks: 12 bytes (nb, 12) -> 6-bit scales and
+    mins (nb, 8). Bytes 0-3 / 4-7 hold scales / mins 0-3 and the top bits of 4-7; 8-11 the rest."""
+    sc, mn = np.empty((s.shape[0], 8), np.uint8), np.empty((s.shape[0], 8), np.uint8)
+    sc[:, :4], mn[:, :4] = s[:, 0:4] & 63, s[:, 4:8] & 63
+    sc[:, 4:] = (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return sc, mn
+
+
+class _KScaleMin(Layout):
+    """Q4_K/Q5_K: `d * sc * q - dmin * m` per 32 values, (d * sc) and (dmin * m) first."""
+
+    def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        sc, mn = _scale_min_k4(blocks[:, 4:16])
+        return _half(blocks, 0)[:, None] * sc.astype(F32), -(_half(blocks, 2)[:, None] * mn.astype(F32))
+
+
 @_register
-class Q4_K(Layout):
+class Q4_K(_KScaleMin):
     qtype, table = Q.Q4_K, np.arange(16, dtype=F32)
 
     def get(self, blocks: np.ndarray) -> np.ndarray:
@@ -148,7 +217,7 @@ class Q4_K(Layout):
 
 
 @_register
-class Q5_K(Layout):
+class Q5_K(_KScaleMin):
     qtype, table = Q.Q5_K, np.arange(32, dtype=F32)
 
     def get(self, blocks: np.ndarray) -> np.ndarray:
@@ -170,6 +239,10 @@ class Q6_K(Layout):
         blocks[:, :128] = pack_nibbles(codes & 0xF, 64)
         blocks[:, 128:192] = pack_crumbs(codes >> 4)
 
+    def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`d * sc * q` per 16 values, with sc the int8 scales at bytes 192-207."""
+        return _half(blocks, 208)[:, None] * blocks[:, 192:208].view(np.int8).astype(F32), None
+
 
 def levels(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
     """Per value, (a, b) such that code c dequantizes to about `a * table[c] + b`.
@@ -185,7 +258,7 @@ def levels(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray,
     vals = []
     for code in (first, first + 1):
         layout.put(probe, np.full((blocks.shape[0], bs), code, np.uint8))
-        vals.append(dequantize(probe, qtype).reshape(blocks.shape[0], bs))
+        vals.append(quants.dequantize(probe, qtype).reshape(blocks.shape[0], bs))
     t0, t1 = layout.table[first], layout.table[first + 1]
     a = (vals[1] - vals[0]) / (t1 - t0)
     return a, vals[0] - a * t0
