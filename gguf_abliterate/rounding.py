@@ -55,37 +55,44 @@ def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, 
     n_groups, n = code.shape
     # padded so that code-1 and code+1 index safely; NaN marks "no level there"
     padded = np.concatenate([[np.nan], table, [np.nan]]).astype(np.float32)
-    idx = code.astype(np.int64) + 1
+    # consecutive integer levels: a neighbour is exactly one step a away, no lookups needed
+    unit = np.array_equal(table, table[0] + np.arange(len(table), dtype=np.float32))
+    idx = code.astype(np.int32) + 1  # padded-table index; 32 bits halve the traffic of int64
     err = a * padded[idx] + b - target
     u64 = u.astype(np.float64)
-    rows = np.arange(n_groups)
     k = min(CANDIDATES, n)
-    live = rows
+    # the groups still being settled, compacted as others finish: (rows, idx, err, a) of those
+    rows, live_idx, live_err, live_a = np.arange(n_groups), idx, err, a
     for _ in range(PASSES):
-        r = err[live].astype(np.float64) @ u64
+        r = live_err.astype(np.float64) @ u64
         busy = np.abs(r) > tol
-        live, r = live[busy], r[busy]
-        if live.size == 0:
+        if not busy.all():
+            idx[rows[~busy]] = live_idx[~busy]  # settled: their codes are final
+            rows, live_idx, live_err, live_a, r = rows[busy], live_idx[busy], live_err[busy], live_a[busy], r[busy]
+        if rows.size == 0:
             break
         want = -np.sign(r).astype(np.float32)[:, None]
-        here = padded[idx[live]]
-        up = a[live] * (padded[idx[live] + 1] - here)
-        down = a[live] * (padded[idx[live] - 1] - here)
+        if unit:
+            up = np.where(live_idx < len(table), live_a, np.float32(np.nan))
+            down = np.where(live_idx > 1, -live_a, np.float32(np.nan))
+        else:
+            here = padded[live_idx]
+            up = live_a * (padded[live_idx + 1] - here)
+            down = live_a * (padded[live_idx - 1] - here)
         go_up = (up * u) * want > 0
         delta = np.where(go_up, up, down)
         gain = (delta * u) * want
-        e = err[live]
-        cost = delta * (e + e + delta)
+        cost = delta * (live_err + live_err + delta)
         with np.errstate(invalid="ignore", divide="ignore"):
             ok = (gain > 0) & (gain < 2 * np.abs(r).astype(np.float32)[:, None])
             ratio = np.where(ok, cost / gain, np.inf)
-        pick = np.argpartition(ratio, k - 1, axis=1)[:, :k] if k < n else np.broadcast_to(np.arange(n), (live.size, n))
+        pick = np.argpartition(ratio, k - 1, axis=1)[:, :k] if k < n else np.broadcast_to(np.arange(n), (rows.size, n))
         order = np.argsort(np.take_along_axis(ratio, pick, 1), axis=1)
         pick = np.take_along_axis(pick, order, 1)
         usable = np.isfinite(np.take_along_axis(ratio, pick, 1))
         cum = np.cumsum(np.where(usable, np.take_along_axis(gain, pick, 1), 0), axis=1, dtype=np.float64)
         spent = np.cumsum(np.where(usable, np.take_along_axis(cost, pick, 1), 0), axis=1, dtype=np.float64)
-        zero = np.zeros((live.size, 1))
+        zero = np.zeros((rows.size, 1))
         left = np.abs(r)[:, None] - np.concatenate([zero, cum], axis=1)
         over = np.maximum(np.abs(left) - limit, 0)
         penalty = WEIGHT * n * np.square(left) + 1e6 * n * np.square(over)
@@ -93,12 +100,11 @@ def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, 
         take = (np.arange(k)[None, :] < count[:, None]) & usable
         if not take.any():
             break
-        g_rows = np.broadcast_to(live[:, None], take.shape)[take]
-        local = np.broadcast_to(np.arange(live.size)[:, None], take.shape)[take]
+        local = np.broadcast_to(np.arange(rows.size)[:, None], take.shape)[take]
         cols = pick[take]
-        step = np.where(go_up[local, cols], 1, -1)
-        idx[g_rows, cols] += step
-        err[g_rows, cols] += delta[local, cols]
+        live_idx[local, cols] += np.where(go_up[local, cols], 1, -1)
+        live_err[local, cols] += delta[local, cols]
+    idx[rows] = live_idx
     code[:] = idx - 1
 
 
