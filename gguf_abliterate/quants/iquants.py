@@ -17,12 +17,30 @@ KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53,
 NTRY = 7
 
 
+# Twice the midpoints between neighbouring grid values (integers): x rounds to the upper one
+# exactly when floor(2x) reaches it, so a table over floor(2x) gives the index.
+_MID2 = KVALUES[:-1] + KVALUES[1:]
+_SLOTS = np.arange(-256, 256, dtype=F32)
+_INDEX = np.searchsorted(_MID2, _SLOTS, side="right").astype(np.uint8)
+_VALUE = KVALUES[_INDEX]
+
+
+def _slot(x: np.ndarray) -> np.ndarray:
+    """floor(2x) clipped to the table, as an index into `_INDEX` / `_VALUE` (NaN: the top)."""
+    f = np.floor(x * F32(2))
+    np.fmin(f, F32(255), out=f)  # fmin, unlike minimum, turns NaN into the bound
+    np.maximum(f, F32(-256), out=f)
+    return f.astype(np.int32) + 256
+
+
 def best_index(x: np.ndarray) -> np.ndarray:
-    """ggml's best_index_int8 over the IQ4 grid: the nearest value's index, ties going up."""
-    mu = np.clip(np.searchsorted(KVALUES, x, side="right"), 1, 15)
-    idx = np.where(x - KVALUES[mu - 1] < KVALUES[mu] - x, mu - 1, mu)
-    idx = np.where(x <= KVALUES[0], 0, idx)
-    return np.where(x >= KVALUES[15], 15, idx)
+    """ggml's best_index_int8 over the IQ4 grid: the nearest value's index, ties going up.
+
+    ggml compares x - lo < hi - x. Wherever that is close, |x| >= 4.5 and both differences are
+    exact in float32, so it is x < (lo + hi) / 2: one lookup on floor(2x), 10x a binary search.
+    NaN (0 * inf on denormal input) gives 15, as in ggml.
+    """
+    return _INDEX[_slot(x)]
 
 
 def _block_scales(x: np.ndarray) -> np.ndarray:
@@ -34,7 +52,7 @@ def _block_scales(x: np.ndarray) -> np.ndarray:
     w = x * x
 
     def sums(ident: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = KVALUES[best_index(ident * x)]
+        q = _VALUE[_slot(ident * x)]  # KVALUES[best_index(.)] in one lookup
         wq = w * q
         return _ordered_sum(wq * x), _ordered_sum(wq * q)
 
