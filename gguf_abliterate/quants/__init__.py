@@ -49,7 +49,7 @@ _BLOCKS_PER_CALL = 512
 
 # Types whose scales `codes` decodes: dequantized there, a cache-sized run of values per call
 # (several times gguf-py's speed, which broadcasts through many small per-row loops).
-_DECODED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+_DECODED = frozenset(t for t, layout in codes.LAYOUTS.items() if type(layout).steps is not codes.Layout.steps)
 _DEQUANTIZE_VALUES = 1 << 16
 
 # Types that ggml cannot quantize well (or at all) without an importance matrix.

@@ -22,12 +22,13 @@ def pack_nibbles(codes: np.ndarray, half: int) -> np.ndarray:
 
 def bitplanes(b: np.ndarray) -> np.ndarray:
     """32 bytes -> 256 bits: code j's bit is bit j//32 of byte j%32 (Q3_K hmask, Q5_K qh)."""
-    return ((b[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).reshape(b.shape[0], -1)
+    bits = np.unpackbits(b, axis=1, bitorder="little").reshape(b.shape[0], 32, 8)
+    return np.ascontiguousarray(bits.transpose(0, 2, 1)).reshape(b.shape[0], -1)
 
 
 def pack_bitplanes(bits: np.ndarray) -> np.ndarray:
-    planes = bits.reshape(bits.shape[0], 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]
-    return np.bitwise_or.reduce(planes, axis=1)
+    planes = np.ascontiguousarray(bits.reshape(bits.shape[0], 8, 32).transpose(0, 2, 1))
+    return np.packbits(planes.reshape(bits.shape[0], -1), axis=1, bitorder="little")
 
 
 def crumbs(b: np.ndarray) -> np.ndarray:
@@ -43,8 +44,8 @@ def pack_crumbs(codes: np.ndarray) -> np.ndarray:
 
 def low_bits32(qh: np.ndarray) -> np.ndarray:
     """A little-endian 32-bit word per block: code j's high bit is bit j (Q5_0, Q5_1)."""
-    return (qh[:, :, None] >> np.arange(8, dtype=np.uint8)[None, None, :] & 1).reshape(qh.shape[0], 32)
+    return np.unpackbits(qh, axis=1, bitorder="little")
 
 
 def pack_low_bits32(bits: np.ndarray) -> np.ndarray:
-    return np.bitwise_or.reduce(bits.reshape(-1, 4, 8) << np.arange(8, dtype=np.uint8), axis=2)
+    return np.packbits(bits.reshape(-1, 32), axis=1, bitorder="little")

@@ -126,6 +126,15 @@ class IQ4_NL(_Nibbles32, _Scaled):
 class IQ4_XS(_Nibbles32):
     qtype, table, start = Q.IQ4_XS, KVALUES, 8
 
+    def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`d * (ls - 32)` per 32 values: ls is a nibble of scales_l (bytes 4-7, low nibble
+        first) with two bits of the 16-bit scales_h (bytes 2-3) on top."""
+        low = np.empty((blocks.shape[0], 8), np.uint8)
+        low[:, 0::2], low[:, 1::2] = blocks[:, 4:8] & 15, blocks[:, 4:8] >> 4
+        high = (blocks.view(np.uint16)[:, 1:2] >> (2 * np.arange(8, dtype=np.uint16))) & 3
+        ls = (low | (high << 4)).astype(np.int32) - 32
+        return _half(blocks, 0)[:, None] * ls.astype(F32), None
+
 
 class _Q5(Layout):
     """Q5_0/Q5_1: 4-bit nibbles plus a 32-bit word of high bits."""
