@@ -21,7 +21,7 @@ from gguf_abliterate.quants import codes, iquants, kquants, legacy
 Q = GGMLQuantizationType
 
 # gguf-py's numpy quantizers, each bit-exact with ggml's quantize_row_*_ref (checked in tests).
-_GGUF_PY_QUANTIZE = frozenset({Q.F32, Q.F16, Q.BF16, Q.TQ1_0, Q.TQ2_0})
+_GGUF_PY_QUANTIZE = frozenset({Q.F32, Q.F16, Q.TQ1_0, Q.TQ2_0})
 
 # Our lane-layout ports of the common 32-value types, several times faster than gguf-py's:
 # (n, 32) blocks -> out (n, bytes), with a work area reused chunk to chunk. They check for
@@ -71,7 +71,7 @@ def row_bytes(qtype: GGMLQuantizationType, n_per_row: int) -> int:
 
 def can_quantize(qtype: GGMLQuantizationType) -> bool:
     """Whether `quantize` can write this type."""
-    return qtype in _GGUF_PY_QUANTIZE or qtype in _OWN_QUANTIZE or qtype in _LANE_QUANTIZE
+    return qtype in _GGUF_PY_QUANTIZE or qtype in _OWN_QUANTIZE or qtype in _LANE_QUANTIZE or qtype == Q.BF16
 
 
 def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -95,11 +95,24 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
                 out[i : i + _BLOCKS_PER_CALL] = own(chunk)
         return out.reshape(*values.shape[:-1], -1)
     _check_finite(values)
+    if qtype == Q.BF16:
+        return _to_bf16(values)
     # gguf-py divides by block scales that underflow on denormal input; ggml does the same
     # and the bytes still match, so the floating-point warnings are noise.
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         out = _gq.quantize(values, qtype)
     return np.ascontiguousarray(out).view(np.uint8).reshape(*values.shape[:-1], -1)
+
+
+def _to_bf16(values: np.ndarray) -> np.ndarray:
+    """ggml's fp32 -> bf16 for finite values: round the top 16 bits to nearest even (no
+    overflow in 32 bits: the largest finite pattern plus 0x8000 stays below 2^32)."""
+    u = values.view(np.uint32)
+    r = (u >> np.uint32(16)) & np.uint32(1)
+    r += np.uint32(0x7FFF)
+    r += u
+    r >>= np.uint32(16)
+    return r.astype(np.uint16).view(np.uint8).reshape(*values.shape[:-1], -1)
 
 
 def _check_finite(values: np.ndarray) -> None:
@@ -127,6 +140,8 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return data.view(np.float32)
     if qtype == Q.F16:
         return data.view(np.float16).astype(np.float32)
+    if qtype == Q.BF16:  # the top half of a float32
+        return (data.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
     bs, ts = GGML_QUANT_SIZES[qtype]
     shape = (*data.shape[:-1], data.shape[-1] // ts * bs)
     n_blocks = data.size // ts
