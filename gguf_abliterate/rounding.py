@@ -50,13 +50,14 @@ def supports(qtype: GGMLQuantizationType) -> bool:
 
 
 def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, u: np.ndarray,
-            table: np.ndarray, tol: float, limit: float) -> None:
+            layout: codes.Layout, tol: float, limit: float) -> None:
     """Move codes (groups, n) in place so that each group's u-weighted error is near zero."""
     n_groups, n = code.shape
+    table = layout.table
     # padded so that code-1 and code+1 index safely; NaN marks "no level there"
     padded = np.concatenate([[np.nan], table, [np.nan]]).astype(np.float32)
     # consecutive integer levels: a neighbour is exactly one step a away, no lookups needed
-    unit = np.array_equal(table, table[0] + np.arange(len(table), dtype=np.float32))
+    unit = layout.first is not None
     idx = code.astype(np.int32) + 1  # padded-table index; 32 bits halve the traffic of int64
     err = a * padded[idx] + b - target
     u64 = u.astype(np.float64)
@@ -136,7 +137,7 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
 
             code = cols(c)
             _settle(code, cols(a), cols(b), np.ascontiguousarray(target[:, j * bs : j * bs + width].T), u,
-                    layout.table, tol, limit)
+                    layout, tol, limit)
             layout.put(blocks, np.ascontiguousarray(code.T).reshape(-1, bs).astype(np.uint8))
             out[:, j : j + per] = blocks.reshape(n_rows, -1, ts)
     else:
@@ -146,7 +147,7 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
             m = blocks.shape[0] * bs // n
             code = layout.get(blocks).reshape(m, n)
             a, b = codes.levels(blocks, qtype)
-            _settle(code, a.reshape(m, n), b.reshape(m, n), target[i : i + per], u, layout.table, tol, limit)
+            _settle(code, a.reshape(m, n), b.reshape(m, n), target[i : i + per], u, layout, tol, limit)
             layout.put(blocks, code.reshape(-1, bs).astype(np.uint8))
             out[i : i + per] = blocks.reshape(m, -1, ts)
     return out.reshape(n_rows, -1)

@@ -47,9 +47,8 @@ _OWN_QUANTIZE = {
 # blocks quantized per call: big enough to amortise numpy's per-call cost, small enough for cache
 _BLOCKS_PER_CALL = 512
 
-# Types whose scales `codes` decodes: dequantized there, a cache-sized run of values per call
-# (several times gguf-py's speed, which broadcasts through many small per-row loops).
-_DECODED = frozenset(t for t, layout in codes.LAYOUTS.items() if type(layout).steps is not codes.Layout.steps)
+# Types whose scales `codes` decodes are dequantized there, a cache-sized run of values per
+# call (several times gguf-py's speed, which broadcasts through many small per-row loops).
 _DEQUANTIZE_VALUES = 1 << 16
 
 # Types that ggml cannot quantize well (or at all) without an importance matrix.
@@ -146,7 +145,7 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     shape = (*data.shape[:-1], data.shape[-1] // ts * bs)
     n_blocks = data.size // ts
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf scales in a damaged file stay visible
-        if qtype in _DECODED:
+        if qtype in codes.DECODED:
             blocks = data.reshape(-1, ts)
             out = np.empty((n_blocks, bs), np.float32)
             step = max(1, _DEQUANTIZE_VALUES // bs)

@@ -37,10 +37,11 @@ class Layout:
         """Write codes into the blocks in place; scale bytes are left as they are."""
         raise NotImplementedError
 
-    def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+    def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Per (sub-)block, (a, b) as float32 (nb, sub-blocks) computed as ggml's to_float does,
-        b None where ggml adds nothing (adding 0 would turn -0.0 into +0.0); None if not decoded."""
-        return None
+        b None where ggml adds nothing (adding 0 would turn -0.0 into +0.0). Only the types in
+        `DECODED` have it."""
+        raise NotImplementedError
 
 
 def _half(blocks: np.ndarray, offset: int) -> np.ndarray:
@@ -48,14 +49,11 @@ def _half(blocks: np.ndarray, offset: int) -> np.ndarray:
     return blocks.view(np.float16)[:, offset // 2].astype(F32)
 
 
-def dequantize_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray | None:
-    """uint8 blocks (nb, type_size) -> float32 (nb, block_size), bit-exact with ggml's to_float;
-    None for a type whose scales this module does not decode."""
-    layout = LAYOUTS.get(qtype)
-    found = layout.steps(blocks) if layout is not None else None
-    if found is None:
-        return None
-    a, b = found
+def dequantize_blocks(blocks: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """uint8 blocks (nb, type_size) of a type in `DECODED` -> float32 (nb, block_size),
+    bit-exact with ggml's to_float."""
+    layout = LAYOUTS[qtype]
+    a, b = layout.steps(blocks)
     nb, groups = a.shape
     c = layout.get(blocks)
     if layout.first is None:
@@ -251,6 +249,10 @@ class Q6_K(Layout):
     def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """`d * sc * q` per 16 values, with sc the int8 scales at bytes 192-207."""
         return _half(blocks, 208)[:, None] * blocks[:, 192:208].view(np.int8).astype(F32), None
+
+
+# the types whose scales are decoded here (their layout defines `steps`)
+DECODED = frozenset(t for t, layout in LAYOUTS.items() if type(layout).steps is not Layout.steps)
 
 
 def levels(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
