@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gguf import MODEL_TENSOR
+
+from gguf_abliterate import names
 from gguf_abliterate.errors import UserError
 
-# Tensor kinds (the part of the name after `blk.N.`) that add into the residual stream.
-WRITER_KINDS = ("attn_output", "ffn_down", "ffn_down_exps", "ffn_down_shexp")
-EMBEDDING = "token_embd.weight"
-LM_HEAD = "output.weight"
+# The tensors (per block) that add into the residual stream, in the order they are edited.
+WRITERS = (MODEL_TENSOR.ATTN_OUT, MODEL_TENSOR.FFN_DOWN, MODEL_TENSOR.FFN_DOWN_EXP, MODEL_TENSOR.FFN_DOWN_SHEXP)
 
 
 @dataclass(frozen=True)
@@ -25,16 +26,17 @@ class Arch:
     """What the edit needs to know about one llama.cpp architecture."""
 
     name: str
-    # writer kind -> kind of the norm applied to its output before the residual add
-    post_norms: dict[str, str] = field(default_factory=dict)
+    # writer -> the norm applied to its output before the residual add
+    post_norms: dict[MODEL_TENSOR, MODEL_TENSOR] = field(default_factory=dict)
 
-    def post_norm(self, block: int, writer_kind: str) -> str | None:
+    def post_norm(self, block: int, writer: MODEL_TENSOR) -> str | None:
         """Name of the norm weight applied after this writer in this block, if any."""
-        kind = self.post_norms.get(writer_kind)
-        return f"blk.{block}.{kind}.weight" if kind else None
+        norm = self.post_norms.get(writer)
+        return names.block_tensor(norm, block) if norm is not None else None
 
 
-_GEMMA_POST_NORMS = {"attn_output": "post_attention_norm", "ffn_down": "post_ffw_norm"}
+_GEMMA_POST_NORMS = {MODEL_TENSOR.ATTN_OUT: MODEL_TENSOR.ATTN_POST_NORM,
+                     MODEL_TENSOR.FFN_DOWN: MODEL_TENSOR.FFN_POST_NORM}
 
 ARCHITECTURES: dict[str, Arch] = {
     a.name: a

@@ -77,7 +77,8 @@ def cache_dir() -> Path:
     return Path(base) / "gguf-abliterate"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
@@ -97,7 +98,7 @@ def fetch(name: str, quiet: bool = False) -> Path:
         if stamp.read_text().strip() == f"{model.sha256} {target.stat().st_size} {target.stat().st_mtime_ns}":
             return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.is_file() or _sha256(target) != model.sha256:
+    if not target.is_file() or sha256(target) != model.sha256:
         _download(model, target, quiet)
     st = target.stat()
     stamp.write_text(f"{model.sha256} {st.st_size} {st.st_mtime_ns}\n")

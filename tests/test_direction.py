@@ -10,11 +10,12 @@ import pytest
 from conftest import cli
 from safetensors import safe_open
 
-from gguf_abliterate import prompts as P
-from gguf_abliterate.capture import LlamaModel
-from gguf_abliterate.directions import load_direction
+from gguf_abliterate.direction import prompts as P
+from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.direction.file import load_direction
 from gguf_abliterate.gguf_io import Model
-from gguf_abliterate.measure import difference_of_means, kl_divergence
+from gguf_abliterate.direction.measure import difference_of_means
+from gguf_abliterate.evaluate.metrics import kl_divergence
 
 
 def test_default_prompt_sets() -> None:
@@ -145,7 +146,7 @@ def test_direction_on_smollm2(smollm2: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_torch_engine_agrees_with_llama_cpp(arch: str, tiny: dict[str, Path]) -> None:
-    from gguf_abliterate.torch_pass import TorchModel
+    from gguf_abliterate.runtime.torch_pass import TorchModel
 
     prompts = ["how to bake a bread", "the sky is blue today", "i"]
     with LlamaModel(tiny[arch], chat=False) as m:

@@ -9,8 +9,9 @@ import pytest
 from conftest import cli, generate, random_direction
 from gguf import GGMLQuantizationType as Q
 
-from gguf_abliterate import quants, rounding
-from gguf_abliterate.directions import save_direction
+from gguf_abliterate import quants
+from gguf_abliterate.quants import rounding
+from gguf_abliterate.direction.file import save_direction
 from gguf_abliterate.gguf_io import Model
 
 # Relative RMS error a fresh quantization of a weight matrix may have, per type (loose bounds
@@ -309,8 +310,12 @@ def test_real_smollm2(smollm2: Path, tmp_path: Path) -> None:
 
 
 def test_verify_reports_and_catches_damage(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from gguf_abliterate.directions import load_direction
-    from gguf_abliterate.edit import EditOptions, apply_edit, output_tensors, plan_edit, verify_output
+    from gguf_abliterate.direction.file import load_direction
+    from gguf_abliterate.edit.execute import apply_edit, edit_piece, output_tensors
+    from gguf_abliterate.edit.options import EditOptions
+    from gguf_abliterate.edit.parallel import UnitRunner
+    from gguf_abliterate.edit.plan import plan_edit
+    from gguf_abliterate.edit.verify import verify_output
     from gguf_abliterate.errors import UserError
 
     src = tiny["qwen2"]
@@ -322,7 +327,8 @@ def test_verify_reports_and_catches_damage(tiny: dict[str, Path], tmp_path: Path
 
     model, opts = Model(src), EditOptions()
     plan, direction = plan_edit(model, opts), load_direction(tmp_path / "d.npy")
-    expected = output_tensors(model, plan, direction, opts)
+    with UnitRunner(model, 1, edit_piece) as runner:
+        expected = output_tensors(model, plan, direction, runner)
     assert "verified" in verify_output(model, [out], expected)
     damaged = tmp_path / "damaged.gguf"
     data = bytearray(out.read_bytes())
@@ -368,3 +374,22 @@ def test_requantization_report(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert cli(src, f32, "--direction", tmp_path / "d.npy", "--requant-type", "f32", "-q").returncode == 0
     report = json.loads(Model(f32).get("abliterate.requant_report"))
     assert set(report) == {"F32"} and report["F32"]["leak_worst"] < 1e-5
+
+
+def test_requantization_report_is_stored_whole() -> None:
+    """The stored report is valid JSON for any number of output types and any values: the
+    header room reserved for it (`report_width`) always holds it (it used to be cut at 4 KB)."""
+    import json
+
+    from gguf_abliterate.quants.fidelity import MIN_REPORT_WIDTH, Report, Sums, report_width
+
+    report = Report()
+    types = [f"TYPE_WITH_A_LONG_NAME_{i}" for i in range(60)]
+    for i, t in enumerate(types):
+        # extreme sums: huge and tiny values print as long floats
+        report.add(f"blk.{i}.ffn_down.weight", t, Sums(1e300 * (i + 1), 3e-7, 1e-300, 1.2345678e290 * (i + 1), 7))
+    text = report.to_json()
+    assert len(text) > MIN_REPORT_WIDTH
+    assert len(text.encode()) <= report_width(set(types))
+    assert set(json.loads(text)) == set(types)
+    assert report_width({"Q4_K", "Q6_K"}) == MIN_REPORT_WIDTH  # small reports keep the layout files always had

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import cli, random_direction
 
-from gguf_abliterate.evaluate import is_refusal
+from gguf_abliterate.evaluate.markers import is_refusal
 
 
 @pytest.mark.parametrize("text,refused", [

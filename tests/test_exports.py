@@ -9,7 +9,7 @@ import pytest
 from conftest import cli, random_direction
 
 from gguf_abliterate.gguf_io import GGUFFile
-from gguf_abliterate.measure import kl_divergence
+from gguf_abliterate.evaluate.metrics import kl_divergence
 
 
 def _logprobs(model: Path, lora: Path | None, prompts: list[str]) -> np.ndarray:
@@ -60,8 +60,8 @@ def test_lora_adapter_reproduces_the_float_edit(arch: str, tiny: dict[str, Path]
 
 
 def test_control_vector_shifts_exactly_the_chosen_block(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from gguf_abliterate.capture import LlamaModel
-    from gguf_abliterate.directions import save_direction
+    from gguf_abliterate.runtime.llama import LlamaModel
+    from gguf_abliterate.direction.file import save_direction
 
     src = tiny["qwen2"]
     rows = np.stack([random_direction(256, seed=20 + i) for i in range(4)])
@@ -92,7 +92,7 @@ def test_control_vector_shifts_exactly_the_chosen_block(tiny: dict[str, Path], t
 def test_lora_hidden_states_match_the_float_edit(arch: str, tiny: dict[str, Path], tmp_path: Path) -> None:
     """Through the capture hook: with the adapter, the component along r of every block's
     output matches the F32-stored edit's within 1% (relative to how far the edit moved it)."""
-    from gguf_abliterate.capture import LlamaModel
+    from gguf_abliterate.runtime.llama import LlamaModel
 
     src = tiny[arch]
     r = random_direction(256, seed=4)

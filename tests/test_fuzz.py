@@ -10,8 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gguf_abliterate.directions import Direction, normalise
-from gguf_abliterate.edit import EditOptions, apply_edit, plan_edit
+from gguf_abliterate.direction.file import Direction, normalise
+from gguf_abliterate.edit.execute import apply_edit
+from gguf_abliterate.edit.options import EditOptions
+from gguf_abliterate.edit.plan import plan_edit
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import GGUFFile, Model
 from tools.make_tiny_models import TinySpec, build_model

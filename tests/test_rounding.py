@@ -10,28 +10,31 @@ from conftest import cli, random_direction
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
-from gguf_abliterate import quants, rounding
-from gguf_abliterate.edit import EditOptions, axis_vector, plan_edit, project_residual_cols, project_residual_rows
-from gguf_abliterate.directions import Direction
+from gguf_abliterate import quants
+from gguf_abliterate.quants import rounding
+from gguf_abliterate.edit.options import EditOptions
+from gguf_abliterate.edit.plan import plan_edit
+from gguf_abliterate.edit.project import axis_vector, project_residual_cols, project_residual_rows
+from gguf_abliterate.direction.file import Direction
 from gguf_abliterate.gguf_io import Model
-from gguf_abliterate.quants import codes
+from gguf_abliterate.quants.types import get_type
 from tools import ggml_ref
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS]
 
 
 def test_every_integer_type_has_a_code_layout() -> None:
-    assert set(codes.LAYOUTS) == set(TYPES)
+    assert {t for t in Q if get_type(t).has_codes} == set(TYPES)
     assert all(rounding.supports(t) for t in TYPES) and not rounding.supports(Q.F16)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_code_layout_round_trips_and_levels_match_the_dequantizer(qtype: Q) -> None:
     rng = np.random.default_rng(0)
-    layout = codes.LAYOUTS[qtype]
+    layout = get_type(qtype)
     blocks = quants.quantize(rng.normal(size=(4, 512)).astype(np.float32), qtype).reshape(-1, GGML_QUANT_SIZES[qtype][1])
     assert layout.get(blocks).max() < len(layout.table)
-    a, b = codes.levels(blocks, qtype)
+    a, b = rounding.levels(blocks, qtype)
     random_codes = rng.integers(0, len(layout.table), (blocks.shape[0], GGML_QUANT_SIZES[qtype][0])).astype(np.uint8)
     moved = blocks.copy()
     layout.put(moved, random_codes)
@@ -58,12 +61,12 @@ def check(qtype: Q, w: np.ndarray, u: np.ndarray, coef: float, max_rmse_ratio: f
     Returns the aware RMSE."""
     target = edited(w, u, coef)
     plain = quants.quantize(target, qtype)
-    aware = rounding.keep_edit(plain, target, u, qtype, True, u @ w)
+    aware = rounding.keep_edit(plain, target, u, qtype, over_rows=True, before=u @ w)
     leak_plain, rmse_plain = leak_and_rmse(plain, qtype, w, target, u)
     leak, rmse = leak_and_rmse(aware, qtype, w, target, u)
     assert leak < 0.01 and leak < leak_plain, (leak, leak_plain)
     assert rmse <= max_rmse_ratio * rmse_plain, rmse / rmse_plain
-    layout, ts = codes.LAYOUTS[qtype], GGML_QUANT_SIZES[qtype][1]
+    layout, ts = get_type(qtype), GGML_QUANT_SIZES[qtype][1]
     only_codes = plain.reshape(-1, ts).copy()
     layout.put(only_codes, layout.get(aware.reshape(-1, ts)))
     assert np.array_equal(only_codes, aware.reshape(-1, ts))  # scales untouched
@@ -108,7 +111,7 @@ def test_no_edit_moves_no_code() -> None:
     for qtype in (Q.Q4_K, Q.Q8_0):
         data = quants.quantize(w, qtype)
         grid = quants.dequantize(data, qtype)
-        assert np.array_equal(rounding.keep_edit(data, grid, u, qtype, True, u @ grid), data)
+        assert np.array_equal(rounding.keep_edit(data, grid, u, qtype, over_rows=True, before=u @ grid), data)
 
 
 def test_embedding_rows_keep_the_edit() -> None:
@@ -121,7 +124,7 @@ def test_embedding_rows_keep_the_edit() -> None:
     project_residual_cols(target, u, -1.0)
     for qtype in (Q.Q4_K, Q.Q5_0):
         plain = quants.quantize(target, qtype)
-        aware = rounding.keep_edit(plain, target, u, qtype, False, before)
+        aware = rounding.keep_edit(plain, target, u, qtype, over_rows=False, before=before)
         leak_plain, leak = (np.linalg.norm(quants.dequantize(d, qtype) @ u) / np.linalg.norm(before)
                             for d in (plain, aware))
         assert leak < 0.01 and leak < leak_plain / 4, (qtype.name, leak, leak_plain)

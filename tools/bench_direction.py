@@ -16,8 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gguf_abliterate import prompts, zoo  # noqa: E402
-from gguf_abliterate.capture import LlamaModel  # noqa: E402
+from gguf_abliterate import zoo  # noqa: E402
+from gguf_abliterate.direction import prompts  # noqa: E402
+from gguf_abliterate.runtime.llama import LlamaModel  # noqa: E402
 
 
 def main() -> None:

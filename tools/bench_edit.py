@@ -23,7 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gguf_abliterate import zoo  # noqa: E402
-from gguf_abliterate.edit import EditOptions, plan_edit  # noqa: E402
+from gguf_abliterate.edit.options import EditOptions  # noqa: E402
+from gguf_abliterate.edit.plan import plan_edit  # noqa: E402
 from gguf_abliterate.gguf_io import Model  # noqa: E402
 from tools.make_big_model import build_big_model  # noqa: E402
 

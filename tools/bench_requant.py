@@ -18,9 +18,12 @@ import time
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from gguf_abliterate import quants, rounding
-from gguf_abliterate.directions import load_direction
-from gguf_abliterate.edit import EditOptions, axis_vector, plan_edit, project_residual_rows
+from gguf_abliterate import quants
+from gguf_abliterate.quants import rounding
+from gguf_abliterate.direction.file import load_direction
+from gguf_abliterate.edit.options import EditOptions
+from gguf_abliterate.edit.plan import plan_edit
+from gguf_abliterate.edit.project import axis_vector, project_residual_rows
 from gguf_abliterate.gguf_io import Model
 
 DEFAULT_TYPES = "q4_0,q4_1,q5_0,q5_1,q8_0,q2_k,q3_k,q4_k,q5_k,q6_k,iq4_nl,iq4_xs"
@@ -57,7 +60,7 @@ def main() -> None:
             t0 = time.perf_counter()
             plain = quants.quantize(w, qt)
             t1 = time.perf_counter()
-            aware = rounding.keep_edit(plain, w, u, qt, True, before)
+            aware = rounding.keep_edit(plain, w, u, qt, over_rows=True, before=before)
             t2 = time.perf_counter()
             r = rows[qt.name]
             for key, data in (("lp", plain), ("la", aware)):

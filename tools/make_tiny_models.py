@@ -66,7 +66,7 @@ def _store(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     from tools import ggml_ref
 
     # types that need an importance matrix get a flat one
-    imatrix = np.ones(values.shape[-1], np.float32) if qtype in quants.NEEDS_IMATRIX else None
+    imatrix = np.ones(values.shape[-1], np.float32) if quants.needs_imatrix(qtype) else None
     return ggml_ref.quantize(values, qtype, imatrix)
 
 

@@ -1,5 +1,5 @@
 """GGUF input and output: parse one file (reader), see a model over its split parts (model),
-write files atomically (writer)."""
+write a model's files (writer), and write any file atomically (atomic)."""
 
 from gguf_abliterate.gguf_io.model import Model
 from gguf_abliterate.gguf_io.reader import GGUFFile, TensorInfo

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from gguf_abliterate import names
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.reader import GGUFFile, TensorInfo
 from gguf_abliterate.quants import dequantize
 
 SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 
 
 def split_path(prefix: Path, index: int, count: int) -> Path:
@@ -31,7 +31,7 @@ def split_path(prefix: Path, index: int, count: int) -> Path:
 
 
 def _split_count(f: GGUFFile) -> int:
-    count = f.get("split.count", 1)
+    count = f.get(names.SPLIT_COUNT, 1)
     if not isinstance(count, int) or count < 1:
         raise UserError(f"{f.path}: bad split.count {count!r}")
     return count
@@ -57,19 +57,21 @@ class Model:
         self.path = self.parts[0].path
         self.tensors: dict[str, TensorInfo] = {}
         for i, part in enumerate(self.parts):
-            if count > 1 and (part.get("split.no") != i or _split_count(part) != count):
-                raise UserError(f"{part.path}: expected part {i + 1} of {count} (split.no {i}), "
-                                f"found split.no {part.get('split.no')!r} of {part.get('split.count')!r}")
+            if count > 1 and (part.get(names.SPLIT_NO) != i or _split_count(part) != count):
+                raise UserError(f"{part.path}: expected part {i + 1} of {count} ({names.SPLIT_NO} {i}), "
+                                f"found {names.SPLIT_NO} {part.get(names.SPLIT_NO)!r} of "
+                                f"{part.get(names.SPLIT_COUNT)!r}")
             for name, t in part.tensors.items():
                 if name in self.tensors:
                     raise UserError(f"{part.path}: tensor {name} is also in another part")
                 self.tensors[name] = dataclasses.replace(t, part=i)
-        expected = self.parts[0].get("split.tensors.count")
+        expected = self.parts[0].get(names.SPLIT_TENSORS)
         if count > 1 and expected != len(self.tensors):
-            raise UserError(f"{self.path}: split.tensors.count is {expected}, the parts hold {len(self.tensors)}")
-        self.arch = self.get_str("general.architecture")
-        if self.arch is None:
-            raise UserError(f"{self.path}: no general.architecture key")
+            raise UserError(f"{self.path}: {names.SPLIT_TENSORS} is {expected}, the parts hold {len(self.tensors)}")
+        arch = self.get_str(names.ARCHITECTURE)
+        if arch is None:
+            raise UserError(f"{self.path}: no {names.ARCHITECTURE} key")
+        self.arch: str = arch
 
     @property
     def is_split(self) -> bool:
@@ -83,20 +85,24 @@ class Model:
         value = self.get(key)
         return value if isinstance(value, str) else None
 
-    def arch_int(self, suffix: str) -> int:
-        """An integer hyper-parameter `<arch>.<suffix>`, required."""
-        value = self.get(f"{self.arch}.{suffix}")
+    def arch_get(self, template: str, default: Any = None) -> Any:
+        """The value of a per-architecture key (`names.BLOCK_COUNT` ...), or `default`."""
+        return self.get(names.arch_key(template, self.arch), default)
+
+    def arch_int(self, template: str) -> int:
+        """A required positive integer per-architecture key."""
+        value = self.arch_get(template)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{self.path}: missing or bad integer key {self.arch}.{suffix}")
+            raise UserError(f"{self.path}: missing or bad integer key {names.arch_key(template, self.arch)}")
         return value
 
     @property
     def n_layer(self) -> int:
-        return self.arch_int("block_count")
+        return self.arch_int(names.BLOCK_COUNT)
 
     @property
     def n_embd(self) -> int:
-        return self.arch_int("embedding_length")
+        return self.arch_int(names.EMBEDDING_LENGTH)
 
     def file_of(self, name: str) -> GGUFFile:
         return self.parts[self.tensors[name].part]

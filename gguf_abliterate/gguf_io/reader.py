@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from gguf_abliterate import names
 from gguf_abliterate.errors import UserError
 
 GGUF_MAGIC = b"GGUF"
@@ -162,10 +163,10 @@ class GGUFFile:
                 raise _Corrupt(f"duplicate metadata key {key}")
             self.fields[key] = Field(key, vtype, start, value_start, c.pos)
         self.alignment = DEFAULT_ALIGNMENT
-        if "general.alignment" in self.fields:
-            align = self.get("general.alignment")
-            if self.fields["general.alignment"].vtype != V.UINT32 or align <= 0 or align & (align - 1):
-                raise _Corrupt("general.alignment must be a power-of-two uint32")
+        if names.ALIGNMENT in self.fields:
+            align = self.get(names.ALIGNMENT)
+            if self.fields[names.ALIGNMENT].vtype != V.UINT32 or align <= 0 or align & (align - 1):
+                raise _Corrupt(f"{names.ALIGNMENT} must be a power-of-two uint32")
             self.alignment = int(align)
         infos = []
         for _ in range(n_tensors):

@@ -1,32 +1,30 @@
-"""Writing GGUF files atomically: one file, or every part of a split model.
+"""Writing GGUF files: one file, or every part of a split model.
 
 Metadata is copied as the exact bytes it had (empty arrays and strings that are not valid
 UTF-8 included; gguf-py's GGUFWriter refuses the former). Untouched tensors are copied with
-copy_file_range, inside the kernel, never through this process's memory. Every output file
-is written under a temporary name beside its destination and renamed only when all of them
-are complete (and accepted by `check`): an error, Ctrl-C or SIGTERM leaves nothing behind.
+copy_file_range, inside the kernel, never through this process's memory. All the files are
+written through `atomic.atomic_paths`: they appear together, only when complete (and
+accepted by `check`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import signal
 import struct
-import tempfile
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.gguf_io.model import SPLIT_KEYS, SPLIT_NAME, Model, split_path
+from gguf_abliterate.gguf_io.atomic import atomic_paths
+from gguf_abliterate.gguf_io.model import SPLIT_NAME, Model, split_path
 from gguf_abliterate.gguf_io.reader import GGUF_MAGIC
+from gguf_abliterate.names import SPLIT_KEYS
 
 @dataclass(frozen=True)
 class Reserved:
@@ -140,9 +138,10 @@ def _pad(n: int, align: int) -> int:
 def write_files(src: Model, files: list[OutFile], on_bytes: Callable[[int], None] = lambda n: None,
                 check: Callable[[list[Path]], None] | None = None) -> None:
     """Write every file under a temporary name; rename them all once all are complete."""
-    with atomic_outputs([f.path for f in files], check) as outs:
-        for spec, f in zip(files, outs):
-            _write_one(src, spec, f, on_bytes)
+    with atomic_paths([f.path for f in files], check) as tmps:
+        for spec, tmp in zip(files, tmps):
+            with open(tmp, "wb", buffering=0) as f:
+                _write_one(src, spec, f, on_bytes)
 
 
 def _write_one(src: Model, spec: OutFile, f: IO[bytes], on_bytes: Callable[[int], None]) -> None:
@@ -174,8 +173,11 @@ def _write_one(src: Model, spec: OutFile, f: IO[bytes], on_bytes: Callable[[int]
             raise RuntimeError(f"internal error: {t.name} produced {written} bytes, expected {t.nbytes}")
         _write_all(f, b"\0" * _pad(written, align))
     for offset, slot in spec.reserved:
-        value = slot.fill().encode()[: slot.width].ljust(slot.width)
-        os.pwrite(f.fileno(), value, kv_start + offset)
+        value = slot.fill().encode()
+        if len(value) > slot.width:
+            raise RuntimeError(f"internal error: {len(value)} bytes for a slot of {slot.width}")
+        f.seek(kv_start + offset)
+        _write_all(f, value.ljust(slot.width))
 
 
 def _write_all(f: IO[bytes], data: bytes | memoryview) -> None:
@@ -211,47 +213,3 @@ def _copy_range(src_fd: int, f: IO[bytes], offset: int, nbytes: int, on_bytes: C
         done += n
         on_bytes(n)
     return done
-
-
-@contextlib.contextmanager
-def atomic_outputs(dsts: list[Path], check: Callable[[list[Path]], None] | None = None) -> Iterator[list[IO[bytes]]]:
-    """Binary files that become `dsts` only if the block finishes; all removed on any failure.
-
-    `check`, if given, inspects the complete temporary files before they replace `dsts` and
-    raises to refuse them. SIGTERM is turned into KeyboardInterrupt for the duration so that
-    it cleans up too.
-    """
-    def _on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_term) if in_main else None
-    tmps: list[Path] = []
-    try:
-        with contextlib.ExitStack() as stack:
-            files = []
-            for dst in dsts:
-                fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-                tmps.append(Path(name))
-                os.chmod(name, 0o666 & ~_umask())
-                files.append(stack.enter_context(os.fdopen(fd, "wb", buffering=0)))
-            yield files
-            for f in files:
-                os.fsync(f.fileno())
-        if check is not None:
-            check(tmps)
-        for tmp, dst in zip(tmps, dsts):
-            os.replace(tmp, dst)
-    except BaseException:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from gguf_abliterate.quants.bits import pack_nibbles
-from gguf_abliterate.quants.kquants import F32, GROUP_MAX_EPS, _columns, _first_max_abs, _nearest_int, _ordered_sum
+from gguf_abliterate.quants.ggml_math import F32, GROUP_MAX_EPS, columns, first_max_abs, nearest_int, ordered_sum
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=F32)
 NTRY = 7
@@ -54,7 +54,7 @@ def _block_scales(x: np.ndarray) -> np.ndarray:
     def sums(ident: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = _VALUE[_slot(ident * x)]  # KVALUES[best_index(.)] in one lookup
         wq = w * q
-        return _ordered_sum(wq * x), _ordered_sum(wq * q)
+        return ordered_sum(wq * x), ordered_sum(wq * q)
 
     d = -mx / KVALUES[0]
     sumqx, sumq2 = sums(F32(1) / d)
@@ -72,7 +72,7 @@ def _block_scales(x: np.ndarray) -> np.ndarray:
 
 def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 32) -> IQ4_NL blocks (nb, 18): d, qs[16]."""
-    d = _block_scales(_columns(x, 32))
+    d = _block_scales(columns(x, 32))
     d16 = d.astype(np.float16)
     with np.errstate(divide="ignore"):
         ident = np.where(d != 0, F32(1) / d, F32(0))
@@ -83,12 +83,12 @@ def quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
 def quantize_iq4_xs(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> IQ4_XS blocks (nb, 136): d, scales_h (u16), scales_l[4], qs[128]."""
     nb = x.shape[0]
-    scales = _block_scales(_columns(x, 32)).reshape(nb, 8)
-    _, max_scale = _first_max_abs(scales)
+    scales = _block_scales(columns(x, 32)).reshape(nb, 8)
+    _, max_scale = first_max_abs(scales)
     d = -max_scale / F32(32)
     with np.errstate(divide="ignore"):
         ident = np.where(d != 0, F32(1) / d, F32(0))
-    l = np.clip(_nearest_int(ident[:, None] * scales), -32, 31)
+    l = np.clip(nearest_int(ident[:, None] * scales), -32, 31)
     dl = d[:, None] * l
     with np.errstate(divide="ignore"):
         idl = np.where(dl != 0, F32(1) / dl, F32(0))

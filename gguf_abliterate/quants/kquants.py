@@ -4,8 +4,8 @@ ggml's reference quantizers are what `ggml_quantize_chunk` runs without an impor
 (what llama-quantize does when given none). To match them byte for byte:
 
 - every sum over a sub-block is taken strictly in order, in float32, as the C loops do
-  (`_ordered_sum`); numpy's `sum` is pairwise and rounds differently;
-- `nearest_int` is ggml's magic-number rounding (`_nearest_int`): round-half-to-even for
+  (`ggml_math.ordered_sum`); numpy's `sum` is pairwise and rounds differently;
+- `nearest_int` is ggml's magic-number rounding (`ggml_math.nearest_int`): round-half-to-even for
   ordinary values, but inf gives -4194304 and NaN 0 (the overflow of `15/(max-min)` on
   denormal-range input), which `np.rint` does not reproduce;
 - expressions are evaluated in the C order, e.g. `w*l*x` is `(w*l)*x`, constants in float32;
@@ -20,51 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from gguf_abliterate.quants.bits import pack_bitplanes, pack_crumbs, pack_nibbles
+from gguf_abliterate.quants.ggml_math import F32, GROUP_MAX_EPS, columns, first_max_abs, nearest_int, ordered_sum
 
-F32 = np.float32
 QK_K = 256
-GROUP_MAX_EPS = F32(1e-15)
-
-
-_MAGIC = F32(12582912.0)  # 1.5 * 2**23
-
-
-def _nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int(): add 1.5*2^23 in float32, read the low mantissa bits (as float32)."""
-    bits = (np.asarray(v, dtype=F32) + _MAGIC).view(np.int32)
-    return ((bits & 0x7FFFFF) - 0x400000).astype(F32)
-
-
-def _ordered_sum_loop(t: np.ndarray) -> np.ndarray:
-    """Sum over axis 0, strictly first to last, in float32."""
-    acc = t[0].copy()
-    for row in t[1:]:
-        acc += row
-    return acc
-
-
-def _reduce_is_ordered() -> bool:
-    """numpy reduces a C-ordered array over axis 0 row by row (pairwise summation is used only
-    along the contiguous axis), which is the order we need, in one call. Not documented, so
-    checked on values where any other order rounds differently."""
-    probe = np.array([[2.0**24], [1.0], [1.0], [-(2.0**24)]] * 8, dtype=F32).repeat(3, axis=1)
-    probe[:, 1] = probe[::-1, 0]
-    return np.array_equal(probe.sum(axis=0), _ordered_sum_loop(probe))
-
-
-_REDUCE_IS_ORDERED = _reduce_is_ordered()
-
-
-def _ordered_sum(t: np.ndarray) -> np.ndarray:
-    """Sum over axis 0, strictly first to last: one numpy call for C-ordered input."""
-    if _REDUCE_IS_ORDERED and t.flags.c_contiguous:
-        return t.sum(axis=0)
-    return _ordered_sum_loop(t)
-
-
-def _columns(x: np.ndarray, n: int) -> np.ndarray:
-    """Blocks of n consecutive values as the columns of a C-ordered (n, m) array."""
-    return np.ascontiguousarray(x.reshape(-1, n).T)
 
 
 _RINT_SAFE = F32(4.0e6)  # below 2^22 ggml's nearest_int is exactly np.rint
@@ -81,7 +39,7 @@ def _levels_into(v: np.ndarray, bound: np.ndarray, lo: int, hi: int, out: np.nda
     np.clip(out, lo, hi, out=out)
     odd = ~(bound < _RINT_SAFE)
     if odd.any():
-        out[:, odd] = np.clip(_nearest_int(v[:, odd]), lo, hi)
+        out[:, odd] = np.clip(nearest_int(v[:, odd]), lo, hi)
     return out
 
 
@@ -95,8 +53,8 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     """
     xmin, mx = x.min(axis=0), x.max(axis=0)
     mn = np.minimum(xmin, F32(0))
-    sum_w = _ordered_sum(w)
-    sum_x = _ordered_sum(w * x)
+    sum_w = ordered_sum(w)
+    sum_x = ordered_sum(w * x)
     flat = mx == mn
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = F32(nmax) / np.where(flat, F32(1), mx - mn)
@@ -117,7 +75,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         else:
             np.multiply(tmp, tmp, out=tmp)
         np.multiply(tmp, w, out=tmp)
-        return _ordered_sum(tmp)
+        return ordered_sum(tmp)
 
     np.subtract(x, mn, out=xm)
     levels(iscale, mn, xm)
@@ -129,11 +87,11 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         iscale = factor / span
         levels(iscale, mn, xm)
         np.multiply(w, lv, out=tmp)  # w*l
-        sum_l = _ordered_sum(tmp)
+        sum_l = ordered_sum(tmp)
         np.multiply(tmp, lv, out=dev)
-        sum_l2 = _ordered_sum(dev)
+        sum_l2 = ordered_sum(dev)
         np.multiply(tmp, x, out=dev)
-        sum_xl = _ordered_sum(dev)
+        sum_xl = ordered_sum(dev)
         d = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
@@ -178,10 +136,10 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         levels(iscale)
         np.multiply(wx, lv, out=tmp)
-        sumlx = _ordered_sum(tmp)
+        sumlx = ordered_sum(tmp)
         np.multiply(w, lv, out=tmp)
         np.multiply(tmp, lv, out=tmp)
-        return sumlx, _ordered_sum(tmp)
+        return sumlx, ordered_sum(tmp)
 
     best_iscale = F32(-nmax) / mx
     sumlx, suml2 = trial(best_iscale)
@@ -214,18 +172,18 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     mx = x[np.abs(x).argmax(axis=0), cols]
     zero = np.abs(mx) < GROUP_MAX_EPS
     mx = np.where(zero, F32(1), mx)
-    L = np.clip(_nearest_int((F32(-nmax) / mx) * x), -nmax, nmax - 1)
+    L = np.clip(nearest_int((F32(-nmax) / mx) * x), -nmax, nmax - 1)
     w = x * x
     wx = w * x
-    sumlx = _ordered_sum(wx * L)
-    suml2 = _ordered_sum(w * L * L)
+    sumlx = ordered_sum(wx * L)
+    suml2 = ordered_sum(w * L * L)
     for _ in range(5):
         for i in range(x.shape[0]):
             li = L[i]
             slx = sumlx - wx[i] * li
             sl2 = suml2 - w[i] * li * li
             with np.errstate(divide="ignore", invalid="ignore"):
-                new = np.clip(_nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1)
+                new = np.clip(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1)
             slx2 = slx + wx[i] * new
             sl22 = sl2 + w[i] * new * new
             take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
@@ -237,18 +195,10 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, F32(0), scale), np.where(zero, F32(0), L + nmax)
 
 
-def _first_max_abs(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, C's `if (|s| > amax) {amax = |s|; max = s;}` from 0: (amax, max); NaN never wins."""
-    mag = np.where(np.isnan(scales), F32(-1), np.abs(scales))
-    first = mag.argmax(axis=1)
-    amax = np.maximum(mag[np.arange(len(first)), first], F32(0))
-    return amax, np.where(amax > 0, scales[np.arange(len(first)), first], F32(0))
-
-
 def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> Q2_K blocks (nb, 84): scales[16], qs[64], d, dmin."""
     nb = x.shape[0]
-    sub = _columns(x, 16)
+    sub = columns(x, 16)
     scales, mins, L = make_qkx2_quants(sub, np.abs(sub), 3, -0.5, 0.1, 15, use_mad=True)
     scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
     L = L.T.reshape(nb, 16, 16)
@@ -256,8 +206,8 @@ def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     max_min = np.fmax(np.fmax.reduce(mins, axis=1), F32(0))
     q4 = F32(15)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ls = np.where((max_scale > 0)[:, None], _nearest_int((q4 / max_scale)[:, None] * scales), F32(0))
-        lm = np.where((max_min > 0)[:, None], _nearest_int((q4 / max_min)[:, None] * mins), F32(0))
+        ls = np.where((max_scale > 0)[:, None], nearest_int((q4 / max_scale)[:, None] * scales), F32(0))
+        lm = np.where((max_min > 0)[:, None], nearest_int((q4 / max_min)[:, None] * mins), F32(0))
     # uint8 stores: the scale code, then |= the min code << 4, both wrapping
     sc = ((ls.astype(np.int64) & 0xFF) | ((lm.astype(np.int64) << 4) & 0xFF)).astype(np.uint8)
     d16 = np.where(max_scale > 0, max_scale / q4, F32(0)).astype(np.float16)
@@ -265,7 +215,7 @@ def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     d = d16.astype(F32)[:, None] * (sc & 0xF).astype(F32)
     dm = dmin16.astype(F32)[:, None] * (sc >> 4).astype(F32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        fresh = np.clip(_nearest_int((x.reshape(nb, 16, 16) + dm[:, :, None]) / d[:, :, None]), 0, 3)
+        fresh = np.clip(nearest_int((x.reshape(nb, 16, 16) + dm[:, :, None]) / d[:, :, None]), 0, 3)
     L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
     return np.concatenate([sc, pack_crumbs(L), d16.view(np.uint8).reshape(nb, 2),
                            dmin16.view(np.uint8).reshape(nb, 2)], 1)
@@ -273,7 +223,7 @@ def quantize_q2_k(x: np.ndarray) -> np.ndarray:
 
 def _per16(x: np.ndarray, make) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """Run a scale search over the 16-value sub-blocks: scales (nb, 16), codes (nb, 16, 16)."""
-    scales, L = make(_columns(x, 16))
+    scales, L = make(columns(x, 16))
     return scales.reshape(x.shape[0], 16), L.T.reshape(x.shape[0], 16, 16)
 
 
@@ -281,11 +231,11 @@ def quantize_q3_k(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> Q3_K blocks (nb, 110): hmask[32], qs[64], scales[12], d."""
     nb = x.shape[0]
     scales, L = _per16(x, lambda sub: make_q3_quants(sub, 4))
-    _, max_scale = _first_max_abs(scales)
+    _, max_scale = first_max_abs(scales)
     has = max_scale != 0
     with np.errstate(divide="ignore"):
         iscale = F32(-32) / np.where(has, max_scale, F32(1))
-    raw = _nearest_int(iscale[:, None] * scales).astype(np.int64)
+    raw = nearest_int(iscale[:, None] * scales).astype(np.int64)
     l6 = np.clip(((raw + 128) & 0xFF) - 128, -32, 31) + 32  # int8 store, then clamp
     l6 = np.where(has[:, None], l6, 0)
     packed = np.zeros((nb, 12), np.int64)
@@ -296,7 +246,7 @@ def quantize_q3_k(x: np.ndarray) -> np.ndarray:
     d16 = np.where(has, F32(1) / iscale, F32(0)).astype(np.float16)
     d = d16.astype(F32)[:, None] * np.where(has[:, None], l6 - 32, -32).astype(F32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        fresh = np.clip(_nearest_int(x.reshape(nb, 16, 16) / d[:, :, None]), -4, 3) + 4
+        fresh = np.clip(nearest_int(x.reshape(nb, 16, 16) / d[:, :, None]), -4, 3) + 4
     L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
     hmask = pack_bitplanes((L > 3).astype(np.uint8))
     L = np.where(L > 3, L - 4, L)
@@ -315,8 +265,8 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
 def _qkx_superblocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):  # type: ignore[no-untyped-def]
     """Shared Q4_K/Q5_K steps: per-32 scales and mins, their 6-bit codes, d/dmin, final codes."""
     nb = x.shape[0]
-    sub = _columns(x, 32)  # (32, sub-blocks)
-    sum_x2 = _ordered_sum(sub * sub)
+    sub = columns(x, 32)  # (32, sub-blocks)
+    sum_x2 = ordered_sum(sub * sub)
     av_x = np.sqrt(sum_x2 / F32(32))
     weights = av_x + np.abs(sub)
     scales, mins, L = make_qkx2_quants(sub, weights, nmax, rmin, rdelta, nstep)
@@ -329,15 +279,15 @@ def _qkx_superblocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep
         inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
         inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
     # C stores nearest_int() in a uint8 (wrapping negatives), then takes MIN(63, .)
-    ls = np.minimum(_nearest_int(inv_scale[:, None] * scales).astype(np.int64) & 0xFF, 63).astype(np.uint8)
-    lm = np.minimum(_nearest_int(inv_min[:, None] * mins).astype(np.int64) & 0xFF, 63).astype(np.uint8)
+    ls = np.minimum(nearest_int(inv_scale[:, None] * scales).astype(np.int64) & 0xFF, 63).astype(np.uint8)
+    lm = np.minimum(nearest_int(inv_min[:, None] * mins).astype(np.int64) & 0xFF, 63).astype(np.uint8)
     d16 = (max_scale / F32(63)).astype(np.float16)
     dmin16 = (max_min / F32(63)).astype(np.float16)
     d = d16.astype(F32)[:, None] * ls.astype(F32)
     dm = dmin16.astype(F32)[:, None] * lm.astype(F32)
     xs = x.reshape(nb, 8, 32)
     with np.errstate(divide="ignore", invalid="ignore"):
-        fresh = np.clip(_nearest_int((xs + dm[:, :, None]) / d[:, :, None]), 0, nmax)
+        fresh = np.clip(nearest_int((xs + dm[:, :, None]) / d[:, :, None]), 0, nmax)
     L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
     return d16, dmin16, _pack_scales_k4(ls, lm), L
 
@@ -362,16 +312,16 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """float32 (nb, 256) -> Q6_K blocks (nb, 210): ql[128], qh[64], scales[16] (int8), d."""
     nb = x.shape[0]
     scales, L = _per16(x, lambda sub: make_qx_quants(sub, 32))
-    max_abs, max_scale = _first_max_abs(scales)
+    max_abs, max_scale = first_max_abs(scales)
     empty = max_abs < GROUP_MAX_EPS
     with np.errstate(divide="ignore"):
         iscale = F32(-128) / np.where(empty, F32(1), max_scale)
     d16 = (F32(1) / iscale).astype(np.float16)
-    sc = np.minimum(_nearest_int(iscale[:, None] * scales), 127).astype(np.int8)
+    sc = np.minimum(nearest_int(iscale[:, None] * scales), 127).astype(np.int8)
     d = d16.astype(F32)[:, None] * sc.astype(F32)
     xs = x.reshape(nb, 16, 16)
     with np.errstate(divide="ignore", invalid="ignore"):
-        fresh = np.clip(_nearest_int(xs / d[:, :, None]), -32, 31) + 32
+        fresh = np.clip(nearest_int(xs / d[:, :, None]), -32, 31) + 32
     L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
     blocks = np.concatenate([pack_nibbles(L & 0xF, 64), pack_crumbs(L >> 4), sc.view(np.uint8),
                              d16.view(np.uint8).reshape(nb, 2)], 1)

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gguf_abliterate.capture import LlamaModel
+from gguf_abliterate.evaluate.metrics import kl_divergence, refusal_mass, refusal_token_ids
+from gguf_abliterate.runtime.llama import LlamaModel
 
-REFUSAL_OPENINGS = ("I", "I'm", "I cannot", "I can't", "Sorry", "I apologize", "As an", "Unfortunately",
-                    "No", "It is not", "Cannot")
 MAX_LAYER_FRACTION = 0.8
 DEFAULT_MAX_KL = 0.1
 
@@ -56,29 +55,6 @@ def difference_of_means(harmful: np.ndarray, harmless: np.ndarray) -> LayerStats
     pooled = np.sqrt(0.5 * (ph.var(axis=0) + pl.var(axis=0))) + 1e-12
     return LayerStats(directions, np.linalg.norm(mh, axis=-1), np.linalg.norm(ml, axis=-1), norm,
                       (ph.mean(axis=0) - pl.mean(axis=0)) / pooled)
-
-
-def refusal_token_ids(model: LlamaModel) -> list[int]:
-    """First tokens of typical refusal openings, with and without a leading space."""
-    ids = set()
-    for text in REFUSAL_OPENINGS:
-        for variant in (text, " " + text):
-            toks = model.tokenize(variant)
-            toks = [t for t in toks if model.ll.llama_vocab_bos(model.vocab) != t]
-            if toks:
-                ids.add(toks[0])
-    return sorted(ids)
-
-
-def refusal_mass(logprobs: np.ndarray, ids: list[int]) -> float:
-    """Mean probability the first response token gives to refusal openings."""
-    return float(np.exp(logprobs[:, ids]).sum(axis=1).mean())
-
-
-def kl_divergence(base: np.ndarray, other: np.ndarray) -> float:
-    """Mean KL(base || other) over prompts, from log-probabilities over the full vocabulary."""
-    p = np.exp(base.astype(np.float64))
-    return float(np.mean(np.sum(p * (base - other), axis=1)))
 
 
 def candidate_layers(n_layer: int) -> list[int]:

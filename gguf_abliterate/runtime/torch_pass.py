@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from gguf import MODEL_TENSOR
 
+from gguf_abliterate import names
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
 
 SUPPORTED = ("llama", "qwen2", "gemma3")
+T = MODEL_TENSOR
 
 
 def _torch() -> Any:
@@ -51,14 +54,14 @@ class TorchModel:
         if model.arch not in SUPPORTED:
             raise UserError(f"the torch engine supports {', '.join(SUPPORTED)}, not {model.arch}")
         self.arch = a = model.arch
-        n_head = model.arch_int("attention.head_count")
-        head_dim = model.get(f"{a}.attention.key_length") or model.n_embd // n_head
-        swa = model.get(f"{a}.attention.sliding_window") or 0
+        n_head = model.arch_int(names.HEAD_COUNT)
+        head_dim = model.arch_get(names.KEY_LENGTH) or model.n_embd // n_head
+        swa = model.arch_get(names.SLIDING_WINDOW) or 0
         self.hp = _Hparams(
-            model.n_layer, model.n_embd, n_head, model.get(f"{a}.attention.head_count_kv") or n_head,
-            int(head_dim), float(model.get(f"{a}.attention.layer_norm_rms_epsilon") or 1e-6),
-            float(model.get(f"{a}.rope.freq_base") or 10000.0),
-            float(model.get(f"{a}.rope.freq_base_swa") or 10000.0), int(swa), 6 if a == "gemma3" else 0)
+            model.n_layer, model.n_embd, n_head, model.arch_get(names.HEAD_COUNT_KV) or n_head,
+            int(head_dim), float(model.arch_get(names.RMS_EPS) or 1e-6),
+            float(model.arch_get(names.ROPE_FREQ_BASE) or 10000.0),
+            float(model.arch_get(names.ROPE_FREQ_BASE_SWA) or 10000.0), int(swa), 6 if a == "gemma3" else 0)
         self.w = {name: torch.from_numpy(np.array(model.values(name), dtype=np.float32))
                   for name in model.tensors}
 
@@ -80,32 +83,34 @@ class TorchModel:
         x1, x2 = x[..., : d // 2], x[..., d // 2 :]
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
-    def _linear(self, x: Any, name: str) -> Any:
-        y = x @ self.w[f"{name}.weight"].T
-        bias = self._get(f"{name}.bias")
+    def _linear(self, x: Any, kind: MODEL_TENSOR, block: int) -> Any:
+        y = x @ self.w[names.block_tensor(kind, block)].T
+        bias = self._get(names.block_tensor(kind, block, "bias"))
         return y if bias is None else y + bias
+
+    def _norm(self, x: Any, kind: MODEL_TENSOR, block: int) -> Any:
+        return self._rms(x, self.w[names.block_tensor(kind, block)])
 
     def residuals(self, tokens: list[int]) -> np.ndarray:
         """(n_layer, n_tokens, n_embd): the residual stream after each block, for one sequence."""
         torch, hp = self.torch, self.hp
         n = len(tokens)
         pos = torch.arange(n)
-        x = self.w["token_embd.weight"][torch.tensor(tokens)]
+        x = self.w[names.TOKEN_EMBD][torch.tensor(tokens)]
         if self.arch == "gemma3":
             x = x * math.sqrt(hp.n_embd)
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         out = []
         with torch.no_grad():
             for i in range(hp.n_layer):
-                b = f"blk.{i}."
-                h = self._rms(x, self.w[b + "attn_norm.weight"])
-                q = self._linear(h, b + "attn_q").view(n, hp.n_head, hp.head_dim).transpose(0, 1)
-                k = self._linear(h, b + "attn_k").view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)
-                v = self._linear(h, b + "attn_v").view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)
+                h = self._norm(x, T.ATTN_NORM, i)
+                q = self._linear(h, T.ATTN_Q, i).view(n, hp.n_head, hp.head_dim).transpose(0, 1)
+                k = self._linear(h, T.ATTN_K, i).view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)
+                v = self._linear(h, T.ATTN_V, i).view(n, hp.n_head_kv, hp.head_dim).transpose(0, 1)
                 local = hp.swa > 0 and hp.swa_pattern and (i + 1) % hp.swa_pattern != 0
                 if self.arch == "gemma3":
-                    q = self._rms(q, self.w[b + "attn_q_norm.weight"])
-                    k = self._rms(k, self.w[b + "attn_k_norm.weight"])
+                    q = self._norm(q, T.ATTN_Q_NORM, i)
+                    k = self._norm(k, T.ATTN_K_NORM, i)
                 base = hp.rope_base_swa if local else hp.rope_base
                 q, k = self._rope(q, pos, base), self._rope(k, pos, base)
                 rep = hp.n_head // hp.n_head_kv
@@ -113,17 +118,17 @@ class TorchModel:
                 mask = causal & (pos[:, None] - pos[None, :] < hp.swa) if local else causal
                 scores = (q @ k.transpose(1, 2)) / math.sqrt(hp.head_dim)
                 att = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
-                o = self._linear(att.transpose(0, 1).reshape(n, -1), b + "attn_output")
+                o = self._linear(att.transpose(0, 1).reshape(n, -1), T.ATTN_OUT, i)
                 if self.arch == "gemma3":
-                    o = self._rms(o, self.w[b + "post_attention_norm.weight"])
+                    o = self._norm(o, T.ATTN_POST_NORM, i)
                 x = x + o
-                f = self._rms(x, self.w[b + "ffn_norm.weight"])
-                gate = self._linear(f, b + "ffn_gate")
+                f = self._norm(x, T.FFN_NORM, i)
+                gate = self._linear(f, T.FFN_GATE, i)
                 act = torch.nn.functional.gelu(gate, approximate="tanh") if self.arch == "gemma3" else \
                     torch.nn.functional.silu(gate)
-                y = self._linear(act * self._linear(f, b + "ffn_up"), b + "ffn_down")
+                y = self._linear(act * self._linear(f, T.FFN_UP, i), T.FFN_DOWN, i)
                 if self.arch == "gemma3":
-                    y = self._rms(y, self.w[b + "post_ffw_norm.weight"])
+                    y = self._norm(y, T.FFN_POST_NORM, i)
                 x = x + y
                 out.append(x)
         return torch.stack(out).numpy()

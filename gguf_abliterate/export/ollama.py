@@ -1,12 +1,10 @@
-"""Where the apps keep their models: read from Ollama's store, place into LM Studio's.
+"""Ollama's model store, read: a model's GGUF blob and chat settings, and a Modelfile for the edit.
 
 Ollama (`$OLLAMA_MODELS`, else `~/.ollama/models`): `manifests/<registry>/<namespace>/<model>/<tag>`
 is a JSON manifest whose layers name blobs by digest (`blobs/sha256-<hex>`); the layer with
 media type `application/vnd.ollama.image.model` is the GGUF, and `...template`, `...system`,
 `...params` hold the chat template, system prompt and parameters. We only read the store and
-write a Modelfile beside the output; `ollama create` imports it. LM Studio lists every GGUF
-under `<models>/<publisher>/<name>/`, with `<models>` = `$LMSTUDIO_MODELS`, else
-`~/.lmstudio/models`, else the older `~/.cache/lm-studio/models`.
+write a Modelfile beside the output; `ollama create` imports it.
 """
 
 from __future__ import annotations
@@ -93,16 +91,3 @@ def modelfile(gguf_name: str, model: OllamaModel) -> str:
         for v in value if isinstance(value, list) else [value]:
             lines.append(f"PARAMETER {key} {json.dumps(v) if isinstance(v, str) else v}")
     return "\n".join(lines) + "\n"
-
-
-def lmstudio_dir() -> Path:
-    if env := os.environ.get("LMSTUDIO_MODELS"):
-        return Path(env)
-    new, old = Path.home() / ".lmstudio" / "models", Path.home() / ".cache" / "lm-studio" / "models"
-    return old if old.is_dir() and not new.is_dir() else new
-
-
-def lmstudio_path(output_name: str, publisher: str = "local") -> Path:
-    """Where LM Studio will list a GGUF: <models>/<publisher>/<name>/<file>."""
-    name = output_name.removesuffix(".gguf")
-    return lmstudio_dir() / publisher / name / output_name

@@ -1,4 +1,4 @@
-"""Direction files: load, validate, normalise, save.
+"""The direction-file format, in one place: load, validate, normalise, save.
 
 A direction file holds either one vector of length n_embd (used for every edited block) or
 an array `(n_layer, n_embd)` (row N for block N). Formats:
@@ -7,7 +7,9 @@ an array `(n_layer, n_embd)` (row N for block N). Formats:
 - `.safetensors`: tensor `direction` with the same shapes, plus string metadata. Keys we
   read and write: `layer` (the block whose output, llama.cpp's `l_out-L`, the direction was
   measured at), `sign` (`harmful-minus-harmless`: the edit removes what the first set has
-  more of), `model`, `architecture`, `n_embd`.
+  more of), `model`, `architecture`, `n_embd`. What `direction` measures adds the tensor
+  `directions` (every block's direction) and one value per block for each of `STATISTICS`
+  (`save_measured`); `Direction.per_block` and `Direction.statistics` give them back.
 
 Vectors need not be unit length; they are normalised here.
 """
@@ -15,16 +17,20 @@ Vectors need not be unit length; they are normalised here.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.gguf_io.atomic import atomic_path
 
 TENSOR_NAME = "direction"
+PER_BLOCK = "directions"
+# per-block statistics a measured file holds, one float32 per block (NaN where not measured)
+STATISTICS = ("harmful_mean_norm", "harmless_mean_norm", "diff_norm", "separation", "refusal_mass", "kl")
 SIGN_CONVENTION = "harmful-minus-harmless"
+LAYER_CONVENTION = "l_out-L: residual stream after block L, last prompt token"
 
 
 @dataclass
@@ -34,6 +40,8 @@ class Direction:
     vectors: np.ndarray  # float32, (n_embd,) for all blocks or (n_layer, n_embd)
     sha256: str
     metadata: dict[str, str] = field(default_factory=dict)
+    per_block: np.ndarray | None = None  # every block's measured direction (n_layer, n_embd), as stored
+    statistics: dict[str, np.ndarray] = field(default_factory=dict)  # STATISTICS, (n_layer,) each
 
     @property
     def n_embd(self) -> int:
@@ -88,6 +96,7 @@ def load_direction(path: str | Path) -> Direction:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     suffix = path.suffix.lower()
     metadata: dict[str, str] = {}
+    extra: dict[str, np.ndarray] = {}
     if suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
@@ -96,13 +105,14 @@ def load_direction(path: str | Path) -> Direction:
         except OSError as e:
             raise UserError(f"{path}: unreadable .npy file ({e})") from None
     elif suffix == ".safetensors":
-        array, metadata = _load_safetensors(path)
+        array, metadata, extra = _load_safetensors(path)
     else:
         raise UserError(f"{path}: direction files must be .npy or .safetensors")
-    return Direction(normalise(array, f"{path.name}"), digest, metadata)
+    return Direction(normalise(array, f"{path.name}"), digest, metadata, extra.get(PER_BLOCK),
+                     {k: extra[k] for k in STATISTICS if k in extra})
 
 
-def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str]]:
+def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str], dict[str, np.ndarray]]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -110,7 +120,8 @@ def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str]]:
             names = list(f.keys())
             if TENSOR_NAME not in names:
                 raise UserError(f"{path}: no tensor named {TENSOR_NAME!r} (has: {', '.join(names) or 'none'})")
-            return f.get_tensor(TENSOR_NAME), dict(f.metadata() or {})
+            extra = {k: f.get_tensor(k) for k in (PER_BLOCK, *STATISTICS) if k in names}
+            return f.get_tensor(TENSOR_NAME), dict(f.metadata() or {}), extra
     except (SafetensorError, OSError, TypeError, ValueError) as e:
         raise UserError(f"{path}: unreadable .safetensors file ({e})") from None
 
@@ -128,20 +139,25 @@ def save_direction(path: str | Path, vectors: np.ndarray, metadata: dict[str, st
     metadata and any `extra` tensors (per-layer directions and statistics) too."""
     path = check_direction_path(path)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".npy":
             with open(tmp, "wb") as f:
                 np.save(f, vectors, allow_pickle=False)
         else:
-            from safetensors.numpy import save_file
+            from safetensors.numpy import save
 
             meta = {"sign": SIGN_CONVENTION, **(metadata or {})}
             tensors = {TENSOR_NAME: vectors, **{k: np.ascontiguousarray(v) for k, v in (extra or {}).items()}}
-            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # safetensors creates its file private
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            tmp.write_bytes(save(tensors, metadata={k: str(v) for k, v in meta.items()}))
+
+
+def save_measured(path: str | Path, directions: np.ndarray, chosen: int, statistics: dict[str, np.ndarray],
+                  metadata: dict[str, str]) -> None:
+    """What `direction` measured: block `chosen`'s direction (what the edit uses), every
+    block's, and the per-block statistics; `layer` and the conventions go into the metadata."""
+    missing = set(STATISTICS) - set(statistics)
+    if missing:
+        raise ValueError(f"statistics missing: {sorted(missing)}")
+    meta = {"layer": str(chosen), "layer_convention": LAYER_CONVENTION, **metadata}
+    extra = {PER_BLOCK: directions, **{k: np.asarray(statistics[k], np.float32) for k in STATISTICS}}
+    save_direction(path, directions[chosen], meta, extra)

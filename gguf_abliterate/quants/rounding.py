@@ -26,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from gguf_abliterate.quants import codes
+from gguf_abliterate import quants
+from gguf_abliterate.quants.types import QuantType, get_type
 
 # values handled at once: the search holds about a dozen temporaries of this size
 GROUP_VALUES = 1 << 18
@@ -46,14 +47,36 @@ WEIGHT = 1.0
 
 def supports(qtype: GGMLQuantizationType) -> bool:
     """Whether the type has codes this module can move (every integer-coded type)."""
-    return qtype in codes.LAYOUTS
+    return get_type(qtype).has_codes
+
+
+def levels(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
+    """Per value, (a, b) such that code c dequantizes to about `a * table[c] + b`.
+
+    Found by dequantizing the blocks with every code set to the level nearest zero, then to
+    the next: exact up to float32 rounding, which is all a rounding decision needs (the bytes
+    written are measured exactly afterwards).
+    """
+    layout = get_type(qtype)
+    assert layout.table is not None
+    bs = layout.block_size
+    first = int(np.abs(layout.table).argmin())
+    probe = blocks.copy()
+    vals = []
+    for code in (first, first + 1):
+        layout.put(probe, np.full((blocks.shape[0], bs), code, np.uint8))
+        vals.append(quants.dequantize(probe, qtype).reshape(blocks.shape[0], bs))
+    t0, t1 = layout.table[first], layout.table[first + 1]
+    a = (vals[1] - vals[0]) / (t1 - t0)
+    return a, vals[0] - a * t0
 
 
 def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, u: np.ndarray,
-            layout: codes.Layout, tol: float, limit: float) -> None:
+            layout: QuantType, tol: float, limit: float) -> None:
     """Move codes (groups, n) in place so that each group's u-weighted error is near zero."""
     n_groups, n = code.shape
     table = layout.table
+    assert table is not None
     # padded so that code-1 and code+1 index safely; NaN marks "no level there"
     padded = np.concatenate([[np.nan], table, [np.nan]]).astype(np.float32)
     # consecutive integer levels: a neighbour is exactly one step a away, no lookups needed
@@ -109,14 +132,14 @@ def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, 
     code[:] = idx - 1
 
 
-def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQuantizationType,
+def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQuantizationType, *,
               over_rows: bool, before: np.ndarray) -> np.ndarray:
     """Re-round quantized rows `data` (rows, row_bytes) of float `target` (rows, n) so that
     the component along `u` matches the target's. `over_rows`: the component is u^T W
     (u indexes rows, a matrix writing the residual stream); else W u (u indexes columns,
     token embeddings). `before` is that component before the edit, which sets the tolerance.
     Returns new bytes with the same scales and nearly the same codes."""
-    layout = codes.LAYOUTS[qtype]
+    layout = get_type(qtype)
     bs, ts = GGML_QUANT_SIZES[qtype]
     n_rows, n = target.shape
     out = np.array(data, dtype=np.uint8, copy=True).reshape(n_rows, n // bs, ts)
@@ -130,7 +153,7 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
             blocks = out[:, j : j + per].reshape(-1, ts)
             width = blocks.shape[0] // n_rows * bs
             c = layout.get(blocks)
-            a, b = codes.levels(blocks, qtype)
+            a, b = levels(blocks, qtype)
 
             def cols(x: np.ndarray) -> np.ndarray:
                 return np.ascontiguousarray(x.reshape(n_rows, width).T)
@@ -146,7 +169,7 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
             blocks = out[i : i + per].reshape(-1, ts)
             m = blocks.shape[0] * bs // n
             code = layout.get(blocks).reshape(m, n)
-            a, b = codes.levels(blocks, qtype)
+            a, b = levels(blocks, qtype)
             _settle(code, a.reshape(m, n), b.reshape(m, n), target[i : i + per], u, layout, tol, limit)
             layout.put(blocks, code.reshape(-1, bs).astype(np.uint8))
             out[i : i + per] = blocks.reshape(m, -1, ts)

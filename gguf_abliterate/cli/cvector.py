@@ -1,0 +1,45 @@
+"""`cvector`: a direction as a llama.cpp control vector, for steering at inference time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from gguf_abliterate.cli.common import user_errors
+from gguf_abliterate.errors import UserError
+
+
+def export_cvector(direction_path: Path, output_path: Path, model_path: Path, *, layers: str | None = None,
+                   scale: float = -1.0, force: bool = False) -> None:
+    from gguf_abliterate.edit.options import parse_layers
+    from gguf_abliterate.export.cvector import control_vectors, write_control_vector
+    from gguf_abliterate.gguf_io import Model
+
+    if output_path.exists() and not force:
+        raise UserError(f"{output_path} exists; pass --force to replace it")
+    model = Model(model_path)
+    blocks = parse_layers(layers, model.n_layer) or frozenset(range(1, model.n_layer))
+    vectors = control_vectors(direction_path, model.n_layer, blocks, scale)
+    write_control_vector(vectors, model.arch, output_path)
+    click.echo(f"wrote {output_path}: blocks {min(blocks)}-{max(blocks)}, scale {scale:g} "
+               f"(llama-cli -m {model_path} --control-vector {output_path})", err=True)
+
+
+@click.command("cvector")
+@click.argument("direction_path", metavar="DIRECTION", type=click.Path(path_type=Path))
+@click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=Path))
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="The GGUF the direction belongs to (for its architecture and block count).")
+@click.option("--layers", default=None, metavar="A-B",
+              help="Blocks to steer, numbered as everywhere (block 0 cannot be steered). Default: 1 to the last.")
+@click.option("--scale", type=float, default=-1.0, show_default=True,
+              help="Multiple of the measured mean difference to add; negative steers away from the behaviour.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@user_errors
+def command(direction_path: Path, output_path: Path, model_path: Path, layers: str | None, scale: float,
+            force: bool) -> None:
+    """Export a direction as a llama.cpp control vector, for steering at inference time
+    (`llama-cli --control-vector OUTPUT`). `direction.L` is added to the output of block L,
+    the same `l_out-L` a direction is measured at, so nothing is shifted by one."""
+    export_cvector(direction_path, output_path, model_path, layers=layers, scale=scale, force=force)

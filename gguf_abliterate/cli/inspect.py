@@ -1,0 +1,51 @@
+"""`inspect`: a model's architecture, and which tensors an edit would touch."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from gguf_abliterate import names, quants
+from gguf_abliterate.cli.common import user_errors
+
+
+def inspect_model(model_path: Path, verbose: bool = False) -> None:
+    from gguf_abliterate.arch import ARCHITECTURES
+    from gguf_abliterate.edit.options import EditOptions
+    from gguf_abliterate.edit.plan import plan_edit
+    from gguf_abliterate.gguf_io import Model
+
+    model = Model(model_path)
+    types = Counter(t.tensor_type.name for t in model.tensors.values())
+    click.echo(f"file:          {model.path}")
+    click.echo(f"name:          {model.get_str(names.NAME) or '-'}")
+    click.echo(f"architecture:  {model.arch}")
+    if model.arch not in ARCHITECTURES:
+        click.echo(f"  (not supported for editing; supported: {', '.join(sorted(ARCHITECTURES))})")
+        return
+    click.echo(f"blocks:        {model.n_layer}")
+    click.echo(f"n_embd:        {model.n_embd}")
+    click.echo(f"tensors:       {len(model.tensors)} ({', '.join(f'{n} {k}' for k, n in sorted(types.items()))})")
+    plan = plan_edit(model, EditOptions(), strict=False)
+    click.echo(f"tied embeddings: {'yes' if plan.tied_embeddings else 'no'}")
+    kinds = Counter((names.tensor_role(e.name), e.src_type) for e in plan.edits.values())
+    click.echo(f"an edit touches {len(plan.edits)} tensors:")
+    for (role, qtype), n in sorted(kinds.items(), key=lambda kv: (kv[0][0], kv[0][1].name)):
+        writable = "" if quants.can_quantize(qtype) else "  (cannot be requantized yet: use --requant-type)"
+        click.echo(f"  {n:4d} x {role:<20} {qtype.name}{writable}")
+    if verbose:
+        for e in plan.edits.values():
+            click.echo(f"  {e.name}  {e.src_type.name}{'  (post-norm ' + e.post_norm + ')' if e.post_norm else ''}")
+    for notice in plan.notices:
+        click.echo(f"note: {notice}")
+
+
+@click.command("inspect")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("-v", "--verbose", is_flag=True, help="List every tensor an edit would touch.")
+@user_errors
+def command(model_path: Path, verbose: bool) -> None:
+    """Show a model's architecture and which tensors an edit would touch."""
+    inspect_model(model_path, verbose)

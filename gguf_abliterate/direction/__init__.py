@@ -1,0 +1,1 @@
+"""Finding a direction: prompt sets, difference of means and layer choice, the direction-file format."""

@@ -1,0 +1,1 @@
+"""The edit: options, plan, projection, execution in pieces, provenance, verification."""

@@ -1,0 +1,130 @@
+"""Plan an edit: which tensors change, along which axis, how strongly, stored as what.
+
+Everything is checked here, before anything is written: that each tensor has the residual
+stream where it should, that its output type can be written, that Gemma's post-norms exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from gguf import GGMLQuantizationType
+
+from gguf_abliterate import names, quants
+from gguf_abliterate.arch import WRITERS, Arch, get_arch
+from gguf_abliterate.edit.options import EditOptions, Rounding
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.quants import rounding
+
+
+class TensorKind(Enum):
+    """How a tensor holds the residual stream, which decides how it is projected."""
+
+    MATRIX = "matrix"  # a writer: numpy rows are residual dimensions, component u^T W
+    EMBEDDING = "embedding"  # token_embd: one residual row per token, component E u
+    BIAS = "bias"  # a writer's bias: one residual vector
+
+    @property
+    def over_rows(self) -> bool:
+        """Whether the residual stream runs along the rows (else along each row)."""
+        return self is TensorKind.MATRIX
+
+    @property
+    def residual_dim(self) -> int:
+        """The ggml dimension of length n_embd."""
+        return 1 if self is TensorKind.MATRIX else 0
+
+
+@dataclass(frozen=True)
+class TensorEdit:
+    """One tensor the edit changes."""
+
+    name: str
+    kind: TensorKind
+    block: int  # which row of a per-layer direction applies (0 for token_embd)
+    coef: float  # the signed strength: W + coef * u (u^T W)
+    src_type: GGMLQuantizationType
+    out_type: GGMLQuantizationType
+    post_norm: str | None = None  # norm weight g: project with u = g*r/||g*r||
+    aware: bool = False  # re-round the codes so the edit survives requantization
+
+
+@dataclass
+class EditPlan:
+    """Every edited tensor, by name, and what the user should be told about the choices."""
+
+    arch: Arch
+    tied_embeddings: bool
+    layers: frozenset[int]
+    edits: dict[str, TensorEdit]
+    notices: list[str] = field(default_factory=list)
+
+
+def _out_type(name: str, src: GGMLQuantizationType, opts: EditOptions, n_per_row: int, is_bias: bool,
+              strict: bool) -> GGMLQuantizationType:
+    """The type an edited tensor is stored as; refuses (if strict) types we cannot write."""
+    out = src if is_bias or opts.requant_type is None else opts.requant_type
+    if not strict:
+        return out
+    if not quants.can_quantize(out):
+        hint = " (it needs an importance matrix)" if quants.needs_imatrix(out) else ""
+        raise UserError(
+            f"tensor {name} is {out.name}, which cannot be requantized yet{hint}; "
+            f"store the edited tensors as another type with --requant-type (e.g. q8_0 or f16)"
+        )
+    if n_per_row % quants.block_size(out):
+        raise UserError(f"tensor {name}: rows of {n_per_row} values do not fit {out.name} blocks")
+    return out
+
+
+def plan_edit(model: Model, opts: EditOptions, strict: bool = True) -> EditPlan:
+    """Decide which tensors change and how, checking everything before anything is written.
+
+    `strict=False` skips the check that each output type can be written (for `inspect`).
+    """
+    arch = get_arch(model.arch)
+    n_layer = model.n_layer
+    layers = opts.layers if opts.layers is not None else frozenset(range(n_layer))
+    tied = names.OUTPUT not in model.tensors
+    plan = EditPlan(arch, tied, layers, {})
+
+    n_embd = model.n_embd
+
+    def add(name: str, kind: TensorKind, block: int, post_norm: str | None = None) -> None:
+        t = model.tensors[name]
+        dim = kind.residual_dim
+        if len(t.shape) <= dim or t.shape[dim] != n_embd:
+            raise UserError(f"tensor {name} has shape {list(t.shape)}, expected n_embd={n_embd} "
+                            f"along ggml dimension {dim}")
+        is_bias = kind is TensorKind.BIAS
+        out = _out_type(name, t.tensor_type, opts, int(t.shape[0]), is_bias, strict)
+        if post_norm is not None and post_norm not in model.tensors:
+            raise UserError(f"{arch.name} model lacks {post_norm}, needed to edit {name}")
+        aware = opts.rounding is Rounding.AWARE and not is_bias and rounding.supports(out)
+        plan.edits[name] = TensorEdit(name, kind, block, opts.coef, t.tensor_type, out, post_norm, aware)
+
+    embeddings = opts.embeddings if opts.embeddings is not None else not tied
+    if embeddings:
+        if names.TOKEN_EMBD not in model.tensors:
+            raise UserError(f"model has no {names.TOKEN_EMBD}")
+        add(names.TOKEN_EMBD, TensorKind.EMBEDDING, 0)
+        if tied:
+            plan.notices.append(
+                "token_embd is tied to the output head: editing it changes the output logits too"
+            )
+    elif opts.embeddings is None and tied:
+        plan.notices.append(
+            "token_embd is tied to the output head, so it is left unedited (--embeddings to edit it)"
+        )
+    for block in sorted(layers):
+        for writer in WRITERS:
+            norm = arch.post_norm(block, writer)
+            for suffix, kind in (("weight", TensorKind.MATRIX), ("bias", TensorKind.BIAS)):
+                name = names.block_tensor(writer, block, suffix)
+                if name in model.tensors:
+                    add(name, kind, block, norm)
+    if not plan.edits:
+        raise UserError("nothing to edit: no residual-stream writers in the selected blocks")
+    return plan

@@ -1,0 +1,59 @@
+"""The projection itself: `W' = W + coef * u (u^T W)`, per tensor kind.
+
+Abliterate has coef = -scale, reverse +scale. Writer matrices have the residual stream along
+their (numpy) rows; `token_embd` holds one residual row per token, so it is projected
+row-wise, `E' = E + coef * (E u) u^T`; a bias is one residual vector.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gguf_abliterate.direction.file import Direction, normalise
+from gguf_abliterate.edit.plan import TensorEdit, TensorKind
+from gguf_abliterate.gguf_io import Model
+
+# float32 bytes processed at once; bounds the working memory of one tensor edit.
+CHUNK_BYTES = 16 << 20
+
+
+def rows_per_chunk(row_len: int) -> int:
+    """Rows of `row_len` float32 values that fit in CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (4 * max(row_len, 1)))
+
+
+def axis_vector(model: Model, edit: TensorEdit, direction: Direction) -> np.ndarray:
+    """The unit vector u the tensor is projected with (Gemma post-norms: g*r/||g*r||)."""
+    r = direction.for_block(edit.block)
+    if edit.post_norm is None:
+        return r
+    g = model.values(edit.post_norm).astype(np.float32)
+    return normalise(g * r, f"post-norm-weighted direction for {edit.name}")
+
+
+def component(values: np.ndarray, u: np.ndarray, kind: TensorKind) -> np.ndarray:
+    """The part of `values` along u: u^T W for a writer, E u for embeddings and biases."""
+    return u @ values if kind.over_rows else values @ u
+
+
+def project(values: np.ndarray, u: np.ndarray, coef: float, kind: TensorKind) -> None:
+    """In place: add coef times the component along u, back along u."""
+    if kind is TensorKind.MATRIX:
+        project_residual_rows(values, u, coef)
+    elif kind is TensorKind.EMBEDDING:
+        project_residual_cols(values, u, coef)
+    else:
+        values += coef * u * float(u @ values[0])
+
+
+def project_residual_rows(w: np.ndarray, u: np.ndarray, coef: float) -> None:
+    """In place: `W += coef * u (u^T W)` for a 2-D `w` whose rows are residual dimensions."""
+    c = u @ w
+    step = rows_per_chunk(w.shape[1])
+    for i in range(0, w.shape[0], step):
+        w[i : i + step] += (coef * u[i : i + step, None]) * c[None, :]
+
+
+def project_residual_cols(e: np.ndarray, u: np.ndarray, coef: float) -> None:
+    """In place: `E += coef * (E u) u^T` for a 2-D `e` whose columns are residual dimensions."""
+    e += (coef * (e @ u))[:, None] * u[None, :]

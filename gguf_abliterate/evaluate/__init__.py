@@ -1,0 +1,1 @@
+"""Measuring models: first-token metrics, refusal markers, generation, the comparison report."""

@@ -1,0 +1,57 @@
+"""Run a model through llama-cpp-python's high-level API: greedy answers, perplexity, and the
+first-token distribution."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gguf_abliterate.runtime.library import load_llama_cpp
+from gguf_abliterate.runtime.llama import LlamaModel
+
+
+def generate(path: Path, prompts: Sequence[str], max_tokens: int = 64, n_ctx: int = 1024,
+             progress: Callable[[int], None] = lambda n: None) -> list[str]:
+    """Greedy responses through the model's own chat template."""
+    ll = load_llama_cpp()
+    llm = ll.Llama(str(path), n_ctx=n_ctx, verbose=False)
+    try:
+        out = []
+        for p in prompts:
+            r = llm.create_chat_completion(messages=[{"role": "user", "content": p}], temperature=0.0,
+                                           max_tokens=max_tokens)
+            out.append(r["choices"][0]["message"]["content"] or "")
+            progress(1)
+        return out
+    finally:
+        llm.close()
+
+
+def perplexity(path: Path, text: str, n_ctx: int = 512) -> float:
+    """Perplexity of `text` under the model, in non-overlapping windows of n_ctx tokens."""
+    ll = load_llama_cpp()
+    llm = ll.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False)
+    try:
+        tokens = llm.tokenize(text.encode(), add_bos=True)
+        nll, count = 0.0, 0
+        for start in range(0, max(len(tokens) - 1, 0), n_ctx):
+            window = tokens[start : start + n_ctx]
+            if len(window) < 2:
+                break
+            llm.reset()
+            llm.eval(window)
+            logits = np.array(llm.scores[: len(window)], dtype=np.float64)
+            logprobs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+            nll -= float(logprobs[np.arange(len(window) - 1), window[1:]].sum())
+            count += len(window) - 1
+        return float(np.exp(nll / count)) if count else float("nan")
+    finally:
+        llm.close()
+
+
+def first_token_logprobs(path: Path, prompts: Sequence[str]) -> np.ndarray:
+    """(n_prompts, n_vocab) log-probabilities of the first response token."""
+    with LlamaModel(path) as m:
+        return m.next_token_logprobs(prompts)

@@ -1,0 +1,28 @@
+"""Small GGUF files built in memory through gguf-py (adapters, control vectors), written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFValueType, GGUFWriter
+
+from gguf_abliterate.gguf_io.atomic import atomic_path
+
+KVValue = str | bool | int | float | np.int32
+_VTYPES = {bool: GGUFValueType.BOOL, int: GGUFValueType.INT64, float: GGUFValueType.FLOAT32,
+           np.int32: GGUFValueType.INT32}
+
+
+def write_small_gguf(out: Path, arch: str, kv: dict[str, KVValue], tensors: dict[str, np.ndarray]) -> None:
+    """A fresh GGUF of `arch` with these keys (typed by their Python type) and tensors."""
+    with atomic_path(out) as tmp:
+        w = GGUFWriter(str(tmp), arch)
+        for key, value in kv.items():
+            w.add_key_value(key, value, _VTYPES.get(type(value), GGUFValueType.STRING))
+        for name, data in tensors.items():
+            w.add_tensor(name, data)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()

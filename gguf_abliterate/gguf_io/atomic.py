@@ -1,0 +1,82 @@
+"""The one way the project writes a file: under a temporary name, renamed when complete.
+
+Every output (edited models and their parts, direction files, adapters, control vectors)
+goes through `atomic_paths`: the caller writes temporary files beside the destinations, and
+only when its block finishes (and `check` accepts them) are they synced and renamed into
+place, all together. An error, Ctrl-C or SIGTERM removes them, so no half-written file is
+ever left, and an existing destination survives a failed run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@contextlib.contextmanager
+def atomic_paths(dsts: list[Path], check: Callable[[list[Path]], None] | None = None) -> Iterator[list[Path]]:
+    """Temporary paths, one beside each of `dsts`, that replace them only if the block finishes.
+
+    Each temporary file exists (empty) when the block starts, with the permissions a new file
+    would get. The caller must have closed them by the end of the block (Windows cannot
+    rename an open file). `check`, if given, inspects the complete files and raises to refuse
+    them. SIGTERM, where the platform has it, is turned into KeyboardInterrupt meanwhile so that
+    it cleans up too.
+    """
+
+    def _on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_term) if in_main else None
+    tmps: list[Path] = []
+    try:
+        mode = 0o666 & ~_umask()
+        for dst in dsts:
+            fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=PARTIAL_SUFFIX, dir=dst.parent)
+            os.close(fd)
+            tmps.append(Path(name))
+            os.chmod(name, mode)  # mkstemp makes it private; an output is an ordinary file
+        yield tmps
+        for tmp in tmps:
+            _sync(tmp)
+        if check is not None:
+            check(tmps)
+        for tmp, dst in zip(tmps, dsts):
+            os.replace(tmp, dst)
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def atomic_path(dst: Path) -> Iterator[Path]:
+    """`atomic_paths` for a single file."""
+    with atomic_paths([dst]) as (tmp,):
+        yield tmp
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

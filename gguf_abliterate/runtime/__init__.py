@@ -1,0 +1,1 @@
+"""Running a model: llama.cpp through llama-cpp-python (library, hooked model), and the torch pass."""
