@@ -3,8 +3,12 @@
 #   make test   install everything (llama-cpp-python is compiled once, ~10-15 min) and run the tests
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# llama.cpp's native build uses AMX instructions that these VMs trap (SIGILL): build for AVX2.
-export CMAKE_ARGS := -DGGML_NATIVE=OFF
+# llama.cpp's native build uses AMX instructions where the CPU advertises them, and some Linux
+# VMs advertise AMX but trap it (SIGILL): there build for AVX2. Everywhere else (macOS with its
+# Metal build, other CPUs) keep llama.cpp's native build. CMAKE_ARGS from the environment wins.
+ifneq ($(shell grep -qsw amx_tile /proc/cpuinfo && echo amx),)
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+endif
 # Idle OpenMP threads otherwise spin and slow llama.cpp decoding tenfold on a busy core.
 export OMP_WAIT_POLICY := PASSIVE
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import ctypes
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
 from gguf_abliterate.quants import row_bytes
+from gguf_abliterate.runtime.library import ggml_base_path
 
 
 class _TypeTraits(ctypes.Structure):
@@ -35,10 +35,9 @@ _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_floa
 @cache
 def lib() -> ctypes.CDLL:
     """libggml-base from the installed llama-cpp-python."""
-    import llama_cpp  # noqa: F401  (loads the library and its dependencies first)
+    import llama_cpp  # (loads the library and its dependencies first)
 
-    path = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
-    so = ctypes.CDLL(str(path))
+    so = ctypes.CDLL(str(ggml_base_path(llama_cpp)))
     so.ggml_quantize_chunk.restype = ctypes.c_size_t
     so.ggml_quantize_chunk.argtypes = [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p

@@ -19,13 +19,14 @@ import numpy as np
 from gguf_abliterate import names, quants
 from gguf_abliterate.direction.file import Direction
 from gguf_abliterate.edit.options import EditOptions
-from gguf_abliterate.edit.parallel import UnitRunner, available_cores
+from gguf_abliterate.edit.parallel import UnitRunner
 from gguf_abliterate.edit.plan import EditPlan, TensorEdit, TensorKind
 from gguf_abliterate.edit.project import axis_vector, component, project, rows_per_chunk
 from gguf_abliterate.edit.provenance import provenance
 from gguf_abliterate.edit.verify import verify_output
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model, OutTensor, Reserved, plan_files, write_files
+from gguf_abliterate.portable import available_cores
 from gguf_abliterate.quants import fidelity, rounding
 
 # Below this many edited values, worker processes cost more to start than they save.

@@ -19,17 +19,10 @@ from types import TracebackType
 from typing import Any
 
 from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.portable import available_cores
 
 _worker_model: Model | None = None
 _BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def available_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _init_worker(parts: list[Path]) -> None:

@@ -20,6 +20,13 @@ def verify_output(src: Model, written: list[Path], expected: list[OutTensor]) ->
         out = Model(written[0], parts=written)
     except UserError as e:
         raise UserError(f"verification failed: the output does not parse: {e}") from None
+    try:
+        return _check(src, out, expected)
+    finally:
+        out.close()  # before the files are renamed or removed (Windows cannot while open)
+
+
+def _check(src: Model, out: Model, expected: list[OutTensor]) -> str:
     if list(out.tensors) != [t.name for t in expected]:
         raise UserError("verification failed: the output's tensors differ from the input's")
     identical = edited = 0

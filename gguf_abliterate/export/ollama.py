@@ -1,6 +1,9 @@
 """Ollama's model store, read: a model's GGUF blob and chat settings, and a Modelfile for the edit.
 
-Ollama (`$OLLAMA_MODELS`, else `~/.ollama/models`): `manifests/<registry>/<namespace>/<model>/<tag>`
+The store is `$OLLAMA_MODELS` if set, else `~/.ollama/models` on every platform (on Windows
+`%USERPROFILE%\\.ollama\\models`), and on Linux, where the installer runs Ollama as a system
+service, `/usr/share/ollama/.ollama/models` when the user has none. Inside it,
+`manifests/<registry>/<namespace>/<model>/<tag>`
 is a JSON manifest whose layers name blobs by digest (`blobs/sha256-<hex>`); the layer with
 media type `application/vnd.ollama.image.model` is the GGUF, and `...template`, `...system`,
 `...params` hold the chat template, system prompt and parameters. We only read the store and
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +34,27 @@ class OllamaModel:
     params: dict[str, object] = field(default_factory=dict)
 
 
-def ollama_dir() -> Path:
-    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+# where Ollama's Linux installer puts the store of its system service
+LINUX_SERVICE_STORE = Path("/usr/share/ollama/.ollama/models")
+
+
+def ollama_dirs(env: Mapping[str, str] | None = None, home: Path | None = None,
+                platform: str = sys.platform) -> list[Path]:
+    """Where the store may be, in the order Ollama itself would use."""
+    env = os.environ if env is None else env
+    if env.get("OLLAMA_MODELS"):
+        return [Path(env["OLLAMA_MODELS"])]
+    dirs = [(home or Path.home()) / ".ollama" / "models"]
+    if platform.startswith("linux"):
+        dirs.append(LINUX_SERVICE_STORE)
+    return dirs
+
+
+def ollama_dir(env: Mapping[str, str] | None = None, home: Path | None = None,
+               platform: str = sys.platform) -> Path:
+    """The first store that exists (the user's own if none does)."""
+    dirs = ollama_dirs(env, home, platform)
+    return next((d for d in dirs if d.is_dir()), dirs[0])
 
 
 def _manifest_path(root: Path, name: str) -> Path:

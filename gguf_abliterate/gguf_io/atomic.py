@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gguf_abliterate.portable import open_write, termination_signals
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -28,15 +30,16 @@ def atomic_paths(dsts: list[Path], check: Callable[[list[Path]], None] | None = 
     Each temporary file exists (empty) when the block starts, with the permissions a new file
     would get. The caller must have closed them by the end of the block (Windows cannot
     rename an open file). `check`, if given, inspects the complete files and raises to refuse
-    them. SIGTERM, where the platform has it, is turned into KeyboardInterrupt meanwhile so that
-    it cleans up too.
+    them. SIGTERM, where the platform delivers it, is turned into KeyboardInterrupt meanwhile so
+    that it cleans up too.
     """
 
     def _on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_term) if in_main else None
+    signals = termination_signals() if in_main else []
+    previous = [signal.signal(s, _on_term) for s in signals]
     tmps: list[Path] = []
     try:
         mode = 0o666 & ~_umask()
@@ -57,8 +60,8 @@ def atomic_paths(dsts: list[Path], check: Callable[[list[Path]], None] | None = 
             tmp.unlink(missing_ok=True)
         raise
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in zip(signals, previous):
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager
@@ -69,7 +72,7 @@ def atomic_path(dst: Path) -> Iterator[Path]:
 
 
 def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR)
+    fd = open_write(path)
     try:
         os.fsync(fd)
     finally:

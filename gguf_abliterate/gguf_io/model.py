@@ -20,6 +20,7 @@ import numpy as np
 from gguf_abliterate import names
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.reader import GGUFFile, TensorInfo
+from gguf_abliterate.portable import read_into
 from gguf_abliterate.quants import dequantize
 
 SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -73,6 +74,10 @@ class Model:
             raise UserError(f"{self.path}: no {names.ARCHITECTURE} key")
         self.arch: str = arch
 
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+
     @property
     def is_split(self) -> bool:
         return len(self.parts) > 1
@@ -125,7 +130,7 @@ class Model:
     def read_rows(self, name: str, first: int, count: int) -> np.ndarray:
         """Stored bytes of rows `first .. first+count` as a fresh uint8 `(count, row_bytes)` array.
 
-        Read with pread rather than through the memory map, so that pages of a large model do
+        Read with positional reads rather than through the memory map, so that pages of a large model do
         not pile up in this process's resident set.
         """
         t = self.tensors[name]
@@ -133,7 +138,7 @@ class Model:
         buf = np.empty(count * rb, dtype=np.uint8)
         view, done, offset, fd = memoryview(buf), 0, t.data_offset + first * rb, self.file_of(name).fd
         while done < buf.nbytes:
-            n = os.preadv(fd, [view[done:]], offset + done)
+            n = read_into(fd, view[done:], offset + done)
             if n <= 0:
                 raise UserError(f"{self.file_of(name).path}: unexpected end of file in tensor {name}")
             done += n

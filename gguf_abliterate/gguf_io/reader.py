@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from gguf_abliterate import names
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.portable import open_read
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -136,8 +137,8 @@ class GGUFFile:
         if magic != GGUF_MAGIC:
             raise UserError(f"{self.path}: not a GGUF file (magic {magic!r})")
         self.map = np.memmap(self.path, mode="r", dtype=np.uint8)
-        self.fd = os.open(self.path, os.O_RDONLY)
-        weakref.finalize(self, os.close, self.fd)
+        self.fd = open_read(self.path)
+        self._close_fd = weakref.finalize(self, os.close, self.fd)
         try:
             self._parse(memoryview(self.map), size)
         except _Corrupt as e:
@@ -201,6 +202,12 @@ class GGUFFile:
                 raise _Corrupt(f"duplicate tensor {name}")
             end_of_previous = offset + n_bytes
             self.tensors[name] = TensorInfo(name, dims, qtype, self.data_start + offset, n, n_bytes)
+
+    def close(self) -> None:
+        """Let go of the file now, not when collected: Windows cannot rename or delete an open
+        file (the memory map closes with its last view)."""
+        self._close_fd()
+        del self.map
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of a metadata key (scalar, string or list), or `default`."""

@@ -1,16 +1,14 @@
 """Writing GGUF files: one file, or every part of a split model.
 
 Metadata is copied as the exact bytes it had (empty arrays and strings that are not valid
-UTF-8 included; gguf-py's GGUFWriter refuses the former). Untouched tensors are copied with
-copy_file_range, inside the kernel, never through this process's memory. All the files are
+UTF-8 included; gguf-py's GGUFWriter refuses the former). Untouched tensors are copied inside
+the kernel where the platform can (`portable.copy_range`), never through this process's memory. All the files are
 written through `atomic.atomic_paths`: they appear together, only when complete (and
 accepted by `check`).
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from gguf_abliterate.gguf_io.atomic import atomic_paths
 from gguf_abliterate.gguf_io.model import SPLIT_NAME, Model, split_path
 from gguf_abliterate.gguf_io.reader import GGUF_MAGIC
 from gguf_abliterate.names import SPLIT_KEYS
+from gguf_abliterate.portable import copy_range, read_at
 
 @dataclass(frozen=True)
 class Reserved:
@@ -189,8 +188,6 @@ def _write_all(f: IO[bytes], data: bytes | memoryview) -> None:
 
 
 _COPY_STEP = 64 << 20
-# copy_file_range cannot work here (other filesystem, old kernel): fall back to read/write
-_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
 def _copy_range(src_fd: int, f: IO[bytes], offset: int, nbytes: int, on_bytes: Callable[[int], None]) -> int:
@@ -198,14 +195,9 @@ def _copy_range(src_fd: int, f: IO[bytes], offset: int, nbytes: int, on_bytes: C
     done = 0
     while done < nbytes:
         step = min(_COPY_STEP, nbytes - done)
-        try:
-            n = os.copy_file_range(src_fd, f.fileno(), step, offset + done)
-        except OSError as e:
-            if e.errno not in _NO_COPY_RANGE:
-                raise
-            n = 0
+        n = copy_range(src_fd, f.fileno(), step, offset + done)
         if n == 0:
-            chunk = os.pread(src_fd, step, offset + done)
+            chunk = read_at(src_fd, step, offset + done)
             if not chunk:
                 raise UserError(f"unexpected end of input file at offset {offset + done}")
             _write_all(f, chunk)

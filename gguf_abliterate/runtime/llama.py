@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.portable import available_cores
 from gguf_abliterate.runtime.library import Ggml, load_llama_cpp
 
 
@@ -50,7 +51,7 @@ class LlamaModel:
         cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq
         cparams.kv_unified = True  # sequences share the cache instead of n_ctx/n_seq slots each
-        threads = n_threads or max(1, len(os.sched_getaffinity(0)))
+        threads = n_threads or available_cores()
         cparams.n_threads = cparams.n_threads_batch = threads
         self._cb = ll.ggml_backend_sched_eval_callback(self._on_tensor)
         cparams.cb_eval = self._cb
