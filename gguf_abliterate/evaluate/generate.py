@@ -1,5 +1,5 @@
-"""Run a model through llama-cpp-python's high-level API: greedy answers, perplexity, and the
-first-token distribution."""
+"""Run a model for measuring it: greedy answers and first-token distributions (batched, through
+the hooked `LlamaModel`), perplexity (llama-cpp-python's high-level API)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,20 @@ from gguf_abliterate.runtime.library import load_llama_cpp
 from gguf_abliterate.runtime.llama import LlamaModel
 
 
-def generate(path: Path, prompts: Sequence[str], max_tokens: int = 64, n_ctx: int = 1024,
+# Big enough to answer a whole prompt set in one or two decodes per step.
+EVAL_BATCH, EVAL_SEQUENCES = 4096, 64
+
+
+def load_for_eval(path: Path) -> LlamaModel:
+    """A model loaded with the settings every `eval` measurement uses (so they compare alike)."""
+    return LlamaModel(path, n_batch=EVAL_BATCH, n_seq=EVAL_SEQUENCES)
+
+
+def generate(path: Path, prompts: Sequence[str], max_tokens: int = 64,
              progress: Callable[[int], None] = lambda n: None) -> list[str]:
-    """Greedy responses through the model's own chat template."""
-    ll = load_llama_cpp()
-    llm = ll.Llama(str(path), n_ctx=n_ctx, verbose=False)
-    try:
-        out = []
-        for p in prompts:
-            r = llm.create_chat_completion(messages=[{"role": "user", "content": p}], temperature=0.0,
-                                           max_tokens=max_tokens)
-            out.append(r["choices"][0]["message"]["content"] or "")
-            progress(1)
-        return out
-    finally:
-        llm.close()
+    """Greedy responses through the model's own chat template, many sequences per decode."""
+    with load_for_eval(path) as m:
+        return m.greedy(prompts, max_tokens, progress)
 
 
 def perplexity(path: Path, text: str, n_ctx: int = 512) -> float:
@@ -53,5 +52,5 @@ def perplexity(path: Path, text: str, n_ctx: int = 512) -> float:
 
 def first_token_logprobs(path: Path, prompts: Sequence[str]) -> np.ndarray:
     """(n_prompts, n_vocab) log-probabilities of the first response token."""
-    with LlamaModel(path) as m:
+    with load_for_eval(path) as m:
         return m.next_token_logprobs(prompts)

@@ -5,7 +5,8 @@
 - first-token KL divergence KL(base || edited) of the next-token distribution after each
   harmless prompt, over the full vocabulary.
 
-Models are loaded one at a time (load, measure, free), with the same context settings.
+Models are loaded one at a time (load, measure, free), with the same context settings, and
+answer many prompts per decode.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gguf_abliterate.evaluate.generate import first_token_logprobs, generate, perplexity
+from gguf_abliterate.evaluate.generate import load_for_eval, perplexity
 from gguf_abliterate.evaluate.markers import DEFAULT_MARKERS, is_refusal
 from gguf_abliterate.evaluate.metrics import kl_divergence
 
@@ -42,9 +43,10 @@ def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[s
     reports = []
     base_lp: np.ndarray | None = None
     for i, path in enumerate(paths):
-        bad = generate(path, harmful, max_tokens, progress=progress)
-        good = generate(path, harmless, max_tokens, progress=progress)
-        lp = first_token_logprobs(path, harmless)
+        with load_for_eval(path) as m:
+            bad = m.greedy(harmful, max_tokens, progress)
+            good = m.greedy(harmless, max_tokens, progress)
+            lp = m.next_token_logprobs(harmless)
         if i == 0:
             base_lp = lp
         assert base_lp is not None
