@@ -84,3 +84,4 @@ TOOL_VERSION = "abliterate.tool_version"
 REQUANT_TYPE = "abliterate.requant_type"
 ROUNDING = "abliterate.rounding"
 REQUANT_REPORT = "abliterate.requant_report"
+SCHEDULE = "abliterate.schedule"  # a scheduled edit (from optimise): its trial and method

@@ -393,3 +393,23 @@ def test_requantization_report_is_stored_whole() -> None:
     assert len(text.encode()) <= report_width(set(types))
     assert set(json.loads(text)) == set(types)
     assert report_width({"Q4_K", "Q6_K"}) == MIN_REPORT_WIDTH  # small reports keep the layout files always had
+
+
+def test_norm_preserving_keeps_column_lengths(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """--method norm-preserving: each writer column keeps its length, the component along the
+    axis is still removed, and an adapter (which cannot express it) is refused."""
+    src = tiny["llama-nobias"]
+    r = random_direction(256)
+    np.save(tmp_path / "d.npy", r)
+    out = tmp_path / "np.gguf"
+    run = cli(src, out, "--direction", tmp_path / "d.npy", "--method", "norm-preserving", "--requant-type", "f32")
+    assert run.returncode == 0, run.stderr
+    model, edited, u = Model(src), Model(out), unit(r)
+    for name in writers(model, range(4), False):
+        w, w2 = model.values(name).astype(np.float64), edited.values(name).astype(np.float64)
+        assert np.allclose(np.linalg.norm(w2, axis=0), np.linalg.norm(w, axis=0), rtol=1e-5)
+        assert np.abs(u @ w2).max() <= 1e-5 * np.abs(u @ w).max()
+        assert not np.allclose(w2, w - np.outer(u, u @ w), atol=1e-7)  # not the plain projection
+    lora = cli(src, tmp_path / "a.gguf", "--direction", tmp_path / "d.npy", "--method", "norm-preserving",
+               "--format", "lora")
+    assert lora.returncode != 0 and "no low-rank" in lora.stderr

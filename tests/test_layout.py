@@ -29,7 +29,8 @@ FLOORS = {
     "direction": 6,
     "edit": 7,
     "export": 8,
-    "cli": 9, "__main__": 9,
+    "optimise": 9,
+    "cli": 10, "__main__": 10,
 }
 
 

@@ -11,14 +11,19 @@ from gguf_abliterate.cli.common import user_errors
 from gguf_abliterate.cli.direction import measure_direction
 from gguf_abliterate.cli.edit import edit_model
 from gguf_abliterate.cli.eval import evaluate_models
+from gguf_abliterate.cli.optimise import optimise_model
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+SEARCH_TRIALS, SEARCH_MINUTES = 30, 6.0
 
 
 def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output"), *, limit: int = 32,
-             score_prompts: int = 24, max_tokens: int = 48) -> None:
-    """Fetch (or take) a model, find its refusal direction, write an abliterated and a reverse
-    copy, evaluate all three, and say how to use them."""
+             score_prompts: int = 24, max_tokens: int = 48, trials: int = SEARCH_TRIALS,
+             minutes: float = SEARCH_MINUTES) -> None:
+    """Fetch (or take) a model, find its refusal direction, write an abliterated, an optimised
+    and a reverse copy, evaluate all four, and say how to use them."""
+    from gguf_abliterate.optimise.study import SearchSettings
+
     from gguf_abliterate import zoo
 
     stages: list[tuple[str, float]] = []
@@ -41,18 +46,28 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     outputs = {}
     for mode in ("abliterated", "reverse"):
         outputs[mode] = out_dir / f"{stem}-{mode}.gguf"
-        click.echo(f"== {mode} model", err=True)
+        click.echo(f"== {mode} model (one direction, full strength)", err=True)
         edit_model(src, outputs[mode], direction, reverse=mode == "reverse", force=True, quiet=True)
         stage(f"edit ({mode})")
+    click.echo(f"== optimised edit (a short search: {trials} trials or {minutes:g} minutes)", err=True)
+    searched = out_dir / "optimised.safetensors"
+    searched.with_suffix(".study.db").unlink(missing_ok=True)
+    optimise_model(src, searched, settings=SearchSettings(trials=trials, minutes=minutes, startup_trials=trials // 3),
+                   measured=direction, force=True)
+    stage("optimise")
+    outputs["optimised"] = out_dir / f"{stem}-optimised.gguf"
+    edit_model(src, outputs["optimised"], searched, force=True, quiet=True)
+    stage("edit (optimised)")
     click.echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
-    evaluate_models((src, outputs["abliterated"], outputs["reverse"]), limit=limit, max_tokens=max_tokens,
-                    json_path=out_dir / "report.json", samples=1)
+    evaluate_models((src, outputs["abliterated"], outputs["optimised"], outputs["reverse"]), limit=limit,
+                    max_tokens=max_tokens, json_path=out_dir / "report.json", samples=1)
     stage("evaluation")
     modelfile = out_dir / "Modelfile"
     modelfile.write_text(f"FROM ./{outputs['abliterated'].name}\n")
     click.echo("\nstage times: " + ", ".join(f"{name} {secs:.0f}s" for name, secs in stages))
     click.echo(f"""
-files in {out_dir}/: {direction.name}, {outputs['abliterated'].name}, {outputs['reverse'].name}, report.json
+files in {out_dir}/: {direction.name}, {searched.name}, {outputs['abliterated'].name}, {outputs['optimised'].name},
+  {outputs['reverse'].name}, report.json
 use them like the original:
   llama.cpp:  llama-cli -m {outputs['abliterated']} -cnv
   Ollama:     cd {out_dir} && ollama create {stem.lower()}-abliterated -f Modelfile   (Modelfile: FROM ./{outputs['abliterated'].name})
@@ -69,8 +84,15 @@ use them like the original:
 @click.option("--score-prompts", type=click.IntRange(min=1), default=24, show_default=True,
               help="Validation prompts per set used to choose the layer.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--trials", type=click.IntRange(min=1), default=SEARCH_TRIALS, show_default=True,
+              help="Trials of the optimiser's short search.")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=SEARCH_MINUTES, show_default=True,
+              help="Time limit of the optimiser's short search.")
 @user_errors
-def command(model_path: Path | None, out_dir: Path, limit: int, score_prompts: int, max_tokens: int) -> None:
+def command(model_path: Path | None, out_dir: Path, limit: int, score_prompts: int, max_tokens: int, trials: int,
+            minutes: float) -> None:
     """The whole job on one model: fetch it, find the refusal direction, write an abliterated
-    and a reverse-abliterated copy, evaluate both against the original, and say how to use them."""
-    run_demo(model_path, out_dir, limit=limit, score_prompts=score_prompts, max_tokens=max_tokens)
+    copy (one direction), an optimised one (a short search) and a reverse-abliterated one,
+    evaluate them against the original, and say how to use them."""
+    run_demo(model_path, out_dir, limit=limit, score_prompts=score_prompts, max_tokens=max_tokens, trials=trials,
+             minutes=minutes)

@@ -93,7 +93,7 @@ def measure_direction(model_path: Path, output_path: Path, *, harmful: Path | No
     }
     statistics = {"harmful_mean_norm": stats.harmful_norm, "harmless_mean_norm": stats.harmless_norm,
                   "diff_norm": stats.diff_norm, "separation": stats.separation, "refusal_mass": refusal, "kl": kl}
-    save_measured(output_path, stats.directions, chosen, statistics, metadata)
+    save_measured(output_path, stats.directions, stats.harmless_mean, chosen, statistics, metadata)
     say(f"wrote {output_path} (layer {chosen})")
     return chosen
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import numpy as np
 from gguf import GGMLQuantizationType
 
 from gguf_abliterate.cli.common import WRITABLE, Say, check_output, progress, qtype_option, sayer, user_errors
@@ -29,13 +30,16 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
                requant_type: GGMLQuantizationType | None = None, rounding: Rounding = Rounding.AWARE,
                force: bool = False, jobs: int | None = None, merge: bool = False,
                out_format: OutFormat = OutFormat.GGUF, verify: bool = False, ollama_name: str | None = None,
-               lmstudio: bool = False, quiet: bool = False, verbose: bool = False) -> list[Path]:
+               lmstudio: bool = False, trial: int | None = None, method: str | None = None,
+               quiet: bool = False, verbose: bool = False) -> list[Path]:
     """The edit as the command runs it; with `ollama_name`, `input_path` is ignored and the
-    model comes from the Ollama store. Returns the files written."""
+    model comes from the Ollama store. A direction file from `optimise` bakes its chosen
+    trial (or `trial`). Returns the files written."""
     from gguf_abliterate.direction.file import load_direction
     from gguf_abliterate.edit.execute import apply_edit, output_nbytes
     from gguf_abliterate.edit.plan import plan_edit
     from gguf_abliterate.edit.provenance import provenance
+    from gguf_abliterate.edit.schedule import Method, scheduled_edit
     from gguf_abliterate.export import lmstudio as lms
     from gguf_abliterate.export import ollama as oll
     from gguf_abliterate.gguf_io import Model, output_paths
@@ -54,19 +58,36 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     direction.check_fits(model.n_layer, model.n_embd, model.arch)
     opts = EditOptions(reverse=reverse, scale=scale, layers=parse_layers(layers, model.n_layer),
                        embeddings=embeddings, requant_type=requant_type, rounding=rounding)
-    plan = plan_edit(model, opts)
+    sched = scheduled_edit(direction, trial)
+    schedule_info = None
+    if sched is not None and method is not None and Method(method) is not sched.method:
+        raise UserError(f"the direction file's edit is {sched.method.value}; drop --method")
+    if sched is None:
+        plan = plan_edit(model, opts, method=Method(method or Method.PLAIN.value))
+    else:
+        direction = sched.direction
+        direction.check_fits(model.n_layer, model.n_embd, model.arch)
+        plan = plan_edit(model, opts, strengths=sched.strengths, method=sched.method)
+        schedule_info = {"trial": sched.trial, "method": sched.method.value}
+        say(f"scheduled edit: trial {sched.trial if sched.trial is not None else '-'}, {sched.method.value} "
+            f"projection, per-block strengths attn {_strengths(sched.strengths['attn'])} "
+            f"mlp {_strengths(sched.strengths['mlp'])}")
     for notice in plan.notices:
         say(f"note: {notice}")
     mode = "reverse-abliterating" if reverse else "abliterating"
+    changed = sum(e.coef != 0 or e.out_type != e.src_type for e in plan.edits.values())
     say(f"{mode} {model.path.name} ({model.arch}, blocks {format_layers(plan.layers)}, scale {scale:g}): "
-        f"{len(plan.edits)} tensors")
+        f"{changed} tensors")
     if verbose:
         for e in plan.edits.values():
             say(f"  {e.name}  {e.src_type.name} -> {e.out_type.name}")
     if out_format is OutFormat.LORA:
         from gguf_abliterate.export.lora import write_lora
 
-        skipped = write_lora(model, plan, direction, output_path, provenance(plan, opts, direction))
+        if any(e.method is not Method.PLAIN for e in plan.edits.values()):
+            raise UserError("a norm-preserving edit rescales every column of a writer, which no low-rank "
+                            "adapter expresses exactly; write it as a GGUF (--format gguf)")
+        skipped = write_lora(model, plan, direction, output_path, provenance(plan, opts, direction, schedule_info))
         if skipped:
             say(f"note: an adapter cannot hold {len(skipped)} of the edits (biases, expert stacks, token_embd): "
                 f"{', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}")
@@ -76,7 +97,8 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     report = Report()
     with progress(output_nbytes(model, plan), "writing", "B", quiet, unit_scale=True) as bar:
         written = apply_edit(model, plan, direction, opts, output_path, on_bytes=bar.update,
-                             verify=verified.append if verify else None, merge=merge, jobs=jobs, report=report)
+                             verify=verified.append if verify else None, merge=merge, jobs=jobs, report=report,
+                             schedule=schedule_info)
     for line in verified:
         say(line)
     if ollama is not None:
@@ -87,6 +109,11 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     _say_report(say, report, reverse)
     say(f"wrote {', '.join(str(p) for p in written)}")
     return written
+
+
+def _strengths(s: np.ndarray) -> str:
+    """Per-block strengths, compactly: 0 as '.', others to one decimal."""
+    return "[" + " ".join("." if v == 0 else f"{v:.1f}" for v in np.asarray(s).tolist()) + "]"
 
 
 def _say_report(say: Say, report: Report, reverse: bool) -> None:
@@ -132,13 +159,18 @@ def _say_report(say: Say, report: Report, reverse: bool) -> None:
                    "original template, system prompt and parameters is written beside OUTPUT.")
 @click.option("--lmstudio", is_flag=True,
               help="Put OUTPUT (a file name) under LM Studio's models folder, local/<name>/, so the app lists it.")
+@click.option("--method", type=click.Choice(["plain", "norm-preserving"]), default=None,
+              help="plain (default): W - S u u^T W. norm-preserving: the same, then every column of a writer "
+                   "(what one input feature writes into the residual stream) rescaled to its old length.")
+@click.option("--trial", type=click.IntRange(min=0), default=None,
+              help="With a direction file from optimise: bake this trial instead of the chosen one.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="List every edited tensor.")
 @user_errors
 def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale: float, layers: str | None,
             embeddings: bool | None, requant_type: GGMLQuantizationType | None, rounding: str, force: bool,
             jobs: int | None, merge: bool, out_format: str, verify: bool, ollama_name: str | None, lmstudio: bool,
-            quiet: bool, verbose: bool) -> None:
+            method: str | None, trial: int | None, quiet: bool, verbose: bool) -> None:
     if ollama_name:
         if len(paths) != 1:
             raise UserError("with --ollama give only OUTPUT: the input comes from the Ollama store")
@@ -150,4 +182,4 @@ def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale:
     edit_model(input_path, output_path, direction_path, reverse=reverse, scale=scale, layers=layers,
                embeddings=embeddings, requant_type=requant_type, rounding=Rounding(rounding), force=force,
                jobs=jobs, merge=merge, out_format=OutFormat(out_format), verify=verify, ollama_name=ollama_name,
-               lmstudio=lmstudio, quiet=quiet, verbose=verbose)
+               lmstudio=lmstudio, trial=trial, method=method, quiet=quiet, verbose=verbose)

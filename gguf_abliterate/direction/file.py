@@ -7,9 +7,13 @@ an array `(n_layer, n_embd)` (row N for block N). Formats:
 - `.safetensors`: tensor `direction` with the same shapes, plus string metadata. Keys we
   read and write: `layer` (the block whose output, llama.cpp's `l_out-L`, the direction was
   measured at), `sign` (`harmful-minus-harmless`: the edit removes what the first set has
-  more of), `model`, `architecture`, `n_embd`. What `direction` measures adds the tensor
-  `directions` (every block's direction) and one value per block for each of `STATISTICS`
-  (`save_measured`); `Direction.per_block` and `Direction.statistics` give them back.
+  more of), `model`, `architecture`, `n_embd`. What `direction` measures adds the tensors
+  `directions` (every block's direction), `harmless_means` (every block's mean harmless
+  activation) and one value per block for each of `STATISTICS` (`save_measured`).
+  What `optimise` finds adds `attn_strength` and `mlp_strength` (the strength per block of
+  each component; then `direction` holds one direction per block) and the metadata
+  `method`, `trials` (JSON: every trial's parameters and scores) and `chosen_trial`
+  (`save_schedule`). `Direction` gives all of them back.
 
 Vectors need not be unit length; they are normalised here.
 """
@@ -17,8 +21,10 @@ Vectors need not be unit length; they are normalised here.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +33,8 @@ from gguf_abliterate.gguf_io.atomic import atomic_path
 
 TENSOR_NAME = "direction"
 PER_BLOCK = "directions"
+HARMLESS_MEANS = "harmless_means"
+STRENGTHS = {"attn": "attn_strength", "mlp": "mlp_strength"}  # component -> tensor
 # per-block statistics a measured file holds, one float32 per block (NaN where not measured)
 STATISTICS = ("harmful_mean_norm", "harmless_mean_norm", "diff_norm", "separation", "refusal_mass", "kl")
 SIGN_CONVENTION = "harmful-minus-harmless"
@@ -42,6 +50,19 @@ class Direction:
     metadata: dict[str, str] = field(default_factory=dict)
     per_block: np.ndarray | None = None  # every block's measured direction (n_layer, n_embd), as stored
     statistics: dict[str, np.ndarray] = field(default_factory=dict)  # STATISTICS, (n_layer,) each
+    harmless_means: np.ndarray | None = None  # (n_layer, n_embd)
+    strengths: dict[str, np.ndarray] = field(default_factory=dict)  # component -> (n_layer,): a schedule
+
+    @property
+    def trials(self) -> list[dict[str, Any]]:
+        """The trials of the search that made this file (empty for a measured direction)."""
+        try:
+            trials = json.loads(self.metadata.get("trials", "[]"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"direction file metadata 'trials' is not valid JSON ({e})") from None
+        if not isinstance(trials, list):
+            raise UserError("direction file metadata 'trials' is not a list")
+        return trials
 
     @property
     def n_embd(self) -> int:
@@ -108,8 +129,11 @@ def load_direction(path: str | Path) -> Direction:
         array, metadata, extra = _load_safetensors(path)
     else:
         raise UserError(f"{path}: direction files must be .npy or .safetensors")
+    strengths = {c: np.asarray(extra[t], np.float32) for c, t in STRENGTHS.items() if t in extra}
+    if strengths and (array.ndim != 2 or any(s.shape != (array.shape[0],) for s in strengths.values())):
+        raise UserError(f"{path}: per-block strengths need one direction per block, and one strength each")
     return Direction(normalise(array, f"{path.name}"), digest, metadata, extra.get(PER_BLOCK),
-                     {k: extra[k] for k in STATISTICS if k in extra})
+                     {k: extra[k] for k in STATISTICS if k in extra}, extra.get(HARMLESS_MEANS), strengths)
 
 
 def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str], dict[str, np.ndarray]]:
@@ -120,7 +144,8 @@ def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str], dict[str,
             names = list(f.keys())
             if TENSOR_NAME not in names:
                 raise UserError(f"{path}: no tensor named {TENSOR_NAME!r} (has: {', '.join(names) or 'none'})")
-            extra = {k: f.get_tensor(k) for k in (PER_BLOCK, *STATISTICS) if k in names}
+            wanted = (PER_BLOCK, HARMLESS_MEANS, *STATISTICS, *STRENGTHS.values())
+            extra = {k: f.get_tensor(k) for k in wanted if k in names}
             return f.get_tensor(TENSOR_NAME), dict(f.metadata() or {}), extra
     except (SafetensorError, OSError, TypeError, ValueError) as e:
         raise UserError(f"{path}: unreadable .safetensors file ({e})") from None
@@ -151,13 +176,28 @@ def save_direction(path: str | Path, vectors: np.ndarray, metadata: dict[str, st
             tmp.write_bytes(save(tensors, metadata={k: str(v) for k, v in meta.items()}))
 
 
-def save_measured(path: str | Path, directions: np.ndarray, chosen: int, statistics: dict[str, np.ndarray],
-                  metadata: dict[str, str]) -> None:
+def save_measured(path: str | Path, directions: np.ndarray, harmless_means: np.ndarray, chosen: int,
+                  statistics: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """What `direction` measured: block `chosen`'s direction (what the edit uses), every
-    block's, and the per-block statistics; `layer` and the conventions go into the metadata."""
+    block's, the harmless means and the per-block statistics; `layer` and the conventions go
+    into the metadata."""
     missing = set(STATISTICS) - set(statistics)
     if missing:
         raise ValueError(f"statistics missing: {sorted(missing)}")
     meta = {"layer": str(chosen), "layer_convention": LAYER_CONVENTION, **metadata}
-    extra = {PER_BLOCK: directions, **{k: np.asarray(statistics[k], np.float32) for k in STATISTICS}}
+    extra = {PER_BLOCK: directions, HARMLESS_MEANS: np.asarray(harmless_means, np.float32),
+             **{k: np.asarray(statistics[k], np.float32) for k in STATISTICS}}
     save_direction(path, directions[chosen], meta, extra)
+
+
+def save_schedule(path: str | Path, directions: np.ndarray, strengths: dict[str, np.ndarray],
+                  per_block: np.ndarray, harmless_means: np.ndarray, metadata: dict[str, str],
+                  trials: list[dict[str, Any]], chosen_trial: int | None) -> None:
+    """What `optimise` found: the chosen trial's direction per block and strength per block of
+    each component, plus everything needed to bake any other trial (`trials`, the measured
+    per-block directions and harmless means)."""
+    meta = {"layer_convention": LAYER_CONVENTION, **metadata, "trials": json.dumps(trials),
+            "chosen_trial": "" if chosen_trial is None else str(chosen_trial)}
+    extra = {PER_BLOCK: per_block, HARMLESS_MEANS: np.asarray(harmless_means, np.float32),
+             **{STRENGTHS[c]: np.asarray(v, np.float32) for c, v in strengths.items()}}
+    save_direction(path, directions, meta, extra)

@@ -29,6 +29,7 @@ class LayerStats:
     """Per-layer numbers stored with the directions."""
 
     directions: np.ndarray  # (n_layer, n_embd), unit rows
+    harmless_mean: np.ndarray  # (n_layer, n_embd)
     harmful_norm: np.ndarray  # (n_layer,) norm of the harmful mean
     harmless_norm: np.ndarray
     diff_norm: np.ndarray  # norm of the difference of means
@@ -53,7 +54,8 @@ def difference_of_means(harmful: np.ndarray, harmless: np.ndarray) -> LayerStats
     ph = np.einsum("pld,ld->pl", harmful, directions)
     pl = np.einsum("pld,ld->pl", harmless, directions)
     pooled = np.sqrt(0.5 * (ph.var(axis=0) + pl.var(axis=0))) + 1e-12
-    return LayerStats(directions, np.linalg.norm(mh, axis=-1), np.linalg.norm(ml, axis=-1), norm,
+    return LayerStats(directions, ml.astype(np.float32), np.linalg.norm(mh, axis=-1),
+                      np.linalg.norm(ml, axis=-1), norm,
                       (ph.mean(axis=0) - pl.mean(axis=0)) / pooled)
 
 

@@ -73,7 +73,7 @@ def edit_piece(model: Model, piece: Piece) -> PieceResult:
     edit, u = piece.edit, piece.u
     values = _dequantized(model, edit, piece.first, piece.count)
     before = component(values, u, edit.kind)
-    project(values, u, edit.coef, edit.kind)
+    project(values, u, edit.coef, edit.kind, edit.method)
     data = _requantized(values, edit)
     if edit.aware:
         data = rounding.keep_edit(data, values, u, edit.out_type, over_rows=edit.kind.over_rows, before=before)
@@ -180,18 +180,19 @@ def output_tensors(model: Model, plan: EditPlan, direction: Direction, runner: U
 
 def apply_edit(model: Model, plan: EditPlan, direction: Direction, opts: EditOptions, out_path: Path, *,
                on_bytes: Callable[[int], None] = lambda n: None, verify: Callable[[str], None] | None = None,
-               merge: bool = False, jobs: int | None = None,
-               report: fidelity.Report | None = None) -> list[Path]:
+               merge: bool = False, jobs: int | None = None, report: fidelity.Report | None = None,
+               schedule: dict[str, object] | None = None) -> list[Path]:
     """Write the edited model to `out_path` (atomically), streaming tensor by tensor.
 
     A split input gives a split output with the same parts (unless `merge`). `jobs` worker
     processes edit tensors ahead of the writer (default: `default_jobs`). With `verify`, the
     complete files are re-read and checked against the input before they take their places;
-    `verify` receives the one-line report. Returns the paths written.
+    `verify` receives the one-line report; `schedule` is recorded for a scheduled edit.
+    Returns the paths written.
     """
     report = report if report is not None else fidelity.Report()
     width = fidelity.report_width({e.out_type.name for e in plan.edits.values()})
-    kv = {**provenance(plan, opts, direction), names.REQUANT_REPORT: Reserved(width, report.to_json)}
+    kv = {**provenance(plan, opts, direction, schedule), names.REQUANT_REPORT: Reserved(width, report.to_json)}
     with UnitRunner(model, jobs or default_jobs(model, plan), edit_piece) as runner:
         out = output_tensors(model, plan, direction, runner, report)
         files = plan_files(model, out_path, out, kv, names.PROVENANCE_PREFIX, merge)

@@ -6,14 +6,18 @@ stream where it should, that its output type can be written, that Gemma's post-n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+
+import numpy as np
 
 from gguf import GGMLQuantizationType
 
 from gguf_abliterate import names, quants
 from gguf_abliterate.arch import WRITERS, Arch, get_arch
 from gguf_abliterate.edit.options import EditOptions, Rounding
+from gguf_abliterate.edit.schedule import WRITER_COMPONENT, Component, Method
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.quants import rounding
@@ -49,6 +53,7 @@ class TensorEdit:
     out_type: GGMLQuantizationType
     post_norm: str | None = None  # norm weight g: project with u = g*r/||g*r||
     aware: bool = False  # re-round the codes so the edit survives requantization
+    method: Method = Method.PLAIN
 
 
 @dataclass
@@ -79,10 +84,13 @@ def _out_type(name: str, src: GGMLQuantizationType, opts: EditOptions, n_per_row
     return out
 
 
-def plan_edit(model: Model, opts: EditOptions, strict: bool = True) -> EditPlan:
+def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
+              strengths: Mapping[Component, np.ndarray] | None = None, method: Method = Method.PLAIN) -> EditPlan:
     """Decide which tensors change and how, checking everything before anything is written.
 
     `strict=False` skips the check that each output type can be written (for `inspect`).
+    `strengths` (a schedule: per component, a factor per block) scales each writer's edit;
+    blocks where it is 0 are left alone, and token_embd is not edited (no search saw it).
     """
     arch = get_arch(model.arch)
     n_layer = model.n_layer
@@ -92,7 +100,7 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True) -> EditPlan:
 
     n_embd = model.n_embd
 
-    def add(name: str, kind: TensorKind, block: int, post_norm: str | None = None) -> None:
+    def add(name: str, kind: TensorKind, block: int, post_norm: str | None = None, factor: float = 1.0) -> None:
         t = model.tensors[name]
         dim = kind.residual_dim
         if len(t.shape) <= dim or t.shape[dim] != n_embd:
@@ -103,9 +111,15 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True) -> EditPlan:
         if post_norm is not None and post_norm not in model.tensors:
             raise UserError(f"{arch.name} model lacks {post_norm}, needed to edit {name}")
         aware = opts.rounding is Rounding.AWARE and not is_bias and rounding.supports(out)
-        plan.edits[name] = TensorEdit(name, kind, block, opts.coef, t.tensor_type, out, post_norm, aware)
+        plan.edits[name] = TensorEdit(name, kind, block, opts.coef * factor, t.tensor_type, out, post_norm, aware,
+                                      method if kind is TensorKind.MATRIX else Method.PLAIN)
 
-    embeddings = opts.embeddings if opts.embeddings is not None else not tied
+    if strengths is not None:
+        if opts.embeddings:
+            raise UserError("a scheduled edit (from optimise) leaves token_embd alone; drop --embeddings")
+        if any(np.asarray(s).shape != (n_layer,) for s in strengths.values()):
+            raise UserError(f"the edit's per-block strengths do not fit the model's {n_layer} blocks")
+    embeddings = opts.embeddings if opts.embeddings is not None else (not tied and strengths is None)
     if embeddings:
         if names.TOKEN_EMBD not in model.tensors:
             raise UserError(f"model has no {names.TOKEN_EMBD}")
@@ -121,10 +135,11 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True) -> EditPlan:
     for block in sorted(layers):
         for writer in WRITERS:
             norm = arch.post_norm(block, writer)
+            factor = 1.0 if strengths is None else float(strengths[WRITER_COMPONENT[writer]][block])
             for suffix, kind in (("weight", TensorKind.MATRIX), ("bias", TensorKind.BIAS)):
                 name = names.block_tensor(writer, block, suffix)
                 if name in model.tensors:
-                    add(name, kind, block, norm)
+                    add(name, kind, block, norm, factor)
     if not plan.edits:
         raise UserError("nothing to edit: no residual-stream writers in the selected blocks")
     return plan

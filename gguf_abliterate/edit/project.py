@@ -11,6 +11,7 @@ import numpy as np
 
 from gguf_abliterate.direction.file import Direction, normalise
 from gguf_abliterate.edit.plan import TensorEdit, TensorKind
+from gguf_abliterate.edit.schedule import Method
 from gguf_abliterate.gguf_io import Model
 
 # float32 bytes processed at once; bounds the working memory of one tensor edit.
@@ -36,10 +37,14 @@ def component(values: np.ndarray, u: np.ndarray, kind: TensorKind) -> np.ndarray
     return u @ values if kind.over_rows else values @ u
 
 
-def project(values: np.ndarray, u: np.ndarray, coef: float, kind: TensorKind) -> None:
+def project(values: np.ndarray, u: np.ndarray, coef: float, kind: TensorKind,
+            method: Method = Method.PLAIN) -> None:
     """In place: add coef times the component along u, back along u."""
     if kind is TensorKind.MATRIX:
+        lengths = np.linalg.norm(values, axis=0) if method is Method.NORM_PRESERVING else None
         project_residual_rows(values, u, coef)
+        if lengths is not None:
+            keep_column_lengths(values, lengths)
     elif kind is TensorKind.EMBEDDING:
         project_residual_cols(values, u, coef)
     else:
@@ -52,6 +57,13 @@ def project_residual_rows(w: np.ndarray, u: np.ndarray, coef: float) -> None:
     step = rows_per_chunk(w.shape[1])
     for i in range(0, w.shape[0], step):
         w[i : i + step] += (coef * u[i : i + step, None]) * c[None, :]
+
+
+def keep_column_lengths(w: np.ndarray, lengths: np.ndarray) -> None:
+    """In place: rescale each column (what one input feature writes into the residual stream)
+    back to `lengths`. Scaling a column keeps u^T W' = 0, so the removal still holds."""
+    now = np.linalg.norm(w, axis=0)
+    w *= np.where(now > 0, lengths / np.where(now > 0, now, 1), 1).astype(np.float32)[None, :]
 
 
 def project_residual_cols(e: np.ndarray, u: np.ndarray, coef: float) -> None:

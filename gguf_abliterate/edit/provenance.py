@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 from gguf_abliterate import __version__, names
 from gguf_abliterate.direction.file import Direction
 from gguf_abliterate.edit.options import EditOptions, format_layers
 from gguf_abliterate.edit.plan import EditPlan
 
 
-def provenance(plan: EditPlan, opts: EditOptions, direction: Direction) -> dict[str, str | bool | int | float]:
-    """The keys, in the order they are written."""
+def provenance(plan: EditPlan, opts: EditOptions, direction: Direction,
+               schedule: dict[str, object] | None = None) -> dict[str, str | bool | int | float]:
+    """The keys, in the order they are written; `schedule` describes a scheduled edit."""
     kv: dict[str, str | bool | int | float] = {
         names.MODE: "reverse" if opts.reverse else "abliterate",
         names.SCALE: float(opts.scale),
@@ -24,4 +27,6 @@ def provenance(plan: EditPlan, opts: EditOptions, direction: Direction) -> dict[
     if opts.requant_type is not None:
         kv[names.REQUANT_TYPE] = opts.requant_type.name
     kv[names.ROUNDING] = opts.rounding.value
+    if schedule is not None:
+        kv[names.SCHEDULE] = json.dumps(schedule)
     return kv

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_abliterate import names
 from gguf_abliterate.direction.file import Direction
 from gguf_abliterate.edit.plan import EditPlan, TensorKind
 from gguf_abliterate.edit.project import axis_vector
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.export.small_gguf import KVValue, write_small_gguf
+from gguf_abliterate.gguf_io.small import write_lora_adapter
 from gguf_abliterate.gguf_io import Model
 
 
@@ -42,11 +41,5 @@ def write_lora(model: Model, plan: EditPlan, direction: Direction, out: Path,
     pieces, skipped = lora_pieces(model, plan, direction)
     if not pieces:
         raise UserError("nothing to put in an adapter: the edit touches no 2-D writer matrix")
-    kv: dict[str, KVValue] = {names.FILE_KIND: "adapter", names.ADAPTER_TYPE: "lora", names.LORA_ALPHA: 1.0,
-                              **provenance}
-    tensors = {}
-    for name, (a, b) in pieces.items():
-        name_a, name_b = names.lora_names(name)
-        tensors[name_a], tensors[name_b] = a, b
-    write_small_gguf(out, model.arch, kv, tensors)
+    write_lora_adapter(out, model.arch, pieces, dict(provenance))
     return skipped

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -22,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from gguf_abliterate import names
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.gguf_io.small import write_lora_adapter
 from gguf_abliterate.portable import available_cores
 from gguf_abliterate.runtime.library import Ggml, load_llama_cpp
 
@@ -46,10 +49,11 @@ class LlamaModel:
         self.n_embd = ll.llama_model_n_embd(self.model)
         self.n_layer = ll.llama_model_n_layer(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.arch = _meta(ll, self.model, names.ARCHITECTURE)
         self.n_batch, self.n_seq = n_batch, n_seq
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_seq
+        cparams.n_seq_max = n_seq + 1  # sequence 0 holds a shared prompt prefix
         cparams.kv_unified = True  # sequences share the cache instead of n_ctx/n_seq slots each
         threads = n_threads or available_cores()
         cparams.n_threads = cparams.n_threads_batch = threads
@@ -81,19 +85,34 @@ class LlamaModel:
         self.close()
 
     def set_lora(self, path: Path | None, scale: float = 1.0) -> None:
-        """Apply a LoRA adapter GGUF to this context (None removes it)."""
+        """Apply a LoRA adapter GGUF to this context (None removes it); the adapter applied
+        before is freed."""
         ll = self.ll
+        previous, self._adapter = getattr(self, "_adapter", None), None
         if path is None:
             ll.llama_set_adapters_lora(self.ctx, None, 0, None)
+        else:
+            adapter = ll.llama_adapter_lora_init(self.model, str(path).encode())
+            if not adapter:
+                raise UserError(f"{path}: llama.cpp could not load this adapter")
+            self._adapter = adapter
+            arr = (ll.llama_adapter_lora_p_ctypes * 1)(adapter)
+            scales = (ctypes.c_float * 1)(scale)
+            if ll.llama_set_adapters_lora(self.ctx, arr, 1, scales) != 0:
+                raise UserError(f"{path}: llama.cpp refused the adapter")
+        if previous is not None:
+            ll.llama_adapter_lora_free(previous)
+
+    def set_adapter(self, pieces: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> None:
+        """Apply `W + B A` to each named weight (A (rank, n_in), B (n_out, rank)) inside
+        llama.cpp, without touching the weights; None or {} removes it."""
+        if not pieces:
+            self.set_lora(None)
             return
-        adapter = ll.llama_adapter_lora_init(self.model, str(path).encode())
-        if not adapter:
-            raise UserError(f"{path}: llama.cpp could not load this adapter")
-        self._adapters = getattr(self, "_adapters", []) + [adapter]  # freed with the model
-        arr = (ll.llama_adapter_lora_p_ctypes * 1)(adapter)
-        scales = (ctypes.c_float * 1)(scale)
-        if ll.llama_set_adapters_lora(self.ctx, arr, 1, scales) != 0:
-            raise UserError(f"{path}: llama.cpp refused the adapter")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "trial.gguf"
+            write_lora_adapter(path, self.arch, pieces)
+            self.set_lora(path)  # llama.cpp copies the tensors: the file can go
 
     def set_control_vector(self, vectors: dict[int, np.ndarray] | None) -> None:
         """Add vectors[L] to the output of block L (llama.cpp's control-vector adapter); None clears."""
@@ -140,45 +159,79 @@ class LlamaModel:
 
     # -- forward passes -----------------------------------------------------------------------
 
-    def _batches(self, encoded: list[list[int]]) -> Iterator[list[int]]:
-        """Indices of prompts that go into one decode: at most n_seq prompts, n_batch tokens."""
+    def _batches(self, encoded: list[list[int]], prefix: int = 0, reserve: int = 0) -> Iterator[list[int]]:
+        """Indices of prompts that go into one decode: at most n_seq prompts, and what they add
+        to the cache (beyond a shared `prefix`, plus `reserve` tokens each) within n_batch."""
         batch: list[int] = []
-        used = 0
+        used = prefix
         for i, toks in enumerate(encoded):
-            if batch and (len(batch) == self.n_seq or used + len(toks) > self.n_batch):
+            size = len(toks) - prefix + reserve
+            if batch and (len(batch) == self.n_seq or used + size > self.n_batch):
                 yield batch
-                batch, used = [], 0
+                batch, used = [], prefix
             batch.append(i)
-            used += len(toks)
+            used += size
         if batch:
             yield batch
 
-    def _decode(self, seqs: list[list[int]]) -> np.ndarray:
-        """Decode several prompts as separate sequences; batch index of each last token."""
+    def _decode(self, seqs: list[list[int]], prefix: int = 0, outputs: list[int] | None = None) -> np.ndarray:
+        """Decode several prompts as separate sequences; batch index of each last token (of the
+        last `outputs[i]` tokens of prompt i, in order, if given).
+
+        With `prefix` > 0, the first `prefix` tokens of every prompt are the same and already in
+        the cache as sequence 0 (`_decode_prefix`): each prompt's sequence starts as a copy of
+        it, and only the rest is computed.
+        """
         ll = self.ll
-        ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
-        total = sum(len(s) for s in seqs)
+        mem = ll.llama_get_memory(self.ctx)
+        if prefix:
+            for seq_id in range(1, self.n_seq + 1):
+                ll.llama_memory_seq_rm(mem, seq_id, -1, -1)
+            for seq_id in range(1, len(seqs) + 1):
+                ll.llama_memory_seq_cp(mem, 0, seq_id, -1, -1)
+        else:
+            ll.llama_memory_clear(mem, True)
+        first = 1 if prefix else 0
+        outputs = outputs or [1] * len(seqs)
+        return self._step([(first + i, toks[prefix:], prefix, n) for i, (toks, n) in enumerate(zip(seqs, outputs))])
+
+    def _decode_prefix(self, tokens: list[int]) -> None:
+        """Put `tokens` in the cache as sequence 0, for `_decode(..., prefix=len(tokens))`."""
+        self.ll.llama_memory_clear(self.ll.llama_get_memory(self.ctx), True)
+        self._step([(0, tokens, 0, 0)])
+
+    def _step(self, parts: list[tuple[int, list[int], int, int]]) -> np.ndarray:
+        """One llama_decode of (sequence, tokens, first position, outputs) parts: the batch
+        index of each part's last `outputs` tokens (their logits rows), in order."""
+        ll = self.ll
+        total = sum(len(toks) for _, toks, _, _ in parts)
         batch = ll.llama_batch_init(total, 0, 1)
         try:
-            last = []
+            rows = []
             k = 0
-            for seq_id, toks in enumerate(seqs):
-                for pos, tok in enumerate(toks):
+            for seq_id, toks, start, outputs in parts:
+                for j, tok in enumerate(toks):
                     batch.token[k] = tok
-                    batch.pos[k] = pos
+                    batch.pos[k] = start + j
                     batch.n_seq_id[k] = 1
                     batch.seq_id[k][0] = seq_id
-                    batch.logits[k] = pos == len(toks) - 1
+                    batch.logits[k] = j >= len(toks) - outputs
+                    if batch.logits[k]:
+                        rows.append(k)
                     k += 1
-                last.append(k - 1)
             batch.n_tokens = total
-            self._rows = np.array(last, np.int64)
+            self._rows = np.array(rows, np.int64)
             rc = ll.llama_decode(self.ctx, batch)
             if rc != 0:
                 raise UserError(f"llama.cpp failed to decode a batch (code {rc})")
             return self._rows
         finally:
             ll.llama_batch_free(batch)
+
+    def _logprobs(self, row: int) -> np.ndarray:
+        ptr = self.ll.llama_get_logits_ith(self.ctx, int(row))
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        return logits - np.logaddexp.reduce(logits)
 
     def _on_tensor(self, t: int, ask: bool, user_data: Any) -> bool:
         name = self.ggml.name(t)
@@ -212,33 +265,119 @@ class LlamaModel:
         return out
 
     def next_token_logprobs(self, prompts: Sequence[str], ablate: np.ndarray | None = None,
-                            progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
+                            progress: Callable[[int], None] = lambda n: None,
+                            share_prefix: bool = False) -> np.ndarray:
         """(n_prompts, n_vocab) log-probabilities of the first response token.
 
         With `ablate` (a unit vector), the direction is projected out of the residual stream
-        after every block while the prompts run.
+        after every block while the prompts run. With `share_prefix`, the tokens all prompts
+        begin with (the chat template's system turn) are computed once, not once per prompt.
         """
-        ll = self.ll
         encoded = self.encode(prompts)
         out = np.zeros((len(prompts), self.n_vocab), np.float32)
         self._ablate = None if ablate is None else np.asarray(ablate, np.float32)
         try:
-            for idx in self._batches(encoded):
-                last = self._decode([encoded[i] for i in idx])
+            prefix = self._shared_prefix(encoded) if share_prefix else 0
+            for idx in self._batches(encoded, prefix):
+                last = self._decode([encoded[i] for i in idx], prefix)
                 for j, i in enumerate(idx):
-                    ptr = ll.llama_get_logits_ith(self.ctx, int(last[j]))
-                    logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
-                    out[i] = logits - np.logaddexp.reduce(logits)
+                    out[i] = self._logprobs(last[j])
                 progress(len(idx))
         finally:
             self._ablate = None
         return out
 
+    def _shared_prefix(self, encoded: list[list[int]]) -> int:
+        """Decode `common_prefix(encoded)` tokens as sequence 0; returns how many."""
+        n = common_prefix(encoded)
+        if n > 0:
+            self._decode_prefix(encoded[0][:n])
+        return n
+
+    def forced_logprobs(self, prompts: Sequence[str], continuations: Sequence[list[int]],
+                        progress: Callable[[int], None] = lambda n: None) -> list[np.ndarray]:
+        """Teacher-forced: per prompt, (K, n_vocab) log-probabilities of each next token while
+        the model reads its K-token continuation (K may differ per prompt; at least 1)."""
+        encoded = self.encode(prompts)
+        full = [e + list(c[:-1]) for e, c in zip(encoded, continuations)]
+        steps = [max(1, len(c)) for c in continuations]
+        out: list[np.ndarray] = [np.zeros(0)] * len(prompts)
+        prefix = self._shared_prefix(full)
+        for idx in self._batches(full, prefix):
+            rows = self._decode([full[i] for i in idx], prefix, [steps[i] for i in idx])
+            k = 0
+            for i in idx:
+                out[i] = np.stack([self._logprobs(r) for r in rows[k : k + steps[i]]]).astype(np.float32)
+                k += steps[i]
+            progress(len(idx))
+        return out
+
+    def greedy(self, prompts: Sequence[str], max_tokens: int,
+               progress: Callable[[int], None] = lambda n: None) -> list[str]:
+        """Greedy answers, several sequences per decode, each up to `max_tokens` tokens or its
+        end-of-generation token."""
+        return [_detokenize(self.ll, self.vocab, a) for a in self.greedy_tokens(prompts, max_tokens, progress)]
+
+    def greedy_tokens(self, prompts: Sequence[str], max_tokens: int,
+                      progress: Callable[[int], None] = lambda n: None) -> list[list[int]]:
+        """The tokens of `greedy`."""
+        ll = self.ll
+        encoded = self.encode(prompts)
+        answers: list[list[int]] = [[] for _ in prompts]
+        prefix = self._shared_prefix(encoded)
+        for idx in self._batches(encoded, prefix, reserve=max_tokens):
+            rows = self._decode([encoded[i] for i in idx], prefix)
+            live = {i: (1 + j, int(rows[j])) for j, i in enumerate(idx)}  # prompt -> (sequence, logits row)
+            for _ in range(max_tokens):
+                step = []
+                for i, (seq_id, row) in list(live.items()):
+                    tok = int(np.argmax(np.ctypeslib.as_array(ll.llama_get_logits_ith(self.ctx, row),
+                                                              shape=(self.n_vocab,))))
+                    if ll.llama_vocab_is_eog(self.vocab, tok):
+                        del live[i]
+                        continue
+                    answers[i].append(tok)
+                    step.append((i, seq_id, tok))
+                if not step or len(answers[step[0][0]]) >= max_tokens:
+                    break
+                rows = self._step([(seq_id, [tok], len(encoded[i]) + len(answers[i]) - 1, 1)
+                                   for i, seq_id, tok in step])
+                live = {i: (seq_id, int(rows[k])) for k, (i, seq_id, _) in enumerate(step)}
+            progress(len(idx))
+        return answers
+
+
+def common_prefix(encoded: list[list[int]]) -> int:
+    """How many tokens every prompt starts with, keeping at least one of each prompt's own."""
+    n = min(len(t) for t in encoded) - 1
+    first = encoded[0]
+    for toks in encoded[1:]:
+        n = next((k for k in range(n) if toks[k] != first[k]), n)
+    return max(n, 0)
+
+
+def _piece_bytes(ll: Any, vocab: Any, token: int, special: bool) -> bytes:
+    buf = ctypes.create_string_buffer(64)
+    n = ll.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:  # a longer piece: -n is the size it needs
+        buf = ctypes.create_string_buffer(-n)
+        n = ll.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[: max(n, 0)]
+
 
 def _piece(ll: Any, vocab: Any, token: int) -> str:
-    buf = ctypes.create_string_buffer(64)
-    n = ll.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
-    return buf.raw[: max(n, 0)].decode(errors="replace")
+    return _piece_bytes(ll, vocab, token, True).decode(errors="replace")
+
+
+def _detokenize(ll: Any, vocab: Any, tokens: list[int]) -> str:
+    """Text of generated tokens (pieces joined as bytes: one character may span tokens)."""
+    return b"".join(_piece_bytes(ll, vocab, t, False) for t in tokens).decode(errors="replace")
+
+
+def _meta(ll: Any, model: Any, key: str) -> str:
+    buf = ctypes.create_string_buffer(256)
+    n = ll.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode(errors="replace") if n >= 0 else ""
 
 
 def _chat_template(ll: Any, model: Any, vocab: Any) -> Callable[[str], str] | None:

@@ -1,0 +1,149 @@
+"""`optimise`: search the edit (directions, per-block strengths) against refusal and KL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gguf_abliterate.cli.common import Say, progress, sayer, user_errors
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.optimise.study import SearchSettings
+
+D = SearchSettings()  # the defaults, in one place
+
+
+def optimise_model(model_path: Path, output: Path | None, *, settings: Any = None, storage: str | None = None,
+                   resume: bool = False, join: str | None = None, measured: Path | None = None,
+                   force: bool = False, quiet: bool = False) -> int | None:
+    """Run (or join, or resume) the search; unless joining, write the pick to `output`.
+    Returns the chosen trial's number (None for a joining worker)."""
+    from gguf_abliterate.optimise.study import Search, default_storage, sqlite_path
+
+    say = sayer(quiet)
+    settings = settings or SearchSettings()
+
+    def bars(**kwargs: Any) -> Any:
+        return progress(kwargs.pop("total"), kwargs.pop("desc"), kwargs.pop("unit"), quiet, **kwargs)
+
+    if join is not None:
+        search = Search(model_path, join, settings, create=False, say=say, progress=bars)
+        try:
+            done = search.run()
+        except KeyboardInterrupt:
+            say("interrupted; the finished trials are in the study")
+            return None
+        finally:
+            search.close()
+        say(f"this worker finished {done} trials of the study in {join}")
+        return None
+    if output is None:
+        raise UserError("give -o OUTPUT.safetensors (or --join URL to add a worker to a running study)")
+    if output.suffix.lower() != ".safetensors":
+        raise UserError(f"{output}: the search result needs metadata: write a .safetensors file")
+    if output.exists() and not force:
+        raise UserError(f"{output} exists; pass --force to replace it")
+    url = storage or default_storage(output)
+    db = sqlite_path(url)
+    if resume and db is not None and not db.is_file():
+        raise UserError(f"--resume: no study at {db}")
+    if not resume and db is not None and db.exists():
+        raise UserError(f"a study is already stored in {db}: --resume to continue it, or remove it to start over")
+    if measured is not None and resume:
+        raise UserError("--from starts a study; a resumed one keeps the directions it was made with")
+    search = Search(model_path, url, settings, create=not resume, say=say, progress=bars, measured=measured)
+    try:
+        interrupted = False
+        try:
+            search.run()
+        except KeyboardInterrupt:
+            interrupted = True
+            say("interrupted: keeping the finished trials and writing the best so far (unconfirmed)")
+        if not interrupted:
+            search.wait_for_others()
+        records = search.records()
+        chosen, original, front = search.pick(records, confirm=not interrupted)
+        _table(say, front, chosen, original, search.settings.max_refusals)
+        search.save(output, chosen, original, records)
+    finally:
+        search.close()
+    assert chosen is not None
+    say(f"wrote {output}: trial {chosen.number} of {len(records)} "
+        f"(bake it: gguf-abliterate {model_path} OUT.gguf --direction {output}; another: --trial N)")
+    return chosen.number
+
+
+def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_refusals: float) -> None:
+    """The Pareto front, by refusal, with the pick marked."""
+    say(f"Pareto front ({len(front)} trials; refusal = first-token refusal mass / the original's; "
+        f"confirmed = greedy refusals{'' if original is None else f', original {original}'}):")
+    say(f"{'trial':>5} {'refusal':>8} {'KL':>8} {'confirmed':>9}  direction            attn (peak@pos w edge)   "
+        f"mlp (peak@pos w edge)")
+    for r in front:
+        p = r.params
+        d = "per-block" if p["direction_index"] is None else f"index {p['direction_index']:.2f}"
+        d += " orth" if p["orthogonal"] else ""
+        k = "  ".join(f"{p[c]['peak']:.2f}@{p[c]['position']:.1f} w{p[c]['width']:.1f} e{p[c]['edge']:.2f}"
+                      for c in ("attn", "mlp"))
+        kl = "-" if r.kl is None else f"{r.kl:.4f}"
+        conf = "-" if r.confirmed_refusals is None else str(r.confirmed_refusals)
+        mark = "  <- pick" if r is chosen else ""
+        say(f"{r.number:5d} {r.refusal:8.3f} {kl:>8} {conf:>9}  {d:<20} {k}{mark}")
+
+
+@click.command("optimise")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Where the result goes (.safetensors): every trial, and the chosen one ready to bake.")
+@click.option("--trials", type=click.IntRange(min=1), default=D.trials, show_default=True,
+              help="Finished trials to run, over all workers of the study.")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=D.minutes, show_default=True,
+              help="Start no trial after this long (the pick's confirmation comes after).")
+@click.option("--resume", is_flag=True, help="Continue the study stored beside OUTPUT (or in --storage).")
+@click.option("--storage", metavar="URL",
+              help="Optuna storage URL for the study (sqlite:///x.db, postgresql://..., mysql://...). "
+                   "Default: sqlite beside OUTPUT (edit.study.db).")
+@click.option("--join", metavar="URL", help="Add this process as a worker to the study at URL (no OUTPUT).")
+@click.option("--from", "measured", type=click.Path(path_type=Path),
+              help="Take every block's direction and harmless mean from this `direction` file instead of "
+                   "measuring them (saves the residual capture).")
+@click.option("--startup-trials", type=click.IntRange(min=0), default=D.startup_trials, show_default=True,
+              help="Random trials before the TPE sampler takes over.")
+@click.option("--score-prompts", type=click.IntRange(min=2), default=D.score_prompts, show_default=True,
+              help="Harmful and harmless validation prompts each trial is scored on.")
+@click.option("--kl-tokens", type=click.IntRange(min=1), default=D.kl_tokens, show_default=True,
+              help="KL over the original's first K greedy tokens (teacher-forced), not only the first.")
+@click.option("--max-refusals", type=click.FloatRange(min=0), default=D.max_refusals, show_default=True,
+              help="Pick rule: the lowest-KL trial whose greedy refusals are at most this percent of the original's.")
+@click.option("--confirm", type=click.IntRange(min=1), default=D.confirm, show_default=True,
+              help="Front trials confirmed by generation, at most (lowest KL first; the first that passes is the pick).")
+@click.option("--confirm-tokens", type=click.IntRange(min=1), default=D.confirm_tokens, show_default=True,
+              help="Greedy tokens per confirmation answer (refusals show in the opening).")
+@click.option("--patience", type=click.IntRange(min=1), default=D.patience, show_default=True,
+              help="Stop when the best edit has not improved for this many trials.")
+@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--fix", multiple=True, metavar="NAME=VALUE",
+              help="Fix a parameter instead of searching it (repeatable): direction_index=12.5 or per-block, "
+                   "orthogonal=true, attn.peak=1, attn.position, attn.edge, attn.width, mlp.* (mlp.peak=0 "
+                   "switches the MLP edit off).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@user_errors
+def command(model_path: Path, output: Path | None, trials: int, minutes: float, resume: bool, storage: str | None,
+            join: str | None, measured: Path | None, startup_trials: int, score_prompts: int, kl_tokens: int, max_refusals: float,
+            confirm: int, confirm_tokens: int, patience: int, seed: int, fix: tuple[str, ...], force: bool,
+            quiet: bool) -> None:
+    """Search the edit for MODEL on CPU: per-block directions (blended between neighbouring
+    blocks, or each block its own, optionally orthogonal to the harmless mean) and per-block
+    strengths of the attention and MLP edits, against two objectives, refusal on harmful
+    prompts and KL on harmless ones. Each trial runs inside llama.cpp as a rank-1 adapter.
+    The result bakes with `gguf-abliterate MODEL OUT.gguf --direction OUTPUT`."""
+    from gguf_abliterate.optimise.space import parse_fixed
+
+    settings = SearchSettings(trials=trials, minutes=minutes, startup_trials=startup_trials,
+                              score_prompts=score_prompts, kl_tokens=kl_tokens, max_refusals=max_refusals,
+                              confirm=confirm, confirm_tokens=confirm_tokens, patience=patience, seed=seed,
+                              fixed=parse_fixed(fix))
+    optimise_model(model_path, output, settings=settings, storage=storage, resume=resume, join=join,
+                   measured=measured, force=force, quiet=quiet)

@@ -1,0 +1,66 @@
+"""The two objectives a trial is scored on, both minimised, inside llama.cpp with its adapter.
+
+- refusal: the probability the first response token gives to refusal openings, averaged over
+  harmful prompts, as a ratio to the unedited model's (1 = no change);
+- KL: KL(original || trial) of the next-token distribution on harmless prompts: the first
+  token, or with `kl_tokens` K > 1 teacher-forced along the original's first K greedy tokens
+  and averaged over the steps (abliterix's multi-token KL).
+
+The guard: a trial that leaves more than `GUARD` of the original refusal mass is not run on
+the harmless prompts (half a trial saved) and gets a KL objective of `1 + refusal`, so edits
+that barely edit never look good on the second objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gguf_abliterate.evaluate.metrics import kl_divergence, refusal_mass, refusal_token_ids
+from gguf_abliterate.runtime.llama import LlamaModel
+
+GUARD = 0.5
+
+
+@dataclass(frozen=True)
+class Score:
+    refusal: float  # refusal mass as a ratio to the original's
+    kl: float | None  # None: not measured (refusal above GUARD)
+
+    @property
+    def objectives(self) -> tuple[float, float]:
+        return self.refusal, (1.0 + self.refusal) if self.kl is None else self.kl
+
+
+class Scorer:
+    """A loaded model, its validation prompts and the unedited model's answers to them."""
+
+    def __init__(self, model: LlamaModel, harmful: Sequence[str], harmless: Sequence[str], kl_tokens: int = 1):
+        self.model, self.harmful, self.harmless, self.kl_tokens = model, list(harmful), list(harmless), kl_tokens
+        self.ids = refusal_token_ids(model)
+        model.set_adapter(None)
+        self.base_refusal = refusal_mass(model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
+        self.continuations = model.greedy_tokens(self.harmless, kl_tokens) if kl_tokens > 1 else None
+        self.base = self._harmless_logprobs()
+
+    def _harmless_logprobs(self) -> list[np.ndarray]:
+        if self.continuations is None:
+            return [row[None] for row in self.model.next_token_logprobs(self.harmless, share_prefix=True)]
+        return self.model.forced_logprobs(self.harmless, self.continuations)
+
+    def kl(self) -> float:
+        """KL(original || current) on the harmless prompts, averaged over prompts and steps."""
+        now = self._harmless_logprobs()
+        return float(np.mean([kl_divergence(b, n) for b, n in zip(self.base, now)]))
+
+    def score(self, pieces: dict[str, tuple[np.ndarray, np.ndarray]]) -> Score:
+        """The objectives of the edit these adapter pieces make."""
+        self.model.set_adapter(pieces)
+        try:
+            ratio = refusal_mass(self.model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
+            ratio /= max(self.base_refusal, 1e-12)
+            return Score(ratio, None if ratio > GUARD else self.kl())
+        finally:
+            self.model.set_adapter(None)

@@ -1,0 +1,79 @@
+"""The search space: what a trial chooses, within which ranges, and what the user fixed.
+
+Ranges follow the best published searches (heretic and its descendants), scaled to the
+model's depth L: the direction index in [0.4, 0.9] x (L-1) (or each block its own
+direction), directions orthogonal to the harmless mean or not, and per component a kernel
+with peak strength in [0, 1.5] (0 switches the component off; strengths above 1 over-remove),
+peak position in [0.4, 1.0] x (L-1), edge strength as a fraction [0, 1] of the peak, and
+half-width in [1, 0.6 (L-1)] blocks.
+
+The projection is the plain one: a trial runs as an exact rank-1 adapter inside llama.cpp,
+and the norm-preserving variant (every column rescaled) has no exact low-rank form, so a
+trial could only approximate it. It stays an option of the edit itself (`--method`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gguf_abliterate.edit.schedule import EditParams, Kernel
+from gguf_abliterate.errors import UserError
+
+KERNEL_FIELDS = ("peak", "position", "edge", "width")
+# the names --fix accepts, with how to read a value
+FIXABLE: dict[str, type] = {
+    "direction_index": str,  # a number, or "per-block"
+    "orthogonal": bool,
+    **{f"{c}.{f}": float for c in ("attn", "mlp") for f in KERNEL_FIELDS},
+}
+PER_BLOCK = "per-block"
+
+
+def parse_fixed(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """`--fix NAME=VALUE` items -> {name: value}, checked."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if not sep or name not in FIXABLE:
+            raise UserError(f"--fix {item!r}: expected NAME=VALUE with NAME one of {', '.join(FIXABLE)}")
+        try:
+            if name == "direction_index":
+                out[name] = None if raw == PER_BLOCK else float(raw)
+            elif name == "orthogonal":
+                if raw.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError(raw)
+                out[name] = raw.lower() in ("true", "yes", "1")
+            else:
+                out[name] = float(raw)
+        except ValueError:
+            raise UserError(f"--fix {item!r}: bad value for {name}") from None
+    return out
+
+
+def suggest(trial: Any, n_layer: int, fixed: Mapping[str, Any]) -> EditParams:
+    """The parameters of one Optuna trial: sampled, except where `fixed`."""
+    top = n_layer - 1
+
+    def pick(name: str, sample: Any) -> Any:
+        return fixed[name] if name in fixed else sample()
+
+    index: float | None
+    if "direction_index" in fixed:
+        index = fixed["direction_index"]
+    elif trial.suggest_categorical("direction_scope", ["global", PER_BLOCK]) == "global":
+        index = trial.suggest_float("direction_index", 0.4 * top, 0.9 * top)
+    else:
+        index = None
+    orthogonal = pick("orthogonal", lambda: trial.suggest_categorical("orthogonal", [True, False]))
+
+    def kernel(c: str) -> Kernel:
+        return Kernel(
+            peak=pick(f"{c}.peak", lambda: trial.suggest_float(f"{c}.peak", 0.0, 1.5)),
+            position=pick(f"{c}.position", lambda: trial.suggest_float(f"{c}.position", 0.4 * top, 1.0 * top)),
+            edge=pick(f"{c}.edge", lambda: trial.suggest_float(f"{c}.edge", 0.0, 1.0)),
+            width=pick(f"{c}.width", lambda: trial.suggest_float(f"{c}.width", 1.0, max(1.0, 0.6 * top))),
+        )
+
+    return EditParams(index, bool(orthogonal), kernel("attn"), kernel("mlp"))

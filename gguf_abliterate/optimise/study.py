@@ -1,0 +1,334 @@
+"""The search: an Optuna study of scheduled edits, scored inside llama.cpp, and the pick.
+
+1. Measure: residuals of the direction prompts (even lines) after every block give each
+   block's difference of means and harmless mean (stored in the study, so every worker and
+   every resumed run uses the very same basis).
+2. Search: multivariate TPE over two objectives (`scorer`), random for the first
+   `startup_trials`. Each trial runs as a rank-1 adapter (`adapter`): no tensor is
+   requantized. The search stops at `trials` finished trials (counted over all workers),
+   after `minutes`, when the provisional pick has not improved for `patience` trials, or at
+   Ctrl-C (finished trials are kept).
+3. Pick: the Pareto front's trials whose refusal ratio is at most CONFIRM_MAX_RATIO, lowest
+   KL first, are confirmed by greedy answers to harmful prompts the objectives never saw,
+   counted by markers; the pick is the first whose refusals are at most `max_refusals`
+   percent of the original model's on the same prompts (or, if none is, the one with the
+   fewest, then the lowest KL).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gguf_abliterate.direction import prompts as P
+from gguf_abliterate.direction.file import save_schedule
+from gguf_abliterate.direction.measure import difference_of_means
+from gguf_abliterate.edit.schedule import Component, EditParams, resolve
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.evaluate.markers import is_refusal
+from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.optimise.adapter import TrialAdapters
+from gguf_abliterate.optimise.scorer import Scorer
+from gguf_abliterate.optimise.space import suggest
+from gguf_abliterate.runtime.llama import LlamaModel
+
+STUDY_NAME = "gguf-abliterate"
+CONFIRM_MAX_RATIO = 0.3
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    trials: int = 80
+    minutes: float = 20.0
+    startup_trials: int = 20
+    score_prompts: int = 24  # harmful and harmless validation prompts each trial is scored on
+    kl_tokens: int = 1
+    max_refusals: float = 2.0  # pick rule: percent of the original's confirmed refusals
+    confirm: int = 6  # front trials confirmed by generation, at most
+    confirm_tokens: int = 24
+    patience: int = 30
+    seed: int = 0
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrialRecord:
+    """A finished trial as the output file keeps it."""
+
+    number: int
+    params: dict[str, Any]
+    refusal: float
+    kl: float | None
+    objectives: tuple[float, float]
+    confirmed_refusals: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"number": self.number, "params": self.params, "refusal": self.refusal, "kl": self.kl,
+                "objectives": list(self.objectives), "confirmed_refusals": self.confirmed_refusals}
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("optimise needs Optuna: pip install 'gguf-abliterate[optimise]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def default_storage(output: Path) -> str:
+    """The study beside the output: edit.safetensors -> sqlite:///edit.study.db."""
+    return f"sqlite:///{output.with_suffix('.study.db').resolve()}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a sqlite storage URL (None for other databases)."""
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def _storage(url: str) -> Any:
+    optuna = _optuna()
+    try:
+        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as e:  # sqlalchemy and optuna raise many kinds for a bad URL or file
+        raise UserError(f"cannot open the study storage {url}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _encode(a: np.ndarray) -> dict[str, Any]:
+    a = np.ascontiguousarray(a, np.float32)
+    return {"shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode()}
+
+
+def _decode(d: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(d["data"]), np.float32).reshape(d["shape"]).copy()
+
+
+def model_identity(model: Model) -> dict[str, Any]:
+    from gguf_abliterate import names
+
+    return {"name": model.get_str(names.NAME) or model.path.name, "architecture": model.arch,
+            "n_layer": model.n_layer, "n_embd": model.n_embd, "tensors": len(model.tensors)}
+
+
+class Search:
+    """One process's part in a study: the model loaded, the basis, the scorer."""
+
+    def __init__(self, model_path: Path, url: str, settings: SearchSettings, *, create: bool, say: Say,
+                 progress: Callable[..., Any], measured: Path | None = None):
+        optuna = _optuna()
+        self.settings, self.say, self.progress = settings, say, progress
+        self.meta = Model(model_path)
+        identity = model_identity(self.meta)
+        storage = _storage(url)
+        sampler_args = dict(multivariate=True, n_startup_trials=settings.startup_trials, seed=settings.seed,
+                            constant_liar=True)
+        # one decode for a whole prompt set: the confirmation's 48 prompts and their answers fit
+        self.llama = LlamaModel(model_path, n_batch=4096, n_seq=64)
+        try:
+            if create:
+                self.study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
+                                                 directions=["minimize", "minimize"],
+                                                 sampler=optuna.samplers.TPESampler(**sampler_args))
+                per_block, harmless_means = self._measure() if measured is None else _measured(measured, self.meta)
+                self.study.set_user_attr("model", identity)
+                self.study.set_user_attr("basis", {"per_block": _encode(per_block),
+                                                   "harmless_means": _encode(harmless_means)})
+                self.study.set_user_attr("settings", {"score_prompts": settings.score_prompts,
+                                                      "kl_tokens": settings.kl_tokens, "fixed": settings.fixed})
+            else:
+                try:
+                    self.study = optuna.load_study(storage=storage, study_name=STUDY_NAME,
+                                                   sampler=optuna.samplers.TPESampler(**sampler_args))
+                except KeyError:
+                    raise UserError(f"{url} holds no gguf-abliterate study") from None
+                if self.study.user_attrs.get("model") != identity:
+                    raise UserError(f"the study in {url} was made for another model "
+                                    f"({self.study.user_attrs.get('model')}), not {identity}")
+                # every worker scores alike: the study's own settings win over this command line's
+                stored = self.study.user_attrs.get("settings", {})
+                settings = self.settings = replace(settings, **{k: stored[k] for k in ("score_prompts", "kl_tokens",
+                                                                                       "fixed") if k in stored})
+                basis = self.study.user_attrs["basis"]
+                per_block, harmless_means = _decode(basis["per_block"]), _decode(basis["harmless_means"])
+            self.per_block, self.harmless_means = per_block, harmless_means
+            with progress(total=self.meta.n_layer * 2, desc="precomputing adapters", unit="tensor") as bar:
+                self.adapters = TrialAdapters(self.meta, per_block, harmless_means, bar.update)
+            if self.adapters.biased:
+                say(f"note: trials leave the writers' biases ({len(self.adapters.biased)}) unedited; baking edits them")
+            bad, good = P.default_prompts("validation")
+            n = settings.score_prompts
+            self.confirm_prompts = bad[n:]
+            say(f"scoring the original on {n} harmful and {n} harmless validation prompts")
+            self.scorer = Scorer(self.llama, bad[:n], good[:n], settings.kl_tokens)
+        except BaseException:
+            self.llama.close()
+            raise
+
+    def _measure(self) -> tuple[np.ndarray, np.ndarray]:
+        bad, good = P.default_prompts("direction")
+        with self.progress(total=len(bad) + len(good), desc="residuals", unit="prompt") as bar:
+            stats = difference_of_means(self.llama.residuals(bad, bar.update), self.llama.residuals(good, bar.update))
+        return stats.directions, stats.harmless_mean
+
+    def close(self) -> None:
+        self.llama.close()
+
+    # -- trials -----------------------------------------------------------------------------
+
+    def _alive(self) -> list[int]:
+        """Numbers of the finished and running trials, over all workers."""
+        optuna = _optuna()
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        return sorted(t.number for t in self.study.get_trials(deepcopy=False, states=states))
+
+    def run(self) -> int:
+        """Run trials until a stop rule; returns how many this process finished."""
+        optuna = _optuna()
+        s = self.settings
+        start, done, best, since = time.monotonic(), 0, float("inf"), 0
+        with self.progress(total=s.trials, desc="trials", unit="trial", initial=self._finished()) as bar:
+            while len(self._alive()) < s.trials and time.monotonic() - start < 60 * s.minutes:
+                trial = self.study.ask()
+                if trial.number not in self._alive()[: s.trials]:  # another worker took the last place
+                    trial.set_user_attr("discarded", True)
+                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    break
+                try:
+                    params = suggest(trial, self.meta.n_layer, s.fixed)
+                    schedule = resolve(params, self.per_block, self.harmless_means)
+                    score = self.scorer.score(self.adapters.pieces(schedule))
+                except BaseException:
+                    self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    raise
+                trial.set_user_attr("params", params.to_dict())
+                trial.set_user_attr("refusal", score.refusal)
+                trial.set_user_attr("kl", score.kl)
+                trial.set_user_attr("worker", os.getpid())
+                self.study.tell(trial, list(score.objectives))
+                done += 1
+                bar.update(1)
+                provisional = score.kl if score.kl is not None and score.refusal <= CONFIRM_MAX_RATIO else None
+                if provisional is not None and provisional < best:
+                    best, since = provisional, 0
+                    bar.set_postfix(best_kl=f"{best:.4f}", refusal=f"{score.refusal:.2f}")
+                else:
+                    since += 1
+                if trial.number >= s.startup_trials and since >= s.patience:
+                    self.say(f"the best edit has not improved for {s.patience} trials: stopping")
+                    break
+        return done
+
+    def _finished(self) -> int:
+        optuna = _optuna()
+        return len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+    def wait_for_others(self, timeout: float = 600) -> None:
+        """Let other workers finish the trials they are running."""
+        optuna = _optuna()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                return
+            time.sleep(2)
+        self.say("note: some trials of other workers are still running; picking from the finished ones")
+
+    # -- the pick ---------------------------------------------------------------------------
+
+    def records(self) -> list[TrialRecord]:
+        optuna = _optuna()
+        out = []
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            out.append(TrialRecord(t.number, t.user_attrs["params"], t.user_attrs["refusal"], t.user_attrs["kl"],
+                                   (float(t.values[0]), float(t.values[1]))))
+        return sorted(out, key=lambda r: r.number)
+
+    def confirm(self, record: TrialRecord | None) -> int:
+        """Greedy answers to the confirmation prompts, counted by markers (None: the original)."""
+        if record is not None:
+            schedule = resolve(EditParams.from_dict(record.params), self.per_block, self.harmless_means)
+            self.llama.set_adapter(self.adapters.pieces(schedule))
+        try:
+            answers = self.llama.greedy(self.confirm_prompts, self.settings.confirm_tokens)
+        finally:
+            self.llama.set_adapter(None)
+        return sum(is_refusal(a) for a in answers)
+
+    def pick(self, records: list[TrialRecord], confirm: bool = True) -> tuple[TrialRecord | None, int | None,
+                                                                              list[TrialRecord]]:
+        """(the pick, the original's confirmed refusals, the Pareto front). Without `confirm`
+        (after Ctrl-C) the lowest-KL candidate, unconfirmed."""
+        front = pareto_front(records)
+        candidates = sorted((r for r in front if r.refusal <= CONFIRM_MAX_RATIO and r.kl is not None),
+                            key=lambda r: r.kl or 0.0)[: self.settings.confirm]
+        if not candidates and front:
+            candidates = front[:1]  # sorted by refusal: the trial that removed the most
+            self.say(f"note: no trial brought the refusal mass under {CONFIRM_MAX_RATIO:g} of the original's "
+                     f"(does the model refuse at all?); taking the one with the least")
+        if not candidates or not confirm:
+            return (candidates[0] if candidates else None), None, front
+        with self.progress(total=len(candidates) + 1, desc="confirming the front", unit="trial") as bar:
+            original = self.confirm(None)
+            bar.update(1)
+            allowed = self.settings.max_refusals / 100 * original
+            chosen = None
+            for r in candidates:
+                r.confirmed_refusals = self.confirm(r)
+                bar.update(1)
+                if r.confirmed_refusals <= allowed:
+                    chosen = r
+                    break
+        if chosen is None:
+            chosen = min(candidates, key=lambda r: (r.confirmed_refusals or 0, r.objectives[1]))
+            self.say(f"note: no confirmed trial kept refusals within {self.settings.max_refusals:g}% of the "
+                     f"original's {original}; took the one with the fewest")
+        return chosen, original, front
+
+    def save(self, output: Path, chosen: TrialRecord | None, original: int | None,
+             records: list[TrialRecord]) -> None:
+        if chosen is None:
+            raise UserError("no trial finished, so there is nothing to write (--trials, --minutes)")
+        schedule = resolve(EditParams.from_dict(chosen.params), self.per_block, self.harmless_means)
+        metadata = {**{k: str(v) for k, v in model_identity(self.meta).items()},
+                    "model": model_identity(self.meta)["name"], "method": schedule.method.value,
+                    "pick_rule": "unconfirmed (interrupted): lowest KL on the front" if original is None else
+                                 f"lowest KL among front trials whose greedy refusals on "
+                                 f"{len(self.confirm_prompts)} unseen harmful prompts are at most "
+                                 f"{self.settings.max_refusals:g}% of the original's ({original})",
+                    "original_refusals": "" if original is None else str(original),
+                    "confirm_prompts": str(len(self.confirm_prompts)),
+                    "score_prompts": str(self.settings.score_prompts), "kl_tokens": str(self.settings.kl_tokens)}
+        strengths = {c.value: schedule.strengths[c] for c in Component}
+        save_schedule(output, schedule.directions, strengths, self.per_block, self.harmless_means, metadata,
+                      [r.to_json() for r in records], chosen.number)
+
+
+def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray]:
+    """The per-block directions and harmless means of a `direction` file, for this model."""
+    from gguf_abliterate.direction.file import load_direction
+
+    d = load_direction(path)
+    d.check_fits(model.n_layer, model.n_embd, model.arch)
+    if d.per_block is None or d.harmless_means is None:
+        raise UserError(f"{path}: --from needs a direction file with every block's direction and harmless mean "
+                        f"(made by this version's `direction`)")
+    return d.per_block, d.harmless_means
+
+
+def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
+    """The trials no other trial beats on both objectives, by refusal."""
+    front = []
+    for r in records:
+        if not any(o.objectives[0] <= r.objectives[0] and o.objectives[1] <= r.objectives[1]
+                   and o.objectives != r.objectives for o in records):
+            front.append(r)
+    return sorted(front, key=lambda r: (r.objectives[0], r.objectives[1]))
+

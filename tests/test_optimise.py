@@ -1,0 +1,285 @@
+"""The optimiser: its schedule math, the exactness of trials run as adapters, the stored file
+(baking any trial), and the search's failure modes: Ctrl-C, a corrupt or foreign study, and
+two workers sharing one study."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, cli
+
+from gguf_abliterate.direction.file import load_direction, save_schedule
+from gguf_abliterate.edit.schedule import Component, EditParams, Kernel, basis, resolve
+from gguf_abliterate.evaluate.metrics import kl_divergence
+from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.optimise.adapter import TrialAdapters
+from gguf_abliterate.runtime.llama import LlamaModel
+
+PROMPTS = ["Hello, how are you?", "Write a short poem about the sea.", "What is the capital of France?",
+           "Explain how a bicycle works."]
+FAST = ["--score-prompts", "4", "--confirm-tokens", "4", "--confirm", "2", "--startup-trials", "2", "-q"]
+
+
+def test_kernel_strengths() -> None:
+    k = Kernel(peak=1.2, position=5.0, edge=0.5, width=2.0)
+    # 1.2 at the peak, falling linearly to 0.6 two blocks away, 0 beyond
+    assert np.allclose(k.weights(9), [0, 0, 0, 0.6, 0.9, 1.2, 0.9, 0.6, 0])
+    assert np.allclose(Kernel(0.0, 3, 1, 5).weights(6), 0)  # a component switched off
+    assert np.allclose(Kernel(1.0, 2.5, 1.0, 0.4).weights(5), 0)  # no block within 0.4 of 2.5
+
+
+def test_resolve_blends_and_orthogonalises() -> None:
+    rng = np.random.default_rng(0)
+    per_block, means = rng.normal(size=(6, 32)), rng.normal(size=(6, 32))
+    b = basis(per_block, means)
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    k = Kernel(1, 3, 1, 9)
+    blended = resolve(EditParams(2.25, False, k, k), per_block, means).directions
+    want = unit(0.75 * unit(per_block[2]) + 0.25 * unit(per_block[3]))
+    assert np.allclose(blended, want[None, :], atol=1e-6)  # every block the same blend
+    own = resolve(EditParams(None, True, k, k), per_block, means).directions
+    g = means / np.linalg.norm(means, axis=1, keepdims=True)
+    assert np.abs(np.sum(own * g, axis=1)).max() < 1e-6  # orthogonal to each block's harmless mean
+    assert np.allclose(own, b[6:], atol=1e-6)
+    p = EditParams(1.5, True, Kernel(1.1, 2, 0.2, 3), Kernel(0.0, 4, 1, 2))
+    assert EditParams.from_dict(p.to_dict()) == p
+
+
+def to_f32(src: Path, dst: Path) -> Path:
+    """The model with every tensor F32, written by llama.cpp's own quantizer (llama-quantize)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+    params.allow_requantize = True  # the source is quantized: "requantizing" to F32 only dequantizes
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0
+    return dst
+
+
+def _schedule_file(path: Path, model: Path, trials: list[EditParams], seed: int = 0) -> Path:
+    """A result file like optimise writes, with measured-like directions and the given trials."""
+    m = Model(model)
+    rng = np.random.default_rng(seed)
+    per_block = rng.normal(size=(m.n_layer, m.n_embd)).astype(np.float32)
+    means = rng.normal(size=(m.n_layer, m.n_embd)).astype(np.float32)
+    chosen = resolve(trials[0], per_block, means)
+    records = [{"number": i, "params": t.to_dict(), "refusal": 0.1, "kl": 0.01, "objectives": [0.1, 0.01]}
+               for i, t in enumerate(trials)]
+    save_schedule(path, chosen.directions, {c.value: chosen.strengths[c] for c in Component}, per_block, means,
+                  {"architecture": m.arch, "n_layer": str(m.n_layer), "n_embd": str(m.n_embd)}, records, 0)
+    return path
+
+
+def random_params(n_layer: int, rng: np.random.Generator) -> EditParams:
+    def kernel() -> Kernel:
+        return Kernel(float(rng.uniform(0.5, 1.5)), float(rng.uniform(0, n_layer - 1)), float(rng.uniform(0, 1)),
+                      float(rng.uniform(1, n_layer)))
+
+    index = None if rng.random() < 0.5 else float(rng.uniform(0, n_layer - 1))
+    return EditParams(index, bool(rng.random() < 0.5), kernel(), kernel())
+
+
+@pytest.mark.parametrize("name", ["llama-nobias", "gemma3", "smollm2"])
+def test_trials_run_exactly_the_edit_a_bake_writes(name: str, tiny: dict[str, Path], smollm2: Path,
+                                                   tmp_path: Path) -> None:
+    """A trial's adapter inside llama.cpp computes exactly the edit that a bake with
+    --requant-type f32 writes, for random trials (plain and post-norm archs).
+
+    Exactly where the numerics allow: on the model converted whole to F32 (llama.cpp's own
+    quantizer), the trial's first-token distribution is the bake's (KL <= 1e-3, same argmax).
+    On a quantized file llama.cpp quantizes the activations entering every quantized matrix,
+    so any perturbation, however small, shows as a KL of about 0.004 on SmolLM2 Q4_1 (the
+    existing LoRA export against its F32 bake shows the same, at any strength); there the test
+    only bounds the gap by what converting the model to F32 changes.
+    """
+    model = smollm2 if name == "smollm2" else tiny[name]
+    n_layer = Model(model).n_layer
+    rng = np.random.default_rng(7)
+    trials = [random_params(n_layer, rng) for _ in range(3)]
+    result = _schedule_file(tmp_path / "edit.safetensors", model, trials)
+    d = load_direction(result)
+    reference = to_f32(model, tmp_path / "f32.gguf")  # the same weights, every tensor F32
+
+    def under_trials(path: Path) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        adapters = TrialAdapters(Model(path), d.per_block, d.harmless_means)
+        with LlamaModel(path) as m:
+            base = m.residuals(PROMPTS)
+            out = []
+            for t in trials:
+                m.set_adapter(adapters.pieces(resolve(t, d.per_block, d.harmless_means)))
+                out.append((m.next_token_logprobs(PROMPTS), m.residuals(PROMPTS)))
+        return base, out
+
+    base_res, exact = under_trials(reference)
+    _, on_file = under_trials(model)
+    with LlamaModel(model) as m:
+        original = m.next_token_logprobs(PROMPTS)
+    with LlamaModel(reference) as m:
+        floor = kl_divergence(m.next_token_logprobs(PROMPTS), original)
+    for number, ((trial_lp, trial_res), (file_lp, _)) in enumerate(zip(exact, on_file)):
+        baked, baked_file = tmp_path / f"baked{number}.gguf", tmp_path / f"baked-file{number}.gguf"
+        for src, dst in ((reference, baked), (model, baked_file)):
+            run = cli(src, dst, "--direction", result, "--trial", number, "--requant-type", "f32", "-q")
+            assert run.returncode == 0, run.stderr
+        with LlamaModel(baked) as m:
+            baked_lp, baked_res = m.next_token_logprobs(PROMPTS), m.residuals(PROMPTS)
+        assert kl_divergence(baked_lp, trial_lp) <= 1e-3
+        assert np.array_equal(baked_lp.argmax(1), trial_lp.argmax(1))
+        with LlamaModel(baked_file) as m:
+            assert kl_divergence(m.next_token_logprobs(PROMPTS), file_lp) <= 2 * floor + 1e-3
+        # and the edit is not nothing: the component of the residual stream along each block's
+        # direction moved, and the trial's is the bake's (the logits of a tiny random model are
+        # too peaked to show it)
+        r = resolve(trials[number], d.per_block, d.harmless_means).directions
+        comp = {k: np.einsum("pld,ld->pl", v, r) for k, v in
+                (("trial", trial_res), ("baked", baked_res), ("base", base_res))}
+        moved = np.abs(comp["base"] - comp["baked"]).max()
+        assert moved > 0.05 and np.abs(comp["trial"] - comp["baked"]).max() <= 0.01 * moved
+        baked.unlink()
+        baked_file.unlink()
+
+
+def test_result_file_bakes_the_chosen_and_any_trial(tiny: dict[str, Path], tmp_path: Path) -> None:
+    model = tiny["llama-nobias"]
+    rng = np.random.default_rng(3)
+    trials = [random_params(4, rng) for _ in range(3)]
+    result = _schedule_file(tmp_path / "edit.safetensors", model, trials)
+    d = load_direction(result)
+    assert len(d.trials) == 3 and set(d.strengths) == {"attn", "mlp"} and d.per_layer
+    outs = {}
+    for label, extra in (("chosen", []), ("t0", ["--trial", "0"]), ("t2", ["--trial", "2"])):
+        outs[label] = tmp_path / f"{label}.gguf"
+        run = cli(model, outs[label], "--direction", result, *extra)
+        assert run.returncode == 0, run.stderr
+        assert "scheduled edit" in run.stderr
+    assert outs["chosen"].read_bytes() == outs["t0"].read_bytes()  # the chosen trial is trial 0
+    assert outs["t2"].read_bytes() != outs["t0"].read_bytes()
+    meta = Model(outs["t2"])
+    assert '"trial": 2' in meta.get("abliterate.schedule")
+    # blocks with strength 0 are copied untouched
+    s = resolve(trials[2], d.per_block, d.harmless_means).strengths
+    src = Model(model)
+    for block in range(4):
+        name = f"blk.{block}.attn_output.weight"
+        same = np.array_equal(meta.raw(name), src.raw(name))
+        assert same == (s[Component.ATTN][block] == 0)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--trial", "9"], "--trial 9: the file holds trials 0-2"),
+    (["--embeddings"], "leaves token_embd alone"),
+])
+def test_result_file_errors(args: list[str], needle: str, tiny: dict[str, Path], tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    result = _schedule_file(tmp_path / "edit.safetensors", tiny["llama-nobias"], [random_params(4, rng) for _ in range(3)])
+    run = cli(tiny["llama-nobias"], tmp_path / "out.gguf", "--direction", result, *args)
+    assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out.gguf").exists()
+    other = cli(tiny["qwen2"], tmp_path / "out.gguf", "--direction", result)  # a file from another model
+    assert other.returncode != 0 and "made for a llama model, not qwen2" in other.stderr
+
+
+def test_plain_direction_has_no_trials(tiny: dict[str, Path], tmp_path: Path) -> None:
+    np.save(tmp_path / "d.npy", np.ones(256, np.float32))
+    run = cli(tiny["llama"], tmp_path / "o.gguf", "--direction", tmp_path / "d.npy", "--trial", "0")
+    assert run.returncode != 0 and "holds no search trials" in run.stderr
+
+
+def test_optimise_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The real search on a tiny model: a result file that bakes, every trial recorded, the
+    study stored beside it and resumable; and the clean errors around it."""
+    model, out = tiny["llama-nobias"], tmp_path / "edit.safetensors"
+    run = cli("optimise", model, "-o", out, "--trials", "5", *FAST)
+    assert run.returncode == 0, run.stderr
+    d = load_direction(out)
+    assert sorted(t["number"] for t in d.trials) == list(range(5))
+    assert d.metadata["chosen_trial"].isdigit() and (tmp_path / "edit.study.db").is_file()
+    assert cli(model, tmp_path / "baked.gguf", "--direction", out, "-q").returncode == 0
+    again = cli("optimise", model, "-o", out, "--trials", "5", "--force", *FAST)
+    assert again.returncode != 0 and "--resume to continue it" in again.stderr
+    resumed = cli("optimise", model, "-o", out, "--trials", "7", "--resume", "--force", *FAST)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(t["number"] for t in load_direction(out).trials) == list(range(7))
+    foreign = cli("optimise", tiny["qwen2"], "-o", tmp_path / "x.safetensors", "--storage",
+                  f"sqlite:///{tmp_path / 'edit.study.db'}", "--resume", *FAST)
+    assert foreign.returncode != 0 and "made for another model" in foreign.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--fix", "attn.colour=1"], "expected NAME=VALUE"),
+    (["--fix", "orthogonal=maybe"], "bad value for orthogonal"),
+    (["-o", "out.npy"], "write a .safetensors file"),
+    ([], "give -o OUTPUT.safetensors"),
+    (["-o", "o.safetensors", "--resume"], "--resume: no study at"),
+])
+def test_optimise_bad_options(args: list[str], needle: str, tiny: dict[str, Path], tmp_path: Path) -> None:
+    run = cli("optimise", tiny["llama-nobias"], *args, "-q", cwd=tmp_path)
+    assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr
+
+
+def test_corrupt_study_file(tiny: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "edit.study.db").write_bytes(b"this is not a database" * 100)
+    run = cli("optimise", tiny["llama-nobias"], "-o", tmp_path / "edit.safetensors", "--resume", *FAST)
+    assert run.returncode != 0 and "cannot open the study storage" in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "edit.safetensors").exists()
+
+
+def _finished_trials(db: Path) -> list[tuple[int, str]]:
+    """(number, worker pid) of the study's complete trials, read straight from Optuna's tables."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as c:
+        try:
+            rows = c.execute("SELECT t.number, a.value_json FROM trials t LEFT JOIN trial_user_attributes a "
+                             "ON a.trial_id = t.trial_id AND a.key = 'worker' WHERE t.state = 'COMPLETE'").fetchall()
+        except sqlite3.OperationalError:
+            return []
+    return sorted(rows)
+
+
+def _optimise(*args: str | Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "gguf_abliterate", "optimise", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_keeps_the_finished_trials(tiny: dict[str, Path], tmp_path: Path) -> None:
+    out, db = tmp_path / "edit.safetensors", tmp_path / "edit.study.db"
+    p = _optimise(tiny["llama-nobias"], "-o", out, "--trials", "100000", "--patience", "100000", *FAST)
+    deadline = time.monotonic() + 120
+    while len(_finished_trials(db)) < 3 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "Traceback" not in err
+    d = load_direction(out)
+    assert len(d.trials) >= 3 and "unconfirmed" in d.metadata["pick_rule"]
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".partial")] == []
+
+
+def test_two_workers_share_one_study(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A study made, then continued by two processes at once (one resuming, one joining):
+    together they finish exactly the requested trials, none lost or run twice."""
+    model, out, db = tiny["llama-nobias"], tmp_path / "edit.safetensors", tmp_path / "edit.study.db"
+    assert cli("optimise", model, "-o", out, "--trials", "2", *FAST).returncode == 0
+    url = f"sqlite:///{db}"
+    main = _optimise(model, "-o", out, "--trials", "40", "--resume", "--force", "--patience", "1000", *FAST)
+    worker = _optimise(model, "--join", url, "--trials", "40", "--patience", "1000", *FAST)
+    for p in (main, worker):
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    finished = _finished_trials(db)
+    numbers = [n for n, _ in finished]
+    assert len(finished) == 40 and len(set(numbers)) == 40
+    assert len({w for _, w in finished[2:]}) == 2  # both processes ran trials
+    assert sorted(t["number"] for t in load_direction(out).trials) == numbers

@@ -1,0 +1,92 @@
+"""How fast the optimiser's trials run, against a plain llama.cpp forward of the same prompts.
+
+    python tools/bench_optimise.py [--model qwen2.5-coder-1.5b] [--prompts 24] [--repeats 3]
+
+A trial = set a rank-1 adapter on every writer, the first-token pass over the harmful and the
+harmless validation prompts (with the shared chat-template prefix computed once), remove the
+adapter. The baselines forward the very same prompts without any adapter: once as `direction`
+does (every prompt whole) and once with the shared prefix, so the table shows what sharing
+saves and what the adapter costs. Runs alternate (best of --repeats each), since these
+machines are noisy; the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gguf_abliterate import zoo  # noqa: E402
+from gguf_abliterate.direction import prompts as P  # noqa: E402
+from gguf_abliterate.edit.schedule import EditParams, Kernel, resolve  # noqa: E402
+from gguf_abliterate.gguf_io import Model  # noqa: E402
+from gguf_abliterate.optimise.adapter import TrialAdapters  # noqa: E402
+from gguf_abliterate.runtime.llama import LlamaModel, common_prefix  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b", help="zoo name or GGUF path")
+    ap.add_argument("--prompts", type=int, default=24, help="harmful and harmless prompts each")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    path = zoo.fetch(args.model) if args.model in zoo.MODELS else Path(args.model)
+    bad, good = P.default_prompts("validation")
+    prompts = bad[: args.prompts] + good[: args.prompts]
+    meta = Model(path)
+    rng = np.random.default_rng(0)
+    per_block = rng.normal(size=(meta.n_layer, meta.n_embd)).astype(np.float32)
+    means = rng.normal(size=(meta.n_layer, meta.n_embd)).astype(np.float32)
+    t0 = time.perf_counter()
+    adapters = TrialAdapters(meta, per_block, means)
+    setup = time.perf_counter() - t0
+    top = meta.n_layer - 1
+    schedule = resolve(EditParams(0.6 * top, True, Kernel(1.0, 0.7 * top, 0.3, 0.4 * top),
+                                  Kernel(0.8, 0.6 * top, 0.5, 0.5 * top)), per_block, means)
+    with LlamaModel(path, n_batch=4096, n_seq=64) as m:
+        encoded = m.encode(prompts)
+        whole = sum(len(e) for e in encoded)
+        halves = (encoded[: args.prompts], encoded[args.prompts :])
+        shared = sum(common_prefix(h) + sum(len(e) - common_prefix(h) for e in h) for h in halves)
+
+        def plain() -> None:
+            m.next_token_logprobs(bad[: args.prompts])
+            m.next_token_logprobs(good[: args.prompts])
+
+        def plain_shared() -> None:
+            m.next_token_logprobs(bad[: args.prompts], share_prefix=True)
+            m.next_token_logprobs(good[: args.prompts], share_prefix=True)
+
+        def trial() -> None:
+            m.set_adapter(adapters.pieces(schedule))
+            plain_shared()
+            m.set_adapter(None)
+
+        runs: dict[str, list[float]] = {"plain": [], "plain_shared": [], "trial": []}
+        plain_shared()  # warm up
+        for _ in range(args.repeats):
+            for name, fn in (("plain", plain), ("plain_shared", plain_shared), ("trial", trial)):
+                t = time.perf_counter()
+                fn()
+                runs[name].append(time.perf_counter() - t)
+    best = {k: min(v) for k, v in runs.items()}
+    print(f"{path.name}: {2 * args.prompts} prompts, adapters precomputed in {setup:.1f} s")
+    print(f"{'pass':<34} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'ratio':>6}")
+    rows = (("plain forward, prompts whole", "plain", whole), ("plain forward, shared prefix", "plain_shared", shared),
+            ("trial (adapter + shared prefix)", "trial", shared))
+    for label, key, tokens in rows:
+        print(f"{label:<34} {tokens:7d} {best[key]:8.2f} {tokens / best[key]:9.0f} "
+              f"{best[key] / best['plain_shared']:6.2f}")
+    print(f"trials per minute: {60 / best['trial']:.1f} (the adapter's cost: "
+          f"{best['trial'] / best['plain_shared'] - 1:+.0%} of the same forward without it; "
+          f"sharing the prefix: {best['plain'] / best['plain_shared']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
