@@ -15,15 +15,21 @@ from gguf_abliterate.errors import UserError
 def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harmless: Path | None = None,
                     limit: int | None = None, max_tokens: int = 64, markers: Path | None = None,
                     json_path: Path | None = None, ppl_path: Path | None = None, samples: int = 2,
-                    quiet: bool = False) -> None:
+                    kl_tokens: int = 1, tasks: int = 0, task_seed: int = 0, quiet: bool = False) -> None:
     """Print the comparison table (the first model is the base) and optionally the JSON."""
     from gguf_abliterate.direction import prompts as P
     from gguf_abliterate.evaluate.markers import DEFAULT_MARKERS
-    from gguf_abliterate.evaluate.report import evaluate, to_json
+    from gguf_abliterate.evaluate.report import EvalSettings, evaluate, to_json
+    from gguf_abliterate.evaluate.scorers import Label, get_scorer
+    from gguf_abliterate.evaluate.tasks import generate_tasks
 
     for m in models:
         if not m.is_file():
             raise UserError(f"{m}: no such file")
+    if kl_tokens < 1:
+        raise UserError("--kl-tokens must be at least 1")
+    if tasks < 0:
+        raise UserError("--tasks must be 0 (none) or more")
     bad, good = P.default_prompts("validation")
     bad = P.load_prompts(harmful) if harmful else bad
     good = P.load_prompts(harmless) if harmless else good
@@ -31,22 +37,37 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
     marks = tuple(m.lower() for m in P.load_prompts(markers)) if markers else DEFAULT_MARKERS
     if ppl_path is not None and not ppl_path.is_file():
         raise UserError(f"{ppl_path}: no such text file")
-    ppl_text = ppl_path.read_text(encoding="utf-8", errors="replace") if ppl_path else None
+    settings = EvalSettings(max_tokens=max_tokens, kl_tokens=kl_tokens,
+                            tasks=tuple(generate_tasks(tasks, task_seed)) if tasks else (),
+                            ppl_text=ppl_path.read_text(encoding="utf-8", errors="replace") if ppl_path else None)
     with progress(len(models) * (len(bad) + len(good)), "responses", "prompt", quiet) as bar:
-        reports = evaluate(models, bad, good, max_tokens, marks, ppl_text, bar.update)
-    ppl_head = f" {'perplexity':>11}" if ppl_text else ""
-    click.echo(f"{'model':<40} {'harmful refused':>16} {'harmless refused':>17} {'KL vs base':>11}{ppl_head}")
+        reports = evaluate(models, bad, good, get_scorer("markers", markers=marks), settings, bar.update)
+    extra = (f" {'KL@' + str(kl_tokens):>8}" if kl_tokens > 1 else "") + (f" {'tasks':>6}" if tasks else "") + \
+        (f" {'perplexity':>11}" if settings.ppl_text else "")
+    click.echo(f"{'model':<40} {'harmful refused':>16} {'harmless refused':>17} {'degenerate':>11} "
+               f"{'unfinished':>10} {'KL vs base':>11}{extra}")
     for r in reports:
         kl = "-" if r.kl_vs_base is None else f"{r.kl_vs_base:.4f}"
-        ppl = f" {r.perplexity:11.3f}" if r.perplexity is not None else ""
+        cols = ""
+        if kl_tokens > 1:
+            cols += f" {'-' if r.kl_multi_vs_base is None else f'{r.kl_multi_vs_base:.4f}':>8}"
+        if tasks:
+            cols += f" {r.task_accuracy:6.0%}"
+        if settings.ppl_text:
+            cols += f" {r.perplexity:11.3f}"
+        degenerate = f"{r.harmful_labels[Label.DEGENERATE.value]}+{r.harmless_degenerate}"
         click.echo(f"{Path(r.path).name[:40]:<40} {r.harmful_refusals:>7}/{r.harmful_total:<8} "
-                   f"{r.harmless_refusals:>8}/{r.harmless_total:<8} {kl:>11}{ppl}")
+                   f"{r.harmless_refusals:>8}/{r.harmless_total:<8} {degenerate:>11} "
+                   f"{r.unfinished:>4}/{r.harmful_total + r.harmless_total:<5} {kl:>11}{cols}")
+    click.echo(f"(degenerate: harmful+harmless answers that loop or fill, by the rules in evaluate/degenerate.py; "
+               f"unfinished: no end within {max_tokens} tokens)")
     for r in reports:
         for prompt, answer in list(zip(bad, r.harmful_responses))[:samples]:
             click.echo(f"\n[{Path(r.path).name}] {prompt}\n  -> {answer[:200]!r}")
     if json_path:
-        settings = {"max_tokens": max_tokens, "markers": list(marks), "greedy": True}
-        json_path.write_text(json.dumps(to_json(reports, bad, good, settings), indent=1))
+        meta = {"max_tokens": max_tokens, "markers": list(marks), "greedy": True, "kl_tokens": kl_tokens,
+                "tasks": [{"kind": t.kind, "prompt": t.prompt, "answer": t.answer} for t in settings.tasks]}
+        json_path.write_text(json.dumps(to_json(reports, bad, good, meta), indent=1))
 
 
 @click.command("eval")
@@ -62,12 +83,18 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
 @click.option("--ppl", "ppl_path", type=click.Path(path_type=Path), help="Also measure perplexity on this text file.")
 @click.option("--samples", type=click.IntRange(min=0), default=2, show_default=True,
               help="Responses to print per model.")
+@click.option("--kl-tokens", type=int, default=1, show_default=True,
+              help="Also KL averaged over the base's first K greedy tokens of each harmless answer (teacher-forced).")
+@click.option("--tasks", type=int, default=0, show_default=True,
+              help="Also ask this many generated exact-answer questions (arithmetic, code tracing) and score them.")
+@click.option("--task-seed", type=int, default=0, show_default=True, help="Seed of the generated questions.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def command(models: tuple[Path, ...], harmful: Path | None, harmless: Path | None, limit: int | None,
             max_tokens: int, markers: Path | None, json_path: Path | None, ppl_path: Path | None, samples: int,
-            quiet: bool) -> None:
+            kl_tokens: int, tasks: int, task_seed: int, quiet: bool) -> None:
     """Compare models: refusals on harmful prompts, over-refusal on harmless ones, and the
     first-token KL divergence KL(BASE || model) on harmless prompts."""
     evaluate_models(models, harmful=harmful, harmless=harmless, limit=limit, max_tokens=max_tokens,
-                    markers=markers, json_path=json_path, ppl_path=ppl_path, samples=samples, quiet=quiet)
+                    markers=markers, json_path=json_path, ppl_path=ppl_path, samples=samples, kl_tokens=kl_tokens,
+                    tasks=tasks, task_seed=task_seed, quiet=quiet)

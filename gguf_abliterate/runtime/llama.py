@@ -17,6 +17,7 @@ import ctypes
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -28,6 +29,16 @@ from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.small import write_lora_adapter
 from gguf_abliterate.portable import available_cores
 from gguf_abliterate.runtime.library import Ggml, load_llama_cpp
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One greedy answer: its text, its tokens, and whether it ended (end-of-generation token)
+    within the budget."""
+
+    text: str
+    tokens: list[int]
+    finished: bool
 
 
 class LlamaModel:
@@ -316,14 +327,20 @@ class LlamaModel:
                progress: Callable[[int], None] = lambda n: None) -> list[str]:
         """Greedy answers, several sequences per decode, each up to `max_tokens` tokens or its
         end-of-generation token."""
-        return [_detokenize(self.ll, self.vocab, a) for a in self.greedy_tokens(prompts, max_tokens, progress)]
+        return [a.text for a in self.greedy_answers(prompts, max_tokens, progress)]
 
     def greedy_tokens(self, prompts: Sequence[str], max_tokens: int,
                       progress: Callable[[int], None] = lambda n: None) -> list[list[int]]:
         """The tokens of `greedy`."""
+        return [a.tokens for a in self.greedy_answers(prompts, max_tokens, progress)]
+
+    def greedy_answers(self, prompts: Sequence[str], max_tokens: int,
+                       progress: Callable[[int], None] = lambda n: None) -> list[Answer]:
+        """`greedy` with the tokens, and whether each answer ended within the budget."""
         ll = self.ll
         encoded = self.encode(prompts)
         answers: list[list[int]] = [[] for _ in prompts]
+        finished: set[int] = set()
         prefix = self._shared_prefix(encoded)
         for idx in self._batches(encoded, prefix, reserve=max_tokens):
             rows = self._decode([encoded[i] for i in idx], prefix)
@@ -335,6 +352,7 @@ class LlamaModel:
                                                               shape=(self.n_vocab,))))
                     if ll.llama_vocab_is_eog(self.vocab, tok):
                         del live[i]
+                        finished.add(i)
                         continue
                     answers[i].append(tok)
                     step.append((i, seq_id, tok))
@@ -344,7 +362,7 @@ class LlamaModel:
                                    for i, seq_id, tok in step])
                 live = {i: (seq_id, int(rows[k])) for k, (i, seq_id, _) in enumerate(step)}
             progress(len(idx))
-        return answers
+        return [Answer(_detokenize(ll, self.vocab, a), a, i in finished) for i, a in enumerate(answers)]
 
 
 def common_prefix(encoded: list[list[int]]) -> int:
