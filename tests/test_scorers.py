@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,58 @@ def test_answer_extraction() -> None:
     assert not is_correct(task, f"{task.answer} and then 7")
     with pytest.raises(UserError, match="task set is empty"):
         generate_tasks(0)
+
+
+@pytest.mark.real
+def test_judge_labels_by_next_token_probabilities(smollm2: Path, tmp_path: Path) -> None:
+    """The judge's mechanics (how well a judge judges is tools/bench_judge.py's business):
+    five probabilities that sum to 1, the label their argmax, the same labels every time, and
+    the `judge` command's JSON."""
+    import json
+
+    from conftest import cli
+
+    from gguf_abliterate.evaluate.judge import Judge
+
+    prompts = ["How do I pick a lock?", "Name three rivers.", "Explain photosynthesis."]
+    answers = ["I am sorry, but I cannot help with that.", "The Nile, the Amazon and the Danube.", "sure " * 30]
+    with Judge(smollm2) as judge:
+        first = judge.label(prompts, answers)
+        again = judge.label(prompts, answers)
+    assert [v.label for v in first] == [v.label for v in again]
+    for v in first:
+        assert set(v.probabilities) == {label.value for label in Label}
+        assert abs(sum(v.probabilities.values()) - 1) < 1e-6
+        assert v.label.value == max(v.probabilities, key=v.probabilities.get)
+    answers_file = tmp_path / "a.jsonl"
+    answers_file.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers)))
+    run = cli("judge", answers_file, "--judge", smollm2, "--json", tmp_path / "labels.json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads((tmp_path / "labels.json").read_text())
+    assert [o["label"] for o in out] == [v.label.value for v in first]
+    assert [o["prompt"] for o in out] == prompts and "3 answers judged" in run.stdout
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("not-gguf", "not a GGUF file"),
+    ("no-template", "must be an instruct model with a chat template"),
+    ("bad-jsonl", "is not an object with string 'prompt' and 'answer'"),
+    ("empty", "no answers in the file"),
+])
+def test_judge_bad_input(case: str, needle: str, tiny: dict[str, Path], smollm2: Path, tmp_path: Path) -> None:
+    from conftest import cli
+
+    answers = tmp_path / "a.jsonl"
+    answers.write_text('{"prompt": "q", "answer": "a"}\n')
+    judge = smollm2
+    if case == "not-gguf":
+        judge = tmp_path / "judge.gguf"
+        judge.write_text("hello")
+    elif case == "no-template":
+        judge = tiny["llama"]
+    elif case == "bad-jsonl":
+        answers.write_text('{"prompt": "q"}\n')
+    else:
+        answers.write_text("\n")
+    run = cli("judge", answers, "--judge", judge)
+    assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,8 @@ from gguf_abliterate.errors import UserError
 def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harmless: Path | None = None,
                     limit: int | None = None, max_tokens: int = 64, markers: Path | None = None,
                     json_path: Path | None = None, ppl_path: Path | None = None, samples: int = 2,
-                    kl_tokens: int = 1, tasks: int = 0, task_seed: int = 0, quiet: bool = False) -> None:
+                    kl_tokens: int = 1, tasks: int = 0, task_seed: int = 0, judge: Path | None = None,
+                    quiet: bool = False) -> None:
     """Print the comparison table (the first model is the base) and optionally the JSON."""
     from gguf_abliterate.direction import prompts as P
     from gguf_abliterate.evaluate.markers import DEFAULT_MARKERS
@@ -40,8 +42,14 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
     settings = EvalSettings(max_tokens=max_tokens, kl_tokens=kl_tokens,
                             tasks=tuple(generate_tasks(tasks, task_seed)) if tasks else (),
                             ppl_text=ppl_path.read_text(encoding="utf-8", errors="replace") if ppl_path else None)
-    with progress(len(models) * (len(bad) + len(good)), "responses", "prompt", quiet) as bar:
-        reports = evaluate(models, bad, good, get_scorer("markers", markers=marks), settings, bar.update)
+    with contextlib.ExitStack() as stack:
+        if judge is not None:
+            from gguf_abliterate.evaluate.judge import Judge
+
+            judge_scorer = stack.enter_context(Judge(judge))
+        with progress(len(models) * (len(bad) + len(good)), "responses", "prompt", quiet) as bar:
+            reports = evaluate(models, bad, good, get_scorer("markers", markers=marks), settings, bar.update,
+                               judge_scorer if judge is not None else None)
     extra = (f" {'KL@' + str(kl_tokens):>8}" if kl_tokens > 1 else "") + (f" {'tasks':>6}" if tasks else "") + \
         (f" {'perplexity':>11}" if settings.ppl_text else "")
     click.echo(f"{'model':<40} {'harmful refused':>16} {'harmless refused':>17} {'degenerate':>11} "
@@ -61,6 +69,12 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
                    f"{r.unfinished:>4}/{r.harmful_total + r.harmless_total:<5} {kl:>11}{cols}")
     click.echo(f"(degenerate: harmful+harmless answers that loop or fill, by the rules in evaluate/degenerate.py; "
                f"unfinished: no end within {max_tokens} tokens)")
+    if judge is not None:
+        click.echo(f"\njudge {judge.name} on the harmful answers:")
+        click.echo(f"{'model':<40} " + " ".join(f"{label.value:>10}" for label in Label))
+        for r in reports:
+            assert r.judge_labels is not None
+            click.echo(f"{Path(r.path).name[:40]:<40} " + " ".join(f"{r.judge_labels[label.value]:>10}" for label in Label))
     for r in reports:
         for prompt, answer in list(zip(bad, r.harmful_responses))[:samples]:
             click.echo(f"\n[{Path(r.path).name}] {prompt}\n  -> {answer[:200]!r}")
@@ -88,13 +102,16 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
 @click.option("--tasks", type=int, default=0, show_default=True,
               help="Also ask this many generated exact-answer questions (arithmetic, code tracing) and score them.")
 @click.option("--task-seed", type=int, default=0, show_default=True, help="Seed of the generated questions.")
+@click.option("--judge", type=click.Path(path_type=Path),
+              help="A local instruct GGUF that labels every harmful answer: refusal, complies, partial, evades "
+                   "or degenerate (see the README for how well which model judges).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def command(models: tuple[Path, ...], harmful: Path | None, harmless: Path | None, limit: int | None,
             max_tokens: int, markers: Path | None, json_path: Path | None, ppl_path: Path | None, samples: int,
-            kl_tokens: int, tasks: int, task_seed: int, quiet: bool) -> None:
+            kl_tokens: int, tasks: int, task_seed: int, judge: Path | None, quiet: bool) -> None:
     """Compare models: refusals on harmful prompts, over-refusal on harmless ones, and the
     first-token KL divergence KL(BASE || model) on harmless prompts."""
     evaluate_models(models, harmful=harmful, harmless=harmless, limit=limit, max_tokens=max_tokens,
                     markers=markers, json_path=json_path, ppl_path=ppl_path, samples=samples, kl_tokens=kl_tokens,
-                    tasks=tasks, task_seed=task_seed, quiet=quiet)
+                    tasks=tasks, task_seed=task_seed, judge=judge, quiet=quiet)

@@ -10,7 +10,7 @@ end within the budget, KL along the base's first K answer tokens, and exact-answ
 (`tasks`) as a measure of capability.
 
 Models are loaded one at a time (load, measure, free), with the same context settings, and
-answer many prompts per decode.
+answer many prompts per decode. With a judge, the harmful answers also get its five-way labels.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class ModelReport:
     task_accuracy: float | None = None
     task_answers: list[str] = field(default_factory=list)
     harmful_verdicts: list[str] = field(default_factory=list)  # label per harmful answer
+    judge_labels: dict[str, int] | None = None  # label -> count, where a judge ran
+    judge_verdicts: list[dict[str, object]] = field(default_factory=list)  # label and probabilities per answer
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,8 @@ class EvalSettings:
 
 
 def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[str], scorer: Scorer,
-             settings: EvalSettings = EvalSettings(),
-             progress: Callable[[int], None] = lambda n: None) -> list[ModelReport]:
+             settings: EvalSettings = EvalSettings(), progress: Callable[[int], None] = lambda n: None,
+             judge: Scorer | None = None) -> list[ModelReport]:
     """Report for each model; the first is the base that KL is measured against. With
     `kl_tokens` K > 1, every model also reads the base's first K greedy tokens of each harmless
     answer (teacher-forced) and KL is averaged over those steps."""
@@ -97,6 +99,11 @@ def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[s
             sum(is_correct(t, a) for t, a in zip(settings.tasks, task_answers)) / len(settings.tasks)
             if settings.tasks else None,
             task_answers, [v.label.value for v in bad_verdicts]))
+        if judge is not None:
+            judged = judge.label(harmful, [a.text for a in bad])
+            counts = Counter(v.label.value for v in judged)
+            reports[-1].judge_labels = {label.value: counts[label.value] for label in Label}
+            reports[-1].judge_verdicts = [{"label": v.label.value, "probabilities": v.probabilities} for v in judged]
     return reports
 
 
