@@ -141,3 +141,22 @@ def test_judge_bad_input(case: str, needle: str, tiny: dict[str, Path], smollm2:
         answers.write_text("\n")
     run = cli("judge", answers, "--judge", judge)
     assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr
+
+
+def test_labelled_set_and_marker_agreement() -> None:
+    """The project's labelled answers: 200+, every class, no compliant answer to a harmful
+    request; markers agree on refusals and miss every dodge and hedge, as expected."""
+    from gguf_abliterate.direction import prompts as P
+    from gguf_abliterate.evaluate.labelled import agreement, load_labelled
+
+    answers = load_labelled()
+    assert len(answers) >= 200
+    bad, good = P.default_prompts("validation")
+    assert all(a.prompt in (bad if a.set == "harmful" else good) for a in answers)
+    assert {a.label for a in answers if a.set == "harmless"} == set(Label)
+    assert {a.label for a in answers if a.set == "harmful"} == set(Label) - {Label.COMPLIES}
+    result = agreement(get_scorer("markers"), answers)
+    cells = {k: agreed / n for k, (agreed, n) in result.per_class.items()}
+    assert cells[("harmful", Label.PARTIAL)] == 0 and cells[("harmful", Label.EVADES)] == 0
+    assert cells[("harmful", Label.REFUSAL)] >= 0.8 and cells[("harmless", Label.COMPLIES)] >= 0.9
+    assert sum(result.confusion.values()) == len(answers)
