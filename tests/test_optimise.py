@@ -193,6 +193,15 @@ def test_plain_direction_has_no_trials(tiny: dict[str, Path], tmp_path: Path) ->
     assert run.returncode != 0 and "holds no search trials" in run.stderr
 
 
+@pytest.mark.real
+def test_optimise_confirms_with_a_judge(tiny: dict[str, Path], smollm2: Path, tmp_path: Path) -> None:
+    """--judge: the front is confirmed by the judge's labels, and the pick rule says so."""
+    out = tmp_path / "edit.safetensors"
+    run = cli("optimise", tiny["llama-nobias"], "-o", out, "--trials", "3", "--judge", smollm2, *FAST)
+    assert run.returncode == 0, run.stderr
+    assert f"judge {smollm2.name}" in load_direction(out).metadata["pick_rule"]
+
+
 def test_optimise_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
     """The real search on a tiny model: a result file that bakes, every trial recorded, the
     study stored beside it and resumable; and the clean errors around it."""

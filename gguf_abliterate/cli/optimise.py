@@ -123,6 +123,9 @@ def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_re
 @click.option("--patience", type=click.IntRange(min=1), default=D.patience, show_default=True,
               help="Stop when the best edit has not improved for this many trials.")
 @click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--judge", type=click.Path(path_type=Path),
+              help="Confirm the front with this local instruct GGUF as a judge instead of refusal markers "
+                   "(slower: one more model and a pass per answer).")
 @click.option("--fix", multiple=True, metavar="NAME=VALUE",
               help="Fix a parameter instead of searching it (repeatable): direction_index=12.5 or per-block, "
                    "orthogonal=true, attn.peak=1, attn.position, attn.edge, attn.width, mlp.* (mlp.peak=0 "
@@ -132,8 +135,8 @@ def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_re
 @user_errors
 def command(model_path: Path, output: Path | None, trials: int, minutes: float, resume: bool, storage: str | None,
             join: str | None, measured: Path | None, startup_trials: int, score_prompts: int, kl_tokens: int, max_refusals: float,
-            confirm: int, confirm_tokens: int, patience: int, seed: int, fix: tuple[str, ...], force: bool,
-            quiet: bool) -> None:
+            confirm: int, confirm_tokens: int, patience: int, seed: int, judge: Path | None, fix: tuple[str, ...],
+            force: bool, quiet: bool) -> None:
     """Search the edit for MODEL on CPU: per-block directions (blended between neighbouring
     blocks, or each block its own, optionally orthogonal to the harmless mean) and per-block
     strengths of the attention and MLP edits, against two objectives, refusal on harmful
@@ -144,6 +147,6 @@ def command(model_path: Path, output: Path | None, trials: int, minutes: float, 
     settings = SearchSettings(trials=trials, minutes=minutes, startup_trials=startup_trials,
                               score_prompts=score_prompts, kl_tokens=kl_tokens, max_refusals=max_refusals,
                               confirm=confirm, confirm_tokens=confirm_tokens, patience=patience, seed=seed,
-                              fixed=parse_fixed(fix))
+                              fixed=parse_fixed(fix), judge=judge)
     optimise_model(model_path, output, settings=settings, storage=storage, resume=resume, join=join,
                    measured=measured, force=force, quiet=quiet)

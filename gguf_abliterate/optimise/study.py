@@ -10,7 +10,8 @@
    Ctrl-C (finished trials are kept).
 3. Pick: the Pareto front's trials whose refusal ratio is at most CONFIRM_MAX_RATIO, lowest
    KL first, are confirmed by greedy answers to harmful prompts the objectives never saw,
-   counted by markers; the pick is the first whose refusals are at most `max_refusals`
+   counted by markers (or labelled by a judge model: slower, and it sees refusals markers
+   miss); the pick is the first whose refusals are at most `max_refusals`
    percent of the original model's on the same prompts (or, if none is, the one with the
    fewest, then the lowest KL).
 """
@@ -32,7 +33,8 @@ from gguf_abliterate.direction.file import save_schedule
 from gguf_abliterate.direction.measure import difference_of_means
 from gguf_abliterate.edit.schedule import Component, EditParams, resolve
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.evaluate.markers import is_refusal
+from gguf_abliterate.evaluate.judge import Judge
+from gguf_abliterate.evaluate.scorers import Label, Scorer, get_scorer
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.optimise.adapter import TrialAdapters
 from gguf_abliterate.optimise.scorer import Scorer
@@ -57,6 +59,7 @@ class SearchSettings:
     patience: int = 30
     seed: int = 0
     fixed: dict[str, Any] = field(default_factory=dict)
+    judge: Path | None = None  # confirm the front with this judge model instead of markers
 
 
 @dataclass
@@ -167,6 +170,7 @@ class Search:
             bad, good = P.default_prompts("validation")
             n = settings.score_prompts
             self.confirm_prompts = bad[n:]
+            self.confirmer: Scorer = get_scorer("markers") if settings.judge is None else Judge(settings.judge)
             say(f"scoring the original on {n} harmful and {n} harmless validation prompts")
             self.scorer = Scorer(self.llama, bad[:n], good[:n], settings.kl_tokens)
         except BaseException:
@@ -180,6 +184,8 @@ class Search:
         return stats.directions, stats.harmless_mean
 
     def close(self) -> None:
+        if isinstance(getattr(self, "confirmer", None), Judge):
+            self.confirmer.close()
         self.llama.close()
 
     # -- trials -----------------------------------------------------------------------------
@@ -252,7 +258,8 @@ class Search:
         return sorted(out, key=lambda r: r.number)
 
     def confirm(self, record: TrialRecord | None) -> int:
-        """Greedy answers to the confirmation prompts, counted by markers (None: the original)."""
+        """Greedy answers to the confirmation prompts, the refusals among them counted by
+        markers, or by the judge if the settings name one (None: the original)."""
         if record is not None:
             schedule = resolve(EditParams.from_dict(record.params), self.per_block, self.harmless_means)
             self.llama.set_adapter(self.adapters.pieces(schedule))
@@ -260,7 +267,8 @@ class Search:
             answers = self.llama.greedy(self.confirm_prompts, self.settings.confirm_tokens)
         finally:
             self.llama.set_adapter(None)
-        return sum(is_refusal(a) for a in answers)
+        verdicts = self.confirmer.label(self.confirm_prompts, answers)
+        return sum(v.label is Label.REFUSAL for v in verdicts)
 
     def pick(self, records: list[TrialRecord], confirm: bool = True) -> tuple[TrialRecord | None, int | None,
                                                                               list[TrialRecord]]:
@@ -300,7 +308,8 @@ class Search:
         metadata = {**{k: str(v) for k, v in model_identity(self.meta).items()},
                     "model": model_identity(self.meta)["name"], "method": schedule.method.value,
                     "pick_rule": "unconfirmed (interrupted): lowest KL on the front" if original is None else
-                                 f"lowest KL among front trials whose greedy refusals on "
+                                 f"lowest KL among front trials whose greedy refusals "
+                                 f"({'markers' if self.settings.judge is None else 'judge ' + self.settings.judge.name}) on "
                                  f"{len(self.confirm_prompts)} unseen harmful prompts are at most "
                                  f"{self.settings.max_refusals:g}% of the original's ({original})",
                     "original_refusals": "" if original is None else str(original),
