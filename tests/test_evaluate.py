@@ -102,3 +102,16 @@ def test_multi_token_kl_and_tasks(smollm2: Path, tmp_path: Path) -> None:
 def test_eval_bad_measures(args: list[str], needle: str, tiny: dict[str, Path]) -> None:
     run = cli("eval", tiny["llama"], *args)
     assert run.returncode != 0 and needle in run.stderr and "Traceback" not in run.stderr
+
+
+def test_builtin_perplexity_text(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """--ppl builtin: the shipped text (prose and code written for the project) is measured."""
+    from importlib.resources import files
+
+    text = files("gguf_abliterate").joinpath("data", "perplexity.txt").read_text(encoding="utf-8")
+    assert len(text.encode()) > 15_000 and "def " in text and "The Lighthouse Keeper" in text
+    run = cli("eval", tiny["llama"], "-n", "1", "--max-tokens", "2", "--ppl", "builtin", "--json", tmp_path / "r.json",
+              "-q")
+    assert run.returncode == 0, run.stderr
+    ppl = json.loads((tmp_path / "r.json").read_text())["models"][0]["perplexity"]
+    assert np.isfinite(ppl) and ppl > 1

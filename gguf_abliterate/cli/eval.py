@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from importlib.resources import files
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import click
 
 from gguf_abliterate.cli.common import progress, user_errors
 from gguf_abliterate.errors import UserError
+
+BUILTIN_TEXT = "builtin"
 
 
 def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harmless: Path | None = None,
@@ -37,11 +40,15 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
     good = P.load_prompts(harmless) if harmless else good
     bad, good = bad[:limit], good[:limit]
     marks = tuple(m.lower() for m in P.load_prompts(markers)) if markers else DEFAULT_MARKERS
-    if ppl_path is not None and not ppl_path.is_file():
-        raise UserError(f"{ppl_path}: no such text file")
+    ppl_text = None
+    if ppl_path is not None and str(ppl_path) == BUILTIN_TEXT:
+        ppl_text = files("gguf_abliterate").joinpath("data", "perplexity.txt").read_text(encoding="utf-8")
+    elif ppl_path is not None:
+        if not ppl_path.is_file():
+            raise UserError(f"{ppl_path}: no such text file")
+        ppl_text = ppl_path.read_text(encoding="utf-8", errors="replace")
     settings = EvalSettings(max_tokens=max_tokens, kl_tokens=kl_tokens,
-                            tasks=tuple(generate_tasks(tasks, task_seed)) if tasks else (),
-                            ppl_text=ppl_path.read_text(encoding="utf-8", errors="replace") if ppl_path else None)
+                            tasks=tuple(generate_tasks(tasks, task_seed)) if tasks else (), ppl_text=ppl_text)
     with contextlib.ExitStack() as stack:
         if judge is not None:
             from gguf_abliterate.evaluate.judge import Judge
@@ -94,7 +101,9 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
 @click.option("--markers", type=click.Path(path_type=Path),
               help="Refusal markers, one per line (matched lower-case near the start of a response).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write everything, per prompt, here.")
-@click.option("--ppl", "ppl_path", type=click.Path(path_type=Path), help="Also measure perplexity on this text file.")
+@click.option("--ppl", "ppl_path", type=click.Path(path_type=Path),
+              help="Also measure perplexity on this text file, or on 'builtin': prose and code written for the "
+                   "project (17 KB, shipped).")
 @click.option("--samples", type=click.IntRange(min=0), default=2, show_default=True,
               help="Responses to print per model.")
 @click.option("--kl-tokens", type=int, default=1, show_default=True,
