@@ -9,7 +9,7 @@
    after `minutes`, when the provisional pick has not improved for `patience` trials, or at
    Ctrl-C (finished trials are kept).
 3. Pick: the Pareto front's trials whose refusal ratio is at most CONFIRM_MAX_RATIO, lowest
-   KL first, are confirmed by greedy answers to harmful prompts the objectives never saw,
+   KL first, are confirmed by greedy answers to every harmful validation prompt,
    counted by markers (or labelled by a judge model: slower, and it sees refusals markers
    miss); the pick is the first whose refusals are at most `max_refusals`
    percent of the original model's on the same prompts (or, if none is, the one with the
@@ -169,7 +169,9 @@ class Search:
                 say(f"note: trials leave the writers' biases ({len(self.adapters.biased)}) unedited; baking edits them")
             bad, good = P.default_prompts("validation")
             n = settings.score_prompts
-            self.confirm_prompts = bad[n:]
+            # every harmful validation prompt, the scored ones too: a first-token score on a prompt
+            # does not promise a complying answer to it (a pick once kept refusing one of them)
+            self.confirm_prompts = bad
             self.confirmer: Scorer = get_scorer("markers") if settings.judge is None else Judge(settings.judge)
             say(f"scoring the original on {n} harmful and {n} harmless validation prompts")
             self.scorer = Scorer(self.llama, bad[:n], good[:n], settings.kl_tokens)
@@ -310,7 +312,7 @@ class Search:
                     "pick_rule": "unconfirmed (interrupted): lowest KL on the front" if original is None else
                                  f"lowest KL among front trials whose greedy refusals "
                                  f"({'markers' if self.settings.judge is None else 'judge ' + self.settings.judge.name}) on "
-                                 f"{len(self.confirm_prompts)} unseen harmful prompts are at most "
+                                 f"{len(self.confirm_prompts)} harmful validation prompts are at most "
                                  f"{self.settings.max_refusals:g}% of the original's ({original})",
                     "original_refusals": "" if original is None else str(original),
                     "confirm_prompts": str(len(self.confirm_prompts)),
