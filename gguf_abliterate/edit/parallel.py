@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import Any
 
 from gguf_abliterate.gguf_io import Model
-from gguf_abliterate.portable import available_cores
 
 _worker_model: Model | None = None
 _BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

@@ -34,7 +34,7 @@ class Score:
         return self.refusal, (1.0 + self.refusal) if self.kl is None else self.kl
 
 
-class Scorer:
+class TrialScorer:
     """A loaded model, its validation prompts and the unedited model's answers to them."""
 
     def __init__(self, model: LlamaModel, harmful: Sequence[str], harmless: Sequence[str], kl_tokens: int = 1):

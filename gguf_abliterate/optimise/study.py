@@ -37,7 +37,7 @@ from gguf_abliterate.evaluate.judge import Judge
 from gguf_abliterate.evaluate.scorers import Label, Scorer, get_scorer
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.optimise.adapter import TrialAdapters
-from gguf_abliterate.optimise.scorer import Scorer
+from gguf_abliterate.optimise.scorer import TrialScorer
 from gguf_abliterate.optimise.space import suggest
 from gguf_abliterate.runtime.llama import LlamaModel
 
@@ -174,7 +174,7 @@ class Search:
             self.confirm_prompts = bad
             self.confirmer: Scorer = get_scorer("markers") if settings.judge is None else Judge(settings.judge)
             say(f"scoring the original on {n} harmful and {n} harmless validation prompts")
-            self.scorer = Scorer(self.llama, bad[:n], good[:n], settings.kl_tokens)
+            self.scorer = TrialScorer(self.llama, bad[:n], good[:n], settings.kl_tokens)
         except BaseException:
             self.llama.close()
             raise
