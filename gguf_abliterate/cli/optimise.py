@@ -121,7 +121,7 @@ def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_re
 @click.option("--confirm-tokens", type=click.IntRange(min=1), default=D.confirm_tokens, show_default=True,
               help="Greedy tokens per confirmation answer (refusals show in the opening).")
 @click.option("--patience", type=click.IntRange(min=1), default=D.patience, show_default=True,
-              help="Stop when the best edit has not improved for this many trials.")
+              help="Stop when the front of candidate edits (refusal ratio <= 0.3) has not moved for this many trials.")
 @click.option("--seed", type=int, default=D.seed, show_default=True)
 @click.option("--judge", type=click.Path(path_type=Path),
               help="Confirm the front with this local instruct GGUF as a judge instead of refusal markers "

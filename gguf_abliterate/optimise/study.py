@@ -6,8 +6,8 @@
 2. Search: multivariate TPE over two objectives (`scorer`), random for the first
    `startup_trials`. Each trial runs as a rank-1 adapter (`adapter`): no tensor is
    requantized. The search stops at `trials` finished trials (counted over all workers),
-   after `minutes`, when the provisional pick has not improved for `patience` trials, or at
-   Ctrl-C (finished trials are kept).
+   after `minutes`, when the front of candidates (what the pick is made from) has not moved
+   for `patience` trials, or at Ctrl-C (finished trials are kept).
 3. Pick: the Pareto front's trials whose refusal ratio is at most CONFIRM_MAX_RATIO, lowest
    KL first, are confirmed by greedy answers to every harmful validation prompt,
    counted by markers (or labelled by a judge model: slower, and it sees refusals markers
@@ -202,7 +202,7 @@ class Search:
         """Run trials until a stop rule; returns how many this process finished."""
         optuna = _optuna()
         s = self.settings
-        start, done, best, since = time.monotonic(), 0, float("inf"), 0
+        start, done, since = time.monotonic(), 0, 0
         with self.progress(total=s.trials, desc="trials", unit="trial", initial=self._finished()) as bar:
             while len(self._alive()) < s.trials and time.monotonic() - start < 60 * s.minutes:
                 trial = self.study.ask()
@@ -224,16 +224,21 @@ class Search:
                 self.study.tell(trial, list(score.objectives))
                 done += 1
                 bar.update(1)
-                provisional = score.kl if score.kl is not None and score.refusal <= CONFIRM_MAX_RATIO else None
-                if provisional is not None and provisional < best:
-                    best, since = provisional, 0
-                    bar.set_postfix(best_kl=f"{best:.4f}", refusal=f"{score.refusal:.2f}")
+                if self._moves_the_front(trial.number):
+                    since = 0
+                    bar.set_postfix(front_kl=f"{score.kl:.4f}", refusal=f"{score.refusal:.2f}")
                 else:
                     since += 1
                 if trial.number >= s.startup_trials and since >= s.patience:
-                    self.say(f"the best edit has not improved for {s.patience} trials: stopping")
+                    self.say(f"the front of candidates has not moved for {s.patience} trials: stopping")
                     break
         return done
+
+    def _moves_the_front(self, number: int) -> bool:
+        """Whether trial `number` is a candidate (refusal at most CONFIRM_MAX_RATIO) that no other
+        finished candidate beats on both objectives: the front the pick is made from moved."""
+        candidates = [r for r in self.records() if r.kl is not None and r.refusal <= CONFIRM_MAX_RATIO]
+        return any(r.number == number for r in pareto_front(candidates))
 
     def _finished(self) -> int:
         optuna = _optuna()
