@@ -53,7 +53,7 @@ class SearchSettings:
     startup_trials: int = 20
     score_prompts: int = 24  # harmful and harmless validation prompts each trial is scored on
     kl_tokens: int = 1
-    max_refusals: float = 2.0  # pick rule: percent of the original's confirmed refusals
+    max_refusals: float = 0.0  # pick rule: percent of the original's confirmed refusals
     confirm: int = 6  # front trials confirmed by generation, at most
     confirm_tokens: int = 24
     patience: int = 30
