@@ -138,9 +138,12 @@ class Search:
         self.llama = LlamaModel(model_path, n_batch=4096, n_seq=64)
         try:
             if create:
-                self.study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
-                                                 directions=["minimize", "minimize"],
-                                                 sampler=optuna.samplers.TPESampler(**sampler_args))
+                try:
+                    self.study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
+                                                     directions=["minimize", "minimize"],
+                                                     sampler=optuna.samplers.TPESampler(**sampler_args))
+                except optuna.exceptions.DuplicatedStudyError:
+                    raise UserError(f"{url} already holds a study: --resume to continue it") from None
                 per_block, harmless_means = self._measure() if measured is None else _measured(measured, self.meta)
                 self.study.set_user_attr("model", identity)
                 self.study.set_user_attr("basis", {"per_block": _encode(per_block),
