@@ -217,6 +217,9 @@ def test_optimise_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
     resumed = cli("optimise", model, "-o", out, "--trials", "7", "--resume", "--force", *FAST)
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(t["number"] for t in load_direction(out).trials) == list(range(7))
+    taken = cli("optimise", model, "-o", tmp_path / "y.safetensors", "--storage",
+                f"sqlite:///{tmp_path / 'edit.study.db'}?timeout=5", *FAST)  # a URL the file check misses
+    assert taken.returncode != 0 and "already holds a study" in taken.stderr and "Traceback" not in taken.stderr
     foreign = cli("optimise", tiny["qwen2"], "-o", tmp_path / "x.safetensors", "--storage",
                   f"sqlite:///{tmp_path / 'edit.study.db'}", "--resume", *FAST)
     assert foreign.returncode != 0 and "made for another model" in foreign.stderr
