@@ -8,10 +8,10 @@
    requantized. The search stops at `trials` finished trials (counted over all workers),
    after `minutes`, when the front of candidates (what the pick is made from) has not moved
    for `patience` trials, or at Ctrl-C (finished trials are kept).
-3. Pick: the Pareto front's trials whose refusal ratio is at most CONFIRM_MAX_RATIO, lowest
-   KL first, are confirmed by greedy answers to every harmful validation prompt,
+3. Pick: among the Pareto front's trials whose refusal ratio is at most CONFIRM_MAX_RATIO, a
+   bisection by KL confirms trials by greedy answers to every harmful validation prompt,
    counted by markers (or labelled by a judge model: slower, and it sees refusals markers
-   miss); the pick is the first whose refusals are at most `max_refusals`
+   miss), to find the lowest-KL one whose refusals are at most `max_refusals`
    percent of the original model's on the same prompts (or, if none is, the one with the
    fewest, then the lowest KL).
 """
@@ -283,30 +283,49 @@ class Search:
     def pick(self, records: list[TrialRecord], confirm: bool = True) -> tuple[TrialRecord | None, int | None,
                                                                               list[TrialRecord]]:
         """(the pick, the original's confirmed refusals, the Pareto front). Without `confirm`
-        (after Ctrl-C) the lowest-KL candidate, unconfirmed."""
+        (after Ctrl-C) the lowest-KL candidate, unconfirmed.
+
+        Along the front, by KL, the refusal ratio only falls, so whether a trial passes the
+        confirmation is (nearly) monotone: a bisection finds the lowest-KL trial that passes in
+        about log2(n) confirmations, at most `confirm` of them.
+        """
         front = pareto_front(records)
         candidates = sorted((r for r in front if r.refusal <= CONFIRM_MAX_RATIO and r.kl is not None),
-                            key=lambda r: r.kl or 0.0)[: self.settings.confirm]
+                            key=lambda r: r.kl or 0.0)
         if not candidates and front:
             candidates = front[:1]  # sorted by refusal: the trial that removed the most
             self.say(f"note: no trial brought the refusal mass under {CONFIRM_MAX_RATIO:g} of the original's "
                      f"(does the model refuse at all?); taking the one with the least")
         if not candidates or not confirm:
             return (candidates[0] if candidates else None), None, front
-        with self.progress(total=len(candidates) + 1, desc="confirming the front", unit="trial") as bar:
+        budget = min(self.settings.confirm, len(candidates))
+        with self.progress(total=budget + 1, desc="confirming the front", unit="trial") as bar:
             original = self.confirm(None)
             bar.update(1)
             allowed = self.settings.max_refusals / 100 * original
+
+            def passes(r: TrialRecord) -> bool:
+                if r.confirmed_refusals is None:
+                    r.confirmed_refusals = self.confirm(r)
+                    bar.update(1)
+                return r.confirmed_refusals <= allowed
+
+            # the lowest-refusal end first: if even it fails, no candidate passes
+            lo, hi, used = 0, len(candidates) - 1, 0
             chosen = None
-            for r in candidates:
-                r.confirmed_refusals = self.confirm(r)
-                bar.update(1)
-                if r.confirmed_refusals <= allowed:
-                    chosen = r
-                    break
+            if passes(candidates[hi]):
+                chosen, used = candidates[hi], 1
+                while lo < hi and used < budget:  # invariant: candidates[hi] passes
+                    mid = (lo + hi) // 2
+                    used += 1
+                    if passes(candidates[mid]):
+                        hi, chosen = mid, candidates[mid]
+                    else:
+                        lo = mid + 1
         if chosen is None:
-            chosen = min(candidates, key=lambda r: (r.confirmed_refusals or 0, r.objectives[1]))
-            self.say(f"note: no confirmed trial kept refusals within {self.settings.max_refusals:g}% of the "
+            confirmed = [r for r in candidates if r.confirmed_refusals is not None]
+            chosen = min(confirmed, key=lambda r: (r.confirmed_refusals or 0, r.objectives[1]))
+            self.say(f"note: no candidate kept refusals within {self.settings.max_refusals:g}% of the "
                      f"original's {original}; took the one with the fewest")
         return chosen, original, front
 
