@@ -295,3 +295,21 @@ def test_two_workers_share_one_study(tiny: dict[str, Path], tmp_path: Path) -> N
     assert len(finished) == 40 and len(set(numbers)) == 40
     assert len({w for _, w in finished[2:]}) == 2  # both processes ran trials
     assert sorted(t["number"] for t in load_direction(out).trials) == numbers
+
+
+def test_bisection_finds_the_lowest_kl_trial_that_passes() -> None:
+    from gguf_abliterate.optimise.study import TrialRecord, lowest_passing
+
+    front = [TrialRecord(i, {}, 0.3 - 0.02 * i, 0.01 + 0.001 * i, (0.3 - 0.02 * i, 0.01 + 0.001 * i))
+             for i in range(12)]  # by KL: refusal falls as KL rises
+    for first_pass in range(12):
+        calls: list[int] = []
+
+        def passes(r: TrialRecord) -> bool:
+            calls.append(r.number)
+            return r.number >= first_pass
+
+        assert lowest_passing(front, passes, 8).number == first_pass
+        assert len(calls) <= 5 and len(set(calls)) == len(calls)  # log2(12) + 1, none twice
+    assert lowest_passing(front, lambda r: False, 8) is None
+    assert lowest_passing(front, lambda r: r.number >= 3, 2).number in (5, 11)  # budget spent: best found

@@ -310,18 +310,7 @@ class Search:
                     bar.update(1)
                 return r.confirmed_refusals <= allowed
 
-            # the lowest-refusal end first: if even it fails, no candidate passes
-            lo, hi, used = 0, len(candidates) - 1, 0
-            chosen = None
-            if passes(candidates[hi]):
-                chosen, used = candidates[hi], 1
-                while lo < hi and used < budget:  # invariant: candidates[hi] passes
-                    mid = (lo + hi) // 2
-                    used += 1
-                    if passes(candidates[mid]):
-                        hi, chosen = mid, candidates[mid]
-                    else:
-                        lo = mid + 1
+            chosen = lowest_passing(candidates, passes, budget)
         if chosen is None:
             confirmed = [r for r in candidates if r.confirmed_refusals is not None]
             chosen = min(confirmed, key=lambda r: (r.confirmed_refusals or 0, r.objectives[1]))
@@ -359,6 +348,24 @@ def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: --from needs a direction file with every block's direction and harmless mean "
                         f"(made by this version's `direction`)")
     return d.per_block, d.harmless_means
+
+
+def lowest_passing(candidates: list[TrialRecord], passes: Callable[[TrialRecord], bool],
+                   budget: int) -> TrialRecord | None:
+    """The lowest-KL candidate (candidates sorted by KL) that passes, by bisection: the
+    lowest-refusal end first (if even it fails, none passes), then halving, at most `budget`
+    calls of `passes`. With the budget spent, the lowest-KL passing trial found so far."""
+    if not candidates or budget < 1 or not passes(candidates[-1]):
+        return None
+    lo, hi, used = 0, len(candidates) - 1, 1  # invariant: candidates[hi] passes
+    while lo < hi and used < budget:
+        mid = (lo + hi) // 2
+        used += 1
+        if passes(candidates[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return candidates[hi]
 
 
 def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
