@@ -19,9 +19,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -202,12 +205,19 @@ class Search:
         return sorted(t.number for t in self.study.get_trials(deepcopy=False, states=states))
 
     def run(self) -> int:
-        """Run trials until a stop rule; returns how many this process finished."""
+        """Run trials until a stop rule; returns how many this process finished. Ctrl-C stops
+        after the trial under way (raising KeyboardInterrupt then); a second one at once."""
+        with _interrupt_after_the_trial() as asked:
+            return self._run(asked)
+
+    def _run(self, asked: Callable[[], bool]) -> int:
         optuna = _optuna()
         s = self.settings
         start, done, since = time.monotonic(), 0, 0
         with self.progress(total=s.trials, desc="trials", unit="trial", initial=self._finished()) as bar:
             while len(self._alive()) < s.trials and time.monotonic() - start < 60 * s.minutes:
+                if asked():
+                    raise KeyboardInterrupt
                 trial = self.study.ask()
                 if trial.number not in self._alive()[: s.trials]:  # another worker took the last place
                     trial.set_user_attr("discarded", True)
@@ -348,6 +358,30 @@ def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: --from needs a direction file with every block's direction and harmless mean "
                         f"(made by this version's `direction`)")
     return d.per_block, d.harmless_means
+
+
+@contextlib.contextmanager
+def _interrupt_after_the_trial() -> Iterator[Callable[[], bool]]:
+    """While the search runs, the first SIGINT only sets a flag the loop reads between trials.
+
+    A KeyboardInterrupt raised while llama.cpp is inside our eval callback (a ctypes callback,
+    called for every graph node) is printed and swallowed by ctypes, so a plain Ctrl-C during a
+    trial was often lost. A second Ctrl-C raises at once, as usual.
+    """
+    flag = {"asked": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if flag["asked"]:
+            raise KeyboardInterrupt
+        flag["asked"] = True
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    try:
+        yield lambda: flag["asked"]
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def lowest_passing(candidates: list[TrialRecord], passes: Callable[[TrialRecord], bool],
