@@ -1,9 +1,9 @@
-"""Run a model for measuring it: greedy answers and first-token distributions (batched, through
-the hooked `LlamaModel`), perplexity (llama-cpp-python's high-level API)."""
+"""Run a model for measuring it: the one way `eval` loads a model (batched greedy answers and
+first-token distributions through the hooked `LlamaModel`), and perplexity (llama-cpp-python's
+high-level API)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +19,6 @@ EVAL_BATCH, EVAL_SEQUENCES = 4096, 64
 def load_for_eval(path: Path) -> LlamaModel:
     """A model loaded with the settings every `eval` measurement uses (so they compare alike)."""
     return LlamaModel(path, n_batch=EVAL_BATCH, n_seq=EVAL_SEQUENCES)
-
-
-def generate(path: Path, prompts: Sequence[str], max_tokens: int = 64,
-             progress: Callable[[int], None] = lambda n: None) -> list[str]:
-    """Greedy responses through the model's own chat template, many sequences per decode."""
-    with load_for_eval(path) as m:
-        return m.greedy(prompts, max_tokens, progress)
 
 
 def perplexity(path: Path, text: str, n_ctx: int = 512) -> float:
@@ -48,9 +41,3 @@ def perplexity(path: Path, text: str, n_ctx: int = 512) -> float:
         return float(np.exp(nll / count)) if count else float("nan")
     finally:
         llm.close()
-
-
-def first_token_logprobs(path: Path, prompts: Sequence[str]) -> np.ndarray:
-    """(n_prompts, n_vocab) log-probabilities of the first response token."""
-    with load_for_eval(path) as m:
-        return m.next_token_logprobs(prompts)
