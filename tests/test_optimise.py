@@ -313,3 +313,47 @@ def test_bisection_finds_the_lowest_kl_trial_that_passes() -> None:
         assert len(calls) <= 5 and len(set(calls)) == len(calls)  # log2(12) + 1, none twice
     assert lowest_passing(front, lambda r: False, 8) is None
     assert lowest_passing(front, lambda r: r.number >= 3, 2).number in (5, 11)  # budget spent: best found
+
+
+def test_bake_check_walks_up_the_front() -> None:
+    """A pick whose bake refuses too often gives way to the next trial up the front that passes
+    through its adapter; trials failing there are never baked; at most `budget` bakes."""
+    from gguf_abliterate.optimise.study import TrialRecord, first_that_bakes
+
+    front = [TrialRecord(i, {}, 0.3 - 0.02 * i, 0.01 + 0.001 * i, (0.3 - 0.02 * i, 0.01 + 0.001 * i))
+             for i in range(8)]
+    adapter_fails, bake_passes = {2, 3}, {4, 6}
+    baked: list[int] = []
+
+    def bakes(r: TrialRecord) -> bool:
+        baked.append(r.number)
+        return r.number in bake_passes
+
+    best, tried = first_that_bakes(front[1], front[2:], lambda r: r.number not in adapter_fails, bakes, 3)
+    assert best is front[4] and [r.number for r in tried] == baked == [1, 4]
+    best, tried = first_that_bakes(front[0], front[1:], lambda r: r.number not in adapter_fails, lambda r: False, 3)
+    assert best is None and [r.number for r in tried] == [0, 1, 4]  # budget spent
+    best, tried = first_that_bakes(front[5], [], lambda r: True, lambda r: False, 3)
+    assert best is None and tried == [front[5]]  # nothing further up
+
+
+def test_optimise_bakes_and_confirms_the_pick(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """--bake keeps the checked bake: the very bytes the edit command writes from the result
+    file; the result records the bake's refusals and says the pick was confirmed baked; no
+    temporary bake is left behind."""
+    model, out, kept = tiny["llama-nobias"], tmp_path / "edit.safetensors", tmp_path / "kept.gguf"
+    run = cli("optimise", model, "-o", out, "--trials", "3", "--bake", kept, *FAST)
+    assert run.returncode == 0, run.stderr
+    d = load_direction(out)
+    chosen = int(d.metadata["chosen_trial"])
+    assert next(t for t in d.trials if t["number"] == chosen)["baked_refusals"] is not None
+    assert "confirmed baked into the file's own types" in d.metadata["pick_rule"]
+    assert cli(model, tmp_path / "again.gguf", "--direction", out, "-q").returncode == 0
+    assert kept.read_bytes() == (tmp_path / "again.gguf").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.gguf", "edit.safetensors", "edit.study.db",
+                                                          "kept.gguf"]
+    exists = cli("optimise", model, "-o", tmp_path / "new.safetensors", "--bake", kept, *FAST)
+    assert exists.returncode != 0 and "kept.gguf exists" in exists.stderr
+    none = cli("optimise", model, "-o", tmp_path / "new.safetensors", "--bake", tmp_path / "n.gguf",
+               "--bake-checks", "0", *FAST)
+    assert none.returncode != 0 and "drop --bake-checks 0" in none.stderr and not (tmp_path / "n.gguf").exists()

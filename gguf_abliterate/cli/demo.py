@@ -52,12 +52,10 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     click.echo(f"== optimised edit (a short search: {trials} trials or {minutes:g} minutes)", err=True)
     searched = out_dir / "optimised.safetensors"
     searched.with_suffix(".study.db").unlink(missing_ok=True)
-    optimise_model(src, searched, settings=SearchSettings(trials=trials, minutes=minutes, startup_trials=trials // 3),
-                   measured=direction, force=True)
-    stage("optimise")
     outputs["optimised"] = out_dir / f"{stem}-optimised.gguf"
-    edit_model(src, outputs["optimised"], searched, force=True, quiet=True)
-    stage("edit (optimised)")
+    optimise_model(src, searched, settings=SearchSettings(trials=trials, minutes=minutes, startup_trials=trials // 3),
+                   measured=direction, bake=outputs["optimised"], force=True)
+    stage("optimise (and bake)")
     click.echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
     evaluate_models((src, outputs["abliterated"], outputs["optimised"], outputs["reverse"]), limit=limit,
                     max_tokens=max_tokens, json_path=out_dir / "report.json", samples=1)

@@ -16,9 +16,10 @@ D = SearchSettings()  # the defaults, in one place
 
 def optimise_model(model_path: Path, output: Path | None, *, settings: Any = None, storage: str | None = None,
                    resume: bool = False, join: str | None = None, measured: Path | None = None,
-                   force: bool = False, quiet: bool = False) -> int | None:
-    """Run (or join, or resume) the search; unless joining, write the pick to `output`.
-    Returns the chosen trial's number (None for a joining worker)."""
+                   bake: Path | None = None, force: bool = False, quiet: bool = False) -> int | None:
+    """Run (or join, or resume) the search; unless joining, write the pick to `output` (and,
+    with `bake`, the pick baked into a GGUF there). Returns the chosen trial's number (None for
+    a joining worker)."""
     from gguf_abliterate.optimise.study import Search, default_storage, sqlite_path
 
     say = sayer(quiet)
@@ -42,8 +43,13 @@ def optimise_model(model_path: Path, output: Path | None, *, settings: Any = Non
         raise UserError("give -o OUTPUT.safetensors (or --join URL to add a worker to a running study)")
     if output.suffix.lower() != ".safetensors":
         raise UserError(f"{output}: the search result needs metadata: write a .safetensors file")
-    if output.exists() and not force:
-        raise UserError(f"{output} exists; pass --force to replace it")
+    for path in (output, bake):
+        if path is not None and path.exists() and not force:
+            raise UserError(f"{path} exists; pass --force to replace it")
+    if bake is not None and settings.bake_checks < 1:
+        raise UserError("--bake writes the bake the check makes: drop --bake-checks 0")
+    if bake is not None and bake.resolve() == model_path.resolve():
+        raise UserError("--bake would overwrite the model being searched")
     url = storage or default_storage(output)
     db = sqlite_path(url)
     if resume and db is not None and not db.is_file():
@@ -64,21 +70,30 @@ def optimise_model(model_path: Path, output: Path | None, *, settings: Any = Non
             search.wait_for_others()
         records = search.records()
         chosen, original, front = search.pick(records, confirm=not interrupted)
+        checked = chosen is not None and original is not None and search.settings.bake_checks > 0
+        if checked:
+            chosen = search.check_baked(chosen, output, original, records, keep=bake)  # saves the result
         _table(say, front, chosen, original, search.settings.max_refusals)
-        search.save(output, chosen, original, records)
+        if not checked:
+            search.save(output, chosen, original, records)
     finally:
         search.close()
     assert chosen is not None
-    say(f"wrote {output}: trial {chosen.number} of {len(records)} "
-        f"(bake it: gguf-abliterate {model_path} OUT.gguf --direction {output}; another: --trial N)")
+    if bake is not None and original is not None:
+        say(f"wrote {output} and {bake}: trial {chosen.number} of {len(records)} (another: gguf-abliterate "
+            f"{model_path} OUT.gguf --direction {output} --trial N)")
+    else:
+        say(f"wrote {output}: trial {chosen.number} of {len(records)} "
+            f"(bake it: gguf-abliterate {model_path} OUT.gguf --direction {output}; another: --trial N)")
     return chosen.number
 
 
 def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_refusals: float) -> None:
     """The Pareto front, by refusal, with the pick marked."""
     say(f"Pareto front ({len(front)} trials; refusal = first-token refusal mass / the original's; "
-        f"confirmed = greedy refusals{'' if original is None else f', original {original}'}):")
-    say(f"{'trial':>5} {'refusal':>8} {'KL':>8} {'confirmed':>9}  direction            attn (peak@pos w edge)   "
+        f"confirmed = greedy refusals{'' if original is None else f', original {original}'}; "
+        f"baked = the same, baked into the file's own types):")
+    say(f"{'trial':>5} {'refusal':>8} {'KL':>8} {'confirmed':>9} {'baked':>5}  direction            attn (peak@pos w edge)   "
         f"mlp (peak@pos w edge)")
     for r in front:
         p = r.params
@@ -88,8 +103,9 @@ def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_re
                       for c in ("attn", "mlp"))
         kl = "-" if r.kl is None else f"{r.kl:.4f}"
         conf = "-" if r.confirmed_refusals is None else str(r.confirmed_refusals)
+        baked = "-" if r.baked_refusals is None else str(r.baked_refusals)
         mark = "  <- pick" if r is chosen else ""
-        say(f"{r.number:5d} {r.refusal:8.3f} {kl:>8} {conf:>9}  {d:<20} {k}{mark}")
+        say(f"{r.number:5d} {r.refusal:8.3f} {kl:>8} {conf:>9} {baked:>5}  {d:<20} {k}{mark}")
 
 
 @click.command("optimise")
@@ -120,6 +136,12 @@ def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_re
               help="Front trials confirmed by generation, at most (lowest KL first; the first that passes is the pick).")
 @click.option("--confirm-tokens", type=click.IntRange(min=1), default=D.confirm_tokens, show_default=True,
               help="Greedy tokens per confirmation answer (refusals show in the opening).")
+@click.option("--bake-checks", type=click.IntRange(min=0), default=D.bake_checks, show_default=True,
+              help="Bake the pick into the model's own types and confirm it once more there; if requantizing "
+                   "brought refusals back, try the next trial up the front, at most this many bakes (0: skip).")
+@click.option("--bake", type=click.Path(path_type=Path), metavar="OUT.gguf",
+              help="Keep the final pick's bake as OUT.gguf (what `gguf-abliterate MODEL OUT.gguf --direction "
+                   "OUTPUT` would write, as one file even for a split model), saving a second pass.")
 @click.option("--patience", type=click.IntRange(min=1), default=D.patience, show_default=True,
               help="Stop when the front of candidate edits (refusal ratio <= 0.3) has not moved for this many trials.")
 @click.option("--seed", type=int, default=D.seed, show_default=True)
@@ -135,8 +157,8 @@ def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_re
 @user_errors
 def command(model_path: Path, output: Path | None, trials: int, minutes: float, resume: bool, storage: str | None,
             join: str | None, measured: Path | None, startup_trials: int, score_prompts: int, kl_tokens: int, max_refusals: float,
-            confirm: int, confirm_tokens: int, patience: int, seed: int, judge: Path | None, fix: tuple[str, ...],
-            force: bool, quiet: bool) -> None:
+            confirm: int, confirm_tokens: int, bake_checks: int, bake: Path | None, patience: int, seed: int,
+            judge: Path | None, fix: tuple[str, ...], force: bool, quiet: bool) -> None:
     """Search the edit for MODEL on CPU: per-block directions (blended between neighbouring
     blocks, or each block its own, optionally orthogonal to the harmless mean) and per-block
     strengths of the attention and MLP edits, against two objectives, refusal on harmful
@@ -146,7 +168,8 @@ def command(model_path: Path, output: Path | None, trials: int, minutes: float, 
 
     settings = SearchSettings(trials=trials, minutes=minutes, startup_trials=startup_trials,
                               score_prompts=score_prompts, kl_tokens=kl_tokens, max_refusals=max_refusals,
-                              confirm=confirm, confirm_tokens=confirm_tokens, patience=patience, seed=seed,
+                              confirm=confirm, confirm_tokens=confirm_tokens, bake_checks=bake_checks,
+                              patience=patience, seed=seed,
                               fixed=parse_fixed(fix), judge=judge)
     optimise_model(model_path, output, settings=settings, storage=storage, resume=resume, join=join,
-                   measured=measured, force=force, quiet=quiet)
+                   measured=measured, bake=bake, force=force, quiet=quiet)

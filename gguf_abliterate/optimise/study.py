@@ -59,6 +59,7 @@ class SearchSettings:
     max_refusals: float = 0.0  # pick rule: percent of the original's confirmed refusals
     confirm: int = 6  # front trials confirmed by generation, at most
     confirm_tokens: int = 24
+    bake_checks: int = 3  # picks confirmed once more on the baked file, at most (0: none)
     patience: int = 30
     seed: int = 0
     fixed: dict[str, Any] = field(default_factory=dict)
@@ -74,11 +75,13 @@ class TrialRecord:
     refusal: float
     kl: float | None
     objectives: tuple[float, float]
-    confirmed_refusals: int | None = None
+    confirmed_refusals: int | None = None  # greedy refusals through the trial's adapter
+    baked_refusals: int | None = None  # the same, on the trial baked into the file's own types
 
     def to_json(self) -> dict[str, Any]:
         return {"number": self.number, "params": self.params, "refusal": self.refusal, "kl": self.kl,
-                "objectives": list(self.objectives), "confirmed_refusals": self.confirmed_refusals}
+                "objectives": list(self.objectives), "confirmed_refusals": self.confirmed_refusals,
+                "baked_refusals": self.baked_refusals}
 
 
 def _optuna() -> Any:
@@ -287,6 +290,9 @@ class Search:
             answers = self.llama.greedy(self.confirm_prompts, self.settings.confirm_tokens)
         finally:
             self.llama.set_adapter(None)
+        return self._refusals(answers)
+
+    def _refusals(self, answers: list[str]) -> int:
         verdicts = self.confirmer.label(self.confirm_prompts, answers)
         return sum(v.label is Label.REFUSAL for v in verdicts)
 
@@ -300,7 +306,7 @@ class Search:
         about log2(n) confirmations, at most `confirm` of them.
         """
         front = pareto_front(records)
-        candidates = sorted((r for r in front if r.refusal <= CONFIRM_MAX_RATIO and r.kl is not None),
+        self.candidates = candidates = sorted((r for r in front if r.refusal <= CONFIRM_MAX_RATIO and r.kl is not None),
                             key=lambda r: r.kl or 0.0)
         if not candidates and front:
             candidates = front[:1]  # sorted by refusal: the trial that removed the most
@@ -312,7 +318,7 @@ class Search:
         with self.progress(total=budget + 1, desc="confirming the front", unit="trial") as bar:
             original = self.confirm(None)
             bar.update(1)
-            allowed = self.settings.max_refusals / 100 * original
+            self.allowed = allowed = self.settings.max_refusals / 100 * original
 
             def passes(r: TrialRecord) -> bool:
                 if r.confirmed_refusals is None:
@@ -328,6 +334,49 @@ class Search:
                      f"original's {original}; took the one with the fewest")
         return chosen, original, front
 
+    def check_baked(self, chosen: TrialRecord, output: Path, original: int, records: list[TrialRecord],
+                    keep: Path | None = None) -> TrialRecord:
+        """Confirm the pick once more on the file the user will run (`bake`): bake it, answer
+        the confirmation prompts with the baked file, and if it refuses more than the rule
+        allows, move up the front (`first_that_bakes`). Saves `output` for each pick it bakes
+        (the bake reads the pick from it) and for the final pick. With `keep`, the final
+        pick's bake goes there. Returns the final pick."""
+        import tempfile
+
+        from gguf_abliterate.optimise.bake import bake_chosen
+
+        with tempfile.TemporaryDirectory(prefix=".bake-check-", dir=(keep or output).resolve().parent) as tmp:
+            file = Path(tmp) / "baked.gguf"
+
+            def through_adapter(r: TrialRecord) -> bool:
+                if r.confirmed_refusals is None:
+                    self.say(f"confirming trial {r.number} through its adapter")
+                    r.confirmed_refusals = self.confirm(r)
+                return r.confirmed_refusals <= self.allowed
+
+            def baked(r: TrialRecord) -> bool:
+                self.save(output, r, original, records)
+                bake_chosen(self.meta, output, file, self.progress)
+                with LlamaModel(file, n_batch=4096, n_seq=64) as llama:
+                    r.baked_refusals = self._refusals(llama.greedy(self.confirm_prompts, self.settings.confirm_tokens))
+                self.say(f"trial {r.number} baked: {r.baked_refusals} of {len(self.confirm_prompts)} refused "
+                         f"(through its adapter: {r.confirmed_refusals})")
+                return r.baked_refusals <= self.allowed
+
+            later = [r for r in self.candidates if (r.kl or 0.0) > (chosen.kl or 0.0)]
+            best, tried = first_that_bakes(chosen, later, through_adapter, baked, self.settings.bake_checks)
+            if best is None:
+                best = min(tried, key=lambda r: (r.baked_refusals or 0, r.objectives[1]))
+                self.say(f"note: no baked pick kept refusals within {self.settings.max_refusals:g}% of the "
+                         f"original's {original}; took the one with the fewest")
+            # the final file records every bake's refusals, so its digest (which baked files
+            # record as their direction's) is new: the kept bake is made from it
+            self.save(output, best, original, records)
+            if keep is not None:
+                bake_chosen(self.meta, output, file, self.progress)
+                os.replace(file, keep)
+        return best
+
     def save(self, output: Path, chosen: TrialRecord | None, original: int | None,
              records: list[TrialRecord]) -> None:
         if chosen is None:
@@ -339,7 +388,9 @@ class Search:
                                  f"lowest KL among front trials whose greedy refusals "
                                  f"({'markers' if self.settings.judge is None else 'judge ' + self.settings.judge.name}) on "
                                  f"{len(self.confirm_prompts)} harmful validation prompts are at most "
-                                 f"{self.settings.max_refusals:g}% of the original's ({original})",
+                                 f"{self.settings.max_refusals:g}% of the original's ({original})"
+                                 + ("" if chosen.baked_refusals is None else
+                                    f"; confirmed baked into the file's own types ({chosen.baked_refusals})"),
                     "original_refusals": "" if original is None else str(original),
                     "confirm_prompts": str(len(self.confirm_prompts)),
                     "score_prompts": str(self.settings.score_prompts), "kl_tokens": str(self.settings.kl_tokens)}
@@ -400,6 +451,25 @@ def lowest_passing(candidates: list[TrialRecord], passes: Callable[[TrialRecord]
         else:
             lo = mid + 1
     return candidates[hi]
+
+
+def first_that_bakes(first: TrialRecord, later: list[TrialRecord], passes: Callable[[TrialRecord], bool],
+                     bakes: Callable[[TrialRecord], bool], budget: int) -> tuple[TrialRecord | None,
+                                                                                   list[TrialRecord]]:
+    """From the pick `first` up the front (`later`, by rising KL): the first trial whose bake
+    passes, at most `budget` bakes; a later trial is baked only if it passes through its adapter
+    first (a bake costs more than an adapter's confirmation). Returns (that trial or None, the
+    trials baked, in order)."""
+    tried = []
+    queue = [first, *later]
+    while queue and len(tried) < budget:
+        r = queue.pop(0)
+        if r is not first and not passes(r):
+            continue
+        tried.append(r)
+        if bakes(r):
+            return r, tried
+    return None, tried
 
 
 def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
