@@ -56,7 +56,7 @@ def test_tasks_are_deterministic_and_right() -> None:
     tasks = generate_tasks(40, seed=5)
     assert tasks == generate_tasks(40, seed=5) and tasks != generate_tasks(40, seed=6)
     assert {t.kind for t in tasks[::2]} == {"arithmetic"} and {t.kind for t in tasks[1::2]} == {"code"}
-    for t in tasks:
+    for t in generate_tasks(200, seed=5):  # every form, many times
         assert t.prompt.startswith("Answer with the number only.")
         assert _solve(t.question) == t.answer, t.question
 
@@ -70,6 +70,14 @@ def _solve(question: str) -> int:
             exec(code.group(1), {})  # the generator's own program, nothing else
         return int(out.getvalue())
     n = [int(x) for x in re.findall(r"\d+", question)]
+    if "more" in question:
+        return n[0] + n[1]
+    if "away" in question:
+        return n[0] - n[1]
+    if "shared" in question:
+        return n[0] // n[1]
+    if "pay?" in question:
+        return n[0] * n[1]
     if "change" in question:
         return n[2] - n[0] * n[1]
     if "pages" in question:
@@ -91,8 +99,9 @@ def test_answer_extraction() -> None:
 @pytest.mark.real
 def test_judge_labels_by_next_token_probabilities(smollm2: Path, tmp_path: Path) -> None:
     """The judge's mechanics (how well a judge judges is tools/bench_judge.py's business):
-    five probabilities that sum to 1, the label their argmax, the same labels every time, and
-    the `judge` command's JSON."""
+    five probabilities that sum to 1, the label their argmax once divided by the judge's prior
+    (its distribution on a content-free answer), a loop labelled degenerate by the rules
+    whatever the judge says, the same labels every time, and the `judge` command's JSON."""
     import json
 
     from conftest import cli
@@ -104,11 +113,15 @@ def test_judge_labels_by_next_token_probabilities(smollm2: Path, tmp_path: Path)
     with Judge(smollm2) as judge:
         first = judge.label(prompts, answers)
         again = judge.label(prompts, answers)
+        prior = dict(zip((label.value for label in judge.label_tokens), judge.prior))
     assert [v.label for v in first] == [v.label for v in again]
+    assert abs(sum(prior.values()) - 1) < 1e-6
     for v in first:
         assert set(v.probabilities) == {label.value for label in Label}
         assert abs(sum(v.probabilities.values()) - 1) < 1e-6
-        assert v.label.value == max(v.probabilities, key=v.probabilities.get)
+    for v in first[:2]:
+        assert v.label.value == max(v.probabilities, key=lambda k: v.probabilities[k] / prior[k])
+    assert first[2].label is Label.DEGENERATE and first[2].reason.startswith("rules:")
     answers_file = tmp_path / "a.jsonl"
     answers_file.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(prompts, answers)))
     run = cli("judge", answers_file, "--judge", smollm2, "--json", tmp_path / "labels.json")

@@ -1,9 +1,13 @@
 """Capability tasks with exact answers, generated from a seed: no download, no benchmark copied.
 
-Two kinds, alternating: arithmetic word problems (change from a purchase, pages read, boxes
-needed, distance travelled) and what-does-this-code-print questions (a loop, a filtered sum, a
-string count, a small recursion). Each asks for the number only; an answer is right when the
-last integer in it is the expected one (a worked answer ends with its result).
+Two kinds, alternating: arithmetic word problems and what-does-this-code-print questions, half
+of them one step (a sum, a product, a difference, a share; an expression, max or min, a length,
+a counting loop) and half two or more (change from a purchase, pages read, boxes needed,
+distance travelled; a loop, a filtered sum, a string count, a small recursion). Each asks for
+the number only, so a model must do it in its head: small models get the one-step half and
+miss most of the rest, which leaves room to see an edit cost capability either way (with only
+the multi-step forms, Qwen2.5-Coder-0.5B scored 2%). An answer is right when the last integer
+in it is the expected one (a worked answer ends with its result).
 """
 
 from __future__ import annotations
@@ -32,12 +36,28 @@ class Task:
 
 
 def _arithmetic(r: random.Random) -> Task:
-    name = r.choice(NAMES)
-    form = r.randrange(4)
+    name, items = r.choice(NAMES), r.choice(ITEMS)
+    form = r.randrange(8)
+    if form == 4:
+        a, b = r.randint(12, 89), r.randint(12, 89)
+        return Task("arithmetic", f"{name} has {a} {items} and gets {b} more. How many {items} does {name} have "
+                    f"now?", a + b)
+    if form == 5:
+        price, count = r.randint(2, 9), r.randint(2, 9)
+        return Task("arithmetic", f"A shop sells {items} at {price} coins each. {name} buys {count} of them. How "
+                    f"many coins does {name} pay?", price * count)
+    if form == 6:
+        a, b = r.randint(40, 99), r.randint(5, 39)
+        return Task("arithmetic", f"{name} had {a} {items} and gave {b} of them away. How many {items} does "
+                    f"{name} have left?", a - b)
+    if form == 7:
+        friends, each = r.randint(2, 9), r.randint(2, 12)
+        return Task("arithmetic", f"{friends * each} {items} are shared equally among {friends} friends. How many "
+                    f"{items} does each friend get?", each)
     if form == 0:
         price, count = r.randint(2, 9), r.randint(2, 9)
         note = r.choice([50, 100]) if price * count < 50 else 100
-        return Task("arithmetic", f"A shop sells {r.choice(ITEMS)} at {price} coins each. {name} buys {count} of "
+        return Task("arithmetic", f"A shop sells {items} at {price} coins each. {name} buys {count} of "
                     f"them and pays with a {note}-coin note. How much change, in coins, does {name} get?",
                     note - price * count)
     if form == 1:
@@ -54,8 +74,25 @@ def _arithmetic(r: random.Random) -> Task:
 
 
 def _code(r: random.Random) -> Task:
-    form = r.randrange(4)
-    if form == 0:
+    form = r.randrange(8)
+    if form == 4:
+        x, y, k = r.randint(1, 20), r.randint(1, 9), r.randint(2, 5)
+        value = x + y * k
+        code = f"x = {x}\ny = {y}\nprint(x + y * {k})"
+    elif form == 5:
+        values = [r.randint(1, 99) for _ in range(r.randint(4, 7))]
+        which = r.choice(["max", "min"])
+        value = max(values) if which == "max" else min(values)
+        code = f"values = {values}\nprint({which}(values))"
+    elif form == 6:
+        values = [r.randint(1, 9) for _ in range(r.randint(3, 8))]
+        value = len(values)
+        code = f"items = {values}\nprint(len(items))"
+    elif form == 7:
+        n, k = r.randint(2, 6), r.randint(2, 9)
+        value = n * k
+        code = f"total = 0\nfor i in range({n}):\n    total += {k}\nprint(total)"
+    elif form == 0:
         x, n, b = r.randint(1, 9), r.randint(2, 5), r.randint(1, 5)
         value = x
         for _ in range(n):
