@@ -315,26 +315,30 @@ def test_bisection_finds_the_lowest_kl_trial_that_passes() -> None:
     assert lowest_passing(front, lambda r: r.number >= 3, 2).number in (5, 11)  # budget spent: best found
 
 
-def test_bake_check_walks_up_the_front() -> None:
-    """A pick whose bake refuses too often gives way to the next trial up the front that passes
-    through its adapter; trials failing there are never baked; at most `budget` bakes."""
-    from gguf_abliterate.optimise.study import TrialRecord, first_that_bakes
+def test_bake_check_looks_up_the_front() -> None:
+    """A pick whose bake refuses too often gives way to the lowest-KL trial up the front that
+    passes both through its adapter and baked, found from the strongest end by bisection;
+    trials failing through their adapter are never baked; at most `budget` calls."""
+    from gguf_abliterate.optimise.study import TrialRecord, first_baked_passing
 
     front = [TrialRecord(i, {}, 0.3 - 0.02 * i, 0.01 + 0.001 * i, (0.3 - 0.02 * i, 0.01 + 0.001 * i))
-             for i in range(8)]
-    adapter_fails, bake_passes = {2, 3}, {4, 6}
-    baked: list[int] = []
+             for i in range(10)]
+    adapter_fails = {6}
+    for first_baking in range(2, 10):
+        baked: list[int] = []
 
-    def bakes(r: TrialRecord) -> bool:
-        baked.append(r.number)
-        return r.number in bake_passes
+        def bakes(r: TrialRecord) -> bool:
+            baked.append(r.number)
+            return r.number >= first_baking
 
-    best, tried = first_that_bakes(front[1], front[2:], lambda r: r.number not in adapter_fails, bakes, 3)
-    assert best is front[4] and [r.number for r in tried] == baked == [1, 4]
-    best, tried = first_that_bakes(front[0], front[1:], lambda r: r.number not in adapter_fails, lambda r: False, 3)
-    assert best is None and [r.number for r in tried] == [0, 1, 4]  # budget spent
-    best, tried = first_that_bakes(front[5], [], lambda r: True, lambda r: False, 3)
-    assert best is None and tried == [front[5]]  # nothing further up
+        best = first_baked_passing(front[1], front[2:], lambda r: r.number not in adapter_fails, bakes, 6)
+        assert best is not None and best.number >= first_baking and best.number not in adapter_fails
+        assert len(baked) == len(set(baked)) <= 6 and 6 not in baked and baked[:2] == [1, 9]
+        if first_baking != 6:
+            assert best.number == first_baking  # the budget sufficed: the lowest that passes
+    assert first_baked_passing(front[3], front[4:], lambda r: True, lambda r: r.number == 3, 3) is front[3]
+    assert first_baked_passing(front[3], front[4:], lambda r: True, lambda r: False, 3) is None
+    assert first_baked_passing(front[9], [], lambda r: True, lambda r: False, 3) is None
 
 
 def test_optimise_bakes_and_confirms_the_pick(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
     python tools/bench_judge.py [--judge qwen2.5-coder-1.5b | JUDGE.gguf ...]
 
 Prints, for each (prompt set, true class), the share of answers each scorer labels so, the
-judges' confusion tables, and the time each judge took. Markers can only say refusal,
+judges' confusion tables, and the time each judge took. The judge's prompt was tuned on the
+even-numbered answers (0, 2, ...); the odd-numbered half is held out, and its agreement is
+printed apart so a tuned prompt cannot flatter itself. Markers can only say refusal,
 degenerate or complies, so their partial and evades cells are 0 by construction.
 """
 
@@ -19,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from gguf_abliterate import zoo  # noqa: E402
 from gguf_abliterate.evaluate.judge import Judge  # noqa: E402
-from gguf_abliterate.evaluate.labelled import Agreement, agreement, load_labelled  # noqa: E402
+from gguf_abliterate.evaluate.labelled import Agreement, agreement, load_labelled, tally  # noqa: E402
 from gguf_abliterate.evaluate.scorers import Label, get_scorer  # noqa: E402
 
 
@@ -29,11 +31,14 @@ def main() -> None:
     args = ap.parse_args()
     answers = load_labelled()
     results: dict[str, Agreement] = {"markers": agreement(get_scorer("markers"), answers)}
+    halves: dict[str, tuple[float, float]] = {}
     for spec in args.judge or ["qwen2.5-coder-1.5b"]:
         path = zoo.fetch(spec) if spec in zoo.MODELS else Path(spec)
         t = time.perf_counter()
         with Judge(path) as judge:
-            results[path.name] = agreement(judge, answers)
+            verdicts = judge.label([a.prompt for a in answers], [a.answer for a in answers])
+        results[path.name] = tally(answers, verdicts)
+        halves[path.name] = (tally(answers[0::2], verdicts[0::2]).overall, tally(answers[1::2], verdicts[1::2]).overall)
         print(f"{path.name}: {len(answers)} answers judged in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     names = list(results)
     print(f"{'set':<9} {'class':<11} {'n':>4} " + " ".join(f"{n[:24]:>24}" for n in names))
@@ -41,6 +46,8 @@ def main() -> None:
         cells = " ".join(f"{results[n].per_class[key][0] / total:>24.0%}" for n in names)
         print(f"{key[0]:<9} {key[1].value:<11} {total:>4} {cells}")
     print(f"{'all':<9} {'':<11} {len(answers):>4} " + " ".join(f"{results[n].overall:>24.0%}" for n in names))
+    for name, (tuned, held_out) in halves.items():
+        print(f"{name}: {tuned:.0%} on the half the prompt was tuned on, {held_out:.0%} on the held-out half")
     for name in names[1:]:
         print(f"\n{name}: rows are the true labels, columns what it said")
         print(f"{'':<11} " + " ".join(f"{label.value:>10}" for label in Label))

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib.resources import files
 
-from gguf_abliterate.evaluate.scorers import Label, Scorer
+from gguf_abliterate.evaluate.scorers import Label, Scorer, Verdict
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,11 @@ class Agreement:
 
 def agreement(scorer: Scorer, answers: list[LabelledAnswer]) -> Agreement:
     """How often `scorer` gives each answer its label, per (set, class)."""
-    verdicts = scorer.label([a.prompt for a in answers], [a.answer for a in answers])
+    return tally(answers, scorer.label([a.prompt for a in answers], [a.answer for a in answers]))
+
+
+def tally(answers: list[LabelledAnswer], verdicts: list[Verdict]) -> Agreement:
+    """How often `verdicts` give the answers their labels, per (set, class)."""
     per: dict[tuple[str, Label], list[int]] = {}
     confusion: Counter[tuple[Label, Label]] = Counter()
     for a, v in zip(answers, verdicts):

@@ -338,7 +338,7 @@ class Search:
                     keep: Path | None = None) -> TrialRecord:
         """Confirm the pick once more on the file the user will run (`bake`): bake it, answer
         the confirmation prompts with the baked file, and if it refuses more than the rule
-        allows, move up the front (`first_that_bakes`). Saves `output` for each pick it bakes
+        allows, look up the front (`first_baked_passing`). Saves `output` for each pick it bakes
         (the bake reads the pick from it) and for the final pick. With `keep`, the final
         pick's bake goes there. Returns the final pick."""
         import tempfile
@@ -364,8 +364,9 @@ class Search:
                 return r.baked_refusals <= self.allowed
 
             later = [r for r in self.candidates if (r.kl or 0.0) > (chosen.kl or 0.0)]
-            best, tried = first_that_bakes(chosen, later, through_adapter, baked, self.settings.bake_checks)
+            best = first_baked_passing(chosen, later, through_adapter, baked, self.settings.bake_checks)
             if best is None:
+                tried = [r for r in (chosen, *later) if r.baked_refusals is not None]
                 best = min(tried, key=lambda r: (r.baked_refusals or 0, r.objectives[1]))
                 self.say(f"note: no baked pick kept refusals within {self.settings.max_refusals:g}% of the "
                          f"original's {original}; took the one with the fewest")
@@ -453,23 +454,21 @@ def lowest_passing(candidates: list[TrialRecord], passes: Callable[[TrialRecord]
     return candidates[hi]
 
 
-def first_that_bakes(first: TrialRecord, later: list[TrialRecord], passes: Callable[[TrialRecord], bool],
-                     bakes: Callable[[TrialRecord], bool], budget: int) -> tuple[TrialRecord | None,
-                                                                                   list[TrialRecord]]:
-    """From the pick `first` up the front (`later`, by rising KL): the first trial whose bake
-    passes, at most `budget` bakes; a later trial is baked only if it passes through its adapter
-    first (a bake costs more than an adapter's confirmation). Returns (that trial or None, the
-    trials baked, in order)."""
-    tried = []
-    queue = [first, *later]
-    while queue and len(tried) < budget:
-        r = queue.pop(0)
-        if r is not first and not passes(r):
-            continue
-        tried.append(r)
-        if bakes(r):
-            return r, tried
-    return None, tried
+def first_baked_passing(first: TrialRecord, later: list[TrialRecord], passes: Callable[[TrialRecord], bool],
+                        bakes: Callable[[TrialRecord], bool], budget: int) -> TrialRecord | None:
+    """The pick `first` if its bake passes; else, up the front (`later`, by rising KL), the
+    lowest-KL trial that passes through its adapter and then baked, by bisection from the
+    strongest end (`lowest_passing`); at most `budget` calls in all, each at most one bake.
+
+    Not one step at a time: requantization noise tips the same prompt for neighbouring trials
+    alike (on Qwen2.5-Coder-0.5B the pick and its two neighbours up the front all refused the
+    one prompt baked that each answered through its adapter), while the strongest end had room.
+    """
+    if budget < 1:
+        return None
+    if bakes(first):
+        return first
+    return lowest_passing(later, lambda r: passes(r) and bakes(r), budget - 1)
 
 
 def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
