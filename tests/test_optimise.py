@@ -231,6 +231,7 @@ def test_optimise_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
     (["-o", "out.npy"], "write a .safetensors file"),
     ([], "give -o OUTPUT.safetensors"),
     (["-o", "o.safetensors", "--resume"], "--resume: no study at"),
+    (["-o", "o.safetensors", "--bake", "o.bin"], "name it .gguf"),
 ])
 def test_optimise_bad_options(args: list[str], needle: str, tiny: dict[str, Path], tmp_path: Path) -> None:
     run = cli("optimise", tiny["llama-nobias"], *args, "-q", cwd=tmp_path)

@@ -48,6 +48,8 @@ def optimise_model(model_path: Path, output: Path | None, *, settings: Any = Non
             raise UserError(f"{path} exists; pass --force to replace it")
     if bake is not None and settings.bake_checks < 1:
         raise UserError("--bake writes the bake the check makes: drop --bake-checks 0")
+    if bake is not None and bake.suffix.lower() != ".gguf":
+        raise UserError(f"--bake {bake}: the baked model is a GGUF file: name it .gguf")
     if bake is not None and bake.resolve() == model_path.resolve():
         raise UserError("--bake would overwrite the model being searched")
     url = storage or default_storage(output)
@@ -138,7 +140,8 @@ def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_re
               help="Greedy tokens per confirmation answer (refusals show in the opening).")
 @click.option("--bake-checks", type=click.IntRange(min=0), default=D.bake_checks, show_default=True,
               help="Bake the pick into the model's own types and confirm it once more there; if requantizing "
-                   "brought refusals back, try the next trial up the front, at most this many bakes (0: skip).")
+                   "brought refusals back, look up the front (from its strongest end, by bisection) for the "
+                   "lowest-KL trial that passes baked; at most this many bakes (0: skip).")
 @click.option("--bake", type=click.Path(path_type=Path), metavar="OUT.gguf",
               help="Keep the final pick's bake as OUT.gguf (what `gguf-abliterate MODEL OUT.gguf --direction "
                    "OUTPUT` would write, as one file even for a split model), saving a second pass.")
