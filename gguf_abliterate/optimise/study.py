@@ -52,14 +52,14 @@ Say = Callable[[str], None]
 @dataclass(frozen=True)
 class SearchSettings:
     trials: int = 80
-    minutes: float = 20.0
+    minutes: float = 17.0  # the search; the 1.5B pick (confirmation, bake checks) adds about 12
     startup_trials: int = 20
     score_prompts: int = 24  # harmful and harmless validation prompts each trial is scored on
     kl_tokens: int = 1
     max_refusals: float = 0.0  # pick rule: percent of the original's confirmed refusals
     confirm: int = 6  # front trials confirmed by generation, at most
     confirm_tokens: int = 24
-    bake_checks: int = 3  # picks confirmed once more on the baked file, at most (0: none)
+    bake_checks: int = 5  # picks confirmed once more on the baked file, at most (0: none)
     patience: int = 30
     seed: int = 0
     fixed: dict[str, Any] = field(default_factory=dict)
@@ -348,23 +348,17 @@ class Search:
         with tempfile.TemporaryDirectory(prefix=".bake-check-", dir=(keep or output).resolve().parent) as tmp:
             file = Path(tmp) / "baked.gguf"
 
-            def through_adapter(r: TrialRecord) -> bool:
-                if r.confirmed_refusals is None:
-                    self.say(f"confirming trial {r.number} through its adapter")
-                    r.confirmed_refusals = self.confirm(r)
-                return r.confirmed_refusals <= self.allowed
-
             def baked(r: TrialRecord) -> bool:
                 self.save(output, r, original, records)
                 bake_chosen(self.meta, output, file, self.progress)
                 with LlamaModel(file, n_batch=4096, n_seq=64) as llama:
                     r.baked_refusals = self._refusals(llama.greedy(self.confirm_prompts, self.settings.confirm_tokens))
-                self.say(f"trial {r.number} baked: {r.baked_refusals} of {len(self.confirm_prompts)} refused "
-                         f"(through its adapter: {r.confirmed_refusals})")
+                adapter = "" if r.confirmed_refusals is None else f" (through its adapter: {r.confirmed_refusals})"
+                self.say(f"trial {r.number} baked: {r.baked_refusals} of {len(self.confirm_prompts)} refused{adapter}")
                 return r.baked_refusals <= self.allowed
 
             later = [r for r in self.candidates if (r.kl or 0.0) > (chosen.kl or 0.0)]
-            best = first_baked_passing(chosen, later, through_adapter, baked, self.settings.bake_checks)
+            best = first_baked_passing(chosen, later, baked, self.settings.bake_checks)
             if best is None:
                 tried = [r for r in (chosen, *later) if r.baked_refusals is not None]
                 best = min(tried, key=lambda r: (r.baked_refusals or 0, r.objectives[1]))
@@ -454,21 +448,23 @@ def lowest_passing(candidates: list[TrialRecord], passes: Callable[[TrialRecord]
     return candidates[hi]
 
 
-def first_baked_passing(first: TrialRecord, later: list[TrialRecord], passes: Callable[[TrialRecord], bool],
-                        bakes: Callable[[TrialRecord], bool], budget: int) -> TrialRecord | None:
+def first_baked_passing(first: TrialRecord, later: list[TrialRecord], bakes: Callable[[TrialRecord], bool],
+                        budget: int) -> TrialRecord | None:
     """The pick `first` if its bake passes; else, up the front (`later`, by rising KL), the
-    lowest-KL trial that passes through its adapter and then baked, by bisection from the
-    strongest end (`lowest_passing`); at most `budget` calls in all, each at most one bake.
+    lowest-KL trial whose bake passes, by bisection from the strongest end (`lowest_passing`);
+    at most `budget` bakes in all.
 
     Not one step at a time: requantization noise tips the same prompt for neighbouring trials
     alike (on Qwen2.5-Coder-0.5B the pick and its two neighbours up the front all refused the
     one prompt baked that each answered through its adapter), while the strongest end had room.
+    Trials up the front are baked without an adapter confirmation first: they pass through
+    their adapters anyway (the front is monotone), so that would only add a confirmation each.
     """
     if budget < 1:
         return None
     if bakes(first):
         return first
-    return lowest_passing(later, lambda r: passes(r) and bakes(r), budget - 1)
+    return lowest_passing(later, bakes, budget - 1)
 
 
 def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
