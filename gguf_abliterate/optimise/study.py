@@ -140,8 +140,7 @@ class Search:
         storage = _storage(url)
         sampler_args = dict(multivariate=True, n_startup_trials=settings.startup_trials, seed=settings.seed,
                             constant_liar=True)
-        # one decode for a whole prompt set: the confirmation's 48 prompts and their answers fit
-        self.llama = LlamaModel(model_path, n_batch=4096, n_seq=64)
+        self.llama = _load(model_path)
         try:
             if create:
                 try:
@@ -287,14 +286,19 @@ class Search:
             schedule = resolve(EditParams.from_dict(record.params), self.per_block, self.harmless_means)
             self.llama.set_adapter(self.adapters.pieces(schedule))
         try:
-            answers = self.llama.greedy(self.confirm_prompts, self.settings.confirm_tokens)
+            return self._refusals(self.llama)
         finally:
             self.llama.set_adapter(None)
-        return self._refusals(answers)
 
-    def _refusals(self, answers: list[str]) -> int:
+    def _refusals(self, llama: LlamaModel) -> int:
+        """`llama`'s greedy refusals to the confirmation prompts."""
+        answers = llama.greedy(self.confirm_prompts, self.settings.confirm_tokens)
         verdicts = self.confirmer.label(self.confirm_prompts, answers)
         return sum(v.label is Label.REFUSAL for v in verdicts)
+
+    def _allowed(self, original: int) -> float:
+        """The pick rule's bound: refusals at most `max_refusals` percent of the original's."""
+        return self.settings.max_refusals / 100 * original
 
     def pick(self, records: list[TrialRecord], confirm: bool = True) -> tuple[TrialRecord | None, int | None,
                                                                               list[TrialRecord]]:
@@ -306,8 +310,7 @@ class Search:
         about log2(n) confirmations, at most `confirm` of them.
         """
         front = pareto_front(records)
-        self.candidates = candidates = sorted((r for r in front if r.refusal <= CONFIRM_MAX_RATIO and r.kl is not None),
-                            key=lambda r: r.kl or 0.0)
+        candidates = _candidates(front)
         if not candidates and front:
             candidates = front[:1]  # sorted by refusal: the trial that removed the most
             self.say(f"note: no trial brought the refusal mass under {CONFIRM_MAX_RATIO:g} of the original's "
@@ -318,7 +321,7 @@ class Search:
         with self.progress(total=budget + 1, desc="confirming the front", unit="trial") as bar:
             original = self.confirm(None)
             bar.update(1)
-            self.allowed = allowed = self.settings.max_refusals / 100 * original
+            allowed = self._allowed(original)
 
             def passes(r: TrialRecord) -> bool:
                 if r.confirmed_refusals is None:
@@ -351,13 +354,13 @@ class Search:
             def baked(r: TrialRecord) -> bool:
                 self.save(output, r, original, records)
                 bake_chosen(self.meta, output, file, self.progress)
-                with LlamaModel(file, n_batch=4096, n_seq=64) as llama:
-                    r.baked_refusals = self._refusals(llama.greedy(self.confirm_prompts, self.settings.confirm_tokens))
+                with _load(file) as llama:
+                    r.baked_refusals = self._refusals(llama)
                 adapter = "" if r.confirmed_refusals is None else f" (through its adapter: {r.confirmed_refusals})"
                 self.say(f"trial {r.number} baked: {r.baked_refusals} of {len(self.confirm_prompts)} refused{adapter}")
-                return r.baked_refusals <= self.allowed
+                return r.baked_refusals <= self._allowed(original)
 
-            later = [r for r in self.candidates if (r.kl or 0.0) > (chosen.kl or 0.0)]
+            later = [r for r in _candidates(pareto_front(records)) if (r.kl or 0.0) > (chosen.kl or 0.0)]
             best = first_baked_passing(chosen, later, baked, self.settings.bake_checks)
             if best is None:
                 tried = [r for r in (chosen, *later) if r.baked_refusals is not None]
@@ -392,6 +395,17 @@ class Search:
         strengths = {c.value: schedule.strengths[c] for c in Component}
         save_schedule(output, schedule.directions, strengths, self.per_block, self.harmless_means, metadata,
                       [r.to_json() for r in records], chosen.number)
+
+
+def _load(path: Path) -> LlamaModel:
+    """A model for trials and confirmations: up to 64 sequences and 4096 tokens per decode, so a
+    trial's prompt set goes through in one decode (longer sets are split into several)."""
+    return LlamaModel(path, n_batch=4096, n_seq=64)
+
+
+def _candidates(front: list[TrialRecord]) -> list[TrialRecord]:
+    """The front's trials the pick is made from (refusal ratio at most CONFIRM_MAX_RATIO), by KL."""
+    return sorted((r for r in front if r.refusal <= CONFIRM_MAX_RATIO and r.kl is not None), key=lambda r: r.kl or 0.0)
 
 
 def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray]:
