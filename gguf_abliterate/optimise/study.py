@@ -19,12 +19,9 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,7 @@ from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.judge import Judge
 from gguf_abliterate.evaluate.scorers import Label, Scorer, get_scorer
 from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.interrupt import sigint_flag
 from gguf_abliterate.optimise.adapter import TrialAdapters
 from gguf_abliterate.optimise.scorer import TrialScorer
 from gguf_abliterate.optimise.space import suggest
@@ -209,7 +207,7 @@ class Search:
     def run(self) -> int:
         """Run trials until a stop rule; returns how many this process finished. Ctrl-C stops
         after the trial under way (raising KeyboardInterrupt then); a second one at once."""
-        with _interrupt_after_the_trial() as asked:
+        with sigint_flag() as asked:  # Ctrl-C stops after the trial under way
             return self._run(asked)
 
     def _run(self, asked: Callable[[], bool]) -> int:
@@ -418,30 +416,6 @@ def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: --from needs a direction file with every block's direction and harmless mean "
                         f"(made by this version's `direction`)")
     return d.per_block, d.harmless_means
-
-
-@contextlib.contextmanager
-def _interrupt_after_the_trial() -> Iterator[Callable[[], bool]]:
-    """While the search runs, the first SIGINT only sets a flag the loop reads between trials.
-
-    A KeyboardInterrupt raised while llama.cpp is inside our eval callback (a ctypes callback,
-    called for every graph node) is printed and swallowed by ctypes, so a plain Ctrl-C during a
-    trial was often lost. A second Ctrl-C raises at once, as usual.
-    """
-    flag = {"asked": False}
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if flag["asked"]:
-            raise KeyboardInterrupt
-        flag["asked"] = True
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
-    try:
-        yield lambda: flag["asked"]
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
 
 
 def lowest_passing(candidates: list[TrialRecord], passes: Callable[[TrialRecord], bool],
