@@ -97,12 +97,11 @@ def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_re
         f"baked = the same, baked into the file's own types):")
     say(f"{'trial':>5} {'refusal':>8} {'KL':>8} {'confirmed':>9} {'baked':>5}  direction            attn (peak@pos w edge)   "
         f"mlp (peak@pos w edge)")
+    from gguf_abliterate.optimise.space import describe
+
     for r in front:
-        p = r.params
-        d = "per-block" if p["direction_index"] is None else f"index {p['direction_index']:.2f}"
-        d += " orth" if p["orthogonal"] else ""
-        k = "  ".join(f"{p[c]['peak']:.2f}@{p[c]['position']:.1f} w{p[c]['width']:.1f} e{p[c]['edge']:.2f}"
-                      for c in ("attn", "mlp"))
+        d, attn, mlp = describe(r.params)
+        k = f"{attn}  {mlp}"
         kl = "-" if r.kl is None else f"{r.kl:.4f}"
         conf = "-" if r.confirmed_refusals is None else str(r.confirmed_refusals)
         baked = "-" if r.baked_refusals is None else str(r.baked_refusals)

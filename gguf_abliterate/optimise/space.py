@@ -77,3 +77,13 @@ def suggest(trial: Any, n_layer: int, fixed: Mapping[str, Any]) -> EditParams:
         )
 
     return EditParams(index, bool(orthogonal), kernel("attn"), kernel("mlp"))
+
+
+def describe(params: Mapping[str, Any]) -> tuple[str, str, str]:
+    """A trial's direction and its two kernels in a few characters each, for tables:
+    ("index 12.50 orth", "1.00@15.0 w4.0 e0.20", ...) with peak@position, half-width, edge."""
+    d = PER_BLOCK if params["direction_index"] is None else f"index {params['direction_index']:.2f}"
+    d += " orth" if params["orthogonal"] else ""
+    attn, mlp = (f"{params[c]['peak']:.2f}@{params[c]['position']:.1f} w{params[c]['width']:.1f} "
+                 f"e{params[c]['edge']:.2f}" for c in ("attn", "mlp"))
+    return d, attn, mlp

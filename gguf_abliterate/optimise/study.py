@@ -81,6 +81,16 @@ class TrialRecord:
                 "objectives": list(self.objectives), "confirmed_refusals": self.confirmed_refusals,
                 "baked_refusals": self.baked_refusals}
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrialRecord:
+        """A trial as a result file's `trials` metadata holds it."""
+        try:
+            return cls(int(d["number"]), dict(d["params"]), float(d["refusal"]),
+                       None if d["kl"] is None else float(d["kl"]), tuple(map(float, d["objectives"])),  # type: ignore[arg-type]
+                       d.get("confirmed_refusals"), d.get("baked_refusals"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"a trial in the result file is malformed ({e!r})") from None
+
 
 def _optuna() -> Any:
     try:
