@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as Q
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.make_tiny_models import TinySpec, build_model  # noqa: E402
+from tools.make_tiny_models import CHATML, TinySpec, build_model  # noqa: E402
 
 # The tiny models the tests use, by role. Types are a mix the engine can write.
 TINY_SPECS = {
@@ -29,6 +29,8 @@ TINY_SPECS = {
     "llama-kquant": TinySpec(arch="llama", types={"attn_output": Q.Q4_K, "ffn_down": Q.Q6_K, "token_embd": Q.Q5_K}),
     "llama-nobias": TinySpec(arch="llama", types={"attn_output": Q.Q4_0, "ffn_down": Q.Q5_0}, seed=3),
     "llama-iq2": TinySpec(arch="llama", types={"attn_output": Q.IQ2_XXS, "ffn_down": Q.Q4_K}),
+    "llama-chat": TinySpec(arch="llama", types={"attn_output": Q.Q4_0, "ffn_down": Q.Q5_0}, seed=5,
+                           chat_template=CHATML),
 }
 
 

@@ -41,6 +41,12 @@ class TinySpec:
     # tensor kind ("attn_output", "ffn_down", "token_embd", "output", ...) -> storage type
     types: dict[str, GGMLQuantizationType] = field(default_factory=dict)
     default_type: GGMLQuantizationType = Q.Q8_0
+    chat_template: str | None = None  # jinja2, as a GGUF's tokenizer.chat_template (CHATML ...)
+
+
+# Qwen's ChatML template, as its GGUFs carry it (shortened: no tools)
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def _vocab() -> tuple[list[str], list[float], list[int]]:
@@ -107,6 +113,8 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     w.add_uint32("tokenizer.ggml.bos_token_id", 1)
     w.add_uint32("tokenizer.ggml.eos_token_id", 2)
     w.add_uint32("tokenizer.ggml.unknown_token_id", 0)
+    if spec.chat_template is not None:
+        w.add_chat_template(spec.chat_template)
 
     def matrix(name: str, kind: str, rows: int, cols: int, std: float = 0.05, experts: int = 0) -> None:
         shape = (experts, rows, cols) if experts else (rows, cols)
