@@ -26,6 +26,12 @@ def open_read(path: str | os.PathLike[str]) -> int:
     return os.open(path, os.O_RDONLY | _BINARY)
 
 
+def create_new(path: str | os.PathLike[str]) -> None:
+    """Create an empty file that must not exist yet (FileExistsError if it does), with the
+    permissions a new file gets (0o666 less the umask)."""
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _BINARY, 0o666))
+
+
 def open_write(path: str | os.PathLike[str]) -> int:
     """A read-write, binary file descriptor on an existing file."""
     return os.open(path, os.O_RDWR | _BINARY)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gguf_abliterate.portable import open_write, termination_signals
+from gguf_abliterate.portable import create_new, open_write, termination_signals
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -42,12 +42,16 @@ def atomic_paths(dsts: list[Path], check: Callable[[list[Path]], None] | None = 
     previous = [signal.signal(s, _on_term) for s in signals]
     tmps: list[Path] = []
     try:
-        mode = 0o666 & ~_umask()
         for dst in dsts:
-            fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=PARTIAL_SUFFIX, dir=dst.parent)
-            os.close(fd)
-            tmps.append(Path(name))
-            os.chmod(name, mode)  # mkstemp makes it private; an output is an ordinary file
+            # the name is recorded before the file exists: a signal landing between creating
+            # the file and recording its name (mkstemp, then append) left the file behind
+            while True:
+                tmps.append(dst.parent / f".{dst.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+                try:
+                    create_new(tmps[-1])
+                    break
+                except FileExistsError:
+                    tmps.pop()
         yield tmps
         for tmp in tmps:
             _sync(tmp)
@@ -77,9 +81,3 @@ def _sync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
