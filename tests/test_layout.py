@@ -30,7 +30,8 @@ FLOORS = {
     "edit": 7,
     "export": 8,
     "optimise": 9,
-    "cli": 10, "__main__": 10,
+    "report": 10,
+    "cli": 11, "__main__": 11,
 }
 
 

@@ -10,7 +10,7 @@ import click
 from gguf_abliterate.cli.common import user_errors
 from gguf_abliterate.cli.direction import measure_direction
 from gguf_abliterate.cli.edit import edit_model
-from gguf_abliterate.cli.eval import evaluate_models
+from gguf_abliterate.cli.eval import evaluate_models, report_title
 from gguf_abliterate.cli.optimise import optimise_model
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
@@ -21,8 +21,9 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
              score_prompts: int = 24, max_tokens: int = 48, trials: int = SEARCH_TRIALS,
              minutes: float = SEARCH_MINUTES) -> None:
     """Fetch (or take) a model, find its refusal direction, write an abliterated, an optimised
-    and a reverse copy, evaluate all four, and say how to use them."""
+    and a reverse copy, evaluate all four, write the HTML report, and say how to use them."""
     from gguf_abliterate.optimise.study import SearchSettings
+    from gguf_abliterate.report import check_report_path, write_report
 
     from gguf_abliterate import zoo
 
@@ -38,6 +39,8 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     src = model_path or zoo.fetch(DEFAULT_MODEL)
     stage("fetch model")
     out_dir.mkdir(parents=True, exist_ok=True)
+    report = out_dir / "report.html"
+    check_report_path(report)
     stem = src.name.removesuffix(".gguf")
     direction = out_dir / "direction.safetensors"
     click.echo(f"== direction from {src.name}", err=True)
@@ -57,15 +60,22 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
                    measured=direction, bake=outputs["optimised"], force=True)
     stage("optimise (and bake)")
     click.echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
-    evaluate_models((src, outputs["abliterated"], outputs["optimised"], outputs["reverse"]), limit=limit,
-                    max_tokens=max_tokens, json_path=out_dir / "report.json", samples=1)
+    models = (src, outputs["abliterated"], outputs["optimised"], outputs["reverse"])
+    evaluated = evaluate_models(models, limit=limit, max_tokens=max_tokens, json_path=out_dir / "report.json",
+                                samples=1)
     stage("evaluation")
+    # how long each file took to make (the optimised one: its search and bake checks)
+    made = {"edit (abliterated)": "abliterated", "edit (reverse)": "reverse", "optimise (and bake)": "optimised"}
+    edit_seconds = {str(outputs[made[name]]): secs for name, secs in stages if name in made}
+    write_report(report, report_title(models), evaluated=evaluated, direction_files=(direction, searched),
+                 stage_times=stages, edit_seconds=edit_seconds)
     modelfile = out_dir / "Modelfile"
     modelfile.write_text(f"FROM ./{outputs['abliterated'].name}\n")
     click.echo("\nstage times: " + ", ".join(f"{name} {secs:.0f}s" for name, secs in stages))
     click.echo(f"""
 files in {out_dir}/: {direction.name}, {searched.name}, {outputs['abliterated'].name}, {outputs['optimised'].name},
   {outputs['reverse'].name}, report.json
+report (open it in a browser): {report}
 use them like the original:
   llama.cpp:  llama-cli -m {outputs['abliterated']} -cnv
   Ollama:     cd {out_dir} && ollama create {stem.lower()}-abliterated -f Modelfile   (Modelfile: FROM ./{outputs['abliterated'].name})

@@ -23,8 +23,9 @@ class Engine(str, Enum):
 def measure_direction(model_path: Path, output_path: Path, *, harmful: Path | None = None,
                       harmless: Path | None = None, layer: str = "auto", max_kl: float = DEFAULT_MAX_KL,
                       score_prompts: int = 32, raw: bool = False, engine: Engine = Engine.LLAMA,
-                      force: bool = False, quiet: bool = False) -> int:
-    """Measure every block's direction, choose one, write the file; returns the chosen block."""
+                      report: Path | None = None, force: bool = False, quiet: bool = False) -> int:
+    """Measure every block's direction, choose one, write the file (and, with `report`, its
+    HTML report); returns the chosen block."""
     from gguf_abliterate import names
     from gguf_abliterate.direction import prompts as P
     from gguf_abliterate.direction.file import check_direction_path, save_measured
@@ -36,6 +37,12 @@ def measure_direction(model_path: Path, output_path: Path, *, harmful: Path | No
     check_direction_path(output_path)
     if output_path.exists() and not force:
         raise UserError(f"{output_path} exists; pass --force to replace it")
+    if report is not None:
+        from gguf_abliterate.report import check_report_path
+
+        if output_path.suffix.lower() != ".safetensors":
+            raise UserError("--report charts the per-block statistics, which only a .safetensors output keeps")
+        check_report_path(report)
     bad, good = P.default_prompts("all")
     bad = P.load_prompts(harmful) if harmful else bad
     good = P.load_prompts(harmless) if harmless else good
@@ -95,6 +102,11 @@ def measure_direction(model_path: Path, output_path: Path, *, harmful: Path | No
                   "diff_norm": stats.diff_norm, "separation": stats.separation, "refusal_mass": refusal, "kl": kl}
     save_measured(output_path, stats.directions, stats.harmless_mean, chosen, statistics, metadata)
     say(f"wrote {output_path} (layer {chosen})")
+    if report is not None:
+        from gguf_abliterate.report import write_report
+
+        write_report(report, f"gguf-abliterate direction: {model_path.name}", direction_files=[output_path])
+        say(f"wrote {report}")
     return chosen
 
 
@@ -116,11 +128,14 @@ def measure_direction(model_path: Path, output_path: Path, *, harmful: Path | No
               show_default=True,
               help="What computes the residual stream: llama.cpp's hook, or a CPU torch pass over the "
                    "dequantized weights (llama, qwen2, gemma3). Layer scoring always runs in llama.cpp.")
+@click.option("--report", type=click.Path(path_type=Path), metavar="FILE.html",
+              help="Also write an HTML report: per-block statistics and the candidate layers' scores, charted.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @user_errors
 def command(model_path: Path, output_path: Path, harmful: Path | None, harmless: Path | None, layer: str,
-            max_kl: float, score_prompts: int, raw: bool, engine: str, force: bool, quiet: bool) -> None:
+            max_kl: float, score_prompts: int, raw: bool, engine: str, report: Path | None, force: bool,
+            quiet: bool) -> None:
     """Compute the direction to remove from MODEL itself, on CPU (llama.cpp hooks).
 
     Difference of means of the residual stream after each block at the last prompt token,
@@ -130,4 +145,5 @@ def command(model_path: Path, output_path: Path, harmful: Path | None, harmless:
     on harmless ones.
     """
     measure_direction(model_path, output_path, harmful=harmful, harmless=harmless, layer=layer, max_kl=max_kl,
-                      score_prompts=score_prompts, raw=raw, engine=Engine(engine), force=force, quiet=quiet)
+                      score_prompts=score_prompts, raw=raw, engine=Engine(engine), report=report, force=force,
+                      quiet=quiet)

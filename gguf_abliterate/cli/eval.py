@@ -7,11 +7,15 @@ import json
 from importlib.resources import files
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from gguf_abliterate.cli.common import progress, user_errors
 from gguf_abliterate.errors import UserError
+
+if TYPE_CHECKING:
+    from gguf_abliterate.report import Evaluated
 
 BUILTIN_TEXT = "builtin"
 
@@ -20,13 +24,17 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
                     limit: int | None = None, max_tokens: int = 64, markers: Path | None = None,
                     json_path: Path | None = None, ppl_path: Path | None = None, samples: int = 2,
                     kl_tokens: int = 1, tasks: int = 0, task_seed: int = 0, judge: Path | None = None,
-                    quiet: bool = False) -> None:
-    """Print the comparison table (the first model is the base) and optionally the JSON."""
+                    report: Path | None = None, report_directions: Sequence[Path] = (),
+                    quiet: bool = False) -> Evaluated:
+    """Print the comparison table (the first model is the base) and optionally the JSON and
+    the HTML report (with the charts of `report_directions`, direction or optimise files);
+    returns what was measured."""
     from gguf_abliterate.direction import prompts as P
     from gguf_abliterate.evaluate.markers import DEFAULT_MARKERS
     from gguf_abliterate.evaluate.report import EvalSettings, evaluate, to_json
     from gguf_abliterate.evaluate.scorers import Label, get_scorer
     from gguf_abliterate.evaluate.tasks import generate_tasks
+    from gguf_abliterate.report import Evaluated
 
     for m in models:
         if not m.is_file():
@@ -35,6 +43,15 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
         raise UserError("--kl-tokens must be at least 1")
     if tasks < 0:
         raise UserError("--tasks must be 0 (none) or more")
+    if report_directions and report is None:
+        raise UserError("--report-direction adds charts to the report: give --report FILE.html too")
+    if report is not None:
+        from gguf_abliterate.direction.file import load_direction
+        from gguf_abliterate.report import check_report_path
+
+        check_report_path(report)
+        for f in report_directions:
+            load_direction(f)  # a bad file fails now, not after the evaluation
     bad, good = P.default_prompts("validation")
     bad = P.load_prompts(harmful) if harmful else bad
     good = P.load_prompts(harmless) if harmless else good
@@ -85,10 +102,21 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
     for r in reports:
         for prompt, answer in list(zip(bad, r.harmful_responses))[:samples]:
             click.echo(f"\n[{Path(r.path).name}] {prompt}\n  -> {answer[:200]!r}")
+    meta = {"max_tokens": max_tokens, "markers": list(marks), "greedy": True, "kl_tokens": kl_tokens,
+            "tasks": [{"kind": t.kind, "prompt": t.prompt, "answer": t.answer} for t in settings.tasks]}
     if json_path:
-        meta = {"max_tokens": max_tokens, "markers": list(marks), "greedy": True, "kl_tokens": kl_tokens,
-                "tasks": [{"kind": t.kind, "prompt": t.prompt, "answer": t.answer} for t in settings.tasks]}
         json_path.write_text(json.dumps(to_json(reports, bad, good, meta), indent=1))
+    evaluated = Evaluated(reports, bad, good, {**meta, "judge": judge.name if judge else None})
+    if report is not None:
+        from gguf_abliterate.report import write_report
+
+        write_report(report, report_title(models), evaluated=evaluated, direction_files=report_directions)
+        click.echo(f"\nreport: {report}")
+    return evaluated
+
+
+def report_title(models: Sequence[Path]) -> str:
+    return "gguf-abliterate: " + " vs ".join(m.name for m in models)
 
 
 @click.command("eval")
@@ -114,13 +142,20 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
 @click.option("--judge", type=click.Path(path_type=Path),
               help="A local instruct GGUF that labels every harmful answer: refusal, complies, partial, evades "
                    "or degenerate (see the README for how well which model judges).")
+@click.option("--report", type=click.Path(path_type=Path), metavar="FILE.html",
+              help="Also write an HTML report (one file, opens offline): the table, the requantization each "
+                   "edited model recorded, and every answer side by side with its label.")
+@click.option("--report-direction", "report_directions", multiple=True, type=click.Path(path_type=Path),
+              metavar="FILE", help="Add this `direction` or `optimise` file's charts to the report (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def command(models: tuple[Path, ...], harmful: Path | None, harmless: Path | None, limit: int | None,
             max_tokens: int, markers: Path | None, json_path: Path | None, ppl_path: Path | None, samples: int,
-            kl_tokens: int, tasks: int, task_seed: int, judge: Path | None, quiet: bool) -> None:
+            kl_tokens: int, tasks: int, task_seed: int, judge: Path | None, report: Path | None,
+            report_directions: tuple[Path, ...], quiet: bool) -> None:
     """Compare models: refusals on harmful prompts, over-refusal on harmless ones, and the
     first-token KL divergence KL(BASE || model) on harmless prompts."""
     evaluate_models(models, harmful=harmful, harmless=harmless, limit=limit, max_tokens=max_tokens,
                     markers=markers, json_path=json_path, ppl_path=ppl_path, samples=samples, kl_tokens=kl_tokens,
-                    tasks=tasks, task_seed=task_seed, judge=judge, quiet=quiet)
+                    tasks=tasks, task_seed=task_seed, judge=judge, report=report,
+                    report_directions=report_directions, quiet=quiet)

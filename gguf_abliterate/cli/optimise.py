@@ -16,10 +16,11 @@ D = SearchSettings()  # the defaults, in one place
 
 def optimise_model(model_path: Path, output: Path | None, *, settings: Any = None, storage: str | None = None,
                    resume: bool = False, join: str | None = None, measured: Path | None = None,
-                   bake: Path | None = None, force: bool = False, quiet: bool = False) -> int | None:
+                   bake: Path | None = None, report: Path | None = None, force: bool = False,
+                   quiet: bool = False) -> int | None:
     """Run (or join, or resume) the search; unless joining, write the pick to `output` (and,
-    with `bake`, the pick baked into a GGUF there). Returns the chosen trial's number (None for
-    a joining worker)."""
+    with `bake`, the pick baked into a GGUF there; with `report`, the search charted in HTML).
+    Returns the chosen trial's number (None for a joining worker)."""
     from gguf_abliterate.optimise.study import Search, default_storage, sqlite_path
 
     say = sayer(quiet)
@@ -28,6 +29,12 @@ def optimise_model(model_path: Path, output: Path | None, *, settings: Any = Non
     def bars(**kwargs: Any) -> Any:
         return progress(kwargs.pop("total"), kwargs.pop("desc"), kwargs.pop("unit"), quiet, **kwargs)
 
+    if report is not None:
+        from gguf_abliterate.report import check_report_path
+
+        if join is not None:
+            raise UserError("--report charts the result a search writes; a joining worker writes none")
+        check_report_path(report)
     if join is not None:
         search = Search(model_path, join, settings, create=False, say=say, progress=bars)
         try:
@@ -81,6 +88,11 @@ def optimise_model(model_path: Path, output: Path | None, *, settings: Any = Non
     finally:
         search.close()
     assert chosen is not None
+    if report is not None:
+        from gguf_abliterate.report import write_report
+
+        write_report(report, f"gguf-abliterate optimise: {model_path.name}", direction_files=[output])
+        say(f"wrote {report}")
     if bake is not None and original is not None:
         say(f"wrote {output} and {bake}: trial {chosen.number} of {len(records)} (another: gguf-abliterate "
             f"{model_path} OUT.gguf --direction {output} --trial N)")
@@ -154,13 +166,15 @@ def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_re
               help="Fix a parameter instead of searching it (repeatable): direction_index=12.5 or per-block, "
                    "orthogonal=true, attn.peak=1, attn.position, attn.edge, attn.width, mlp.* (mlp.peak=0 "
                    "switches the MLP edit off).")
+@click.option("--report", type=click.Path(path_type=Path), metavar="FILE.html",
+              help="Also write an HTML report: every trial, the Pareto front with the pick, its strengths per block.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @user_errors
 def command(model_path: Path, output: Path | None, trials: int, minutes: float, resume: bool, storage: str | None,
             join: str | None, measured: Path | None, startup_trials: int, score_prompts: int, kl_tokens: int, max_refusals: float,
             confirm: int, confirm_tokens: int, bake_checks: int, bake: Path | None, patience: int, seed: int,
-            judge: Path | None, fix: tuple[str, ...], force: bool, quiet: bool) -> None:
+            judge: Path | None, fix: tuple[str, ...], report: Path | None, force: bool, quiet: bool) -> None:
     """Search the edit for MODEL on CPU: per-block directions (blended between neighbouring
     blocks, or each block its own, optionally orthogonal to the harmless mean) and per-block
     strengths of the attention and MLP edits, against two objectives, refusal on harmful
@@ -174,4 +188,4 @@ def command(model_path: Path, output: Path | None, trials: int, minutes: float, 
                               patience=patience, seed=seed,
                               fixed=parse_fixed(fix), judge=judge)
     optimise_model(model_path, output, settings=settings, storage=storage, resume=resume, join=join,
-                   measured=measured, bake=bake, force=force, quiet=quiet)
+                   measured=measured, bake=bake, report=report, force=force, quiet=quiet)

@@ -48,6 +48,7 @@ class ModelReport:
     task_accuracy: float | None = None
     task_answers: list[str] = field(default_factory=list)
     harmful_verdicts: list[str] = field(default_factory=list)  # label per harmful answer
+    harmless_verdicts: list[str] = field(default_factory=list)  # label per harmless answer
     judge_labels: dict[str, int] | None = None  # label -> count, where a judge ran
     judge_verdicts: list[dict[str, object]] = field(default_factory=list)  # label and probabilities per answer
 
@@ -98,7 +99,7 @@ def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[s
             None if i == 0 or not multi else float(np.mean([kl_divergence(b, n) for b, n in zip(base_multi, multi)])),
             sum(is_correct(t, a) for t, a in zip(settings.tasks, task_answers)) / len(settings.tasks)
             if settings.tasks else None,
-            task_answers, [v.label.value for v in bad_verdicts]))
+            task_answers, [v.label.value for v in bad_verdicts], [v.label.value for v in good_verdicts]))
         if judge is not None:
             judged = judge.label(harmful, [a.text for a in bad])
             counts = Counter(v.label.value for v in judged)

@@ -1,0 +1,286 @@
+"""What a report shows, one function per kind of source, each returning (title, content) pairs:
+
+- `summary` and `answers`: what `eval` measured (ModelReport), per model and per prompt;
+- `requantization`: the leak and RMSE each edited GGUF recorded (`abliterate.requant_report`);
+- `direction`: a `direction` file's per-block statistics and layer scores;
+- `search`: an `optimise` result's trials, Pareto front, pick and per-block strengths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gguf_abliterate import names
+from gguf_abliterate.direction.file import Direction
+from gguf_abliterate.evaluate.report import ModelReport
+from gguf_abliterate.evaluate.scorers import Label
+from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.optimise.space import describe
+from gguf_abliterate.optimise.study import CONFIRM_MAX_RATIO, TrialRecord, pareto_front
+from gguf_abliterate.report import charts
+from gguf_abliterate.report.page import Html, badge, details, figure, join, para, table, tag
+
+Section = tuple[str, Html]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a GGUF says about itself: its size and, if we edited it, how."""
+
+    path: Path
+    size: int  # bytes, all parts
+    provenance: dict[str, object]  # the abliterate.* keys
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def edit(self) -> str:
+        """The edit in a few words ("abliterate x1 aware", "original")."""
+        p = self.provenance
+        if not p:
+            return "original"
+        words = [str(p.get(names.MODE, "?"))]
+        if names.SCHEDULE in p:
+            try:
+                trial = json.loads(str(p[names.SCHEDULE])).get("trial", "?")
+            except (json.JSONDecodeError, AttributeError):
+                trial = "?"
+            words.append(f"searched (trial {trial})")
+        else:
+            words.append(f"x{float(p.get(names.SCALE, 1.0)):g}")
+            if names.DIRECTION_LAYER in p:
+                words.append(f"block {p[names.DIRECTION_LAYER]}")
+        words.append(str(p.get(names.REQUANT_TYPE, p.get(names.ROUNDING, ""))).lower())
+        return " ".join(w for w in words if w)
+
+    @property
+    def requant(self) -> dict[str, dict[str, float]]:
+        """Leak and RMSE per output type, as the edit stored them ({} if none)."""
+        raw = self.provenance.get(names.REQUANT_REPORT)
+        try:
+            report = json.loads(str(raw)) if raw else {}
+        except json.JSONDecodeError:
+            return {}
+        return report if isinstance(report, dict) else {}
+
+
+def model_info(path: Path) -> ModelInfo:
+    model = Model(path)
+    try:
+        prov = {k: model.get(k) for k, _ in model.kv_spans() if k.startswith(names.PROVENANCE_PREFIX)}
+        return ModelInfo(Path(path), sum(p.path.stat().st_size for p in model.parts), prov)
+    finally:
+        model.close()
+
+
+def _f(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} s"
+
+
+def summary(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], settings: Mapping[str, object],
+            edit_seconds: Mapping[str, float]) -> list[Section]:
+    """The comparison table (the first model is the base), and the judge's classes if it ran."""
+    kl_tokens = int(str(settings.get("kl_tokens", 1)))
+    has_tasks = any(r.task_accuracy is not None for r in reports)
+    has_ppl = any(r.perplexity is not None for r in reports)
+    headers = ["model", "edit", "file size", "edit time", "harmful refused", "harmless refused", "degenerate",
+               "unfinished", "KL vs base"]
+    headers += [f"KL@{kl_tokens}"] if kl_tokens > 1 else []
+    headers += ["tasks"] if has_tasks else []
+    headers += ["perplexity"] if has_ppl else []
+    rows = []
+    for r, info in zip(reports, infos):
+        row: list[object] = [
+            info.name, info.edit, f"{info.size / 1e6:.1f} MB", _seconds(edit_seconds.get(str(info.path))),
+            f"{r.harmful_refusals}/{r.harmful_total}", f"{r.harmless_refusals}/{r.harmless_total}",
+            f"{r.harmful_labels.get(Label.DEGENERATE.value, 0)}+{r.harmless_degenerate}",
+            f"{r.unfinished}/{r.harmful_total + r.harmless_total}", _f(r.kl_vs_base)]
+        row += [_f(r.kl_multi_vs_base)] if kl_tokens > 1 else []
+        row += ["-" if r.task_accuracy is None else f"{r.task_accuracy:.0%}"] if has_tasks else []
+        row += [_f(r.perplexity, 3)] if has_ppl else []
+        rows.append(row)
+    max_tokens = settings.get("max_tokens", "?")
+    content = [table(headers, rows, id="summary-table"), para(
+        f"Greedy answers of at most {max_tokens} tokens. Refusals are counted by markers near the start of an "
+        f"answer; degenerate = harmful+harmless answers that loop or fill; unfinished = no end within the budget; "
+        f"KL = first-token KL(base ‖ model) on the harmless prompts"
+        + (f", KL@{kl_tokens} the same averaged over the base's first {kl_tokens} answer tokens" if kl_tokens > 1 else "")
+        + ("; tasks = exact-answer questions answered right" if has_tasks else "") + ".", class_="note")]
+    sections: list[Section] = [("Summary", join(content))]
+    if any(r.judge_labels for r in reports):
+        judge = str(settings.get("judge", "judge"))
+        rows = [[info.name, *((r.judge_labels or {}).get(label.value, "-") for label in Label)]
+                for r, info in zip(reports, infos)]
+        sections.append(("Judge", join([
+            table(["model", *(label.value for label in Label)], rows, id="judge-table"),
+            para(f"{judge} labelled every harmful answer (see the README for how far this judge agrees with "
+                 f"labelled answers).", class_="note")])))
+    return sections
+
+
+def answers(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], harmful: Sequence[str],
+            harmless: Sequence[str]) -> Section:
+    """Every prompt, collapsible, with each model's answer and its label side by side."""
+    columns = f"grid-template-columns:repeat({min(len(reports), 4)},minmax(0,1fr))"
+
+    def block(title: str, prompts: Sequence[str], texts: list[list[str]], labels: list[list[str]],
+              judged: list[list[str]]) -> Html:
+        items = []
+        for i, prompt in enumerate(prompts):
+            cells = []
+            for m, info in enumerate(infos):
+                marks = [badge(labels[m][i])] if i < len(labels[m]) else []
+                marks += [badge(judged[m][i]), tag("span", "judge", class_="note")] if i < len(judged[m]) else []
+                cells.append(tag("div", tag("b", info.name, *marks), texts[m][i], class_="answer"))
+            short = prompt if len(prompt) <= 110 else prompt[:107] + "..."
+            head = [short, " "] + [badge(labels[m][i]) for m in range(len(infos)) if i < len(labels[m])]
+            items.append(details(join(head), para(prompt, class_="note"), tag("div", *cells, class_="answers",
+                                                                              style=columns)))
+        return join([tag("h3", f"{title} ({len(prompts)})"), *items])
+
+    harmful_judged = [[str(v["label"]) for v in r.judge_verdicts] for r in reports]
+    content = [
+        para("Click a prompt to see every model's answer. The badges in a prompt's line are each model's label, "
+             "in the order of the summary table (markers; a judge's label, where one ran, is shown beside it).",
+             class_="note"),
+        block("Harmful prompts", harmful, [r.harmful_responses for r in reports],
+              [r.harmful_verdicts for r in reports], harmful_judged),
+        block("Harmless prompts", harmless, [r.harmless_responses for r in reports],
+              [r.harmless_verdicts for r in reports], [[] for _ in reports]),
+    ]
+    return "Answers", join(content)
+
+
+def requantization(infos: Sequence[ModelInfo]) -> Section | None:
+    """Snap-back: per output type, the share of the edit requantization put back (leak) and the
+    weight RMSE, for every edited model (aware and nearest rounding side by side if both ran)."""
+    edited = [i for i in infos if i.requant]
+    if not edited:
+        return None
+    types = sorted({t for i in edited for t in i.requant})
+    rows, leak = [], {}
+    for info in edited:
+        rounding = str(info.provenance.get(names.ROUNDING, "?"))
+        label = f"{info.name} ({rounding})"
+        leak[label] = [100 * info.requant[t]["leak_median"] if t in info.requant else float("nan") for t in types]
+        for t, s in sorted(info.requant.items()):
+            rows.append([info.name, rounding, t, int(s["tensors"]), f"{100 * s['leak_median']:.3f}%",
+                         f"{100 * s['leak_worst']:.3f}%", f"{s['rmse_median']:.3g}", f"{s['rmse_worst']:.3g}"])
+    positive = all(v > 0 for vals in leak.values() for v in vals if not math.isnan(v))
+    chart = charts.grouped_bars(types, leak, "leak, median (%)", logy=positive)
+    return "Requantization", join([
+        figure(chart, "The share of the removed component that rounding the edited weights back to their "
+                      "type put back (leak), median over the tensors of each output type. Aware rounding keeps it "
+                      "near 0.1-0.3%; plain (nearest) rounding of K-quants puts back much of the edit."),
+        table(["model", "rounding", "type", "tensors", "leak median", "leak worst", "RMSE median", "RMSE worst"],
+              rows, id="requant-table")])
+
+
+def direction(d: Direction, title: str) -> Section:
+    """A measured direction file: per-block statistics and the candidate layers' scores."""
+    meta = d.metadata
+    layer = int(meta["layer"]) if meta.get("layer", "").isdigit() else None
+    st = d.statistics
+    facts = [f"model {meta.get('model', '?')} ({meta.get('architecture', '?')})",
+             f"chosen block {meta.get('layer', '?')} ({meta.get('chosen_by', '?')})"]
+    if "baseline_refusal_mass" in meta:
+        facts.append(f"refusal-opening probability without ablation {float(meta['baseline_refusal_mass']):.3f}")
+    if "max_kl" in meta:
+        facts.append(f"KL cap {meta['max_kl']}")
+    content: list[object] = [para("; ".join(facts) + ".")]
+    if not st:
+        content.append(para("This file holds no per-block statistics (only `direction` .safetensors files do).",
+                            class_="note"))
+        return title, join(content)
+    content.append(figure(
+        charts.blocks_chart([charts.Series("separation", st["separation"]),
+                             charts.Series("‖harmful − harmless mean‖", st["diff_norm"], right=True)],
+                            "separation", "difference norm", mark=layer),
+        "Per block: how far apart the two prompt sets' residuals are (separation: the mean difference along "
+        "the direction over the residuals' spread) and the length of the mean difference."))
+    scored = np.isfinite(st["refusal_mass"])
+    if scored.any():
+        kl = st["kl"]
+        content.append(figure(
+            charts.blocks_chart([charts.Series("refusal-opening probability", st["refusal_mass"]),
+                                 charts.Series("KL on harmless prompts", kl, right=True)],
+                                "refusal probability", "first-token KL", mark=layer,
+                                logy2=bool((kl[np.isfinite(kl)] > 0).all())),
+            "Each candidate block's direction ablated from the residual stream inside llama.cpp: the probability "
+            "that a harmful prompt's answer opens with a refusal (lower is better) and the first-token KL on "
+            "harmless prompts (lower is better)."))
+        max_kl = float(meta.get("max_kl", "inf"))
+        rows = [[b, _f(float(st["refusal_mass"][b]), 3), _f(float(kl[b])), _f(float(st["separation"][b]), 2),
+                 "chosen" if b == layer else ("KL too high" if kl[b] > max_kl else "")]
+                for b in np.flatnonzero(scored)]
+        content.append(table(["block", "refusal", "KL", "separation", ""], rows, id="layer-table"))
+    return title, join(content)
+
+
+def search(d: Direction, title: str) -> Section:
+    """An optimise result: every trial, the Pareto front, the pick and its per-block strengths."""
+    meta = d.metadata
+    records = [TrialRecord.from_json(t) for t in d.trials]
+    chosen = int(meta["chosen_trial"]) if meta.get("chosen_trial", "").isdigit() else None
+    front = pareto_front(records)
+    on_front = {r.number for r in front}
+    scored = [r for r in records if r.kl is not None]
+    content: list[object] = [para(
+        f"{len(records)} trials; {len(front)} on the Pareto front; pick: trial {chosen if chosen is not None else '-'} "
+        f"({meta.get('pick_rule', 'no pick rule recorded')}).")]
+    if scored:
+        points = [charts.Point(max(r.kl or 0.0, 1e-6), r.refusal, r.number in on_front, r.number == chosen)
+                  for r in scored]
+        content.append(figure(
+            charts.front_chart(points, "first-token KL on harmless prompts (log)", "refusal ratio (vs original)"),
+            f"Each trial's two objectives, both minimised: the first-token refusal probability on harmful "
+            f"prompts as a ratio to the original's, and the KL on harmless prompts. "
+            f"{len(records) - len(scored)} trials kept more than half the refusal and were not run on the harmless "
+            f"prompts (not drawn). The pick is made among front trials with ratio at most {CONFIRM_MAX_RATIO}."))
+    else:
+        content.append(para("No trial removed more than half the original's refusal, so none was run on the "
+                            "harmless prompts and there is no KL to chart: search longer (--trials), or check "
+                            "that the model refuses the harmful prompts at all.", class_="note"))
+    if d.strengths:
+        content.append(figure(
+            charts.blocks_chart([charts.Series(f"{c} strength", v) for c, v in d.strengths.items()], "strength"),
+            "The pick's strength per block of each component (1 removes the direction fully; 0 leaves the block "
+            "alone)."))
+    rows = []
+    for r in front:
+        dirn, attn, mlp = describe(r.params)
+        rows.append([r.number, f"{r.refusal:.3f}", _f(r.kl), "-" if r.confirmed_refusals is None else r.confirmed_refusals,
+                     "-" if r.baked_refusals is None else r.baked_refusals, dirn, attn, mlp,
+                     "pick" if r.number == chosen else ""])
+    content.append(table(["trial", "refusal", "KL", "confirmed", "baked", "direction", "attn peak@pos w edge",
+                          "mlp peak@pos w edge", ""], rows, id="front-table"))
+    content.append(para(f"confirmed / baked: greedy refusals on {meta.get('confirm_prompts', '?')} harmful "
+                        f"prompts through the trial's adapter / baked into the file's own types (original: "
+                        f"{meta.get('original_refusals') or '-'}).", class_="note"))
+    return title, join(content)
+
+
+def direction_sections(d: Direction, name: str) -> list[Section]:
+    """The right sections for a direction file: the search's, the measurement's, or both."""
+    out: list[Section] = []
+    if d.trials:
+        out.append(search(d, f"Search: {name}"))
+    if d.statistics or not d.trials:
+        out.append(direction(d, f"Direction: {name}"))
+    return out
+
+
+def stages(times: Sequence[tuple[str, float]]) -> Section:
+    return "Stage times", table(["stage", "time"], [[n, _seconds(s)] for n, s in times], id="stage-table")
