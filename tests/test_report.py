@@ -202,6 +202,7 @@ def test_optimise_report(tiny: dict[str, Path], tmp_path: Path) -> None:
     (["eval", "{model}", "--report-direction", "{model}"], "give --report FILE.html too"),
     (["eval", "{model}", "--report", "{tmp}/no/such/r.html"], "no such directory"),
     (["eval", "{model}", "--report", "{tmp}"], "is a directory"),
+    (["eval", "{model}", "--report", "{model}"], "is an input file"),
     (["eval", "{model}", "--report", "{tmp}/r.html", "--report-direction", "{tmp}/x.npy"], "no such direction file"),
     (["direction", "{model}", "-o", "{tmp}/d.npy", "--report", "{tmp}/r.html"], "only a .safetensors output"),
     (["optimise", "{model}", "--join", "sqlite:///{tmp}/s.db", "--report", "{tmp}/r.html"], "joining worker"),
@@ -222,3 +223,13 @@ def test_page_escapes_text_and_marks_numbers() -> None:
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<title>a &lt;b&gt; &amp; &#x27;c&#x27;</title>" in html
     assert '<td class="num">0.5</td>' in html
+
+
+def test_chart_labels_keep_what_tells_models_apart() -> None:
+    from gguf_abliterate.report.sections import distinct
+
+    assert distinct(["Qwen-0.5B-abliterated.gguf", "Qwen-0.5B-reverse.gguf"]) == ["abliterated.gguf", "reverse.gguf"]
+    assert distinct(["a.gguf", "a.gguf.bak"]) == ["a.gguf", "a.gguf.bak"]  # a short stem stays
+    assert distinct(["model-q4.gguf", "model-q4.gguf"]) == ["model-q4.gguf", "model-q4.gguf"]  # nothing left
+    assert distinct(["model.gguf"]) == ["model.gguf"]
+    assert distinct(["x-1.gguf", "y-2.gguf"]) == ["x-1.gguf", "y-2.gguf"]

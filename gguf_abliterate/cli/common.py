@@ -59,6 +59,15 @@ def qtype_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 WRITABLE = sorted(t.name.lower() for t in quants.writable_types())
 
 
+def check_report(report: Path, inputs: list[Path]) -> None:
+    """Before any long work: the report can be written (no input overwritten, its folder
+    there) and its charts drawn (matplotlib installed)."""
+    from gguf_abliterate.report.charts import require_matplotlib
+
+    check_output(inputs, [report], force=True)
+    require_matplotlib()
+
+
 def check_output(inputs: list[Path], outputs: list[Path], force: bool) -> None:
     """Refuse to overwrite an input, an existing file without --force, or a missing folder."""
     for out in outputs:

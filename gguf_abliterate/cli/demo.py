@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gguf_abliterate.cli.common import user_errors
+from gguf_abliterate.cli.common import check_report, user_errors
 from gguf_abliterate.cli.direction import measure_direction
 from gguf_abliterate.cli.edit import edit_model
 from gguf_abliterate.cli.eval import evaluate_models, report_title
@@ -23,7 +23,7 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     """Fetch (or take) a model, find its refusal direction, write an abliterated, an optimised
     and a reverse copy, evaluate all four, write the HTML report, and say how to use them."""
     from gguf_abliterate.optimise.study import SearchSettings
-    from gguf_abliterate.report import check_report_path, write_report
+    from gguf_abliterate.report import write_report
 
     from gguf_abliterate import zoo
 
@@ -40,7 +40,7 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     stage("fetch model")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = out_dir / "report.html"
-    check_report_path(report)
+    check_report(report, [src])
     stem = src.name.removesuffix(".gguf")
     direction = out_dir / "direction.safetensors"
     click.echo(f"== direction from {src.name}", err=True)

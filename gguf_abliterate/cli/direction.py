@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from gguf_abliterate.cli.common import progress, sayer, user_errors
+from gguf_abliterate.cli.common import check_report, progress, sayer, user_errors
 from gguf_abliterate.direction.measure import DEFAULT_MAX_KL
 from gguf_abliterate.errors import UserError
 
@@ -38,11 +38,9 @@ def measure_direction(model_path: Path, output_path: Path, *, harmful: Path | No
     if output_path.exists() and not force:
         raise UserError(f"{output_path} exists; pass --force to replace it")
     if report is not None:
-        from gguf_abliterate.report import check_report_path
-
         if output_path.suffix.lower() != ".safetensors":
             raise UserError("--report charts the per-block statistics, which only a .safetensors output keeps")
-        check_report_path(report)
+        check_report(report, [model_path, output_path])
     bad, good = P.default_prompts("all")
     bad = P.load_prompts(harmful) if harmful else bad
     good = P.load_prompts(harmless) if harmless else good

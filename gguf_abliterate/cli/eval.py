@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gguf_abliterate.cli.common import progress, user_errors
+from gguf_abliterate.cli.common import check_report, progress, user_errors
 from gguf_abliterate.errors import UserError
 
 if TYPE_CHECKING:
@@ -47,9 +47,8 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
         raise UserError("--report-direction adds charts to the report: give --report FILE.html too")
     if report is not None:
         from gguf_abliterate.direction.file import load_direction
-        from gguf_abliterate.report import check_report_path
 
-        check_report_path(report)
+        check_report(report, [*models, *report_directions, *([json_path] if json_path else [])])
         for f in report_directions:
             load_direction(f)  # a bad file fails now, not after the evaluation
     bad, good = P.default_prompts("validation")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from gguf_abliterate.cli.common import Say, progress, sayer, user_errors
+from gguf_abliterate.cli.common import Say, check_report, progress, sayer, user_errors
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.optimise.study import SearchSettings
 
@@ -30,11 +30,9 @@ def optimise_model(model_path: Path, output: Path | None, *, settings: Any = Non
         return progress(kwargs.pop("total"), kwargs.pop("desc"), kwargs.pop("unit"), quiet, **kwargs)
 
     if report is not None:
-        from gguf_abliterate.report import check_report_path
-
         if join is not None:
             raise UserError("--report charts the result a search writes; a joining worker writes none")
-        check_report_path(report)
+        check_report(report, [model_path, *(p for p in (output, bake, measured) if p is not None)])
     if join is not None:
         search = Search(model_path, join, settings, create=False, say=say, progress=bars)
         try:

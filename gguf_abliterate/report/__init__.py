@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gguf_abliterate import __version__
-from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.report import ModelReport
 
 
@@ -24,17 +23,6 @@ class Evaluated:
     harmful: Sequence[str]
     harmless: Sequence[str]
     settings: Mapping[str, object] = field(default_factory=dict)
-
-
-def check_report_path(path: Path) -> None:
-    """Fail before any long work: a folder that exists, not a folder itself, matplotlib there."""
-    from gguf_abliterate.report.charts import require_matplotlib
-
-    if path.is_dir():
-        raise UserError(f"--report {path} is a directory")
-    if not path.parent.resolve().is_dir():
-        raise UserError(f"--report {path}: no such directory {path.parent}")
-    require_matplotlib()
 
 
 def write_report(path: Path, title: str, *, evaluated: Evaluated | None = None,

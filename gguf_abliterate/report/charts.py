@@ -45,7 +45,8 @@ def _svg(fig: Any) -> str:
     style = {"svg.fonttype": "none", "svg.hashsalt": f"chart{next(_SALTS)}", "font.size": 9}
     with matplotlib.rc_context(style):
         fig.tight_layout()
-        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+        fig.savefig(buf, format="svg", bbox_inches="tight",  # grown to hold a legend outside the axes
+                    metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     svg = buf.getvalue()
     svg = svg[svg.index("<svg"):]
     svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
@@ -99,9 +100,12 @@ def _integer_ticks() -> Any:
 
 
 def _legend_above(ax: Any, handles: Any = None) -> None:
-    """The legend in one row above the plot, where it hides no line."""
-    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.01), ncols=4, fontsize=8, frameon=False,
-              borderaxespad=0)
+    """The legend above the plot, where it hides no line: in one row, or one entry a row when
+    the labels are long."""
+    labels = handles if handles is not None else ax.get_legend_handles_labels()[0]
+    long = max((len(h.get_label()) for h in labels), default=0) > 28
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.01), ncols=1 if long else 4, fontsize=8,
+              frameon=False, borderaxespad=0)
 
 
 @dataclass(frozen=True)

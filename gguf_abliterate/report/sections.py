@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,18 @@ class ModelInfo:
         except json.JSONDecodeError:
             return {}
         return report if isinstance(report, dict) else {}
+
+
+def distinct(labels: Sequence[str]) -> list[str]:
+    """The labels less a long start they all share (8+ characters, up to a separator), when that
+    leaves each one something different: "Qwen2.5-0.5B-abliterated.gguf", "Qwen2.5-0.5B-reverse.gguf" ->
+    "abliterated.gguf", "reverse.gguf"."""
+    if len(labels) < 2:
+        return list(labels)
+    common = os.path.commonprefix(list(labels))
+    cut = max(common.rfind(c) for c in "-_. ") + 1
+    rest = [s[cut:] for s in labels]
+    return rest if cut >= 8 and all(rest) and len(set(rest)) == len(rest) else list(labels)
 
 
 def model_info(path: Path) -> ModelInfo:
@@ -171,9 +184,9 @@ def requantization(infos: Sequence[ModelInfo]) -> Section | None:
         return None
     types = sorted({t for i in edited for t in i.requant})
     rows, leak = [], {}
-    for info in edited:
+    for info, short in zip(edited, distinct([i.name for i in edited])):
         rounding = str(info.provenance.get(names.ROUNDING, "?"))
-        label = f"{info.name} ({rounding})"
+        label = f"{short} ({rounding})"
         leak[label] = [100 * info.requant[t]["leak_median"] if t in info.requant else float("nan") for t in types]
         for t, s in sorted(info.requant.items()):
             rows.append([info.name, rounding, t, int(s["tensors"]), f"{100 * s['leak_median']:.3f}%",
