@@ -75,8 +75,8 @@ class ModelInfo:
 
 def distinct(labels: Sequence[str]) -> list[str]:
     """The labels less a long start they all share (8+ characters, up to a separator), when that
-    leaves each one something different: "Qwen2.5-0.5B-abliterated.gguf", "Qwen2.5-0.5B-reverse.gguf" ->
-    "abliterated.gguf", "reverse.gguf"."""
+    leaves each one something different: "Qwen2.5-0.5B-abliterated.gguf" and
+    "Qwen2.5-0.5B-reverse.gguf" become "abliterated.gguf" and "reverse.gguf"."""
     if len(labels) < 2:
         return list(labels)
     common = os.path.commonprefix(list(labels))
