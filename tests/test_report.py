@@ -173,9 +173,12 @@ def test_each_command_writes_its_report(tiny: dict[str, Path], tiny_demo: tuple[
     e_html = tmp_path / "e.html"
     demo_out, _ = tiny_demo
     run = cli("eval", model, edited, "-n", "2", "--max-tokens", "4", "--report", e_html,
-              "--report-direction", demo_out / "optimised.safetensors", "-q")
+              "--report-direction", demo_out / "optimised.safetensors")
     assert run.returncode == 0, run.stderr
+    # progress bars go to stderr only: nothing of them in the piped output or the page
+    assert "responses:" in run.stderr and "responses:" not in run.stdout and "\r" not in run.stdout
     html = e_html.read_text(encoding="utf-8")
+    assert "responses:" not in html and "prompt/s" not in html
     assert_offline(html)
     page = parse(html)
     assert [r[0] for r in page.tables["summary-table"][1:]] == [model.name, edited.name]
