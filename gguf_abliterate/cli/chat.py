@@ -12,6 +12,7 @@ import click
 
 from gguf_abliterate.cli.common import user_errors
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.interrupt import sigint_flag
 from gguf_abliterate.runtime.chat import ChatModel, Reply, Sampling
 
 PROMPT = ">>> "
@@ -83,8 +84,6 @@ def _command(line: str, models: list[ChatModel], sampling: Sampling) -> tuple[Sa
 def _answer(model: ChatModel, label: str | None, message: str, sampling: Sampling) -> None:
     """Stream one model's answer; Ctrl-C stops it (the first sets a flag read between tokens; a
     second, during a long prompt, interrupts the decode)."""
-    from gguf_abliterate.interrupt import sigint_flag
-
     if label is not None:
         click.echo(_style(f"[{label}]", "1;36"))
     reply = Reply()

@@ -30,11 +30,13 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     stages: list[tuple[str, float]] = []
     t0 = time.perf_counter()
 
-    def stage(name: str) -> None:
+    def stage(name: str) -> float:
+        """Close the stage under way; returns how long it took."""
         nonlocal t0
         now = time.perf_counter()
         stages.append((name, now - t0))
         t0 = now
+        return stages[-1][1]
 
     src = model_path or zoo.fetch(DEFAULT_MODEL)
     stage("fetch model")
@@ -47,26 +49,24 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     measure_direction(src, direction, score_prompts=score_prompts, force=True)
     stage("direction")
     outputs = {}
+    edit_seconds = {}  # how long each file took to make (the optimised one: its search and bake checks)
     for mode in ("abliterated", "reverse"):
         outputs[mode] = out_dir / f"{stem}-{mode}.gguf"
         click.echo(f"== {mode} model (one direction, full strength)", err=True)
         edit_model(src, outputs[mode], direction, reverse=mode == "reverse", force=True, quiet=True)
-        stage(f"edit ({mode})")
+        edit_seconds[str(outputs[mode])] = stage(f"edit ({mode})")
     click.echo(f"== optimised edit (a short search: {trials} trials or {minutes:g} minutes)", err=True)
     searched = out_dir / "optimised.safetensors"
     searched.with_suffix(".study.db").unlink(missing_ok=True)
     outputs["optimised"] = out_dir / f"{stem}-optimised.gguf"
     optimise_model(src, searched, settings=SearchSettings(trials=trials, minutes=minutes, startup_trials=trials // 3),
                    measured=direction, bake=outputs["optimised"], force=True)
-    stage("optimise (and bake)")
+    edit_seconds[str(outputs["optimised"])] = stage("optimise (and bake)")
     click.echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
     models = (src, outputs["abliterated"], outputs["optimised"], outputs["reverse"])
     evaluated = evaluate_models(models, limit=limit, max_tokens=max_tokens, json_path=out_dir / "report.json",
                                 samples=1)
     stage("evaluation")
-    # how long each file took to make (the optimised one: its search and bake checks)
-    made = {"edit (abliterated)": "abliterated", "edit (reverse)": "reverse", "optimise (and bake)": "optimised"}
-    edit_seconds = {str(outputs[made[name]]): secs for name, secs in stages if name in made}
     write_report(report, report_title(models), evaluated=evaluated, direction_files=(direction, searched),
                  stage_times=stages, edit_seconds=edit_seconds)
     modelfile = out_dir / "Modelfile"

@@ -102,8 +102,8 @@ def _integer_ticks() -> Any:
 def _legend_above(ax: Any, handles: Any = None) -> None:
     """The legend above the plot, where it hides no line: in one row, or one entry a row when
     the labels are long."""
-    labels = handles if handles is not None else ax.get_legend_handles_labels()[0]
-    long = max((len(h.get_label()) for h in labels), default=0) > 28
+    entries = handles if handles is not None else ax.get_legend_handles_labels()[0]
+    long = max((len(h.get_label()) for h in entries), default=0) > 28
     ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.01), ncols=1 if long else 4, fontsize=8,
               frameon=False, borderaxespad=0)
 

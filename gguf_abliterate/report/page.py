@@ -49,8 +49,9 @@ def table(headers: Sequence[object], rows: Iterable[Sequence[object]], **attrs: 
     return tag("table", head, body, **attrs)
 
 
-def details(summary: object, *content: object, open_: bool = False) -> Html:
-    return tag("details", tag("summary", summary), *content, open="" if open_ else None)
+def details(summary: object, *content: object) -> Html:
+    """A collapsed block: the summary line, and the content shown when it is opened."""
+    return tag("details", tag("summary", summary), *content)
 
 
 def figure(svg: str, caption: object) -> Html:
