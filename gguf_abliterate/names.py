@@ -82,6 +82,7 @@ EMBEDDINGS = "abliterate.embeddings"
 TENSOR_COUNT = "abliterate.tensor_count"
 DIRECTION_SHA256 = "abliterate.direction_sha256"
 DIRECTION_LAYER = "abliterate.direction_layer"
+BEHAVIOUR = "abliterate.behaviour"  # the pack the direction came from (refusal, reasoning, ...)
 TOOL_VERSION = "abliterate.tool_version"
 REQUANT_TYPE = "abliterate.requant_type"
 ROUNDING = "abliterate.rounding"

@@ -91,8 +91,10 @@ def test_direction_command_on_tiny_model(tiny: dict[str, Path], tmp_path: Path) 
     d = load_direction(out)
     assert d.vectors.shape == (256,) and np.isclose(np.linalg.norm(d.vectors), 1, atol=1e-5)
     layer = int(d.metadata["layer"])
-    assert d.metadata["architecture"] == "llama" and d.metadata["sign"] == "harmful-minus-harmless"
-    assert d.metadata["harmful_sha256"] == P.prompt_hash(P.load_prompts(bad))
+    assert d.metadata["architecture"] == "llama" and d.metadata["sign"] == "positive-minus-negative"
+    assert d.behaviour == "refusal" and d.metadata["measure"] == "markers"
+    assert d.metadata["positive_sha256"] == P.prompt_hash(P.load_prompts(bad))
+    assert d.metadata["negative_sha256"] == P.prompt_hash(P.load_prompts(good))
     with safe_open(str(out), framework="numpy") as f:
         directions = f.get_tensor("directions")
         kl = f.get_tensor("kl")

@@ -152,7 +152,7 @@ def test_report_front_table_matches_the_result_file(tiny_demo: tuple[Path, Any])
     assert [int(r[0]) for r in rows] == [t.number for t in front]
     assert [r[0] for r in rows if r[-1] == "pick"] == [result.metadata["chosen_trial"]]
     measured = load_direction(out / "direction.safetensors")
-    scored = np.flatnonzero(np.isfinite(measured.statistics["refusal_mass"]))
+    scored = np.flatnonzero(np.isfinite(measured.statistics["layer_score"]))
     layers = dom.tables["layer-table"][1:]
     assert [int(r[0]) for r in layers] == list(scored)
     assert [r[0] for r in layers if r[-1] == "chosen"] == [measured.metadata["layer"]]

@@ -1,13 +1,15 @@
-"""`eval`: compare models on refusals, over-refusal and first-token KL."""
+"""`eval`: compare models on refusals, over-refusal and first-token KL, or on another
+behaviour pack's measure."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-from importlib.resources import files
 from collections.abc import Sequence
+from dataclasses import asdict, replace
+from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,6 +17,8 @@ from gguf_abliterate.cli.common import check_report, progress, user_errors
 from gguf_abliterate.errors import UserError
 
 if TYPE_CHECKING:
+    from gguf_abliterate.direction.packs import Pack
+    from gguf_abliterate.evaluate.report import BehaviourReport, EvalSettings, ModelReport
     from gguf_abliterate.report import Evaluated
 
 BUILTIN_TEXT = "builtin"
@@ -26,23 +30,16 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
                     kl_tokens: int = 1, tasks: int = 0, task_seed: int = 0, judge: Path | None = None,
                     report: Path | None = None, report_directions: Sequence[Path] = (),
                     quiet: bool = False) -> Evaluated:
-    """Print the comparison table (the first model is the base) and optionally the JSON and
-    the HTML report (with the charts of `report_directions`, direction or optimise files);
+    """Print the refusal comparison table (the first model is the base) and optionally the JSON
+    and the HTML report (with the charts of `report_directions`, direction or optimise files);
     returns what was measured."""
     from gguf_abliterate.direction import prompts as P
     from gguf_abliterate.evaluate.markers import DEFAULT_MARKERS
-    from gguf_abliterate.evaluate.report import EvalSettings, evaluate, to_json
+    from gguf_abliterate.evaluate.report import evaluate, to_json
     from gguf_abliterate.evaluate.scorers import Label, get_scorer
-    from gguf_abliterate.evaluate.tasks import generate_tasks
     from gguf_abliterate.report import Evaluated
 
-    for m in models:
-        if not m.is_file():
-            raise UserError(f"{m}: no such file")
-    if kl_tokens < 1:
-        raise UserError("--kl-tokens must be at least 1")
-    if tasks < 0:
-        raise UserError("--tasks must be 0 (none) or more")
+    settings = replace(_settings(models, kl_tokens, tasks, task_seed, ppl_path), max_tokens=max_tokens)
     if report_directions and report is None:
         raise UserError("--report-direction adds charts to the report: give --report FILE.html too")
     if report is not None:
@@ -56,15 +53,6 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
     good = P.load_prompts(harmless) if harmless else good
     bad, good = bad[:limit], good[:limit]
     marks = tuple(m.lower() for m in P.load_prompts(markers)) if markers else DEFAULT_MARKERS
-    ppl_text = None
-    if ppl_path is not None and str(ppl_path) == BUILTIN_TEXT:
-        ppl_text = files("gguf_abliterate").joinpath("data", "perplexity.txt").read_text(encoding="utf-8")
-    elif ppl_path is not None:
-        if not ppl_path.is_file():
-            raise UserError(f"{ppl_path}: no such text file")
-        ppl_text = ppl_path.read_text(encoding="utf-8", errors="replace")
-    settings = EvalSettings(max_tokens=max_tokens, kl_tokens=kl_tokens,
-                            tasks=tuple(generate_tasks(tasks, task_seed)) if tasks else (), ppl_text=ppl_text)
     with contextlib.ExitStack() as stack:
         if judge is not None:
             from gguf_abliterate.evaluate.judge import Judge
@@ -73,23 +61,13 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
         with progress(len(models) * (len(bad) + len(good)), "responses", "prompt", quiet) as bar:
             reports = evaluate(models, bad, good, get_scorer("markers", markers=marks), settings, bar.update,
                                judge_scorer if judge is not None else None)
-    extra = (f" {'KL@' + str(kl_tokens):>8}" if kl_tokens > 1 else "") + (f" {'tasks':>6}" if tasks else "") + \
-        (f" {'perplexity':>11}" if settings.ppl_text else "")
     click.echo(f"{'model':<40} {'harmful refused':>16} {'harmless refused':>17} {'degenerate':>11} "
-               f"{'unfinished':>10} {'KL vs base':>11}{extra}")
+               f"{'unfinished':>10}{_cost_header(settings)}")
     for r in reports:
-        kl = "-" if r.kl_vs_base is None else f"{r.kl_vs_base:.4f}"
-        cols = ""
-        if kl_tokens > 1:
-            cols += f" {'-' if r.kl_multi_vs_base is None else f'{r.kl_multi_vs_base:.4f}':>8}"
-        if tasks:
-            cols += f" {r.task_accuracy:6.0%}"
-        if settings.ppl_text:
-            cols += f" {r.perplexity:11.3f}"
         degenerate = f"{r.harmful_labels[Label.DEGENERATE.value]}+{r.harmless_degenerate}"
         click.echo(f"{Path(r.path).name[:40]:<40} {r.harmful_refusals:>7}/{r.harmful_total:<8} "
                    f"{r.harmless_refusals:>8}/{r.harmless_total:<8} {degenerate:>11} "
-                   f"{r.unfinished:>4}/{r.harmful_total + r.harmless_total:<5} {kl:>11}{cols}")
+                   f"{r.unfinished:>4}/{r.harmful_total + r.harmless_total:<5}{_cost_cells(r, settings)}")
     click.echo(f"(degenerate: harmful+harmless answers that loop or fill, by the rules in evaluate/degenerate.py; "
                f"unfinished: no end within {max_tokens} tokens)")
     if judge is not None:
@@ -101,8 +79,7 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
     for r in reports:
         for prompt, answer in list(zip(bad, r.harmful_responses))[:samples]:
             click.echo(f"\n[{Path(r.path).name}] {prompt}\n  -> {answer[:200]!r}")
-    meta = {"max_tokens": max_tokens, "markers": list(marks), "greedy": True, "kl_tokens": kl_tokens,
-            "tasks": [{"kind": t.kind, "prompt": t.prompt, "answer": t.answer} for t in settings.tasks]}
+    meta = {**_meta(settings, max_tokens), "markers": list(marks)}
     if json_path:
         json_path.write_text(json.dumps(to_json(reports, bad, good, meta), indent=1))
     evaluated = Evaluated(reports, bad, good, {**meta, "judge": judge.name if judge else None})
@@ -114,17 +91,105 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
     return evaluated
 
 
+def evaluate_pack(models: Sequence[Path], pack: Pack, *, limit: int | None = None, max_tokens: int | None = None,
+                  json_path: Path | None = None, ppl_path: Path | None = None, samples: int = 2, kl_tokens: int = 1,
+                  tasks: int = 0, task_seed: int = 0, quiet: bool = False) -> list[BehaviourReport]:
+    """Print a behaviour pack's measure for each model (the first is the base) beside the
+    harmless KL and, if asked, task accuracy and perplexity; optionally the JSON."""
+    from gguf_abliterate.direction import prompts as P
+    from gguf_abliterate.evaluate.report import evaluate_behaviour
+
+    assert pack.measure is not None
+    settings = _settings(models, kl_tokens, tasks, task_seed, ppl_path)
+    probes = list(pack.probes[:limit])
+    _, good = P.default_prompts("validation")
+    good = good[:limit]
+    budget = max_tokens or pack.max_tokens
+    with progress(len(models) * len(probes), "answers", "probe", quiet) as bar:
+        reports = evaluate_behaviour(models, probes, pack.measure, budget, good, settings, bar.update)
+    detail = "accuracy" if reports[0].measured.accuracy is not None else "mean words"
+    click.echo(f"{pack.name}: share of {len(probes)} probes that {pack.measure.describe()} "
+               f"(greedy, {budget} tokens); KL on {len(good)} harmless prompts")
+    click.echo(f"{'model':<40} {pack.name:>12} {detail:>10} {'unfinished':>10}{_cost_header(settings)}")
+    for r in reports:
+        m = r.measured
+        shown = f"{m.shown}/{m.total} {m.share:4.0%}"
+        value = f"{m.accuracy:.0%}" if m.accuracy is not None else f"{m.mean_words:.1f}"
+        click.echo(f"{Path(r.path).name[:40]:<40} {shown:>12} {value:>10} {r.unfinished:>4}/{m.total:<5}"
+                   f"{_cost_cells(r, settings)}")
+    for r in reports:
+        for probe, answer in list(zip(probes, r.answers))[:samples]:
+            click.echo(f"\n[{Path(r.path).name}] {probe.prompt}\n  -> {answer[:200]!r}")
+    if json_path:
+        json_path.write_text(json.dumps({
+            "settings": {**_meta(settings, budget), "behaviour": pack.name, "measure": pack.measure.name,
+                         **pack.measure.settings()},
+            "probes": [{"prompt": p.prompt, "answer": p.answer} for p in probes], "harmless_prompts": good,
+            "models": [asdict(r) for r in reports]}, indent=1))
+    return reports
+
+
+def _settings(models: Sequence[Path], kl_tokens: int, tasks: int, task_seed: int,
+              ppl_path: Path | None) -> EvalSettings:
+    """Check the models and the cost options every evaluation shares, and build its settings."""
+    from gguf_abliterate.evaluate.report import EvalSettings
+    from gguf_abliterate.evaluate.tasks import generate_tasks
+
+    for m in models:
+        if not m.is_file():
+            raise UserError(f"{m}: no such file")
+    if kl_tokens < 1:
+        raise UserError("--kl-tokens must be at least 1")
+    if tasks < 0:
+        raise UserError("--tasks must be 0 (none) or more")
+    ppl_text = None
+    if ppl_path is not None and str(ppl_path) == BUILTIN_TEXT:
+        ppl_text = files("gguf_abliterate").joinpath("data", "perplexity.txt").read_text(encoding="utf-8")
+    elif ppl_path is not None:
+        if not ppl_path.is_file():
+            raise UserError(f"{ppl_path}: no such text file")
+        ppl_text = ppl_path.read_text(encoding="utf-8", errors="replace")
+    return EvalSettings(kl_tokens=kl_tokens, tasks=tuple(generate_tasks(tasks, task_seed)) if tasks else (),
+                        ppl_text=ppl_text)
+
+
+def _cost_header(settings: EvalSettings) -> str:
+    """The header of the columns that say what an edit cost: KL, and what else was asked."""
+    return (f" {'KL vs base':>11}" + (f" {'KL@' + str(settings.kl_tokens):>8}" if settings.kl_tokens > 1 else "")
+            + (f" {'tasks':>6}" if settings.tasks else "") + (f" {'perplexity':>11}" if settings.ppl_text else ""))
+
+
+def _cost_cells(r: ModelReport | BehaviourReport, settings: EvalSettings) -> str:
+    cells = f" {'-' if r.kl_vs_base is None else f'{r.kl_vs_base:.4f}':>11}"
+    if settings.kl_tokens > 1:
+        cells += f" {'-' if r.kl_multi_vs_base is None else f'{r.kl_multi_vs_base:.4f}':>8}"
+    if settings.tasks:
+        cells += f" {r.task_accuracy:6.0%}"
+    if settings.ppl_text:
+        cells += f" {r.perplexity:11.3f}"
+    return cells
+
+
+def _meta(settings: EvalSettings, max_tokens: int) -> dict[str, Any]:
+    return {"max_tokens": max_tokens, "greedy": True, "kl_tokens": settings.kl_tokens,
+            "tasks": [{"kind": t.kind, "prompt": t.prompt, "answer": t.answer} for t in settings.tasks]}
+
+
 def report_title(models: Sequence[Path]) -> str:
     return "gguf-abliterate: " + " vs ".join(m.name for m in models)
 
 
 @click.command("eval")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="BASE [EDITED]...")
+@click.option("--behaviour", metavar="NAME|PACK.json",
+              help="Measure this behaviour pack instead of refusal: reasoning, concise, or a pack file. The table "
+                   "shows the share of the pack's probes whose answers show the behaviour.")
 @click.option("--harmful", type=click.Path(path_type=Path), help="Harmful prompts. Default: the built-in validation split.")
 @click.option("--harmless", type=click.Path(path_type=Path), help="Harmless prompts. Default: the built-in validation split.")
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts of each set.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Greedy response length.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Greedy response length. Default: 64 for refusal, the pack's own otherwise (96 for reasoning "
+                   "and concise).")
 @click.option("--markers", type=click.Path(path_type=Path),
               help="Refusal markers, one per line (matched lower-case near the start of a response).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write everything, per prompt, here.")
@@ -148,13 +213,26 @@ def report_title(models: Sequence[Path]) -> str:
               metavar="FILE", help="Add this `direction` or `optimise` file's charts to the report (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def command(models: tuple[Path, ...], harmful: Path | None, harmless: Path | None, limit: int | None,
-            max_tokens: int, markers: Path | None, json_path: Path | None, ppl_path: Path | None, samples: int,
+def command(models: tuple[Path, ...], behaviour: str | None, harmful: Path | None, harmless: Path | None,
+            limit: int | None, max_tokens: int | None, markers: Path | None, json_path: Path | None, ppl_path: Path | None, samples: int,
             kl_tokens: int, tasks: int, task_seed: int, judge: Path | None, report: Path | None,
             report_directions: tuple[Path, ...], quiet: bool) -> None:
     """Compare models: refusals on harmful prompts, over-refusal on harmless ones, and the
-    first-token KL divergence KL(BASE || model) on harmless prompts."""
-    evaluate_models(models, harmful=harmful, harmless=harmless, limit=limit, max_tokens=max_tokens,
+    first-token KL divergence KL(BASE || model) on harmless prompts. With --behaviour, the
+    pack's own measure on its probes replaces the refusal counts."""
+    if behaviour is not None and behaviour != "refusal":
+        from gguf_abliterate.direction.packs import load_pack
+
+        pack = load_pack(behaviour)
+        used = [o for o, v in (("--harmful", harmful), ("--harmless", harmless), ("--markers", markers),
+                               ("--judge", judge), ("--report", report), ("--report-direction", report_directions))
+                if v]
+        if used:
+            raise UserError(f"{', '.join(used)} belong to the refusal evaluation, not --behaviour {pack.name}")
+        evaluate_pack(models, pack, limit=limit, max_tokens=max_tokens, json_path=json_path, ppl_path=ppl_path,
+                      samples=samples, kl_tokens=kl_tokens, tasks=tasks, task_seed=task_seed, quiet=quiet)
+        return
+    evaluate_models(models, harmful=harmful, harmless=harmless, limit=limit, max_tokens=max_tokens or 64,
                     markers=markers, json_path=json_path, ppl_path=ppl_path, samples=samples, kl_tokens=kl_tokens,
                     tasks=tasks, task_seed=task_seed, judge=judge, report=report,
                     report_directions=report_directions, quiet=quiet)

@@ -65,6 +65,13 @@ def optimise_model(model_path: Path, output: Path | None, *, settings: Any = Non
         raise UserError(f"a study is already stored in {db}: --resume to continue it, or remove it to start over")
     if measured is not None and resume:
         raise UserError("--from starts a study; a resumed one keeps the directions it was made with")
+    if measured is not None:
+        from gguf_abliterate.direction.file import load_direction
+
+        behaviour = load_direction(measured).behaviour
+        if behaviour not in (None, "refusal"):
+            raise UserError(f"{measured}: a {behaviour!r} direction; optimise searches refusal edits only (its "
+                            f"objectives are refusal and KL): edit with --scale and measure with eval --behaviour")
     search = Search(model_path, url, settings, create=not resume, say=say, progress=bars, measured=measured)
     try:
         interrupted = False

@@ -6,8 +6,9 @@ an array `(n_layer, n_embd)` (row N for block N). Formats:
 - `.npy`: the bare array, loaded with `allow_pickle=False`.
 - `.safetensors`: tensor `direction` with the same shapes, plus string metadata. Keys we
   read and write: `layer` (the block whose output, llama.cpp's `l_out-L`, the direction was
-  measured at), `sign` (`harmful-minus-harmless`: the edit removes what the first set has
-  more of), `model`, `architecture`, `n_embd`. What `direction` measures adds the tensors
+  measured at), `behaviour` (the pack's name) and `sign` (`positive-minus-negative`: the edit
+  removes what the positive set has more of; files from before packs say
+  `harmful-minus-harmless`, the refusal pack's), `model`, `architecture`, `n_embd`. What `direction` measures adds the tensors
   `directions` (every block's direction), `harmless_means` (every block's mean harmless
   activation) and one value per block for each of `STATISTICS` (`save_measured`).
   What `optimise` finds adds `attn_strength` and `mlp_strength` (the strength per block of
@@ -35,9 +36,12 @@ TENSOR_NAME = "direction"
 PER_BLOCK = "directions"
 HARMLESS_MEANS = "harmless_means"
 STRENGTHS = {"attn": "attn_strength", "mlp": "mlp_strength"}  # component -> tensor
-# per-block statistics a measured file holds, one float32 per block (NaN where not measured)
-STATISTICS = ("harmful_mean_norm", "harmless_mean_norm", "diff_norm", "separation", "refusal_mass", "kl")
-SIGN_CONVENTION = "harmful-minus-harmless"
+# per-block statistics a measured file holds, one float32 per block (NaN where not measured);
+# harmful/harmless name the positive/negative sets, and `layer_score` is the pack's layer measure
+STATISTICS = ("harmful_mean_norm", "harmless_mean_norm", "diff_norm", "separation", "layer_score", "kl")
+RENAMED = {"refusal_mass": "layer_score"}  # statistics files made before packs call otherwise
+SIGN = "positive-minus-negative"  # a pack's direction: what its positive set has more of
+LEGACY_SIGN = "harmful-minus-harmless"  # the refusal pack's sign, as files before packs wrote it
 LAYER_CONVENTION = "l_out-L: residual stream after block L, last prompt token"
 
 
@@ -63,6 +67,14 @@ class Direction:
         if not isinstance(trials, list):
             raise UserError("direction file metadata 'trials' is not a list")
         return trials
+
+    @property
+    def behaviour(self) -> str | None:
+        """The pack this direction came from: files from before packs are refusal directions;
+        a bare `.npy` says nothing."""
+        if "behaviour" in self.metadata:
+            return self.metadata["behaviour"]
+        return "refusal" if self.metadata.get("sign") == LEGACY_SIGN else None
 
     @property
     def n_embd(self) -> int:
@@ -144,8 +156,8 @@ def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str], dict[str,
             names = list(f.keys())
             if TENSOR_NAME not in names:
                 raise UserError(f"{path}: no tensor named {TENSOR_NAME!r} (has: {', '.join(names) or 'none'})")
-            wanted = (PER_BLOCK, HARMLESS_MEANS, *STATISTICS, *STRENGTHS.values())
-            extra = {k: f.get_tensor(k) for k in wanted if k in names}
+            wanted = (PER_BLOCK, HARMLESS_MEANS, *STATISTICS, *RENAMED, *STRENGTHS.values())
+            extra = {RENAMED.get(k, k): f.get_tensor(k) for k in wanted if k in names}
             return f.get_tensor(TENSOR_NAME), dict(f.metadata() or {}), extra
     except (SafetensorError, OSError, TypeError, ValueError) as e:
         raise UserError(f"{path}: unreadable .safetensors file ({e})") from None
@@ -171,7 +183,7 @@ def save_direction(path: str | Path, vectors: np.ndarray, metadata: dict[str, st
         else:
             from safetensors.numpy import save
 
-            meta = {"sign": SIGN_CONVENTION, **(metadata or {})}
+            meta = {"behaviour": "refusal", "sign": SIGN, **(metadata or {})}
             tensors = {TENSOR_NAME: vectors, **{k: np.ascontiguousarray(v) for k, v in (extra or {}).items()}}
             tmp.write_bytes(save(tensors, metadata={k: str(v) for k, v in meta.items()}))
 

@@ -1,11 +1,14 @@
 """Find the direction to remove: difference of means per layer, and the layer that works best.
 
 Per layer L (llama.cpp's `l_out-L`, the residual stream after block L, at the last prompt
-token): mean activation over harmful prompts minus mean over harmless ones, normalised.
+token): mean activation over the pack's positive prompts (for refusal, harmful ones) minus the
+mean over its negative ones (harmless), normalised.
 `choose_layer` then ablates each candidate layer's direction from the whole residual stream
-(inside llama.cpp, through the capture hook) and scores it on the validation prompts: how
-much probability the first response token gives to refusal openings ("I", "Sorry", ...) on
-harmful prompts, and the KL divergence of the first-token distribution on harmless prompts.
+(inside llama.cpp, through the capture hook) and scores it on the validation prompts by the
+behaviour pack's measure (for refusal, how much probability the first response token gives to
+refusal openings, "I", "Sorry", ...; for other packs, the share of short greedy answers that
+show the behaviour), and by the KL divergence of the first-token distribution on harmless
+prompts.
 The last 20% of layers are not candidates (they hold little of the direction and ablating
 there damages the output most).
 """
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gguf_abliterate.evaluate.metrics import kl_divergence, refusal_mass, refusal_token_ids
+from gguf_abliterate.evaluate.metrics import kl_divergence
 from gguf_abliterate.runtime.llama import LlamaModel
 
 MAX_LAYER_FRACTION = 0.8
@@ -40,9 +43,9 @@ class LayerStats:
 class LayerChoice:
     layer: int
     candidates: list[int]
-    refusal: dict[int, float] = field(default_factory=dict)  # refusal-opening probability mass
+    score: dict[int, float] = field(default_factory=dict)  # the behaviour's score, candidate ablated
     kl: dict[int, float] = field(default_factory=dict)
-    baseline_refusal: float = float("nan")
+    baseline: float = float("nan")  # the score without ablation
 
 
 def difference_of_means(harmful: np.ndarray, harmless: np.ndarray) -> LayerStats:
@@ -64,23 +67,24 @@ def candidate_layers(n_layer: int) -> list[int]:
     return list(range(max(1, n_layer // 5), max(2, int(n_layer * MAX_LAYER_FRACTION))))
 
 
-def choose_layer(model: LlamaModel, stats: LayerStats, harmful: list[str], harmless: list[str],
-                 candidates: list[int], max_kl: float = DEFAULT_MAX_KL,
+def choose_layer(model: LlamaModel, stats: LayerStats, score: Callable[[np.ndarray | None], float],
+                 harmless: list[str], candidates: list[int], max_kl: float = DEFAULT_MAX_KL,
                  progress: Callable[[int], None] = lambda n: None) -> LayerChoice:
-    """Ablate each candidate's direction; keep the one that removes most refusal within max_kl.
-    If none stays within max_kl, the least disruptive one (lowest KL): removing the most refusal
-    there would mean picking the layer that breaks the model most."""
-    ids = refusal_token_ids(model)
-    base_harmless = model.next_token_logprobs(harmless)
-    choice = LayerChoice(-1, candidates, baseline_refusal=refusal_mass(model.next_token_logprobs(harmful), ids))
+    """Ablate each candidate's direction; keep the one that removes most of the behaviour
+    (lowest `score`, the larger separation on a tie) within max_kl. If none stays within
+    max_kl, the least disruptive one (lowest KL): removing the most there would mean picking
+    the layer that breaks the model most."""
+    base_harmless = model.next_token_logprobs(harmless, share_prefix=True)
+    choice = LayerChoice(-1, candidates, baseline=score(None))
     for layer in candidates:
         r = stats.directions[layer]
-        choice.refusal[layer] = refusal_mass(model.next_token_logprobs(harmful, ablate=r), ids)
-        choice.kl[layer] = kl_divergence(base_harmless, model.next_token_logprobs(harmless, ablate=r))
+        choice.score[layer] = score(r)
+        choice.kl[layer] = kl_divergence(base_harmless, model.next_token_logprobs(harmless, ablate=r,
+                                                                                 share_prefix=True))
         progress(1)
     within = [layer for layer in candidates if choice.kl[layer] <= max_kl]
     if within:
-        choice.layer = min(within, key=lambda layer: choice.refusal[layer])
+        choice.layer = min(within, key=lambda layer: (choice.score[layer], -stats.separation[layer]))
     else:
         choice.layer = min(candidates, key=lambda layer: choice.kl[layer])
     return choice

@@ -35,8 +35,9 @@ def default_prompts(part: str = "all") -> tuple[list[str], list[str]]:
     return split(_default("harmful"), part), split(_default("harmless"), part)
 
 
-def load_prompts(path: str | Path) -> list[str]:
-    """One prompt per line (.txt), or JSON / JSON Lines: strings or objects with a `prompt` field."""
+def load_entries(path: str | Path, fields: tuple[str, ...] = ()) -> list[dict[str, object]]:
+    """Each entry of a prompt file as {"prompt": text, **fields it has}: one prompt per line
+    (.txt), or JSON / JSON Lines of strings or objects with a `prompt` field."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such prompt file")
@@ -53,17 +54,23 @@ def load_prompts(path: str | Path) -> list[str]:
             items = text.splitlines()
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON ({e})") from None
-    prompts = []
+    entries = []
     for n, item in enumerate(items, 1):
+        extra = {k: item[k] for k in fields if k in item} if isinstance(item, dict) else {}
         if isinstance(item, dict):
             item = item.get("prompt")
         if not isinstance(item, str):
             raise UserError(f"{path}: entry {n} is not a prompt string (or an object with a 'prompt' field)")
         if item.strip():
-            prompts.append(item.strip())
-    if not prompts:
+            entries.append({"prompt": item.strip(), **extra})
+    if not entries:
         raise UserError(f"{path}: no prompts in the file")
-    return prompts
+    return entries
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """One prompt per line (.txt), or JSON / JSON Lines: strings or objects with a `prompt` field."""
+    return [str(e["prompt"]) for e in load_entries(path)]
 
 
 def prompt_hash(prompts: list[str]) -> str:

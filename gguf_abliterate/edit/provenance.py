@@ -24,6 +24,8 @@ def provenance(plan: EditPlan, opts: EditOptions, direction: Direction,
     }
     if "layer" in direction.metadata:
         kv[names.DIRECTION_LAYER] = direction.metadata["layer"]
+    if direction.behaviour is not None:
+        kv[names.BEHAVIOUR] = direction.behaviour
     if opts.requant_type is not None:
         kv[names.REQUANT_TYPE] = opts.requant_type.name
     kv[names.ROUNDING] = opts.rounding.value

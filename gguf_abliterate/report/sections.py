@@ -49,6 +49,8 @@ class ModelInfo:
         if not p:
             return "original"
         words = [str(p.get(names.MODE, "?"))]
+        if p.get(names.BEHAVIOUR, "refusal") != "refusal":
+            words.append(str(p[names.BEHAVIOUR]))
         if names.SCHEDULE in p:
             try:
                 trial = json.loads(str(p[names.SCHEDULE])).get("trial", "?")
@@ -206,10 +208,13 @@ def direction(d: Direction, title: str) -> Section:
     meta = d.metadata
     layer = int(meta["layer"]) if meta.get("layer", "").isdigit() else None
     st = d.statistics
+    measure = meta.get("layer_measure", "refusal-opening probability")
+    baseline = meta.get("baseline_score", meta.get("baseline_refusal_mass"))  # the key before packs
     facts = [f"model {meta.get('model', '?')} ({meta.get('architecture', '?')})",
+             f"behaviour {d.behaviour or '?'}",
              f"chosen block {meta.get('layer', '?')} ({meta.get('chosen_by', '?')})"]
-    if "baseline_refusal_mass" in meta:
-        facts.append(f"refusal-opening probability without ablation {float(meta['baseline_refusal_mass']):.3f}")
+    if baseline is not None:
+        facts.append(f"{measure} without ablation {float(baseline):.3f}")
     if "max_kl" in meta:
         facts.append(f"KL cap {meta['max_kl']}")
     content: list[object] = [para("; ".join(facts) + ".")]
@@ -219,26 +224,25 @@ def direction(d: Direction, title: str) -> Section:
         return title, join(content)
     content.append(figure(
         charts.blocks_chart([charts.Series("separation", st["separation"]),
-                             charts.Series("‖harmful − harmless mean‖", st["diff_norm"], right=True)],
+                             charts.Series("‖positive − negative mean‖", st["diff_norm"], right=True)],
                             "separation", "difference norm", mark=layer),
         "Per block: how far apart the two prompt sets' residuals are (separation: the mean difference along "
         "the direction over the residuals' spread) and the length of the mean difference."))
-    scored = np.isfinite(st["refusal_mass"])
+    scored = np.isfinite(st["layer_score"])
     if scored.any():
         kl = st["kl"]
         content.append(figure(
-            charts.blocks_chart([charts.Series("refusal-opening probability", st["refusal_mass"]),
+            charts.blocks_chart([charts.Series(measure, st["layer_score"]),
                                  charts.Series("KL on harmless prompts", kl, right=True)],
-                                "refusal probability", "first-token KL", mark=layer,
+                                "behaviour score", "first-token KL", mark=layer,
                                 logy2=bool((kl[np.isfinite(kl)] > 0).all())),
-            "Each candidate block's direction ablated from the residual stream inside llama.cpp: the probability "
-            "that a harmful prompt's answer opens with a refusal (lower is better) and the first-token KL on "
-            "harmless prompts (lower is better)."))
+            f"Each candidate block's direction ablated from the residual stream inside llama.cpp: {measure} "
+            f"(lower: more of the behaviour removed) and the first-token KL on harmless prompts (lower is better)."))
         max_kl = float(meta.get("max_kl", "inf"))
-        rows = [[b, _f(float(st["refusal_mass"][b]), 3), _f(float(kl[b])), _f(float(st["separation"][b]), 2),
+        rows = [[b, _f(float(st["layer_score"][b]), 3), _f(float(kl[b])), _f(float(st["separation"][b]), 2),
                  "chosen" if b == layer else ("KL too high" if kl[b] > max_kl else "")]
                 for b in np.flatnonzero(scored)]
-        content.append(table(["block", "refusal", "KL", "separation", ""], rows, id="layer-table"))
+        content.append(table(["block", "score", "KL", "separation", ""], rows, id="layer-table"))
     return title, join(content)
 
 

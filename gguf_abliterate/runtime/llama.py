@@ -151,6 +151,9 @@ class LlamaModel:
         add_bos = ll.llama_vocab_get_add_bos(self.vocab) and not text.startswith(self._bos_text())
         buf = (ll.llama_token * (len(raw) + 8))()
         n = ll.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), add_bos, True)
+        if n < 0:  # the buffer was too small: -n is the count needed (a vocabulary without byte merges)
+            buf = (ll.llama_token * -n)()
+            n = ll.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), add_bos, True)
         if n < 0:
             raise UserError("prompt could not be tokenized")
         return list(buf[:n])
@@ -335,8 +338,19 @@ class LlamaModel:
         return [a.tokens for a in self.greedy_answers(prompts, max_tokens, progress)]
 
     def greedy_answers(self, prompts: Sequence[str], max_tokens: int,
-                       progress: Callable[[int], None] = lambda n: None) -> list[Answer]:
-        """`greedy` with the tokens, and whether each answer ended within the budget."""
+                       progress: Callable[[int], None] = lambda n: None,
+                       ablate: np.ndarray | None = None) -> list[Answer]:
+        """`greedy` with the tokens, and whether each answer ended within the budget. With
+        `ablate` (a unit vector), the direction is projected out of the residual stream after
+        every block at every step, prompt and answer alike."""
+        self._ablate = None if ablate is None else np.asarray(ablate, np.float32)
+        try:
+            return self._greedy_answers(prompts, max_tokens, progress)
+        finally:
+            self._ablate = None
+
+    def _greedy_answers(self, prompts: Sequence[str], max_tokens: int,
+                        progress: Callable[[int], None]) -> list[Answer]:
         ll = self.ll
         encoded = self.encode(prompts)
         answers: list[list[int]] = [[] for _ in prompts]

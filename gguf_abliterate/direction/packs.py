@@ -1,0 +1,222 @@
+"""Behaviour packs: what a direction means, as data.
+
+A pack is two prompt sets that differ in one behaviour (`positive` shows it, `negative` does
+not, on the same topics), the probe prompts its effect is measured on (asked plainly) and the
+measure that reads the answers (`evaluate/measures.py`). The direction is the difference of
+means positive minus negative, measured on the even lines of each set; the odd lines are the
+validation split. Abliterating removes the behaviour, `--reverse` strengthens it.
+
+Shipped (`PACKS`), all written for this project:
+
+- `refusal`: harmful vs harmless requests; probes: the harmful validation prompts; measure:
+  refusal markers.
+- `reasoning`: generated exact-answer questions (`evaluate/tasks.py`, seed `REASONING_SEED`)
+  wrapped as "think step by step, then answer" vs "answer with the number only"; probes: the
+  validation questions asked plainly; measure: answers that show their working, and accuracy.
+- `concise`: everyday questions (`data/questions.txt`) wrapped as "answer in one short
+  sentence" vs "answer in detail"; probes: the validation questions asked plainly; measure:
+  answers that end in at most 30 words.
+
+A user pack is a JSON file (`load_pack`): `name`, `positive` and `negative` (prompt files,
+relative to the pack, or lists), optionally `probes` (a file or list, entries may carry an
+integer `answer`; default: the positive set's validation split), `measure` (a name, or an
+object with `name` and its settings) and `max_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+
+from gguf_abliterate.direction import prompts as P
+from gguf_abliterate.direction.file import SIGN
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.evaluate.measures import Markers, Measure, Probe, Reply, get_measure
+from gguf_abliterate.evaluate.metrics import refusal_mass, refusal_token_ids
+from gguf_abliterate.evaluate.tasks import generate_tasks
+from gguf_abliterate.runtime.llama import LlamaModel
+
+REASONING_SEED = 17  # not eval's --task-seed default 0: the pack's questions are not eval's tasks
+STEP_BY_STEP = "Think step by step, showing your working, then give the final answer."
+RESULT_ONLY = "Answer with the number only."
+SHORT = "Answer in one short sentence."
+DETAILED = "Answer in detail: explain step by step and give an example."
+# `direction --layer auto` on a pack measured by generation: answer length and default probe count
+# (each candidate costs a batch of greedy answers: on 2 cores, 16 x 32 tokens of Qwen2.5-0.5B ~ 10 s)
+SCORE_TOKENS = 32
+SCORE_PROBES = 16
+
+
+@dataclass(frozen=True)
+class Pack:
+    name: str
+    positive: tuple[str, ...]  # prompts that show the behaviour
+    negative: tuple[str, ...]  # the same topics without it
+    probes: tuple[Probe, ...]  # asked plainly, to measure the behaviour on
+    measure: Measure | None  # None: a pack from two prompt files, with nothing to measure it by
+    max_tokens: int = 64  # answer length when measuring
+    about: str = ""  # one line for --help and reports
+    source: str = "shipped"  # or the pack file's path
+
+    def __post_init__(self) -> None:
+        for what, prompts in (("positive", self.positive), ("negative", self.negative)):
+            if len(prompts) < 2:
+                raise UserError(f"pack {self.name!r}: the {what} set needs at least 2 prompts "
+                                f"(one to measure the direction, one to validate it)")
+        if sorted(self.positive) == sorted(self.negative):
+            raise UserError(f"pack {self.name!r}: the positive and negative sets are identical, so there is "
+                            f"no difference to measure")
+        if not self.probes:
+            raise UserError(f"pack {self.name!r}: no probe prompts to measure the behaviour on")
+        if self.measure is not None and self.measure.needs_answers and any(p.answer is None for p in self.probes):
+            raise UserError(f"pack {self.name!r}: the {self.measure.name!r} measure needs an integer 'answer' "
+                            f"for every probe")
+        if self.max_tokens < 1:
+            raise UserError(f"pack {self.name!r}: max_tokens must be at least 1")
+
+    def direction_sets(self) -> tuple[list[str], list[str]]:
+        """(positive, negative): the even lines, which make the direction."""
+        return P.split(list(self.positive), "direction"), P.split(list(self.negative), "direction")
+
+    def metadata(self) -> dict[str, str]:
+        """What a direction file records about the pack it came from."""
+        return {"behaviour": self.name, "sign": SIGN, "measure": self.measure.name if self.measure else "none",
+                "positive_sha256": P.prompt_hash(list(self.positive)),
+                "negative_sha256": P.prompt_hash(list(self.negative))}
+
+    @property
+    def first_token(self) -> bool:
+        """Refusal has a first-token stand-in (refusal-opening probability); other packs generate."""
+        return isinstance(self.measure, Markers)
+
+    def layer_measure(self) -> str:
+        if self.measure is None:
+            return "separation"
+        return ("refusal-opening probability" if self.first_token
+                else f"share that {self.measure.describe()}, {SCORE_TOKENS} tokens")
+
+    def layer_scorer(self, model: LlamaModel, count: int) -> Callable[[np.ndarray | None], float]:
+        """A function of an ablated direction (or None) giving the behaviour's score on the
+        first `count` probes: lower means less of the behaviour."""
+        probes = list(self.probes[:count])
+        prompts = [p.prompt for p in probes]
+        if self.measure is None:
+            raise UserError(f"pack {self.name!r} has no measure to score layers by")
+        if self.first_token:
+            ids = refusal_token_ids(model)
+            return lambda r: refusal_mass(model.next_token_logprobs(prompts, ablate=r, share_prefix=True), ids)
+
+        def share(r: np.ndarray | None) -> float:
+            answers = model.greedy_answers(prompts, min(SCORE_TOKENS, self.max_tokens), ablate=r)
+            assert self.measure is not None
+            return self.measure.measure(probes, [Reply(a.text, a.finished) for a in answers]).share
+        return share
+
+
+def refusal_pack(harmful: Path | None = None, harmless: Path | None = None) -> Pack:
+    """The refusal pack, with the user's harmful or harmless prompt files in place of the
+    built-in sets where given."""
+    bad, good = P.default_prompts("all")
+    bad = P.load_prompts(harmful) if harmful else bad
+    good = P.load_prompts(harmless) if harmless else good
+    return Pack("refusal", tuple(bad), tuple(good), tuple(Probe(p) for p in P.split(bad, "validation")),
+                get_measure("markers"), 64, "refuses harmful requests (harmful vs harmless requests)",
+                "shipped" if harmful is None and harmless is None else "user prompt files")
+
+
+def _reasoning() -> Pack:
+    tasks = generate_tasks(96, REASONING_SEED)
+    return Pack("reasoning", tuple(f"{STEP_BY_STEP}\n\n{t.question}" for t in tasks),
+                tuple(f"{RESULT_ONLY}\n\n{t.question}" for t in tasks),
+                tuple(Probe(t.question, t.answer) for t in P.split(tasks, "validation")),  # type: ignore[arg-type]
+                get_measure("worked"), 96, "shows its working on arithmetic and code-tracing questions")
+
+
+def _concise() -> Pack:
+    text = files("gguf_abliterate").joinpath("data", "questions.txt").read_text(encoding="utf-8")
+    questions = [line.strip() for line in text.splitlines() if line.strip()]
+    return Pack("concise", tuple(f"{SHORT}\n\n{q}" for q in questions), tuple(f"{DETAILED}\n\n{q}" for q in questions),
+                tuple(Probe(q) for q in P.split(questions, "validation")), get_measure("length", max_words=30), 96,
+                "answers everyday questions in one short sentence rather than at length")
+
+
+PACKS: dict[str, Callable[[], Pack]] = {"refusal": refusal_pack, "reasoning": _reasoning, "concise": _concise}
+
+
+def load_pack(name_or_path: str | Path) -> Pack:
+    """A shipped pack by name, or a user pack from its JSON file."""
+    if str(name_or_path) in PACKS:
+        return PACKS[str(name_or_path)]()
+    path = Path(name_or_path)
+    if path.suffix.lower() != ".json":
+        raise UserError(f"unknown behaviour {str(name_or_path)!r}: give a shipped pack "
+                        f"({', '.join(PACKS)}) or a pack file (.json)")
+    if not path.is_file():
+        raise UserError(f"{path}: no such pack file")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: a pack file is a JSON object with 'positive' and 'negative'")
+    unknown = set(spec) - {"name", "positive", "negative", "probes", "measure", "max_tokens", "about"}
+    if unknown:
+        raise UserError(f"{path}: unknown pack fields {sorted(unknown)}")
+    for key in ("positive", "negative"):
+        if key not in spec:
+            raise UserError(f"{path}: the pack has no {key!r} prompts")
+    name = spec.get("name", path.stem)
+    positive = _entries(spec["positive"], path, "positive")
+    negative = _entries(spec["negative"], path, "negative")
+    probes = (_entries(spec["probes"], path, "probes") if "probes" in spec
+              else P.split(positive, "validation"))
+    measure = spec.get("measure", "markers")
+    if isinstance(measure, str):
+        measure = {"name": measure}
+    if not isinstance(measure, dict) or not isinstance(measure.get("name"), str):
+        raise UserError(f"{path}: 'measure' is a name or an object with a 'name'")
+    max_tokens = spec.get("max_tokens", 64)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+        raise UserError(f"{path}: max_tokens must be a whole number")
+    return Pack(str(name), tuple(str(e["prompt"]) for e in positive), tuple(str(e["prompt"]) for e in negative),
+                tuple(_probe(e, path) for e in probes),
+                get_measure(measure["name"], **{k: v for k, v in measure.items() if k != "name"}),
+                max_tokens, str(spec.get("about", "")), str(path))
+
+
+def pack_from_files(positive: Path, negative: Path, name: str) -> Pack:
+    """A pack from two prompt files (`direction --positive --negative`): a direction, with no
+    measure (a pack file gives one)."""
+    bad, good = P.load_prompts(positive), P.load_prompts(negative)
+    return Pack(name, tuple(bad), tuple(good), tuple(Probe(p) for p in P.split(bad, "validation")),
+                None, source=f"{positive} / {negative}")
+
+
+def _entries(value: object, pack: Path, what: str) -> list[dict[str, object]]:
+    """Prompt entries from a file (relative to the pack file) or an inline list."""
+    if isinstance(value, str):
+        return P.load_entries(pack.parent / value, ("answer",))
+    if isinstance(value, list):
+        entries = []
+        for n, item in enumerate(value, 1):
+            if isinstance(item, str) and item.strip():
+                entries.append({"prompt": item.strip()})
+            elif isinstance(item, dict) and isinstance(item.get("prompt"), str) and item["prompt"].strip():
+                entries.append({"prompt": item["prompt"].strip(), **({"answer": item["answer"]} if "answer" in item else {})})
+            else:
+                raise UserError(f"{pack}: {what} entry {n} is not a prompt string (or an object with a 'prompt' field)")
+        if entries:
+            return entries
+    raise UserError(f"{pack}: {what!r} is empty; give a prompt file or a list of prompts")
+
+
+def _probe(entry: dict[str, object], pack: Path) -> Probe:
+    answer = entry.get("answer")
+    if answer is not None and (not isinstance(answer, int) or isinstance(answer, bool)):
+        raise UserError(f"{pack}: probe {entry['prompt']!r}: 'answer' must be an integer")
+    return Probe(str(entry["prompt"]), answer)

@@ -1,0 +1,122 @@
+"""What each behaviour pack's edit buys and costs, on one model: the README's behaviour table.
+
+For every pack: `direction --behaviour PACK` (layer auto), then for each scale the abliterated
+and the reversed model, baked into the file's own types, each measured against the original
+by `eval --behaviour PACK`'s measure (the share of probes whose greedy answers show the
+behaviour), the first-token KL on the harmless validation prompts and the exact-answer task
+accuracy. Edited files are made one at a time and deleted once measured; every result is kept
+in OUT/PACK.json, so an interrupted run resumes where it stopped.
+
+    python tools/behaviour_table.py MODEL -o OUT [--packs refusal,reasoning,concise]
+        [--scales 0.25,0.5,1] [--probes N] [--kl-prompts N] [--tasks N]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gguf_abliterate.cli.direction import measure_direction  # noqa: E402
+from gguf_abliterate.cli.edit import edit_model  # noqa: E402
+from gguf_abliterate.direction import prompts as P  # noqa: E402
+from gguf_abliterate.direction.packs import PACKS, load_pack  # noqa: E402
+from gguf_abliterate.evaluate.report import EvalSettings, evaluate_behaviour  # noqa: E402
+from gguf_abliterate.evaluate.tasks import generate_tasks  # noqa: E402
+
+
+def run_pack(model: Path, out: Path, name: str, scales: list[float], probes: int | None, kl_prompts: int,
+             tasks: int) -> dict[str, object]:
+    """Direction, edits and measures for one pack; cached in OUT/NAME.json."""
+    cache = out / f"{name}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    pack = load_pack(name)
+    assert pack.measure is not None
+    direction = out / f"{name}.safetensors"
+    started = time.monotonic()
+    if not direction.is_file():
+        measure_direction(model, direction, pack=pack, quiet=True)
+    direction_seconds = time.monotonic() - started
+    runs = [("original", 0.0)] + [(mode, s) for s in scales for mode in ("abliterate", "reverse")]
+    edit_seconds: dict[str, float] = {}
+
+    def models() -> Iterator[Path]:
+        """Each model in turn, made just before it is measured; the last edit deleted."""
+        made: Path | None = None
+        for mode, scale in runs:
+            if made is not None:
+                made.unlink(missing_ok=True)
+            if mode == "original":
+                yield model
+                continue
+            made = out / f"{name}-{mode}-{scale:g}.gguf"
+            t = time.monotonic()
+            edit_model(model, made, direction, reverse=mode == "reverse", scale=scale, force=True, quiet=True)
+            edit_seconds[f"{mode} {scale:g}"] = time.monotonic() - t
+            yield made
+        if made is not None:
+            made.unlink(missing_ok=True)
+
+    harmless = P.default_prompts("validation")[1][:kl_prompts]
+    settings = EvalSettings(tasks=tuple(generate_tasks(tasks)) if tasks else ())
+    chosen = list(pack.probes[:probes])
+    reports = evaluate_behaviour(models(), chosen, pack.measure, pack.max_tokens, harmless, settings)
+    from gguf_abliterate.direction.file import load_direction
+
+    meta = load_direction(direction).metadata
+    result = {"pack": name, "measure": pack.measure.describe(), "probes": len(chosen), "max_tokens": pack.max_tokens,
+              "kl_prompts": len(harmless), "tasks": tasks, "layer": meta.get("layer"),
+              "direction_seconds": round(direction_seconds), "edit_seconds": edit_seconds,
+              "rows": [{"mode": mode, "scale": scale, **asdict(r)} for (mode, scale), r in zip(runs, reports)]}
+    cache.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(results: list[dict[str, object]], model: str) -> str:
+    """The markdown table: one row per pack, mode and scale."""
+    lines = [f"**{model}**", "",
+             "| pack (measure, probes) | edit | shows | accuracy / mean words | KL | tasks |",
+             "|---|---|---|---|---|---|"]
+    for res in results:
+        head = f"{res['pack']} ({res['measure']}, {res['probes']}; block {res['layer']})"
+        for row in res["rows"]:  # type: ignore[attr-defined]
+            m = row["measured"]
+            edit = "original" if row["mode"] == "original" else f"{row['mode']} x{row['scale']:g}"
+            detail = f"{m['correct']}/{m['total']}" if m["correct"] is not None else f"{m['mean_words']:.0f} words"
+            kl = "-" if row["kl_vs_base"] is None else f"{row['kl_vs_base']:.4f}"
+            acc = "-" if row["task_accuracy"] is None else f"{round(row['task_accuracy'] * res['tasks'])}/{res['tasks']}"
+            lines.append(f"| {head} | {edit} | {m['shown']}/{m['total']} | {detail} | {kl} | {acc} |")
+            head = ""
+    kl_n = {r["kl_prompts"] for r in results}
+    lines += ["", f"KL: first-token KL(original || edit) on {', '.join(map(str, kl_n))} harmless validation prompts; "
+              "tasks: generated exact-answer questions (eval --tasks, seed 0), 48 tokens each; greedy answers."]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--packs", default=",".join(PACKS), show_default=True)
+@click.option("--scales", default="0.25,0.5,1", show_default=True)
+@click.option("--probes", type=int, default=None, help="First N probes of each pack (default: all).")
+@click.option("--kl-prompts", type=int, default=72, show_default=True)
+@click.option("--tasks", type=int, default=32, show_default=True)
+def main(model: Path, out: Path, packs: str, scales: str, probes: int | None, kl_prompts: int, tasks: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results = [run_pack(model, out, name, [float(s) for s in scales.split(",")], probes, kl_prompts, tasks)
+               for name in packs.split(",")]
+    text = table(results, model.name)
+    (out / "table.md").write_text(text + "\n")
+    click.echo(text)
+
+
+if __name__ == "__main__":
+    main()
