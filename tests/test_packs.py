@@ -196,13 +196,14 @@ def test_shipped_pack_direction_and_eval(tiny: dict[str, Path], tmp_path: Path) 
     out = tmp_path / "reason.safetensors"
     run = cli("direction", tiny["qwen2"], "-o", out, "--behaviour", "reasoning", "--score-prompts", "2")
     assert run.returncode == 0, run.stderr
-    assert "reasoning: share that shows its working, 32 tokens without ablation" in run.stderr
+    assert "reasoning: share that shows its working, 32 tokens without an edit" in run.stderr
     d = load_direction(out)
     assert d.behaviour == "reasoning" and d.metadata["measure"] == "worked"
     assert d.metadata["layer_measure"].startswith("share that shows its working")
     candidates = [int(c) for c in d.metadata["candidates"].split(",")]
     scores = d.statistics["layer_score"]
     assert all(0 <= scores[c] <= 1 for c in candidates)  # a share of answers, per candidate
+    _check_choice(d, candidates)
     edited = tmp_path / "reason.gguf"
     assert cli(tiny["qwen2"], edited, "--direction", out, "--reverse", "-q").returncode == 0
     report = tmp_path / "eval.json"
@@ -248,3 +249,26 @@ def test_optimise_refuses_another_behaviour(tiny: dict[str, Path], tmp_path: Pat
     run = cli("optimise", tiny["llama"], "-o", out, "--from", path, "--trials", "1")
     assert run.returncode != 0 and "'reasoning' direction; optimise searches refusal edits only" in run.stderr
     assert not out.exists() and not list(tmp_path.glob("*.db"))
+
+
+def _check_choice(d: object, candidates: list[int]) -> None:
+    """The stored choice follows the rule: ablation keeps the lowest score, steering the
+    highest, among the candidates within the KL cap (ties to the lower KL)."""
+    meta, st = d.metadata, d.statistics  # type: ignore[attr-defined]
+    steered = meta["layer_test"].startswith("steering")
+    assert steered == (float(meta["baseline_score"]) < 0.5)
+    within = [c for c in candidates if st["kl"][c] <= float(meta["max_kl"])]
+    if within:
+        sign = -1 if steered else 1
+        assert int(meta["layer"]) == min(within, key=lambda c: (sign * st["layer_score"][c], st["kl"][c]))
+
+
+def test_layers_tested_by_steering_when_the_behaviour_is_rare(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The tiny model never answers in 30 words within the budget: removal has nothing to
+    remove, so each candidate's mean difference is added after its block instead."""
+    out = tmp_path / "concise.safetensors"
+    run = cli("direction", tiny["qwen2"], "-o", out, "--behaviour", "concise", "--score-prompts", "2")
+    assert run.returncode == 0, run.stderr
+    assert "without an edit: 0.000; candidates tested by steering" in run.stderr
+    d = load_direction(out)
+    _check_choice(d, [int(c) for c in d.metadata["candidates"].split(",")])

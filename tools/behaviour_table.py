@@ -43,7 +43,7 @@ def run_pack(model: Path, out: Path, name: str, scales: list[float], probes: int
     direction = out / f"{name}.safetensors"
     started = time.monotonic()
     if not direction.is_file():
-        measure_direction(model, direction, pack=pack, quiet=True)
+        measure_direction(model, direction, pack=pack)
     direction_seconds = time.monotonic() - started
     runs = [("original", 0.0)] + [(mode, s) for s in scales for mode in ("abliterate", "reverse")]
     edit_seconds: dict[str, float] = {}

@@ -25,7 +25,7 @@ class Engine(str, Enum):
 
 
 def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None = None, layer: str = "auto",
-                      max_kl: float = DEFAULT_MAX_KL, score_prompts: int | None = None, raw: bool = False,
+                      max_kl: float | None = None, score_prompts: int | None = None, raw: bool = False,
                       engine: Engine = Engine.LLAMA, report: Path | None = None, force: bool = False,
                       quiet: bool = False) -> int:
     """Measure every block's direction for a behaviour pack (refusal by default), choose one,
@@ -34,7 +34,7 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
     from gguf_abliterate.direction import prompts as P
     from gguf_abliterate.direction.file import check_direction_path, save_measured
     from gguf_abliterate.direction.measure import candidate_layers, choose_layer, difference_of_means
-    from gguf_abliterate.direction.packs import SCORE_PROBES, load_pack
+    from gguf_abliterate.direction.packs import SCORE_PROBES, STEER_BELOW, load_pack
     from gguf_abliterate.gguf_io import Model
     from gguf_abliterate.runtime.llama import LlamaModel
 
@@ -77,16 +77,18 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
             info = {"candidates": ",".join(map(str, candidates))}
         elif layer == "auto":
             score_prompts = score_prompts or (32 if pack.first_token else SCORE_PROBES)
+            max_kl = max_kl if max_kl is not None else (DEFAULT_MAX_KL if pack.first_token else float("inf"))
             harmless = pack.negative if pack.name == "refusal" else load_pack("refusal").negative
             v_good = P.split(list(harmless), "validation")[:score_prompts]
             measure = pack.layer_measure()
             with progress(len(candidates), "scoring layers", "layer", quiet) as bar:
                 choice = choose_layer(model, stats, pack.layer_scorer(model, score_prompts), v_good, candidates,
-                                      max_kl, bar.update)
+                                      max_kl, bar.update, None if pack.first_token else STEER_BELOW)
             chosen = choice.layer
             for c in candidates:
                 scores[c], kl[c] = choice.score[c], choice.kl[c]
-            say(f"{pack.name}: {measure} without ablation: {choice.baseline:.3f}")
+            test = "steering (+ the mean difference after the block)" if choice.steered else "ablation"
+            say(f"{pack.name}: {measure} without an edit: {choice.baseline:.3f}; candidates tested by {test}")
             say(f"{'layer':>5} {'score':>8} {'KL':>8} {'separation':>10}")
             for c in candidates:
                 mark = "  <- chosen" if c == chosen else ("  (KL too high)" if kl[c] > max_kl else "")
@@ -95,7 +97,7 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
                 say(f"note: no candidate kept the KL within --max-kl {max_kl:g}; took the lowest-KL one. "
                     f"Check the prompts (a base model without a chat template often has no refusal to find).")
             info = {"candidates": ",".join(map(str, candidates)), "max_kl": str(max_kl),
-                    "layer_measure": measure, "baseline_score": f"{choice.baseline:.6f}",
+                    "layer_measure": measure, "baseline_score": f"{choice.baseline:.6f}", "layer_test": test,
                     "score_prompts": str(min(score_prompts, len(pack.probes)))}
         else:
             chosen = int(layer)
@@ -154,8 +156,10 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
 @click.option("--harmless", type=click.Path(path_type=Path), help="The refusal pack's negative set, likewise.")
 @click.option("--layer", default="auto", show_default=True,
               help="Block whose output (l_out-L) gives the direction, or 'auto' to test candidates by ablation.")
-@click.option("--max-kl", type=float, default=DEFAULT_MAX_KL, show_default=True,
-              help="With --layer auto: largest first-token KL on harmless prompts a candidate may cause.")
+@click.option("--max-kl", type=float, default=None,
+              help=f"With --layer auto: largest first-token KL on harmless prompts a candidate may cause (default: "
+                   f"{DEFAULT_MAX_KL:g} for refusal; none for packs scored by generation, whose behaviour changes "
+                   f"harmless answers too).")
 @click.option("--score-prompts", type=click.IntRange(min=1), default=None,
               help="With --layer auto: validation prompts used to score each candidate (default: 32 for refusal, "
                    "16 for packs scored by generating answers).")
@@ -171,7 +175,7 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
 @user_errors
 def command(model_path: Path, output_path: Path, behaviour: str | None, positive: Path | None,
             negative: Path | None, name: str | None, harmful: Path | None, harmless: Path | None, layer: str,
-            max_kl: float, score_prompts: int | None, raw: bool, engine: str, report: Path | None, force: bool,
+            max_kl: float | None, score_prompts: int | None, raw: bool, engine: str, report: Path | None, force: bool,
             quiet: bool) -> None:
     """Compute a behaviour's direction in MODEL itself, on CPU (llama.cpp hooks).
 

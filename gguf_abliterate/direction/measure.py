@@ -46,6 +46,7 @@ class LayerChoice:
     score: dict[int, float] = field(default_factory=dict)  # the behaviour's score, candidate ablated
     kl: dict[int, float] = field(default_factory=dict)
     baseline: float = float("nan")  # the score without ablation
+    steered: bool = False  # candidates tested by adding the mean difference, not by ablation
 
 
 def difference_of_means(harmful: np.ndarray, harmless: np.ndarray) -> LayerStats:
@@ -69,22 +70,35 @@ def candidate_layers(n_layer: int) -> list[int]:
 
 def choose_layer(model: LlamaModel, stats: LayerStats, score: Callable[[np.ndarray | None], float],
                  harmless: list[str], candidates: list[int], max_kl: float = DEFAULT_MAX_KL,
-                 progress: Callable[[int], None] = lambda n: None) -> LayerChoice:
-    """Ablate each candidate's direction; keep the one that removes most of the behaviour
-    (lowest `score`, the larger separation on a tie) within max_kl. If none stays within
-    max_kl, the least disruptive one (lowest KL): removing the most there would mean picking
-    the layer that breaks the model most."""
+                 progress: Callable[[int], None] = lambda n: None, steer_below: float | None = None) -> LayerChoice:
+    """Test each candidate's direction and keep the one that moves the behaviour most within
+    max_kl (the lower KL on a tie). The test is ablation (the direction projected out
+    of the residual stream after every block; lowest `score` wins) unless the model shows the
+    behaviour less than `steer_below` without it: then removal has nothing to remove, and the
+    test is steering (the mean difference added after the candidate block, as a control vector;
+    highest `score` wins). If no candidate stays within max_kl, the least disruptive one
+    (lowest KL): moving the most there would mean picking the layer that breaks the model most."""
     base_harmless = model.next_token_logprobs(harmless, share_prefix=True)
     choice = LayerChoice(-1, candidates, baseline=score(None))
+    choice.steered = steer_below is not None and choice.baseline < steer_below
     for layer in candidates:
         r = stats.directions[layer]
-        choice.score[layer] = score(r)
-        choice.kl[layer] = kl_divergence(base_harmless, model.next_token_logprobs(harmless, ablate=r,
-                                                                                 share_prefix=True))
+        if choice.steered:
+            model.set_control_vector({layer: float(stats.diff_norm[layer]) * r})
+            try:
+                choice.score[layer] = score(None)
+                edited = model.next_token_logprobs(harmless, share_prefix=True)
+            finally:
+                model.set_control_vector(None)
+        else:
+            choice.score[layer] = score(r)
+            edited = model.next_token_logprobs(harmless, ablate=r, share_prefix=True)
+        choice.kl[layer] = kl_divergence(base_harmless, edited)
         progress(1)
+    sign = -1.0 if choice.steered else 1.0
     within = [layer for layer in candidates if choice.kl[layer] <= max_kl]
     if within:
-        choice.layer = min(within, key=lambda layer: (choice.score[layer], -stats.separation[layer]))
+        choice.layer = min(within, key=lambda layer: (sign * choice.score[layer], choice.kl[layer]))
     else:
         choice.layer = min(candidates, key=lambda layer: choice.kl[layer])
     return choice

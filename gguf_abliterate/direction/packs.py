@@ -50,6 +50,8 @@ DETAILED = "Answer in detail: explain step by step and give an example."
 # (each candidate costs a batch of greedy answers: on 2 cores, 16 x 32 tokens of Qwen2.5-0.5B ~ 10 s)
 SCORE_TOKENS = 32
 SCORE_PROBES = 16
+# below this share without an edit, a pack's layers are tested by steering, not ablation
+STEER_BELOW = 0.5
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,7 @@ def direction(d: Direction, title: str) -> Section:
              f"behaviour {d.behaviour or '?'}",
              f"chosen block {meta.get('layer', '?')} ({meta.get('chosen_by', '?')})"]
     if baseline is not None:
-        facts.append(f"{measure} without ablation {float(baseline):.3f}")
+        facts.append(f"{measure} without an edit {float(baseline):.3f}")
     if "max_kl" in meta:
         facts.append(f"KL cap {meta['max_kl']}")
     content: list[object] = [para("; ".join(facts) + ".")]
@@ -236,8 +236,12 @@ def direction(d: Direction, title: str) -> Section:
                                  charts.Series("KL on harmless prompts", kl, right=True)],
                                 "behaviour score", "first-token KL", mark=layer,
                                 logy2=bool((kl[np.isfinite(kl)] > 0).all())),
-            f"Each candidate block's direction ablated from the residual stream inside llama.cpp: {measure} "
-            f"(lower: more of the behaviour removed) and the first-token KL on harmless prompts (lower is better)."))
+            (f"Each candidate block's mean difference added after that block inside llama.cpp (the model shows "
+             f"the behaviour too rarely for removal to tell candidates apart): {measure} (higher: more of the "
+             f"behaviour added)" if meta.get("layer_test", "").startswith("steering") else
+             f"Each candidate block's direction ablated from the residual stream inside llama.cpp: {measure} "
+             f"(lower: more of the behaviour removed)") +
+            " and the first-token KL on harmless prompts (lower is better)."))
         max_kl = float(meta.get("max_kl", "inf"))
         rows = [[b, _f(float(st["layer_score"][b]), 3), _f(float(kl[b])), _f(float(st["separation"][b]), 2),
                  "chosen" if b == layer else ("KL too high" if kl[b] > max_kl else "")]
