@@ -272,3 +272,19 @@ def test_layers_tested_by_steering_when_the_behaviour_is_rare(tiny: dict[str, Pa
     assert "without an edit: 0.000; candidates tested by steering" in run.stderr
     d = load_direction(out)
     _check_choice(d, [int(c) for c in d.metadata["candidates"].split(",")])
+
+
+def test_reverse_amplifies_the_lean_whatever_the_sign(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """W + s u u^T W does not change when u flips: a reverse edit strengthens whichever side of
+    the axis the model's activations already lean to, not the positive set's side (README)."""
+    from gguf_abliterate.direction.file import save_direction
+
+    r = np.random.default_rng(3).normal(size=256).astype(np.float32)
+    for name, v in (("plus", r), ("minus", -r)):
+        save_direction(tmp_path / f"{name}.npy", v)
+        run = cli(tiny["llama"], tmp_path / f"{name}.gguf", "--direction", tmp_path / f"{name}.npy", "--reverse",
+                  "--requant-type", "f32", "-q")
+        assert run.returncode == 0, run.stderr
+    plus, minus = Model(tmp_path / "plus.gguf"), Model(tmp_path / "minus.gguf")
+    edited = [n for n in plus.tensors if n.endswith(("attn_output.weight", "ffn_down.weight"))]
+    assert edited and all(np.array_equal(plus.values(n), minus.values(n)) for n in edited)

@@ -4,7 +4,9 @@ A pack is two prompt sets that differ in one behaviour (`positive` shows it, `ne
 not, on the same topics), the probe prompts its effect is measured on (asked plainly) and the
 measure that reads the answers (`evaluate/measures.py`). The direction is the difference of
 means positive minus negative, measured on the even lines of each set; the odd lines are the
-validation split. Abliterating removes the behaviour, `--reverse` strengthens it.
+validation split. Abliterating removes the component along the direction; `--reverse`
+amplifies it, whichever side of the axis the model leans to (`W + s u u^T W` is the same for
+`-u`), so it strengthens the behaviour only where the model already leans towards it.
 
 Shipped (`PACKS`), all written for this project:
 
@@ -16,6 +18,8 @@ Shipped (`PACKS`), all written for this project:
 - `concise`: everyday questions (`data/questions.txt`) wrapped as "answer in one short
   sentence" vs "answer in detail"; probes: the validation questions asked plainly; measure:
   answers that end in at most 30 words.
+- `markdown`: the same questions wrapped as "format it in Markdown" vs "plain prose";
+  measure: answers with a Markdown list item, heading or bold span.
 
 A user pack is a JSON file (`load_pack`): `name`, `positive` and `negative` (prompt files,
 relative to the pack, or lists), optionally `probes` (a file or list, entries may carry an
@@ -46,6 +50,10 @@ STEP_BY_STEP = "Think step by step, showing your working, then give the final an
 RESULT_ONLY = "Answer with the number only."
 SHORT = "Answer in one short sentence."
 DETAILED = "Answer in detail: explain step by step and give an example."
+MARKDOWN = "Format your answer in Markdown, with a short heading and a bulleted list."
+PROSE = "Answer in plain prose: no lists, no headings, no bold or other formatting."
+# a Markdown list item, heading or bold span anywhere in the answer
+MARKDOWN_PATTERN = r"(?m)^\s*(?:[-*+]|\d+\.|#{1,6})\s+\S|\*\*[^*\n]+\*\*"
 # `direction --layer auto` on a pack measured by generation: answer length and default probe count
 # (each candidate costs a batch of greedy answers: on 2 cores, 16 x 32 tokens of Qwen2.5-0.5B ~ 10 s)
 SCORE_TOKENS = 32
@@ -139,15 +147,28 @@ def _reasoning() -> Pack:
                 get_measure("worked"), 96, "shows its working on arithmetic and code-tracing questions")
 
 
-def _concise() -> Pack:
+def _questions() -> list[str]:
     text = files("gguf_abliterate").joinpath("data", "questions.txt").read_text(encoding="utf-8")
-    questions = [line.strip() for line in text.splitlines() if line.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _concise() -> Pack:
+    questions = _questions()
     return Pack("concise", tuple(f"{SHORT}\n\n{q}" for q in questions), tuple(f"{DETAILED}\n\n{q}" for q in questions),
                 tuple(Probe(q) for q in P.split(questions, "validation")), get_measure("length", max_words=30), 96,
                 "answers everyday questions in one short sentence rather than at length")
 
 
-PACKS: dict[str, Callable[[], Pack]] = {"refusal": refusal_pack, "reasoning": _reasoning, "concise": _concise}
+def _markdown() -> Pack:
+    questions = _questions()
+    return Pack("markdown", tuple(f"{MARKDOWN}\n\n{q}" for q in questions), tuple(f"{PROSE}\n\n{q}" for q in questions),
+                tuple(Probe(q) for q in P.split(questions, "validation")),
+                get_measure("regex", pattern=MARKDOWN_PATTERN), 96,
+                "formats everyday answers as Markdown (lists, headings, bold) rather than plain prose")
+
+
+PACKS: dict[str, Callable[[], Pack]] = {"refusal": refusal_pack, "reasoning": _reasoning, "concise": _concise,
+                                        "markdown": _markdown}
 
 
 def load_pack(name_or_path: str | Path) -> Pack:
