@@ -170,6 +170,7 @@ def test_sign_round_trips_through_the_file(tiny: dict[str, Path], tmp_path: Path
     d = load_direction(out)
     assert d.behaviour == "french" and d.metadata["sign"] == "positive-minus-negative"
     assert d.metadata["measure"] == "none" and d.metadata["chosen_by"] == "auto"
+    assert d.metadata["pack"] == f"{f['txt']} / {f['json']}"
     assert d.metadata["positive_sha256"] == P.prompt_hash(P.load_prompts(f["txt"]))
     layer = int(d.metadata["layer"])
     with LlamaModel(tiny["llama"]) as m:

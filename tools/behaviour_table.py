@@ -86,7 +86,7 @@ def table(results: list[dict[str, object]], model: str) -> str:
              "| pack (measure, probes) | edit | shows | accuracy / mean words | KL | tasks |",
              "|---|---|---|---|---|---|"]
     for res in results:
-        head = f"{res['pack']} ({res['measure']}, {res['probes']}; block {res['layer']})"
+        head = f"{res['pack']} ({res['measure']}, {res['probes']}; block {res['layer']})".replace("|", "\\|")
         for row in res["rows"]:  # type: ignore[attr-defined]
             m = row["measured"]
             edit = "original" if row["mode"] == "original" else f"{row['mode']} x{row['scale']:g}"

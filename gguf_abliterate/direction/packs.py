@@ -95,7 +95,8 @@ class Pack:
 
     def metadata(self) -> dict[str, str]:
         """What a direction file records about the pack it came from."""
-        return {"behaviour": self.name, "sign": SIGN, "measure": self.measure.name if self.measure else "none",
+        return {"behaviour": self.name, "pack": self.source, "sign": SIGN,
+                "measure": self.measure.name if self.measure else "none",
                 "positive_sha256": P.prompt_hash(list(self.positive)),
                 "negative_sha256": P.prompt_hash(list(self.negative))}
 
