@@ -289,3 +289,43 @@ def test_reverse_amplifies_the_lean_whatever_the_sign(tiny: dict[str, Path], tmp
     plus, minus = Model(tmp_path / "plus.gguf"), Model(tmp_path / "minus.gguf")
     edited = [n for n in plus.tensors if n.endswith(("attn_output.weight", "ffn_down.weight"))]
     assert edited and all(np.array_equal(plus.values(n), minus.values(n)) for n in edited)
+
+
+def test_the_lean_says_which_way_each_edit_moves_the_probes(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """`direction` records where the pack's probes sit along the direction; the edited models'
+    own residual streams (llama.cpp's, through the capture hook) move the way it says: abliterating
+    pulls the probes' component towards 0, reversing pushes it away, by about 1 -/+ s."""
+    from gguf_abliterate.direction.lean import Lean, lean_of
+
+    model, out, layer = tiny["qwen2"], tmp_path / "md.safetensors", 2
+    run = cli("direction", model, "-o", out, "--behaviour", "markdown", "--layer", str(layer))
+    assert run.returncode == 0, run.stderr
+    d = load_direction(out)
+    lean = lean_of(d)
+    assert lean is not None and f"markdown at block {layer}: the pack's probes sit at {lean.probes:+.2f}" in run.stderr
+    assert d.harmless_means is not None
+    assert lean.negative == pytest.approx(float(d.harmless_means[layer] @ d.vectors), abs=1e-3)
+    assert lean.positive - lean.negative == pytest.approx(float(d.statistics["diff_norm"][layer]), rel=1e-4)
+    probes = [p.prompt for p in load_pack("markdown").probes]
+
+    def at_block(path: Path) -> float:
+        with LlamaModel(path) as m:
+            return float(m.residuals(probes)[:, layer].astype(np.float64).dot(d.vectors).mean())
+
+    assert at_block(model) == pytest.approx(lean.probes, rel=1e-4)
+    for reverse, scale in ((False, 1.0), (False, 0.5), (True, 0.5)):
+        edited = tmp_path / f"md-{reverse}-{scale}.gguf"
+        run = cli(model, edited, "--direction", out, "--scale", str(scale), "--requant-type", "f32",
+                  *(["--reverse"] if reverse else []))
+        assert run.returncode == 0, run.stderr
+        want, moved = lean.after(reverse, scale), at_block(edited)
+        if scale == 1.0:  # every writer (token_embd too: untied) loses its component along u
+            assert abs(moved) < 1e-4 * abs(lean.positive - lean.negative)
+        # the way it said, and at least 80% as far (reversing compounds through the blocks: further)
+        assert (moved - lean.probes) * (want - lean.probes) > 0
+        assert abs(moved - lean.probes) > 0.8 * abs(want - lean.probes)
+        if not reverse:
+            assert abs(moved - want) < 0.25 * abs(want - lean.probes)
+        way = "more" if lean.share(want) > lean.share(lean.probes) else "less"
+        assert f"towards {way} markdown" in run.stderr
+    assert Lean(1.0, 3.0, -1.0).share(1.0) == 0.5 and Lean(-1.0, 3.0, -1.0).after(True, 1.0) == -2.0

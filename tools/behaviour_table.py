@@ -27,18 +27,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gguf_abliterate.cli.direction import measure_direction  # noqa: E402
 from gguf_abliterate.cli.edit import edit_model  # noqa: E402
 from gguf_abliterate.direction import prompts as P  # noqa: E402
-from gguf_abliterate.direction.packs import PACKS, load_pack  # noqa: E402
+from gguf_abliterate.direction.file import load_direction  # noqa: E402
+from gguf_abliterate.direction.lean import Lean, lean_of, measure_lean  # noqa: E402
+from gguf_abliterate.direction.packs import PACKS, Pack, load_pack  # noqa: E402
 from gguf_abliterate.evaluate.report import EvalSettings, evaluate_behaviour  # noqa: E402
 from gguf_abliterate.evaluate.tasks import generate_tasks  # noqa: E402
+from gguf_abliterate.runtime.llama import LlamaModel  # noqa: E402
 
 
 def run_pack(model: Path, out: Path, name: str, scales: list[float], probes: int | None, kl_prompts: int,
              tasks: int) -> dict[str, object]:
     """Direction, edits and measures for one pack; cached in OUT/NAME.json."""
     cache = out / f"{name}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
     pack = load_pack(name)
+    if cache.is_file():
+        result = json.loads(cache.read_text())
+        if "lean" not in result:  # measured before directions recorded their lean
+            result["lean"] = asdict(pack_lean(model, pack, out / f"{name}.safetensors"))
+            cache.write_text(json.dumps(result, indent=1))
+        return result
     assert pack.measure is not None
     direction = out / f"{name}.safetensors"
     started = time.monotonic()
@@ -69,10 +76,8 @@ def run_pack(model: Path, out: Path, name: str, scales: list[float], probes: int
     settings = EvalSettings(tasks=tuple(generate_tasks(tasks)) if tasks else ())
     chosen = list(pack.probes[:probes])
     reports = evaluate_behaviour(models(), chosen, pack.measure, pack.max_tokens, harmless, settings)
-    from gguf_abliterate.direction.file import load_direction
-
     meta = load_direction(direction).metadata
-    result = {"pack": name, "measure": pack.measure.describe(), "probes": len(chosen), "max_tokens": pack.max_tokens,
+    result = {"lean": asdict(pack_lean(model, pack, direction)), "pack": name, "measure": pack.measure.describe(), "probes": len(chosen), "max_tokens": pack.max_tokens,
               "kl_prompts": len(harmless), "tasks": tasks, "layer": meta.get("layer"),
               "direction_seconds": round(direction_seconds), "edit_seconds": edit_seconds,
               "rows": [{"mode": mode, "scale": scale, **asdict(r)} for (mode, scale), r in zip(runs, reports)]}
@@ -80,24 +85,41 @@ def run_pack(model: Path, out: Path, name: str, scales: list[float], probes: int
     return result
 
 
+def pack_lean(model: Path, pack: Pack, direction_path: Path) -> Lean:
+    """The lean the direction file records, or (for files made before it did) measured now."""
+    direction = load_direction(direction_path)
+    lean = lean_of(direction)
+    if lean is None:
+        layer = int(direction.metadata["layer"])
+        assert direction.harmless_means is not None
+        with LlamaModel(model) as m:
+            lean = measure_lean(m, [p.prompt for p in pack.probes], direction.vectors, layer,
+                                direction.harmless_means[layer], float(direction.statistics["diff_norm"][layer]))
+    return lean
+
+
 def table(results: list[dict[str, object]], model: str) -> str:
     """The markdown table: one row per pack, mode and scale."""
     lines = [f"**{model}**", "",
-             "| pack (measure, probes) | edit | shows | accuracy / mean words | KL | tasks |",
-             "|---|---|---|---|---|---|"]
+             "| pack (measure, probes) | edit | lean | shows | accuracy / mean words | KL | tasks |",
+             "|---|---|---|---|---|---|---|"]
     for res in results:
         head = f"{res['pack']} ({res['measure']}, {res['probes']}; block {res['layer']})".replace("|", "\\|")
+        lean = Lean(**res["lean"])  # type: ignore[arg-type]
         for row in res["rows"]:  # type: ignore[attr-defined]
             m = row["measured"]
             edit = "original" if row["mode"] == "original" else f"{row['mode']} x{row['scale']:g}"
             detail = f"{m['correct']}/{m['total']}" if m["correct"] is not None else f"{m['mean_words']:.0f} words"
             kl = "-" if row["kl_vs_base"] is None else f"{row['kl_vs_base']:.4f}"
             acc = "-" if row["task_accuracy"] is None else f"{round(row['task_accuracy'] * res['tasks'])}/{res['tasks']}"
-            lines.append(f"| {head} | {edit} | {m['shown']}/{m['total']} | {detail} | {kl} | {acc} |")
+            where = lean.share(lean.after(row["mode"] == "reverse", row["scale"]))
+            lines.append(f"| {head} | {edit} | {where:.0%} | {m['shown']}/{m['total']} | {detail} | {kl} | {acc} |")
             head = ""
     kl_n = {r["kl_prompts"] for r in results}
     lines += ["", f"KL: first-token KL(original || edit) on {', '.join(map(str, kl_n))} harmless validation prompts; "
-              "tasks: generated exact-answer questions (eval --tasks, seed 0), 48 tokens each; greedy answers."]
+              "tasks: generated exact-answer questions (eval --tasks, seed 0), 48 tokens each; greedy answers. "
+              "Lean: where the probes sit along the direction at its block, to first order, as a share of the way "
+              "from the negative prompts' mean (0%) to the positive's (100%) (`direction/lean.py`)."]
     return "\n".join(lines)
 
 

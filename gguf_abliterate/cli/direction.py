@@ -33,6 +33,7 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
     from gguf_abliterate import names
     from gguf_abliterate.direction import prompts as P
     from gguf_abliterate.direction.file import check_direction_path, save_measured
+    from gguf_abliterate.direction.lean import measure_lean
     from gguf_abliterate.direction.measure import candidate_layers, choose_layer, difference_of_means
     from gguf_abliterate.direction.packs import SCORE_PROBES, STEER_BELOW, load_pack
     from gguf_abliterate.gguf_io import Model
@@ -101,11 +102,15 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
                     "score_prompts": str(min(score_prompts, len(pack.probes)))}
         else:
             chosen = int(layer)
+        with progress(len(pack.probes), "probes' lean", "prompt", quiet) as bar:
+            lean = measure_lean(model, [p.prompt for p in pack.probes], stats.directions[chosen], chosen,
+                                stats.harmless_mean[chosen], float(stats.diff_norm[chosen]), bar.update)
+        say(f"{pack.name} at block {chosen}: {lean.describe(pack.name)}")
     metadata = {
         "chosen_by": "auto" if layer == "auto" else "user",
         "model": meta.get_str(names.NAME) or model_path.name, "architecture": meta.arch,
         "n_embd": str(stats.directions.shape[1]), "n_layer": str(n_layer), **pack.metadata(),
-        "chat_template": "raw" if raw else "model", "engine": engine.value, **info,
+        "chat_template": "raw" if raw else "model", "engine": engine.value, **info, **lean.metadata(),
     }
     statistics = {"harmful_mean_norm": stats.harmful_norm, "harmless_mean_norm": stats.harmless_norm,
                   "diff_norm": stats.diff_norm, "separation": stats.separation, "layer_score": scores, "kl": kl}
@@ -184,8 +189,10 @@ def command(model_path: Path, output_path: Path, behaviour: str | None, positive
     Even lines of each set make the direction, odd lines validate it. With --layer auto,
     each candidate layer's direction is ablated from the residual stream and scored by the
     pack's measure (refusal: refusal-opening probability; other packs: short greedy answers
-    to the probes) and by KL on harmless prompts. Abliterating with the file removes the
-    behaviour; --reverse strengthens it.
+    to the probes) and by KL on harmless prompts. Abliterating with the file pulls the
+    component along the direction to zero; --reverse amplifies it on whichever side the model
+    leans to, so the command ends by saying where the pack's probes sit and which way each
+    edit moves them.
     """
     pack = choose_pack(behaviour, harmful, harmless, positive, negative, name)
     measure_direction(model_path, output_path, pack=pack, layer=layer, max_kl=max_kl, score_prompts=score_prompts,

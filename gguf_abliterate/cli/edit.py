@@ -36,6 +36,7 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     model comes from the Ollama store. A direction file from `optimise` bakes its chosen
     trial (or `trial`). Returns the files written."""
     from gguf_abliterate.direction.file import load_direction
+    from gguf_abliterate.direction.lean import lean_of
     from gguf_abliterate.edit.execute import apply_edit, output_nbytes
     from gguf_abliterate.edit.plan import plan_edit
     from gguf_abliterate.edit.provenance import provenance
@@ -78,6 +79,9 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     changed = sum(e.coef != 0 or e.out_type != e.src_type for e in plan.edits.values())
     say(f"{mode} {model.path.name} ({model.arch}, blocks {format_layers(plan.layers)}, scale {scale:g}): "
         f"{changed} tensors")
+    lean = lean_of(direction) if sched is None else None
+    if lean is not None:
+        say(f"note: {lean.describe_edit(direction.behaviour or 'the behaviour', reverse, scale)}")
     if verbose:
         for e in plan.edits.values():
             say(f"  {e.name}  {e.src_type.name} -> {e.out_type.name}")
