@@ -329,3 +329,59 @@ def test_the_lean_says_which_way_each_edit_moves_the_probes(tiny: dict[str, Path
         way = "more" if lean.share(want) > lean.share(lean.probes) else "less"
         assert f"towards {way} markdown" in run.stderr
     assert Lean(1.0, 3.0, -1.0).share(1.0) == 0.5 and Lean(-1.0, 3.0, -1.0).after(True, 1.0) == -2.0
+
+
+def test_steer_adds_along_the_direction_at_its_block(tmp_path: Path) -> None:
+    """`--steer S` bakes S mean differences into the direction's block's ffn_down: inside
+    llama.cpp, the residual stream before that block is untouched, and after it changes only
+    along the direction (linearly in S, either sign, whichever way the model leans)."""
+    from gguf import GGMLQuantizationType as Q
+    from tools.make_tiny_models import CHATML, TinySpec, build_model
+
+    # F32 MLP weights: ggml then multiplies without rounding the activations, so the change is exact
+    model = build_model(tmp_path / "f32mlp.gguf", TinySpec(arch="qwen2", types={"ffn_down": Q.F32}, chat_template=CHATML))
+    out, layer = tmp_path / "md.safetensors", 2
+    assert cli("direction", model, "-o", out, "--behaviour", "markdown", "--layer", str(layer), "-q").returncode == 0
+    d = load_direction(out)
+    assert d.mlp_input_means is not None and d.mlp_input_means.shape == (4, 512)
+    probes = [p.prompt for p in load_pack("markdown").probes[:6]]
+    with LlamaModel(model) as m:
+        base = m.residuals(probes).astype(np.float64)
+    along = {}
+    for s in (0.5, -0.25):
+        edited = tmp_path / f"steer{s}.gguf"
+        run = cli(model, edited, "--direction", out, "--steer", str(s))
+        assert run.returncode == 0, run.stderr
+        assert f"towards {'more' if s > 0 else 'less'} markdown: blk.{layer}.ffn_down.weight" in run.stderr
+        assert Model(edited).get_str(names.MODE) == "steer"
+        changed = [n for n in Model(model).tensors if not np.array_equal(Model(model).values(n), Model(edited).values(n))]
+        assert changed == [f"blk.{layer}.ffn_down.weight"]
+        with LlamaModel(edited) as m:
+            diff = m.residuals(probes).astype(np.float64) - base
+        assert np.abs(diff[:, :layer]).max() == 0
+        along[s] = diff[:, layer] @ d.vectors
+        off = diff[:, layer] - np.outer(along[s], d.vectors)
+        assert np.abs(off).max() < 1e-4 * np.abs(along[s]).max()
+    assert np.allclose(along[-0.25], -0.5 * along[0.5], rtol=1e-3, atol=1e-6)
+    assert np.abs(along[0.5]).max() > 0.01
+
+
+@pytest.mark.parametrize("case", ["reverse", "npy", "post-norm"])
+def test_steer_refusals(tiny: dict[str, Path], tmp_path: Path, case: str) -> None:
+    """What --steer cannot do stops with one line, before anything is written."""
+    model = tiny["gemma3" if case == "post-norm" else "qwen2"]
+    direction = tmp_path / "d.safetensors"
+    assert cli("direction", model, "-o", direction, "--behaviour", "markdown", "--layer", "1", "-q").returncode == 0
+    extra: list[str] = []
+    if case == "npy":
+        direction = tmp_path / "d.npy"
+        np.save(direction, load_direction(tmp_path / "d.safetensors").vectors)
+    elif case == "reverse":
+        extra = ["--reverse"]
+    out = tmp_path / "out.gguf"
+    run = cli(model, out, "--direction", direction, "--steer", "0.3", *extra)
+    want = {"reverse": "--steer adds one vector at the direction's block, in its MLP down projection: drop --reverse",
+            "npy": "--steer needs a .safetensors direction file from `direction`",
+            "post-norm": "gemma3 normalises each MLP output before adding it to the residual stream"}[case]
+    assert run.returncode != 0 and want in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -1,14 +1,15 @@
 """What each behaviour pack's edit buys and costs, on one model: the README's behaviour table.
 
 For every pack: `direction --behaviour PACK` (layer auto), then for each scale the abliterated
-and the reversed model, baked into the file's own types, each measured against the original
+and the reversed model and for each strength the steered one (`--steer`), baked into the
+file's own types, each measured against the original
 by `eval --behaviour PACK`'s measure (the share of probes whose greedy answers show the
 behaviour), the first-token KL on the harmless validation prompts and the exact-answer task
 accuracy. Edited files are made one at a time and deleted once measured; every result is kept
 in OUT/PACK.json, so an interrupted run resumes where it stopped.
 
     python tools/behaviour_table.py MODEL -o OUT [--packs refusal,reasoning,concise]
-        [--scales 0.25,0.5,1] [--probes N] [--kl-prompts N] [--tasks N]
+        [--scales 0.25,0.5,1] [--steers 0.1,0.25,0.5] [--probes N] [--kl-prompts N] [--tasks N]
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from gguf_abliterate.evaluate.tasks import generate_tasks  # noqa: E402
 from gguf_abliterate.runtime.llama import LlamaModel  # noqa: E402
 
 
-def run_pack(model: Path, out: Path, name: str, scales: list[float], probes: int | None, kl_prompts: int,
-             tasks: int) -> dict[str, object]:
+def run_pack(model: Path, out: Path, name: str, scales: list[float], steers: list[float], probes: int | None,
+             kl_prompts: int, tasks: int) -> dict[str, object]:
     """Direction, edits and measures for one pack; cached in OUT/NAME.json."""
     cache = out / f"{name}.json"
     pack = load_pack(name)
@@ -52,7 +53,8 @@ def run_pack(model: Path, out: Path, name: str, scales: list[float], probes: int
     if not direction.is_file():
         measure_direction(model, direction, pack=pack)
     direction_seconds = time.monotonic() - started
-    runs = [("original", 0.0)] + [(mode, s) for s in scales for mode in ("abliterate", "reverse")]
+    runs = ([("original", 0.0)] + [(mode, s) for s in scales for mode in ("abliterate", "reverse")]
+            + [("steer", s) for s in steers])
     edit_seconds: dict[str, float] = {}
 
     def models() -> Iterator[Path]:
@@ -66,7 +68,10 @@ def run_pack(model: Path, out: Path, name: str, scales: list[float], probes: int
                 continue
             made = out / f"{name}-{mode}-{scale:g}.gguf"
             t = time.monotonic()
-            edit_model(model, made, direction, reverse=mode == "reverse", scale=scale, force=True, quiet=True)
+            if mode == "steer":
+                edit_model(model, made, direction, steer=scale, force=True, quiet=True)
+            else:
+                edit_model(model, made, direction, reverse=mode == "reverse", scale=scale, force=True, quiet=True)
             edit_seconds[f"{mode} {scale:g}"] = time.monotonic() - t
             yield made
         if made is not None:
@@ -112,7 +117,8 @@ def table(results: list[dict[str, object]], model: str) -> str:
             detail = f"{m['correct']}/{m['total']}" if m["correct"] is not None else f"{m['mean_words']:.0f} words"
             kl = "-" if row["kl_vs_base"] is None else f"{row['kl_vs_base']:.4f}"
             acc = "-" if row["task_accuracy"] is None else f"{round(row['task_accuracy'] * res['tasks'])}/{res['tasks']}"
-            where = lean.share(lean.after(row["mode"] == "reverse", row["scale"]))
+            where = lean.share(lean.after_steer(row["scale"]) if row["mode"] == "steer"
+                               else lean.after(row["mode"] == "reverse", row["scale"]))
             lines.append(f"| {head} | {edit} | {where:.0%} | {m['shown']}/{m['total']} | {detail} | {kl} | {acc} |")
             head = ""
     kl_n = {r["kl_prompts"] for r in results}
@@ -127,17 +133,23 @@ def table(results: list[dict[str, object]], model: str) -> str:
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--packs", default=",".join(PACKS), show_default=True)
-@click.option("--scales", default="0.25,0.5,1", show_default=True)
+@click.option("--scales", default="0.25,0.5,1", show_default=True, help="Abliterate and reverse at each.")
+@click.option("--steers", default="0.1,0.25,0.5", show_default=True, help="--steer at each ('' for none).")
 @click.option("--probes", type=int, default=None, help="First N probes of each pack (default: all).")
 @click.option("--kl-prompts", type=int, default=72, show_default=True)
 @click.option("--tasks", type=int, default=32, show_default=True)
-def main(model: Path, out: Path, packs: str, scales: str, probes: int | None, kl_prompts: int, tasks: int) -> None:
+def main(model: Path, out: Path, packs: str, scales: str, steers: str, probes: int | None, kl_prompts: int,
+         tasks: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    results = [run_pack(model, out, name, [float(s) for s in scales.split(",")], probes, kl_prompts, tasks)
+    results = [run_pack(model, out, name, _floats(scales), _floats(steers), probes, kl_prompts, tasks)
                for name in packs.split(",")]
     text = table(results, model.name)
     (out / "table.md").write_text(text + "\n")
     click.echo(text)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(s) for s in text.split(",") if s.strip()]
 
 
 if __name__ == "__main__":

@@ -64,9 +64,11 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
             stats = difference_of_means(tm.last_token_residuals(model.encode(d_pos)),
                                         tm.last_token_residuals(model.encode(d_neg)))
             del tm
+            mlp_means = None
         else:
-            with progress(len(d_pos) + len(d_neg), "residuals", "prompt", quiet) as bar:
+            with progress(len(d_pos) + len(d_neg), "residuals", "prompt", quiet) as bar, model.mlp_inputs() as mlp:
                 stats = difference_of_means(model.residuals(d_pos, bar.update), model.residuals(d_neg, bar.update))
+            mlp_means = mlp.means()
         scores = np.full(n_layer, np.nan, np.float32)
         kl = np.full(n_layer, np.nan, np.float32)
         info: dict[str, str] = {}
@@ -114,7 +116,7 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
     }
     statistics = {"harmful_mean_norm": stats.harmful_norm, "harmless_mean_norm": stats.harmless_norm,
                   "diff_norm": stats.diff_norm, "separation": stats.separation, "layer_score": scores, "kl": kl}
-    save_measured(output_path, stats.directions, stats.harmless_mean, chosen, statistics, metadata)
+    save_measured(output_path, stats.directions, stats.harmless_mean, chosen, statistics, metadata, mlp_means)
     say(f"wrote {output_path} ({pack.name} direction, layer {chosen})")
     if report is not None:
         from gguf_abliterate.report import write_report

@@ -13,7 +13,7 @@ from gguf_abliterate.edit.options import EditOptions, OutFormat, Rounding, forma
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.quants.fidelity import Report
 
-HELP = """Remove (abliterate) or amplify (--reverse) a direction in INPUT's weights; write OUTPUT.
+HELP = """Remove (abliterate), amplify (--reverse) or add (--steer) a direction in INPUT's weights; write OUTPUT.
 
 Every matrix that writes into the residual stream (attn_output, ffn_down, MoE experts, and
 token_embd unless tied to the output head) is dequantized, projected and requantized to its
@@ -22,11 +22,12 @@ own type; every other tensor is copied byte for byte. OUTPUT appears only when c
 \b
   gguf-abliterate in.gguf out.gguf --direction d.npy
   gguf-abliterate in.gguf out.gguf --direction d.safetensors --reverse --scale 0.5 --layers 8-20
+  gguf-abliterate in.gguf out.gguf --direction concise.safetensors --steer 0.25
 """
 
 
 def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, reverse: bool = False,
-               scale: float = 1.0, layers: str | None = None, embeddings: bool | None = None,
+               scale: float | None = None, steer: float | None = None, layers: str | None = None, embeddings: bool | None = None,
                requant_type: GGMLQuantizationType | None = None, rounding: Rounding = Rounding.AWARE,
                force: bool = False, jobs: int | None = None, merge: bool = False,
                out_format: OutFormat = OutFormat.GGUF, verify: bool = False, ollama_name: str | None = None,
@@ -34,18 +35,27 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
                quiet: bool = False, verbose: bool = False) -> list[Path]:
     """The edit as the command runs it; with `ollama_name`, `input_path` is ignored and the
     model comes from the Ollama store. A direction file from `optimise` bakes its chosen
-    trial (or `trial`). Returns the files written."""
+    trial (or `trial`); `steer` adds a vector instead of projecting. Returns the files written."""
     from gguf_abliterate.direction.file import load_direction
     from gguf_abliterate.direction.lean import lean_of
     from gguf_abliterate.edit.execute import apply_edit, output_nbytes
     from gguf_abliterate.edit.plan import plan_edit
     from gguf_abliterate.edit.provenance import provenance
     from gguf_abliterate.edit.schedule import Method, scheduled_edit
+    from gguf_abliterate.edit.steer import steer_plan
     from gguf_abliterate.export import lmstudio as lms
     from gguf_abliterate.export import ollama as oll
     from gguf_abliterate.gguf_io import Model, output_paths
 
     say = sayer(quiet)
+    if steer is not None:
+        given = [flag for flag, on in (("--reverse", reverse), ("--scale", scale is not None), ("--layers", layers),
+                                        ("--embeddings/--no-embeddings", embeddings is not None), ("--method", method),
+                                        ("--trial", trial is not None), ("--format lora", out_format is OutFormat.LORA))
+                 if on]
+        if given:
+            raise UserError(f"--steer adds one vector at the direction's block, in its MLP down projection: "
+                            f"drop {', '.join(given)}")
     ollama = None
     if ollama_name:
         ollama = oll.resolve_ollama(ollama_name)
@@ -57,13 +67,16 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     check_output([p.path for p in model.parts], output_paths(model, output_path, merge), force)
     direction = load_direction(direction_path)
     direction.check_fits(model.n_layer, model.n_embd, model.arch)
+    scale = 1.0 if scale is None else scale
     opts = EditOptions(reverse=reverse, scale=scale, layers=parse_layers(layers, model.n_layer),
-                       embeddings=embeddings, requant_type=requant_type, rounding=rounding)
-    sched = scheduled_edit(direction, trial)
+                       embeddings=embeddings, requant_type=requant_type, rounding=rounding, steer=steer)
+    sched = None if steer is not None else scheduled_edit(direction, trial)
     schedule_info = None
     if sched is not None and method is not None and Method(method) is not sched.method:
         raise UserError(f"the direction file's edit is {sched.method.value}; drop --method")
-    if sched is None:
+    if steer is not None:
+        plan = steer_plan(model, direction, steer, opts)
+    elif sched is None:
         plan = plan_edit(model, opts, method=Method(method or Method.PLAIN.value))
     else:
         direction = sched.direction
@@ -75,13 +88,20 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
             f"mlp {_strengths(sched.strengths['mlp'])}")
     for notice in plan.notices:
         say(f"note: {notice}")
-    mode = "reverse-abliterating" if reverse else "abliterating"
-    changed = sum(e.coef != 0 or e.out_type != e.src_type for e in plan.edits.values())
-    say(f"{mode} {model.path.name} ({model.arch}, blocks {format_layers(plan.layers)}, scale {scale:g}): "
-        f"{changed} tensors")
-    lean = lean_of(direction) if sched is None else None
+    behaviour = direction.behaviour or "the behaviour"
+    if steer is not None:
+        (e,) = plan.edits.values()
+        say(f"steering {model.path.name} ({model.arch}): adding {steer:g} x the mean difference ({e.coef:+.3g} along "
+            f"the direction, on average over tokens) to block {e.block}'s MLP output, towards "
+            f"{'more' if steer > 0 else 'less'} {behaviour}: {e.name}")
+    else:
+        mode = "reverse-abliterating" if reverse else "abliterating"
+        changed = sum(e.coef != 0 or e.out_type != e.src_type for e in plan.edits.values())
+        say(f"{mode} {model.path.name} ({model.arch}, blocks {format_layers(plan.layers)}, scale {scale:g}): "
+            f"{changed} tensors")
+    lean = lean_of(direction) if sched is None and steer is None else None
     if lean is not None:
-        say(f"note: {lean.describe_edit(direction.behaviour or 'the behaviour', reverse, scale)}")
+        say(f"note: {lean.describe_edit(behaviour, reverse, scale)}")
     if verbose:
         for e in plan.edits.values():
             say(f"  {e.name}  {e.src_type.name} -> {e.out_type.name}")
@@ -110,7 +130,8 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
         mf.write_text(oll.modelfile(output_path.name, ollama))
         say(f"wrote {mf}; import with: cd {output_path.parent} && ollama create "
             f"{ollama.name.split(':')[0].split('/')[-1]}-abliterated -f Modelfile")
-    _say_report(say, report, reverse)
+    _say_report(say, report, "error of the added component" if steer is not None else
+                "error of the amplified component" if reverse else "share of the removed component put back")
     say(f"wrote {', '.join(str(p) for p in written)}")
     return written
 
@@ -120,11 +141,10 @@ def _strengths(s: np.ndarray) -> str:
     return "[" + " ".join("." if v == 0 else f"{v:.1f}" for v in np.asarray(s).tolist()) + "]"
 
 
-def _say_report(say: Say, report: Report, reverse: bool) -> None:
+def _say_report(say: Say, report: Report, what: str) -> None:
     summary = report.summary()
     if not summary:
         return
-    what = "error of the amplified component" if reverse else "share of the removed component put back"
     say(f"requantization ({what}; weight RMSE):")
     for qtype, s in summary.items():
         say(f"  {qtype:<6} {s['tensors']:4d} tensors  leak median {s['leak_median']:.2%} worst "
@@ -136,8 +156,13 @@ def _say_report(say: Say, report: Report, reverse: bool) -> None:
 @click.option("--direction", "direction_path", required=True, type=click.Path(path_type=Path),
               help="Direction file: .npy or .safetensors, one vector (n_embd) or one per block (n_layer, n_embd).")
 @click.option("--reverse", is_flag=True, help="Amplify the direction (W + S u u^T W) instead of removing it.")
-@click.option("--scale", type=float, default=1.0, show_default=True,
-              help="Strength S: 1 removes the component fully; 0 changes nothing.")
+@click.option("--scale", type=float, default=None,
+              help="Strength S: 1 (the default) removes the component fully; 0 changes nothing.")
+@click.option("--steer", type=float, default=None, metavar="S",
+              help="Instead of projecting: add S times the behaviour's mean difference (positive minus negative "
+                   "prompts, at the direction's block) to that block's MLP output, baked into its ffn_down as a "
+                   "rank-1 term. Moves answers towards the positive side whichever way the model leans (negative S: "
+                   "the other way); try 0.1-0.5. Needs a .safetensors file from `direction`.")
 @click.option("--layers", default=None, metavar="A-B",
               help="Blocks to edit, 0-based and inclusive, e.g. 4-20 or 3,5,8-12. Default: all.")
 @click.option("--embeddings/--no-embeddings", default=None,
@@ -171,7 +196,8 @@ def _say_report(say: Say, report: Report, reverse: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="List every edited tensor.")
 @user_errors
-def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale: float, layers: str | None,
+def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale: float | None, steer: float | None,
+            layers: str | None,
             embeddings: bool | None, requant_type: GGMLQuantizationType | None, rounding: str, force: bool,
             jobs: int | None, merge: bool, out_format: str, verify: bool, ollama_name: str | None, lmstudio: bool,
             method: str | None, trial: int | None, quiet: bool, verbose: bool) -> None:
@@ -183,7 +209,7 @@ def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale:
         raise UserError("expected INPUT OUTPUT (see --help)")
     else:
         input_path, output_path = paths
-    edit_model(input_path, output_path, direction_path, reverse=reverse, scale=scale, layers=layers,
+    edit_model(input_path, output_path, direction_path, reverse=reverse, scale=scale, steer=steer, layers=layers,
                embeddings=embeddings, requant_type=requant_type, rounding=Rounding(rounding), force=force,
                jobs=jobs, merge=merge, out_format=OutFormat(out_format), verify=verify, ollama_name=ollama_name,
                lmstudio=lmstudio, trial=trial, method=method, quiet=quiet, verbose=verbose)

@@ -10,7 +10,9 @@ an array `(n_layer, n_embd)` (row N for block N). Formats:
   removes what the positive set has more of; files from before packs say
   `harmful-minus-harmless`, the refusal pack's), `model`, `architecture`, `n_embd`. What `direction` measures adds the tensors
   `directions` (every block's direction), `harmless_means` (every block's mean harmless
-  activation) and one value per block for each of `STATISTICS` (`save_measured`).
+  activation), one value per block for each of `STATISTICS` and, for dense models,
+  `mlp_input_means` (every block's mean MLP down-projection input, which `--steer` reads)
+  (`save_measured`).
   What `optimise` finds adds `attn_strength` and `mlp_strength` (the strength per block of
   each component; then `direction` holds one direction per block) and the metadata
   `method`, `trials` (JSON: every trial's parameters and scores) and `chosen_trial`
@@ -35,6 +37,7 @@ from gguf_abliterate.gguf_io.atomic import atomic_path
 TENSOR_NAME = "direction"
 PER_BLOCK = "directions"
 HARMLESS_MEANS = "harmless_means"
+MLP_INPUT_MEANS = "mlp_input_means"  # per block, the mean input of the MLP down projection (for --steer)
 STRENGTHS = {"attn": "attn_strength", "mlp": "mlp_strength"}  # component -> tensor
 # per-block statistics a measured file holds, one float32 per block (NaN where not measured);
 # harmful/harmless name the positive/negative sets, and `layer_score` is the pack's layer measure
@@ -56,6 +59,7 @@ class Direction:
     statistics: dict[str, np.ndarray] = field(default_factory=dict)  # STATISTICS, (n_layer,) each
     harmless_means: np.ndarray | None = None  # (n_layer, n_embd)
     strengths: dict[str, np.ndarray] = field(default_factory=dict)  # component -> (n_layer,): a schedule
+    mlp_input_means: np.ndarray | None = None  # (n_layer, n_ff), over every token of the direction prompts
 
     @property
     def trials(self) -> list[dict[str, Any]]:
@@ -145,7 +149,8 @@ def load_direction(path: str | Path) -> Direction:
     if strengths and (array.ndim != 2 or any(s.shape != (array.shape[0],) for s in strengths.values())):
         raise UserError(f"{path}: per-block strengths need one direction per block, and one strength each")
     return Direction(normalise(array, f"{path.name}"), digest, metadata, extra.get(PER_BLOCK),
-                     {k: extra[k] for k in STATISTICS if k in extra}, extra.get(HARMLESS_MEANS), strengths)
+                     {k: extra[k] for k in STATISTICS if k in extra}, extra.get(HARMLESS_MEANS), strengths,
+                     extra.get(MLP_INPUT_MEANS))
 
 
 def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str], dict[str, np.ndarray]]:
@@ -156,7 +161,7 @@ def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str], dict[str,
             names = list(f.keys())
             if TENSOR_NAME not in names:
                 raise UserError(f"{path}: no tensor named {TENSOR_NAME!r} (has: {', '.join(names) or 'none'})")
-            wanted = (PER_BLOCK, HARMLESS_MEANS, *STATISTICS, *RENAMED, *STRENGTHS.values())
+            wanted = (PER_BLOCK, HARMLESS_MEANS, MLP_INPUT_MEANS, *STATISTICS, *RENAMED, *STRENGTHS.values())
             extra = {RENAMED.get(k, k): f.get_tensor(k) for k in wanted if k in names}
             return f.get_tensor(TENSOR_NAME), dict(f.metadata() or {}), extra
     except (SafetensorError, OSError, TypeError, ValueError) as e:
@@ -189,16 +194,19 @@ def save_direction(path: str | Path, vectors: np.ndarray, metadata: dict[str, st
 
 
 def save_measured(path: str | Path, directions: np.ndarray, harmless_means: np.ndarray, chosen: int,
-                  statistics: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+                  statistics: dict[str, np.ndarray], metadata: dict[str, str],
+                  mlp_input_means: np.ndarray | None = None) -> None:
     """What `direction` measured: block `chosen`'s direction (what the edit uses), every
-    block's, the harmless means and the per-block statistics; `layer` and the conventions go
-    into the metadata."""
+    block's, the harmless means, the per-block statistics and (dense models) the MLP input
+    means; `layer` and the conventions go into the metadata."""
     missing = set(STATISTICS) - set(statistics)
     if missing:
         raise ValueError(f"statistics missing: {sorted(missing)}")
     meta = {"layer": str(chosen), "layer_convention": LAYER_CONVENTION, **metadata}
     extra = {PER_BLOCK: directions, HARMLESS_MEANS: np.asarray(harmless_means, np.float32),
              **{k: np.asarray(statistics[k], np.float32) for k in STATISTICS}}
+    if mlp_input_means is not None:
+        extra[MLP_INPUT_MEANS] = np.asarray(mlp_input_means, np.float32)
     save_direction(path, directions[chosen], meta, extra)
 
 

@@ -41,6 +41,10 @@ class Lean:
         """Where the probes' component goes under the edit (to first order)."""
         return self.probes * (1 + scale if reverse else 1 - scale)
 
+    def after_steer(self, strength: float) -> float:
+        """Where `--steer strength` takes them on average: that many mean differences further."""
+        return self.probes + strength * (self.positive - self.negative)
+
     def share(self, value: float) -> float:
         """A position as a share of the way from the negative set's mean (0) to the positive's (1)."""
         return (value - self.negative) / (self.positive - self.negative)

@@ -6,7 +6,9 @@ measure that reads the answers (`evaluate/measures.py`). The direction is the di
 means positive minus negative, measured on the even lines of each set; the odd lines are the
 validation split. Abliterating removes the component along the direction; `--reverse`
 amplifies it, whichever side of the axis the model leans to (`W + s u u^T W` is the same for
-`-u`), so it strengthens the behaviour only where the model already leans towards it.
+`-u`), so it strengthens the behaviour only where the model already leans towards it
+(`direction/lean.py` says which way); `--steer` adds the mean difference whatever the lean
+(`edit/steer.py`).
 
 Shipped (`PACKS`), all written for this project:
 

@@ -73,7 +73,7 @@ def edit_piece(model: Model, piece: Piece) -> PieceResult:
     edit, u = piece.edit, piece.u
     values = _dequantized(model, edit, piece.first, piece.count)
     before = component(values, u, edit.kind)
-    project(values, u, edit.coef, edit.kind, edit.method)
+    project(values, u, edit.coef, edit.kind, edit.method, edit.reads)
     data = _requantized(values, edit)
     if edit.aware:
         data = rounding.keep_edit(data, values, u, edit.out_type, over_rows=edit.kind.over_rows, before=before)

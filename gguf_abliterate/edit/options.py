@@ -35,6 +35,7 @@ class EditOptions:
     embeddings: bool | None = None  # None: on unless the embeddings are tied to the LM head
     requant_type: GGMLQuantizationType | None = None
     rounding: Rounding = Rounding.AWARE
+    steer: float | None = None  # add this many mean differences at the direction's block instead (edit/steer.py)
 
     def __post_init__(self) -> None:
         if not (self.scale >= 0 and self.scale != float("inf")):

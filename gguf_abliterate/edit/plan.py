@@ -54,6 +54,7 @@ class TensorEdit:
     post_norm: str | None = None  # norm weight g: project with u = g*r/||g*r||
     aware: bool = False  # re-round the codes so the edit survives requantization
     method: Method = Method.PLAIN
+    reads: np.ndarray | None = field(default=None, compare=False)  # STEER: the input-side vector w
 
 
 @dataclass
@@ -67,7 +68,7 @@ class EditPlan:
     notices: list[str] = field(default_factory=list)
 
 
-def _out_type(name: str, src: GGMLQuantizationType, opts: EditOptions, n_per_row: int, is_bias: bool,
+def output_type(name: str, src: GGMLQuantizationType, opts: EditOptions, n_per_row: int, is_bias: bool,
               strict: bool) -> GGMLQuantizationType:
     """The type an edited tensor is stored as; refuses (if strict) types we cannot write."""
     out = src if is_bias or opts.requant_type is None else opts.requant_type
@@ -107,7 +108,7 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
             raise UserError(f"tensor {name} has shape {list(t.shape)}, expected n_embd={n_embd} "
                             f"along ggml dimension {dim}")
         is_bias = kind is TensorKind.BIAS
-        out = _out_type(name, t.tensor_type, opts, int(t.shape[0]), is_bias, strict)
+        out = output_type(name, t.tensor_type, opts, int(t.shape[0]), is_bias, strict)
         if post_norm is not None and post_norm not in model.tensors:
             raise UserError(f"{arch.name} model lacks {post_norm}, needed to edit {name}")
         aware = opts.rounding is Rounding.AWARE and not is_bias and rounding.supports(out)

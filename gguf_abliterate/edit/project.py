@@ -1,4 +1,5 @@
-"""The projection itself: `W' = W + coef * u (u^T W)`, per tensor kind.
+"""The projection itself: `W' = W + coef * u (u^T W)`, per tensor kind (and `--steer`'s
+`W' = W + coef * u w^T`).
 
 Abliterate has coef = -scale, reverse +scale. Writer matrices have the residual stream along
 their (numpy) rows; `token_embd` holds one residual row per token, so it is projected
@@ -38,9 +39,12 @@ def component(values: np.ndarray, u: np.ndarray, kind: TensorKind) -> np.ndarray
 
 
 def project(values: np.ndarray, u: np.ndarray, coef: float, kind: TensorKind,
-            method: Method = Method.PLAIN) -> None:
-    """In place: add coef times the component along u, back along u."""
-    if kind is TensorKind.MATRIX:
+            method: Method = Method.PLAIN, reads: np.ndarray | None = None) -> None:
+    """In place: add coef times the component along u, back along u (STEER: coef u reads^T)."""
+    if method is Method.STEER:
+        assert kind is TensorKind.MATRIX and reads is not None
+        add_along(values, u, coef * reads)
+    elif kind is TensorKind.MATRIX:
         lengths = np.linalg.norm(values, axis=0) if method is Method.NORM_PRESERVING else None
         project_residual_rows(values, u, coef)
         if lengths is not None:
@@ -53,10 +57,14 @@ def project(values: np.ndarray, u: np.ndarray, coef: float, kind: TensorKind,
 
 def project_residual_rows(w: np.ndarray, u: np.ndarray, coef: float) -> None:
     """In place: `W += coef * u (u^T W)` for a 2-D `w` whose rows are residual dimensions."""
-    c = u @ w
+    add_along(w, u, coef * (u @ w))
+
+
+def add_along(w: np.ndarray, u: np.ndarray, c: np.ndarray) -> None:
+    """In place: `W += u c^T` (rows of `w` are residual dimensions), a chunk of rows at a time."""
     step = rows_per_chunk(w.shape[1])
     for i in range(0, w.shape[0], step):
-        w[i : i + step] += (coef * u[i : i + step, None]) * c[None, :]
+        w[i : i + step] += u[i : i + step, None] * c[None, :]
 
 
 def keep_column_lengths(w: np.ndarray, lengths: np.ndarray) -> None:

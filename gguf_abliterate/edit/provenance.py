@@ -14,8 +14,8 @@ def provenance(plan: EditPlan, opts: EditOptions, direction: Direction,
                schedule: dict[str, object] | None = None) -> dict[str, str | bool | int | float]:
     """The keys, in the order they are written; `schedule` describes a scheduled edit."""
     kv: dict[str, str | bool | int | float] = {
-        names.MODE: "reverse" if opts.reverse else "abliterate",
-        names.SCALE: float(opts.scale),
+        names.MODE: "steer" if opts.steer is not None else "reverse" if opts.reverse else "abliterate",
+        names.SCALE: float(opts.steer if opts.steer is not None else opts.scale),
         names.LAYERS: format_layers(plan.layers),
         names.EMBEDDINGS: names.TOKEN_EMBD in plan.edits,
         names.TENSOR_COUNT: len(plan.edits),

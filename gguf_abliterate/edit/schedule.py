@@ -36,6 +36,7 @@ class Method(str, Enum):
 
     PLAIN = "plain"  # W' = W - s u u^T W
     NORM_PRESERVING = "norm-preserving"  # the same, then every column rescaled to its old length
+    STEER = "steer"  # W' = W + s u w^T: a fixed vector along u added to the output (edit/steer.py)
 
 
 class Component(str, Enum):

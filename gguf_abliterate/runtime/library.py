@@ -90,6 +90,11 @@ class Ggml:
         """ne[1] of a tensor (struct ggml_tensor: int type; void *buffer; int64_t ne[4] ...)."""
         return (ctypes.c_int64 * 4).from_address(t + 16)[1]
 
+    @staticmethod
+    def width(t: int) -> int:
+        """ne[0] of a tensor: the length of each row."""
+        return (ctypes.c_int64 * 4).from_address(t + 16)[0]
+
     def read(self, t: int, n_embd: int) -> np.ndarray:
         out = np.empty((self.rows(t), n_embd), np.float32)
         self.so.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)

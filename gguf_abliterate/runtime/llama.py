@@ -17,6 +17,7 @@ import ctypes
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +40,29 @@ class Answer:
     text: str
     tokens: list[int]
     finished: bool
+
+
+# what llama.cpp calls the input of a dense block's MLP down projection (the gated activation)
+MLP_INPUT_NAMES = ("ffn_swiglu-", "ffn_geglu-")
+
+
+class MlpInputs:
+    """Per block, the sum and count of the MLP down projection's input vectors."""
+
+    def __init__(self, n_layer: int):
+        self.sums: dict[int, np.ndarray] = {}
+        self.counts = np.zeros(n_layer, np.int64)
+
+    def add(self, block: int, rows: np.ndarray) -> None:
+        self.sums[block] = self.sums.get(block, 0) + rows.sum(axis=0, dtype=np.float64)
+        self.counts[block] += rows.shape[0]
+
+    def means(self) -> np.ndarray | None:
+        """(n_layer, n_ff) means, or None unless every block has a dense MLP llama.cpp names so
+        (mixture-of-experts blocks do not)."""
+        if not self.sums or (self.counts == 0).any() or len({v.shape for v in self.sums.values()}) != 1:
+            return None
+        return np.stack([self.sums[b] / self.counts[b] for b in range(len(self.counts))]).astype(np.float32)
 
 
 class LlamaModel:
@@ -80,6 +104,7 @@ class LlamaModel:
         self._capture: dict[int, np.ndarray] | None = None
         self._rows: np.ndarray = np.zeros(0, np.int64)
         self._ablate: np.ndarray | None = None
+        self._mlp: MlpInputs | None = None
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -247,8 +272,22 @@ class LlamaModel:
         logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
         return logits - np.logaddexp.reduce(logits)
 
+    @contextmanager
+    def mlp_inputs(self) -> Iterator[MlpInputs]:
+        """Within the block, every pass also sums each block's MLP down-projection input
+        (llama.cpp's `ffn_swiglu-L` / `ffn_geglu-L`) over all tokens."""
+        self._mlp = MlpInputs(self.n_layer)
+        try:
+            yield self._mlp
+        finally:
+            self._mlp = None
+
     def _on_tensor(self, t: int, ask: bool, user_data: Any) -> bool:
         name = self.ggml.name(t)
+        if self._mlp is not None and name.startswith(MLP_INPUT_NAMES):
+            if not ask:
+                self._mlp.add(int(name.rpartition("-")[2]), self.ggml.read(t, self.ggml.width(t)))
+            return True
         if not name.startswith("l_out-"):
             return not ask  # ask: we do not need it; otherwise: go on computing
         if ask:
