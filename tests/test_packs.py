@@ -364,6 +364,13 @@ def test_steer_adds_along_the_direction_at_its_block(tmp_path: Path) -> None:
         assert np.abs(off).max() < 1e-4 * np.abs(along[s]).max()
     assert np.allclose(along[-0.25], -0.5 * along[0.5], rtol=1e-3, atol=1e-6)
     assert np.abs(along[0.5]).max() > 0.01
+    # the same edit as a rank-1 LoRA adapter (A = w^T, B = a u), applied by llama.cpp
+    adapter = tmp_path / "steer.lora.gguf"
+    assert cli(model, adapter, "--direction", out, "--steer", "0.5", "--format", "lora", "-q").returncode == 0
+    with LlamaModel(model) as m:
+        m.set_lora(adapter)
+        through = m.residuals(probes).astype(np.float64) - base
+    assert np.allclose(through[:, layer] @ d.vectors, along[0.5], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["reverse", "npy", "post-norm"])

@@ -51,8 +51,7 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     if steer is not None:
         given = [flag for flag, on in (("--reverse", reverse), ("--scale", scale is not None), ("--layers", layers),
                                         ("--embeddings/--no-embeddings", embeddings is not None), ("--method", method),
-                                        ("--trial", trial is not None), ("--format lora", out_format is OutFormat.LORA))
-                 if on]
+                                        ("--trial", trial is not None)) if on]
         if given:
             raise UserError(f"--steer adds one vector at the direction's block, in its MLP down projection: "
                             f"drop {', '.join(given)}")
@@ -108,7 +107,7 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     if out_format is OutFormat.LORA:
         from gguf_abliterate.export.lora import write_lora
 
-        if any(e.method is not Method.PLAIN for e in plan.edits.values()):
+        if any(e.method is Method.NORM_PRESERVING for e in plan.edits.values()):
             raise UserError("a norm-preserving edit rescales every column of a writer, which no low-rank "
                             "adapter expresses exactly; write it as a GGUF (--format gguf)")
         skipped = write_lora(model, plan, direction, output_path, provenance(plan, opts, direction, schedule_info))

@@ -1,7 +1,8 @@
 """The edit as a small file instead of a whole model: a rank-1 LoRA adapter for llama.cpp.
 
 `W' = W + coef * u (u^T W)` is exactly `W + B A` with `A = u^T W` (1 x n_in, from this very
-file's dequantized weights) and `B = coef * u` (n_out x 1). llama.cpp applies an adapter as
+file's dequantized weights) and `B = coef * u` (n_out x 1); `--steer`'s `W + coef * u w^T`
+is `A = w^T`. llama.cpp applies an adapter as
 `W x + scale * alpha / r * B (A x)`; with alpha = r = 1 and `--lora` (scale 1) that is the
 float edit. Only 2-D writer matrices are expressible: biases, MoE expert stacks and
 token_embd (llama.cpp aborts on an adapter for a tied token_embd) are left out, and said so.
@@ -16,6 +17,7 @@ import numpy as np
 from gguf_abliterate.direction.file import Direction
 from gguf_abliterate.edit.plan import EditPlan, TensorKind
 from gguf_abliterate.edit.project import axis_vector
+from gguf_abliterate.edit.schedule import Method
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.small import write_lora_adapter
 from gguf_abliterate.gguf_io import Model
@@ -30,7 +32,8 @@ def lora_pieces(model: Model, plan: EditPlan,
             skipped.append(name)
             continue
         u = axis_vector(model, edit, direction).astype(np.float32)
-        a = (u @ model.values(name)).astype(np.float32)[None, :]
+        reads = edit.reads if edit.method is Method.STEER else u @ model.values(name)
+        a = np.asarray(reads, np.float32)[None, :]
         pieces[name] = (a, (edit.coef * u)[:, None].astype(np.float32))
     return pieces, skipped
 
