@@ -108,6 +108,9 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
             lean = measure_lean(model, [p.prompt for p in pack.probes], stats.directions[chosen], chosen,
                                 stats.harmless_mean[chosen], float(stats.diff_norm[chosen]), bar.update)
         say(f"{pack.name} at block {chosen}: {lean.describe(pack.name)}")
+        if mlp_means is not None:
+            say(f"--steer S adds S mean differences at block {chosen} instead, towards more {pack.name} whatever the "
+                f"lean (negative S: less)")
     metadata = {
         "chosen_by": "auto" if layer == "auto" else "user",
         "model": meta.get_str(names.NAME) or model_path.name, "architecture": meta.arch,
