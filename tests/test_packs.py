@@ -339,7 +339,8 @@ def test_steer_adds_along_the_direction_at_its_block(tmp_path: Path) -> None:
     from tools.make_tiny_models import CHATML, TinySpec, build_model
 
     # F32 MLP weights: ggml then multiplies without rounding the activations, so the change is exact
-    model = build_model(tmp_path / "f32mlp.gguf", TinySpec(arch="qwen2", types={"ffn_down": Q.F32}, chat_template=CHATML))
+    spec = TinySpec(arch="qwen2", types={"ffn_down": Q.F32}, chat_template=CHATML)
+    model = build_model(tmp_path / "f32mlp.gguf", spec)
     out, layer = tmp_path / "md.safetensors", 2
     assert cli("direction", model, "-o", out, "--behaviour", "markdown", "--layer", str(layer), "-q").returncode == 0
     d = load_direction(out)
@@ -354,7 +355,8 @@ def test_steer_adds_along_the_direction_at_its_block(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stderr
         assert f"towards {'more' if s > 0 else 'less'} markdown: blk.{layer}.ffn_down.weight" in run.stderr
         assert Model(edited).get_str(names.MODE) == "steer"
-        changed = [n for n in Model(model).tensors if not np.array_equal(Model(model).values(n), Model(edited).values(n))]
+        before, after = Model(model), Model(edited)
+        changed = [n for n in before.tensors if not np.array_equal(before.values(n), after.values(n))]
         assert changed == [f"blk.{layer}.ffn_down.weight"]
         with LlamaModel(edited) as m:
             diff = m.residuals(probes).astype(np.float64) - base

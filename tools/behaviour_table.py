@@ -82,7 +82,8 @@ def run_pack(model: Path, out: Path, name: str, scales: list[float], steers: lis
     chosen = list(pack.probes[:probes])
     reports = evaluate_behaviour(models(), chosen, pack.measure, pack.max_tokens, harmless, settings)
     meta = load_direction(direction).metadata
-    result = {"lean": asdict(pack_lean(model, pack, direction)), "pack": name, "measure": pack.measure.describe(), "probes": len(chosen), "max_tokens": pack.max_tokens,
+    result = {"lean": asdict(pack_lean(model, pack, direction)), "pack": name, "measure": pack.measure.describe(),
+              "probes": len(chosen), "max_tokens": pack.max_tokens,
               "kl_prompts": len(harmless), "tasks": tasks, "layer": meta.get("layer"),
               "direction_seconds": round(direction_seconds), "edit_seconds": edit_seconds,
               "rows": [{"mode": mode, "scale": scale, **asdict(r)} for (mode, scale), r in zip(runs, reports)]}

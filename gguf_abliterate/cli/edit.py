@@ -27,9 +27,9 @@ own type; every other tensor is copied byte for byte. OUTPUT appears only when c
 
 
 def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, reverse: bool = False,
-               scale: float | None = None, steer: float | None = None, layers: str | None = None, embeddings: bool | None = None,
-               requant_type: GGMLQuantizationType | None = None, rounding: Rounding = Rounding.AWARE,
-               force: bool = False, jobs: int | None = None, merge: bool = False,
+               scale: float | None = None, steer: float | None = None, layers: str | None = None,
+               embeddings: bool | None = None, requant_type: GGMLQuantizationType | None = None,
+               rounding: Rounding = Rounding.AWARE, force: bool = False, jobs: int | None = None, merge: bool = False,
                out_format: OutFormat = OutFormat.GGUF, verify: bool = False, ollama_name: str | None = None,
                lmstudio: bool = False, trial: int | None = None, method: str | None = None,
                quiet: bool = False, verbose: bool = False) -> list[Path]:
@@ -196,10 +196,9 @@ def _say_report(say: Say, report: Report, what: str) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="List every edited tensor.")
 @user_errors
 def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale: float | None, steer: float | None,
-            layers: str | None,
-            embeddings: bool | None, requant_type: GGMLQuantizationType | None, rounding: str, force: bool,
-            jobs: int | None, merge: bool, out_format: str, verify: bool, ollama_name: str | None, lmstudio: bool,
-            method: str | None, trial: int | None, quiet: bool, verbose: bool) -> None:
+            layers: str | None, embeddings: bool | None, requant_type: GGMLQuantizationType | None, rounding: str,
+            force: bool, jobs: int | None, merge: bool, out_format: str, verify: bool, ollama_name: str | None,
+            lmstudio: bool, method: str | None, trial: int | None, quiet: bool, verbose: bool) -> None:
     if ollama_name:
         if len(paths) != 1:
             raise UserError("with --ollama give only OUTPUT: the input comes from the Ollama store")

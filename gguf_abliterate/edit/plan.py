@@ -69,7 +69,7 @@ class EditPlan:
 
 
 def output_type(name: str, src: GGMLQuantizationType, opts: EditOptions, n_per_row: int, is_bias: bool,
-              strict: bool) -> GGMLQuantizationType:
+                strict: bool) -> GGMLQuantizationType:
     """The type an edited tensor is stored as; refuses (if strict) types we cannot write."""
     out = src if is_bias or opts.requant_type is None else opts.requant_type
     if not strict:

@@ -36,7 +36,8 @@ def steer_plan(model: Model, direction: Direction, strength: float, opts: EditOp
     block; everything checked before anything is written."""
     if not math.isfinite(strength) or strength == 0:
         raise UserError("--steer must be a finite number other than 0")
-    if "layer" not in direction.metadata or direction.mlp_input_means is None or "diff_norm" not in direction.statistics:
+    measured = "layer" in direction.metadata and "diff_norm" in direction.statistics
+    if not measured or direction.mlp_input_means is None:
         raise UserError("--steer needs a .safetensors direction file from `direction` (llama engine) of this "
                         "version, which records each block's mean MLP input")
     block = int(direction.metadata["layer"])
