@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
-import time
 from pathlib import Path
 
 
@@ -24,9 +24,12 @@ class Session:
     def __init__(self, *args: str | Path, env: dict[str, str] | None = None):
         import pexpect
 
+        # Ctrl-C as in a person's terminal: a suite started in the background (`cmd &` in a script)
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all
         self.p = pexpect.spawn(sys.executable, ["-m", "gguf_abliterate", "chat", *map(str, args)], cwd=str(ROOT),
                                env={**os.environ, "NO_COLOR": "1", **(env or {})}, encoding="utf-8", timeout=90,
-                               dimensions=(50, 200))
+                               dimensions=(50, 200),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def prompt(self) -> str:
         """Everything printed up to the next prompt."""
@@ -69,12 +72,7 @@ def test_chat_two_models_in_a_terminal(tiny: dict[str, Path]) -> None:
         s.p.sendintr()
         s.p.expect_exact("[stopped]")
     s.prompt()
-    # at the prompt: a hint, not an exit. A person presses Ctrl-C well after the prompt shows; at
-    # machine speed the signal can land between readline printing ">>> " and its select(), which
-    # then waits for a key (a race in CPython's input()). Without the pause this step once waited
-    # out its 90 s with nothing printed, on a machine busy with two model runs besides the suite
-    time.sleep(0.5)
-    s.p.sendintr()
+    s.p.sendintr()  # at the prompt: a hint, not an exit
     assert "(Ctrl-C stops an answer; /quit or Ctrl-D leaves)" in s.prompt()
     assert "unknown command /nope" in s.say("/nope")
     s.p.sendline("/quit")
