@@ -43,7 +43,7 @@ def project(values: np.ndarray, u: np.ndarray, coef: float, kind: TensorKind,
     """In place: add coef times the component along u, back along u (STEER: coef u reads^T)."""
     if method is Method.STEER:
         assert kind is TensorKind.MATRIX and reads is not None
-        add_along(values, u, coef * reads)
+        add_along(values, u, reads, coef)
     elif kind is TensorKind.MATRIX:
         lengths = np.linalg.norm(values, axis=0) if method is Method.NORM_PRESERVING else None
         project_residual_rows(values, u, coef)
@@ -57,14 +57,15 @@ def project(values: np.ndarray, u: np.ndarray, coef: float, kind: TensorKind,
 
 def project_residual_rows(w: np.ndarray, u: np.ndarray, coef: float) -> None:
     """In place: `W += coef * u (u^T W)` for a 2-D `w` whose rows are residual dimensions."""
-    add_along(w, u, coef * (u @ w))
+    add_along(w, u, u @ w, coef)
 
 
-def add_along(w: np.ndarray, u: np.ndarray, c: np.ndarray) -> None:
-    """In place: `W += u c^T` (rows of `w` are residual dimensions), a chunk of rows at a time."""
+def add_along(w: np.ndarray, u: np.ndarray, c: np.ndarray, coef: float) -> None:
+    """In place: `W += coef * u c^T` (rows of `w` are residual dimensions), a chunk of rows at a
+    time, multiplied in the order the projection always used, so its bytes stay the same."""
     step = rows_per_chunk(w.shape[1])
     for i in range(0, w.shape[0], step):
-        w[i : i + step] += u[i : i + step, None] * c[None, :]
+        w[i : i + step] += (coef * u[i : i + step, None]) * c[None, :]
 
 
 def keep_column_lengths(w: np.ndarray, lengths: np.ndarray) -> None:
