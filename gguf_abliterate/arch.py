@@ -1,24 +1,49 @@
 """Per-architecture facts, as data: which tensors write into the residual stream, and how.
 
-Every supported architecture writes into the residual stream through the same tensor names
-(`attn_output`, `ffn_down`, and for mixture-of-experts `ffn_down_exps` / `ffn_down_shexp`),
-plus `token_embd`. What differs is whether a norm sits between a writer and the residual
-add: Gemma 2/3 apply `RMSNorm(W h) * g` (post-norms), so the component along r is removed
-by projecting W with `u = g*r / ||g*r||` instead of `u = r` (RMSNorm only rescales the
-whole vector, so `(g*r)^T W h = 0` gives `r^T out = 0`).
+Each entry was read from llama.cpp's own graph (`src/models/<file>.cpp` in the llama.cpp that
+llama-cpp-python 0.3.36 vendors) and is proven against it by tests/test_architectures.py,
+which edits a tiny model of the family and reads the residual stream back through llama.cpp.
+
+A writer is a weight whose output is added to the residual stream. When norms sit between it
+and the add (`x + RMSNorm(W h) * g`, Gemma 2/3/4, OLMo 2, GLM-4), the removal projects W with
+`u = g*r / ||g*r||` instead of `u = r`: RMSNorm only rescales the whole vector, so
+`(g*r)^T W h = 0` gives `r^T out = 0`. Several norms in a row multiply their weights
+(Gemma 4's MoE blocks: `RMSNorm(RMSNorm(W h) * g1 + ...) * g`, so `u ~ g*g1*r`).
+
+Beware names: Qwen 3.5/3-Next, gpt-oss and GLM-4.5 call their *pre*-MLP norm
+`post_attention_norm`; it normalises the MLP's input, not a writer's output, so it is no
+post-norm here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Container
+from dataclasses import dataclass
 
-from gguf import MODEL_TENSOR
+from gguf import MODEL_ARCH_NAMES, MODEL_TENSOR
 
 from gguf_abliterate import names
 from gguf_abliterate.errors import UserError
 
-# The tensors (per block) that add into the residual stream, in the order they are edited.
-WRITERS = (MODEL_TENSOR.ATTN_OUT, MODEL_TENSOR.FFN_DOWN, MODEL_TENSOR.FFN_DOWN_EXP, MODEL_TENSOR.FFN_DOWN_SHEXP)
+T = MODEL_TENSOR
+
+
+@dataclass(frozen=True)
+class Writer:
+    """One residual-stream writer and the norms between its output and the residual add,
+    innermost first. `if_present` norms apply in the blocks whose file has them."""
+
+    tensor: MODEL_TENSOR
+    mixer: bool  # attention or its stand-in (linear attention, SSM, short conv); else the MLP side
+    norms: tuple[MODEL_TENSOR, ...] = ()
+    if_present: tuple[MODEL_TENSOR, ...] = ()
+
+
+ATTN = Writer(T.ATTN_OUT, True)
+SSM = Writer(T.SSM_OUT, True)
+CONV = Writer(T.SHORTCONV_OUTPROJ, True)
+MLP = (Writer(T.FFN_DOWN, False), Writer(T.FFN_DOWN_EXP, False), Writer(T.FFN_DOWN_SHEXP, False))
+STANDARD = (ATTN, *MLP)
 
 
 @dataclass(frozen=True)
@@ -26,38 +51,102 @@ class Arch:
     """What the edit needs to know about one llama.cpp architecture."""
 
     name: str
-    # writer -> the norm applied to its output before the residual add
-    post_norms: dict[MODEL_TENSOR, MODEL_TENSOR] = field(default_factory=dict)
+    graph: str  # llama.cpp's src/models/<graph>.cpp, which the entry was read from
+    writers: tuple[Writer, ...] = STANDARD
+    note: str = ""
+    # the name llama.cpp gives each block's output (the residual stream after the block)
+    residual: str = "l_out"
+    # proven on a tiny model against llama.cpp's graph (tests/test_architectures.py)
+    tested: bool = True
 
-    def post_norm(self, block: int, writer: MODEL_TENSOR) -> str | None:
-        """Name of the norm weight applied after this writer in this block, if any."""
-        norm = self.post_norms.get(writer)
-        return names.block_tensor(norm, block) if norm is not None else None
+    def norm_chain(self, block: int, writer: Writer, present: Container[str]) -> tuple[str, ...]:
+        """Names of the norm weights between this writer's output and the residual add, in
+        this block (required ones always; `if_present` ones where the file has them)."""
+        chain = []
+        for norm in writer.if_present:
+            name = names.block_tensor(norm, block)
+            if name in present:
+                chain.append(name)
+        chain += [names.block_tensor(norm, block) for norm in writer.norms]
+        return tuple(chain)
+
+    @property
+    def has_norms(self) -> bool:
+        """Whether any writer's output is normalised before the residual add."""
+        return any(w.norms or w.if_present for w in self.writers)
 
 
-_GEMMA_POST_NORMS = {MODEL_TENSOR.ATTN_OUT: MODEL_TENSOR.ATTN_POST_NORM,
-                     MODEL_TENSOR.FFN_DOWN: MODEL_TENSOR.FFN_POST_NORM}
+def _post_normed(attn: MODEL_TENSOR = T.ATTN_POST_NORM, mlp: MODEL_TENSOR = T.FFN_POST_NORM) -> tuple[Writer, ...]:
+    return (Writer(T.ATTN_OUT, True, (attn,)), Writer(T.FFN_DOWN, False, (mlp,)))
+
+
+_GEMMA4 = (
+    Writer(T.ATTN_OUT, True, (T.ATTN_POST_NORM,)),
+    Writer(T.FFN_DOWN, False, (T.FFN_POST_NORM,), if_present=(T.FFN_POST_NORM_1,)),
+    Writer(T.FFN_DOWN_EXP, False, (T.FFN_POST_NORM_2, T.FFN_POST_NORM)),
+    Writer(T.PER_LAYER_PROJ, False, (T.PER_LAYER_POST_NORM,)),
+)
 
 ARCHITECTURES: dict[str, Arch] = {
     a.name: a
     for a in (
-        Arch("llama"),  # also Mistral and most Llama-likes, which llama.cpp files as "llama"
-        Arch("qwen2"),
-        Arch("qwen2moe"),
-        Arch("qwen3"),
-        Arch("qwen3moe"),
-        Arch("phi3"),
-        Arch("gemma"),
-        Arch("gemma2", _GEMMA_POST_NORMS),
-        Arch("gemma3", _GEMMA_POST_NORMS),
+        Arch("llama", "llama", note="also Mistral, Mixtral and most Llama-likes, which llama.cpp files as llama"),
+        Arch("qwen2", "qwen2"),
+        Arch("qwen2moe", "qwen2moe", note="shared expert gated by a per-token scalar"),
+        Arch("qwen3", "qwen3"),
+        Arch("qwen3moe", "qwen3moe"),
+        Arch("phi3", "phi3", note="fused attn_qkv; ffn_up holds gate and up", tested=False),
+        Arch("gemma", "gemma"),
+        Arch("gemma2", "gemma2", _post_normed()),
+        Arch("gemma3", "gemma3", _post_normed()),
+        Arch("gemma4", "gemma4", _GEMMA4,
+             "post-norms; MoE blocks normalise the dense MLP (post_ffw_norm_1) and the experts "
+             "(post_ffw_norm_2), then their sum (post_ffw_norm); per-layer embeddings write through "
+             "blk.N.proj and its post_norm; layer_output_scale scales the whole stream"),
+        Arch("smollm3", "smollm3", note="no RoPE on every 4th layer; otherwise Llama"),
+        Arch("mistral3", "mistral3"),
+        Arch("granite", "granite", note="residual_scale multiplies each writer's output (a scalar)"),
+        Arch("granitemoe", "granite-moe", note="residual_scale multiplies each writer's output (a scalar)"),
+        Arch("granitehybrid", "granite-hybrid", (ATTN, SSM, *MLP), "Mamba-2 layers write through ssm_out"),
+        Arch("olmo2", "olmo2", _post_normed(), "post-norms after attention and MLP"),
+        Arch("glm4", "glm4", _post_normed(),
+             "post-norms after attention and MLP; the NextN (MTP) block is not run and not edited"),
+        Arch("glm4moe", "glm4-moe",
+             note="post_attention_norm is the MLP's input norm; the NextN (MTP) block is not edited"),
+        Arch("cohere2", "cohere2", note="attention and MLP in parallel on one LayerNorm"),
+        Arch("gpt-oss", "openai-moe", (ATTN, Writer(T.FFN_DOWN_EXP, False)),
+             "attention sinks and biases (attn_output.bias, ffn_down_exps.bias per expert); "
+             "post_attention_norm is the MLP's input norm"),
+        Arch("qwen35", "qwen35", (ATTN, SSM, *MLP),
+             "gated DeltaNet layers write through ssm_out; post_attention_norm is the MLP's input norm; "
+             "MTP blocks are not edited"),
+        Arch("qwen35moe", "qwen35moe", (ATTN, SSM, *MLP),
+             "gated DeltaNet layers write through ssm_out; post_attention_norm is the MLP's input norm; "
+             "MTP blocks are not edited"),
+        Arch("qwen3next", "qwen3next", (ATTN, SSM, *MLP),
+             "gated DeltaNet layers write through ssm_out; post_attention_norm is the MLP's input norm; "
+             "MTP blocks are not edited"),
+        Arch("nemotron_h", "nemotron-h", (ATTN, SSM, *MLP),
+             "each block is one of Mamba-2 (ssm_out), attention or MLP; its block output is "
+             "nemotron_h_block_out, and its l_out (and a control vector) only exist in MLP blocks",
+             residual="nemotron_h_block_out"),
+        Arch("lfm2", "lfm2", (ATTN, CONV, *MLP), "short-convolution layers write through shortconv.out_proj"),
+        Arch("deepseek2", "deepseek2",
+             note="multi-head latent attention writes through attn_output; the NextN (MTP) block is not edited",
+             tested=False),
     )
 }
 
 
 def get_arch(name: str) -> Arch:
-    """The registry entry for `name`, or a clear error listing what is supported."""
+    """The registry entry for `name`, or a clear error saying what is missing."""
     try:
         return ARCHITECTURES[name]
     except KeyError:
         supported = ", ".join(sorted(ARCHITECTURES))
-        raise UserError(f"architecture {name!r} is not supported (supported: {supported})") from None
+        if name in MODEL_ARCH_NAMES.values():
+            raise UserError(
+                f"architecture {name!r} runs in llama.cpp, but gguf-abliterate does not know which of its tensors "
+                f"write into the residual stream (nobody has read its graph and tested an edit against it yet); "
+                f"supported: {supported}") from None
+        raise UserError(f"architecture {name!r} is not one llama.cpp knows (supported: {supported})") from None

@@ -10,6 +10,7 @@ engine cannot quantize yet are quantized by ggml's C code (tools/ggml_ref.py).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +34,11 @@ class TinySpec:
     n_head_kv: int = 2
     head_dim: int = 64
     tied: bool = True
-    n_expert: int = 4  # qwen2moe only
-    n_ff_expert: int = 256  # qwen2moe only; its shared expert uses n_ff
+    n_expert: int = 4  # mixture-of-experts architectures
+    n_ff_expert: int = 256  # qwen2moe's experts (its shared expert uses n_ff), gpt-oss's; granitemoe's shared one
+    # trailing multi-token-prediction blocks counted in block_count but not stored (llama.cpp
+    # then loads the trunk only, as from a GGUF converted without them)
+    n_nextn: int = 0
     output_biases: bool = False  # attn_output.bias and ffn_down.bias (llama supports them)
     split_max_tensors: int = 0  # >0: write a split model (gguf-split layout), this many tensors a part
     seed: int = 0
@@ -88,24 +92,24 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
 
     w = GGUFWriter(str(path), a, split_max_tensors=spec.split_max_tensors)
     w.add_name(f"tiny-{a}")
-    w.add_uint32(f"{a}.context_length", 256)
-    w.add_uint32(f"{a}.embedding_length", e)
-    w.add_uint32(f"{a}.block_count", spec.n_layer)
-    w.add_uint32(f"{a}.feed_forward_length", spec.n_ff)
-    w.add_uint32(f"{a}.attention.head_count", spec.n_head)
-    w.add_uint32(f"{a}.attention.head_count_kv", spec.n_head_kv)
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_float32(f"{a}.rope.freq_base", 10000.0)
+    keys: dict[str, object] = {
+        "context_length": 256, "embedding_length": e, "block_count": spec.n_layer + spec.n_nextn,
+        "feed_forward_length": spec.n_ff,
+        "attention.head_count": spec.n_head, "attention.head_count_kv": spec.n_head_kv,
+        "attention.layer_norm_rms_epsilon": 1e-6, "rope.freq_base": 10000.0,
+    }
+    if spec.n_nextn:
+        keys["nextn_predict_layers"] = spec.n_nextn
     if a == "qwen2moe":
-        w.add_uint32(f"{a}.expert_count", spec.n_expert)
-        w.add_uint32(f"{a}.expert_used_count", 2)
-        w.add_uint32(f"{a}.expert_feed_forward_length", spec.n_ff_expert)
-        w.add_uint32(f"{a}.expert_shared_feed_forward_length", spec.n_ff)
+        keys |= {"expert_count": spec.n_expert, "expert_used_count": 2,
+                 "expert_feed_forward_length": spec.n_ff_expert, "expert_shared_feed_forward_length": spec.n_ff}
     if a == "gemma3":
-        w.add_uint32(f"{a}.attention.key_length", hd)
-        w.add_uint32(f"{a}.attention.value_length", hd)
+        keys |= {"attention.key_length": hd, "attention.value_length": hd}
     else:
-        w.add_uint32(f"{a}.rope.dimension_count", hd)
+        keys["rope.dimension_count"] = hd
+    keys |= EXTRA_KEYS.get(a, lambda s: {})(spec)  # an architecture's own keys win
+    for key, value in keys.items():
+        _add_key(w, f"{a}.{key}", value)
     w.add_string("tokenizer.ggml.model", "llama")
     w.add_array("tokenizer.ggml.tokens", tokens)
     w.add_array("tokenizer.ggml.scores", scores)
@@ -119,7 +123,7 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     def matrix(name: str, kind: str, rows: int, cols: int, std: float = 0.05, experts: int = 0) -> None:
         shape = (experts, rows, cols) if experts else (rows, cols)
         values = rng.normal(0, std, shape).astype(np.float32)
-        qtype = spec.types.get(kind, spec.default_type)
+        qtype = Q.F32 if kind == "bias" else spec.types.get(kind, spec.default_type)
         data = _store(values.reshape(-1, cols), qtype).reshape(*shape[:-1], -1)
         w.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
 
@@ -127,10 +131,12 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
         w.add_tensor(name, (around + spread * rng.uniform(-1, 1, n)).astype(np.float32))
 
     matrix("token_embd.weight", "token_embd", n_vocab, e, 0.5)
-    vector("output_norm.weight", e)
+    vector(OUTPUT_NORM.get(a, "output_norm.weight"), e)
     if not spec.tied:
         matrix("output.weight", "output", n_vocab, e)
-    for i in range(spec.n_layer):
+    if a in RECIPES:
+        RECIPES[a](Blocks(spec, matrix, vector))
+    for i in range(spec.n_layer if a in LEGACY else 0):
         b = f"blk.{i}."
         vector(b + "attn_norm.weight", e)
         matrix(b + "attn_q.weight", "attn_q", spec.n_head * hd, e)
@@ -174,7 +180,364 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     return w.format_shard_names(path)[0]
 
 
-ARCHES = ("llama", "qwen2", "qwen2moe", "gemma3")
+
+def _add_key(w: GGUFWriter, key: str, value: object) -> None:
+    """One metadata value, typed as llama.cpp reads it (bool, uint32, float32, string, array)."""
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        w.add_array(key, list(value))
+
+
+@dataclass
+class Blocks:
+    """What a recipe writes each block's tensors with. Shapes are numpy's: (rows, cols) is
+    ggml's {cols, rows}, as in llama.cpp's `create_tensor` calls read backwards."""
+
+    spec: TinySpec
+    matrix: Callable[..., None]
+    vector: Callable[..., None]
+
+    def each(self) -> Iterator[tuple[int, str]]:
+        """(block, "blk.N.") for every block."""
+        return ((i, f"blk.{i}.") for i in range(self.spec.n_layer))
+
+    def attention(self, b: str, q_dim: int | None = None, norm: bool = True) -> None:
+        s = self.spec
+        hd, e = s.head_dim, s.n_embd
+        if norm:
+            self.vector(b + "attn_norm.weight", e)
+        self.matrix(b + "attn_q.weight", "attn_q", q_dim or s.n_head * hd, e)
+        self.matrix(b + "attn_k.weight", "attn_k", s.n_head_kv * hd, e)
+        self.matrix(b + "attn_v.weight", "attn_v", s.n_head_kv * hd, e)
+        self.matrix(b + "attn_output.weight", "attn_output", e, s.n_head * hd)
+
+    def mlp(self, b: str, norm: bool = True, gate: bool = True) -> None:
+        s = self.spec
+        if norm:
+            self.vector(b + "ffn_norm.weight", s.n_embd)
+        if gate:
+            self.matrix(b + "ffn_gate.weight", "ffn_gate", s.n_ff, s.n_embd)
+        self.matrix(b + "ffn_up.weight", "ffn_up", s.n_ff, s.n_embd)
+        self.matrix(b + "ffn_down.weight", "ffn_down", s.n_embd, s.n_ff)
+
+    def experts(self, b: str, n_ff: int, shared: int = 0, norm: bool = True) -> None:
+        s, e, x = self.spec, self.spec.n_embd, self.spec.n_expert
+        if norm:
+            self.vector(b + "ffn_norm.weight", e)
+        self.matrix(b + "ffn_gate_inp.weight", "ffn_gate_inp", x, e, 0.5)
+        self.matrix(b + "ffn_gate_exps.weight", "ffn_gate_exps", n_ff, e, experts=x)
+        self.matrix(b + "ffn_up_exps.weight", "ffn_up_exps", n_ff, e, experts=x)
+        self.matrix(b + "ffn_down_exps.weight", "ffn_down_exps", e, n_ff, experts=x)
+        if shared:
+            self.matrix(b + "ffn_gate_shexp.weight", "ffn_gate_shexp", shared, e)
+            self.matrix(b + "ffn_up_shexp.weight", "ffn_up_shexp", shared, e)
+            self.matrix(b + "ffn_down_shexp.weight", "ffn_down_shexp", e, shared)
+
+    def post_norm(self, name: str) -> None:
+        # far from 1, so that the post-norm rule (u = g*r/|g*r|) visibly matters
+        self.vector(name, self.spec.n_embd, 1.0, 0.9)
+
+
+def _llama_like(m: Blocks) -> None:
+    for _, b in m.each():
+        m.attention(b)
+        m.mlp(b)
+
+
+def _qwen3(m: Blocks, moe: bool = False) -> None:  # src/models/qwen3.cpp, qwen3moe.cpp: q/k norms
+    s = m.spec
+    for _, b in m.each():
+        m.attention(b)
+        m.vector(b + "attn_q_norm.weight", s.head_dim)
+        m.vector(b + "attn_k_norm.weight", s.head_dim)
+        if moe:
+            m.experts(b, s.n_ff_expert)
+        else:
+            m.mlp(b)
+
+
+def _gemma2(m: Blocks) -> None:  # src/models/gemma2.cpp: post-norms after attention and MLP
+    for _, b in m.each():
+        m.attention(b)
+        m.post_norm(b + "post_attention_norm.weight")
+        m.mlp(b)
+        m.post_norm(b + "post_ffw_norm.weight")
+
+
+def _olmo2(m: Blocks) -> None:  # src/models/olmo2.cpp: no pre-norms, q/k norms, post-norms
+    s = m.spec
+    for _, b in m.each():
+        m.attention(b, norm=False)
+        m.vector(b + "attn_q_norm.weight", s.n_head * s.head_dim)
+        m.vector(b + "attn_k_norm.weight", s.n_head_kv * s.head_dim)
+        m.post_norm(b + "post_attention_norm.weight")
+        m.mlp(b, norm=False)
+        m.post_norm(b + "post_ffw_norm.weight")
+
+
+def _glm4(m: Blocks) -> None:  # src/models/glm4.cpp: ffn_up holds gate and up, post-norms
+    s = m.spec
+    for _, b in m.each():
+        m.attention(b)
+        m.post_norm(b + "post_attention_norm.weight")
+        m.vector(b + "ffn_norm.weight", s.n_embd)
+        m.matrix(b + "ffn_up.weight", "ffn_up", 2 * s.n_ff, s.n_embd)
+        m.matrix(b + "ffn_down.weight", "ffn_down", s.n_embd, s.n_ff)
+        m.post_norm(b + "post_ffw_norm.weight")
+
+
+def _cohere2(m: Blocks) -> None:  # src/models/cohere2.cpp: one LayerNorm, attention and MLP in parallel
+    for _, b in m.each():
+        m.attention(b)
+        m.mlp(b, norm=False)
+
+
+def _granitemoe(m: Blocks) -> None:  # src/models/granite-moe.cpp: experts of n_ff, a shared expert
+    for _, b in m.each():
+        m.attention(b)
+        m.experts(b, m.spec.n_ff, shared=m.spec.n_ff_expert)
+
+
+def _gpt_oss(m: Blocks) -> None:  # src/models/openai-moe.cpp: sinks, biases everywhere, experts only
+    s, e, x, fx = m.spec, m.spec.n_embd, m.spec.n_expert, m.spec.n_ff_expert
+    for _, b in m.each():
+        m.attention(b)
+        m.vector(b + "post_attention_norm.weight", e)
+        for part, n in (("q", s.n_head), ("k", s.n_head_kv), ("v", s.n_head_kv)):
+            m.vector(b + f"attn_{part}.bias", n * s.head_dim, 0.0, 0.1)
+        m.vector(b + "attn_output.bias", e, 0.0, 0.1)
+        m.vector(b + "attn_sinks.weight", s.n_head, 0.0, 1.0)
+        m.experts(b, fx, norm=False)
+        m.vector(b + "ffn_gate_inp.bias", x, 0.0, 0.1)
+        m.matrix(b + "ffn_gate_exps.bias", "bias", x, fx, 0.1)
+        m.matrix(b + "ffn_up_exps.bias", "bias", x, fx, 0.1)
+        m.matrix(b + "ffn_down_exps.bias", "bias", x, e, 0.1)
+
+
+def _lfm2(m: Blocks) -> None:  # src/models/lfm2.cpp: short-convolution blocks where head_count_kv is 0
+    s, e = m.spec, m.spec.n_embd
+    for i, b in m.each():
+        m.mlp(b)
+        m.vector(b + "attn_norm.weight", e)
+        if _lfm2_attends(i):
+            m.vector(b + "attn_q_norm.weight", s.head_dim)
+            m.vector(b + "attn_k_norm.weight", s.head_dim)
+            m.attention(b, norm=False)
+        else:
+            m.matrix(b + "shortconv.conv.weight", "bias", e, 3, 0.3)
+            m.matrix(b + "shortconv.in_proj.weight", "shortconv_in", 3 * e, e)
+            m.matrix(b + "shortconv.out_proj.weight", "shortconv_out", e, e)
+
+
+def _lfm2_attends(block: int) -> bool:
+    return block % 2 == 1
+
+
+# Qwen 3.5's gated DeltaNet: k heads of SSM_STATE (ssm.group_count), v heads (ssm.time_step_rank)
+SSM_STATE, SSM_K_HEADS, SSM_V_HEADS = 64, 2, 4
+
+
+def _qwen35(m: Blocks, moe: bool = False, next_: bool = False) -> None:
+    """src/models/qwen35.cpp (qwen35moe.cpp, qwen3next.cpp): DeltaNet blocks, every 4th attends."""
+    s, e = m.spec, m.spec.n_embd
+    key, value = SSM_STATE * SSM_K_HEADS, SSM_STATE * SSM_V_HEADS
+    for i, b in m.each():
+        m.vector(b + "attn_norm.weight", e)
+        m.vector(b + "post_attention_norm.weight", e)  # the MLP's input norm, despite its name
+        if (i + 1) % 4 == 0:
+            m.attention(b, q_dim=2 * s.n_head * s.head_dim, norm=False)  # q and its gate
+            m.vector(b + "attn_q_norm.weight", s.head_dim)
+            m.vector(b + "attn_k_norm.weight", s.head_dim)
+        else:
+            m.matrix(b + "attn_qkv.weight", "attn_qkv", 2 * key + value, e)
+            m.matrix(b + "attn_gate.weight", "attn_gate", value, e)
+            m.matrix(b + "ssm_conv1d.weight", "bias", 2 * key + value, 4, 0.3)
+            m.vector(b + "ssm_dt.bias", SSM_V_HEADS, 0.0, 0.5)
+            m.vector(b + "ssm_a", SSM_V_HEADS, -1.0, 0.5)
+            if next_:
+                m.matrix(b + "ssm_ba.weight", "ssm_ba", 2 * SSM_V_HEADS, e)
+            else:
+                m.matrix(b + "ssm_beta.weight", "ssm_beta", SSM_V_HEADS, e)
+                m.matrix(b + "ssm_alpha.weight", "ssm_alpha", SSM_V_HEADS, e)
+            m.vector(b + "ssm_norm.weight", SSM_STATE)
+            m.matrix(b + "ssm_out.weight", "ssm_out", e, value)
+        if moe:
+            m.experts(b, s.n_ff_expert, shared=s.n_ff, norm=False)
+            m.vector(b + "ffn_gate_inp_shexp.weight", e, 0.0, 0.1)
+        else:
+            m.mlp(b, norm=False)
+
+
+# Mamba-2 layers (nemotron_h, granitehybrid): heads of 64 in two groups, states of 64
+MAMBA_STATE, MAMBA_GROUPS, MAMBA_HEAD = 64, 2, 64
+
+
+def _mamba2_inner(s: TinySpec) -> int:
+    return 2 * s.n_embd if s.arch == "granitehybrid" else s.n_embd  # granite-hybrid.cpp asserts 2 n_embd
+
+
+def _mamba2(m: Blocks, b: str) -> None:
+    e, inner = m.spec.n_embd, _mamba2_inner(m.spec)
+    heads, conv = inner // MAMBA_HEAD, inner + 2 * MAMBA_GROUPS * MAMBA_STATE
+    m.matrix(b + "ssm_in.weight", "ssm_in", conv + inner + heads, e)
+    m.matrix(b + "ssm_conv1d.weight", "bias", conv, 4, 0.3)
+    m.vector(b + "ssm_conv1d.bias", conv, 0.0, 0.1)
+    m.vector(b + "ssm_dt.bias", heads, 0.0, 0.5)
+    m.matrix(b + "ssm_a", "bias", heads, 1, 0.5)
+    m.matrix(b + "ssm_d", "bias", heads, 1, 0.5)
+    m.matrix(b + "ssm_norm.weight", "bias", MAMBA_GROUPS, inner // MAMBA_GROUPS, 0.1)
+    m.matrix(b + "ssm_out.weight", "ssm_out", e, inner)
+
+
+NEMOTRON_LAYERS = "MAFF"  # per block: Mamba-2, attention or MLP (feed-forward)
+
+
+def _nemotron_h(m: Blocks) -> None:  # src/models/nemotron-h.cpp: each block one of Mamba-2, attention, MLP
+    for i, b in m.each():
+        m.vector(b + "attn_norm.weight", m.spec.n_embd)
+        kind = NEMOTRON_LAYERS[i % len(NEMOTRON_LAYERS)]
+        if kind == "M":
+            _mamba2(m, b)
+        elif kind == "A":
+            m.attention(b, norm=False)
+        else:
+            m.mlp(b, norm=False, gate=False)
+
+
+def _granitehybrid(m: Blocks) -> None:  # src/models/granite-hybrid.cpp: Mamba-2 or attention, then an MLP
+    for i, b in m.each():
+        if _lfm2_attends(i):
+            m.attention(b)
+        else:
+            m.vector(b + "attn_norm.weight", m.spec.n_embd)
+            _mamba2(m, b)
+        m.mlp(b)
+
+
+def _ssm2_keys(s: TinySpec) -> dict[str, object]:
+    inner = _mamba2_inner(s)
+    return {"ssm.conv_kernel": 4, "ssm.inner_size": inner, "ssm.state_size": MAMBA_STATE,
+            "ssm.time_step_rank": inner // MAMBA_HEAD, "ssm.group_count": MAMBA_GROUPS}
+
+
+PER_LAYER = 64  # Gemma 4's per-layer embedding width
+
+
+def _gemma4_moe(block: int) -> bool:
+    return block % 2 == 1
+
+
+def _gemma4(m: Blocks) -> None:  # src/models/gemma4.cpp: post-norms, MoE beside the MLP, per-layer embeddings
+    s, e, hd = m.spec, m.spec.n_embd, m.spec.head_dim
+    m.matrix("per_layer_token_embd.weight", "per_layer_token_embd", len(_vocab()[0]), PER_LAYER * s.n_layer, 0.5)
+    m.matrix("per_layer_model_proj.weight", "per_layer_model_proj", PER_LAYER * s.n_layer, e)
+    m.vector("per_layer_proj_norm.weight", PER_LAYER)
+    m.vector("rope_freqs.weight", hd // 2)
+    for i, b in m.each():
+        m.attention(b)
+        m.vector(b + "attn_q_norm.weight", hd)
+        m.vector(b + "attn_k_norm.weight", hd)
+        m.post_norm(b + "post_attention_norm.weight")
+        m.mlp(b)
+        m.post_norm(b + "post_ffw_norm.weight")
+        if _gemma4_moe(i):
+            m.vector(b + "ffn_gate_inp.scale", e)
+            m.vector(b + "pre_ffw_norm_2.weight", e)
+            m.post_norm(b + "post_ffw_norm_1.weight")
+            m.post_norm(b + "post_ffw_norm_2.weight")
+            m.experts(b, s.n_ff_expert, norm=False)
+        m.matrix(b + "inp_gate.weight", "inp_gate", PER_LAYER, e)
+        m.matrix(b + "proj.weight", "proj", e, PER_LAYER)
+        m.post_norm(b + "post_norm.weight")
+        if i == 0:
+            m.vector(b + "layer_output_scale.weight", 1, 0.7)
+
+
+def _glm4moe(m: Blocks) -> None:  # src/models/glm4-moe.cpp: a dense lead block, then routed + shared experts
+    s, e = m.spec, m.spec.n_embd
+    for i, b in m.each():
+        m.attention(b)
+        for part, n in (("q", s.n_head), ("k", s.n_head_kv), ("v", s.n_head_kv)):
+            m.vector(b + f"attn_{part}.bias", n * s.head_dim, 0.0, 0.1)
+        m.vector(b + "attn_q_norm.weight", s.head_dim)
+        m.vector(b + "attn_k_norm.weight", s.head_dim)
+        m.vector(b + "post_attention_norm.weight", e)  # the MLP's input norm, despite its name
+        if i == 0:
+            m.mlp(b, norm=False)
+        else:
+            m.experts(b, s.n_ff_expert, shared=s.n_ff_expert, norm=False)
+            m.vector(b + "exp_probs_b.bias", s.n_expert, 0.0, 0.1)
+
+
+def _moe_keys(s: TinySpec) -> dict[str, object]:
+    return {"expert_count": s.n_expert, "expert_used_count": 2, "expert_feed_forward_length": s.n_ff_expert,
+            "expert_shared_feed_forward_length": s.n_ff}
+
+
+def _ssm_keys(s: TinySpec) -> dict[str, object]:
+    return {"ssm.conv_kernel": 4, "ssm.inner_size": SSM_STATE * SSM_V_HEADS, "ssm.state_size": SSM_STATE,
+            "ssm.time_step_rank": SSM_V_HEADS, "ssm.group_count": SSM_K_HEADS, "full_attention_interval": 4,
+            "rope.dimension_sections": [11, 11, 10, 0]}
+
+
+# Blocks of the architectures built by recipe; the four below (LEGACY) keep their original
+# code path and random draws, so their files stay the same.
+RECIPES: dict[str, Callable[[Blocks], None]] = {
+    "qwen3": _qwen3, "qwen3moe": lambda m: _qwen3(m, moe=True), "gemma": _llama_like,
+    "gemma2": _gemma2,
+    "smollm3": _llama_like, "mistral3": _llama_like, "granite": _llama_like, "olmo2": _olmo2,
+    "glm4": _glm4, "cohere2": _cohere2, "granitemoe": _granitemoe, "gpt-oss": _gpt_oss, "lfm2": _lfm2,
+    "qwen35": _qwen35, "gemma4": _gemma4,
+    "nemotron_h": _nemotron_h, "granitehybrid": _granitehybrid, "glm4moe": _glm4moe, "qwen35moe": lambda m: _qwen35(m, moe=True), "qwen3next": lambda m: _qwen35(m, True, True),
+}
+OUTPUT_NORM = {"lfm2": "token_embd_norm.weight"}  # llama.cpp's LLM_TENSOR_OUTPUT_NORM_LFM2
+LEGACY = ("llama", "qwen2", "qwen2moe", "gemma3")
+
+# Per-architecture keys beyond the common ones (name without the "{arch}." prefix).
+EXTRA_KEYS: dict[str, Callable[[TinySpec], dict[str, object]]] = {
+    "granite": lambda s: {"logit_scale": 2.0, "residual_scale": 0.5, "embedding_scale": 3.0,
+                          "attention.scale": 0.125},
+    "granitemoe": lambda s: {"logit_scale": 2.0, "residual_scale": 0.5, "embedding_scale": 3.0,
+                             "expert_count": s.n_expert, "expert_used_count": 2,
+                             "expert_shared_feed_forward_length": s.n_ff_expert},
+    "cohere2": lambda s: {"attention.layer_norm_epsilon": 1e-5, "attention.sliding_window": 16,
+                          "logit_scale": 0.5},
+    "qwen35": _ssm_keys,
+    "qwen3moe": lambda s: {"expert_count": s.n_expert, "expert_used_count": 2,
+                           "expert_feed_forward_length": s.n_ff_expert},
+    "gemma2": lambda s: {"attention.sliding_window": 16, "attn_logit_softcapping": 50.0,
+                         "final_logit_softcapping": 30.0},
+    "granitehybrid": lambda s: _ssm2_keys(s) | {
+        "logit_scale": 2.0, "residual_scale": 0.5, "embedding_scale": 3.0,
+        "attention.head_count_kv": [s.n_head_kv if _lfm2_attends(i) else 0 for i in range(s.n_layer)]},
+    "nemotron_h": lambda s: _ssm2_keys(s) | {
+        "attention.layer_norm_epsilon": 1e-5,
+        "attention.head_count_kv": [s.n_head_kv if NEMOTRON_LAYERS[i % 4] == "A" else 0 for i in range(s.n_layer)],
+        "feed_forward_length": [s.n_ff if NEMOTRON_LAYERS[i % 4] == "F" else 0 for i in range(s.n_layer)]},
+    "qwen35moe": lambda s: _ssm_keys(s) | _moe_keys(s),
+    "qwen3next": lambda s: _ssm_keys(s) | _moe_keys(s),
+    "glm4moe": lambda s: {"expert_count": s.n_expert, "expert_used_count": 2, "expert_shared_count": 1,
+                          "expert_feed_forward_length": s.n_ff_expert, "leading_dense_block_count": 1},
+    "gemma4": lambda s: {"attention.sliding_window_pattern": [(i + 1) % 4 != 0 for i in range(s.n_layer)],
+                         "attention.sliding_window": 16, "embedding_length_per_layer_input": PER_LAYER,
+                         "attention.key_length": s.head_dim, "attention.value_length": s.head_dim,
+                         "attention.key_length_swa": s.head_dim, "attention.value_length_swa": s.head_dim,
+                         "expert_count": s.n_expert, "expert_used_count": 2,
+                         "expert_feed_forward_length": s.n_ff_expert},
+    "lfm2": lambda s: {"shortconv.l_cache": 3,
+                       "attention.head_count_kv": [s.n_head_kv if _lfm2_attends(i) else 0 for i in range(s.n_layer)]},
+    "gpt-oss": lambda s: {"expert_count": s.n_expert, "expert_used_count": 2,
+                          "expert_feed_forward_length": s.n_ff_expert, "attention.sliding_window": 16},
+}
+
+ARCHES = (*LEGACY, *RECIPES)
 
 
 if __name__ == "__main__":

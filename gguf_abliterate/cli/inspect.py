@@ -9,10 +9,11 @@ import click
 
 from gguf_abliterate import names, quants
 from gguf_abliterate.cli.common import user_errors
+from gguf_abliterate.errors import UserError
 
 
 def inspect_model(model_path: Path, verbose: bool = False) -> None:
-    from gguf_abliterate.arch import ARCHITECTURES
+    from gguf_abliterate.arch import ARCHITECTURES, get_arch
     from gguf_abliterate.edit.options import EditOptions
     from gguf_abliterate.edit.plan import plan_edit
     from gguf_abliterate.gguf_io import Model
@@ -23,7 +24,10 @@ def inspect_model(model_path: Path, verbose: bool = False) -> None:
     click.echo(f"name:          {model.get_str(names.NAME) or '-'}")
     click.echo(f"architecture:  {model.arch}")
     if model.arch not in ARCHITECTURES:
-        click.echo(f"  (not supported for editing; supported: {', '.join(sorted(ARCHITECTURES))})")
+        try:
+            get_arch(model.arch)
+        except UserError as e:
+            click.echo(f"  ({e})")
         return
     click.echo(f"blocks:        {model.n_layer}")
     click.echo(f"n_embd:        {model.n_embd}")
@@ -37,7 +41,7 @@ def inspect_model(model_path: Path, verbose: bool = False) -> None:
         click.echo(f"  {n:4d} x {role:<20} {qtype.name}{writable}")
     if verbose:
         for e in plan.edits.values():
-            click.echo(f"  {e.name}  {e.src_type.name}{'  (post-norm ' + e.post_norm + ')' if e.post_norm else ''}")
+            click.echo(f"  {e.name}  {e.src_type.name}{'  (post-norm ' + ', '.join(e.post_norms) + ')' if e.post_norms else ''}")
     for notice in plan.notices:
         click.echo(f"note: {notice}")
 

@@ -58,7 +58,7 @@ def pieces(model: Model, edit: TensorEdit, u: np.ndarray) -> list[Piece]:
     """The pieces an edited tensor is produced in, in file order."""
     n_rows = model.n_rows(edit.name)
     if edit.kind is TensorKind.BIAS:
-        spans = [(0, 1)]
+        spans = [(0, n_rows)]
     elif edit.kind is TensorKind.EMBEDDING:
         step = rows_per_chunk(int(model.tensors[edit.name].shape[0]))
         spans = [(i, min(step, n_rows - i)) for i in range(0, n_rows, step)]

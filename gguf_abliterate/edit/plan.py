@@ -1,7 +1,7 @@
 """Plan an edit: which tensors change, along which axis, how strongly, stored as what.
 
 Everything is checked here, before anything is written: that each tensor has the residual
-stream where it should, that its output type can be written, that Gemma's post-norms exist.
+stream where it should, that its output type can be written, that the post-norms the architecture needs exist.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from gguf_abliterate import names, quants
-from gguf_abliterate.arch import WRITERS, Arch, get_arch
+from gguf_abliterate.arch import Arch, get_arch
 from gguf_abliterate.edit.options import EditOptions, Rounding
-from gguf_abliterate.edit.schedule import WRITER_COMPONENT, Component, Method
+from gguf_abliterate.edit.schedule import Component, Method, component_of
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.quants import rounding
@@ -51,7 +51,7 @@ class TensorEdit:
     coef: float  # the signed strength: W + coef * u (u^T W)
     src_type: GGMLQuantizationType
     out_type: GGMLQuantizationType
-    post_norm: str | None = None  # norm weight g: project with u = g*r/||g*r||
+    post_norms: tuple[str, ...] = ()  # norm weights g between it and the residual: u ~ g*r
     aware: bool = False  # re-round the codes so the edit survives requantization
     method: Method = Method.PLAIN
     reads: np.ndarray | None = field(default=None, compare=False)  # STEER: the input-side vector w
@@ -98,10 +98,14 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
     layers = opts.layers if opts.layers is not None else frozenset(range(n_layer))
     tied = names.OUTPUT not in model.tensors
     plan = EditPlan(arch, tied, layers, {})
+    if not arch.tested:
+        plan.notices.append(f"{arch.name}: which tensors write into the residual stream was read from llama.cpp's "
+                            f"src/models/{arch.graph}.cpp but is not yet tested against it; check the result "
+                            f"(gguf-abliterate eval)")
 
     n_embd = model.n_embd
 
-    def add(name: str, kind: TensorKind, block: int, post_norm: str | None = None, factor: float = 1.0) -> None:
+    def add(name: str, kind: TensorKind, block: int, post_norms: tuple[str, ...] = (), factor: float = 1.0) -> None:
         t = model.tensors[name]
         dim = kind.residual_dim
         if len(t.shape) <= dim or t.shape[dim] != n_embd:
@@ -109,10 +113,11 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
                             f"along ggml dimension {dim}")
         is_bias = kind is TensorKind.BIAS
         out = output_type(name, t.tensor_type, opts, int(t.shape[0]), is_bias, strict)
-        if post_norm is not None and post_norm not in model.tensors:
-            raise UserError(f"{arch.name} model lacks {post_norm}, needed to edit {name}")
+        for norm in post_norms:
+            if norm not in model.tensors:
+                raise UserError(f"{arch.name} model lacks {norm}, needed to edit {name}")
         aware = opts.rounding is Rounding.AWARE and not is_bias and rounding.supports(out)
-        plan.edits[name] = TensorEdit(name, kind, block, opts.coef * factor, t.tensor_type, out, post_norm, aware,
+        plan.edits[name] = TensorEdit(name, kind, block, opts.coef * factor, t.tensor_type, out, post_norms, aware,
                                       method if kind is TensorKind.MATRIX else Method.PLAIN)
 
     if strengths is not None:
@@ -134,13 +139,13 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
             "token_embd is tied to the output head, so it is left unedited (--embeddings to edit it)"
         )
     for block in sorted(layers):
-        for writer in WRITERS:
-            norm = arch.post_norm(block, writer)
-            factor = 1.0 if strengths is None else float(strengths[WRITER_COMPONENT[writer]][block])
+        for writer in arch.writers:
+            norms = arch.norm_chain(block, writer, model.tensors)
+            factor = 1.0 if strengths is None else float(strengths[component_of(writer)][block])
             for suffix, kind in (("weight", TensorKind.MATRIX), ("bias", TensorKind.BIAS)):
-                name = names.block_tensor(writer, block, suffix)
+                name = names.block_tensor(writer.tensor, block, suffix)
                 if name in model.tensors:
-                    add(name, kind, block, norm, factor)
+                    add(name, kind, block, norms, factor)
     if not plan.edits:
         raise UserError("nothing to edit: no residual-stream writers in the selected blocks")
     return plan

@@ -25,12 +25,14 @@ def rows_per_chunk(row_len: int) -> int:
 
 
 def axis_vector(model: Model, edit: TensorEdit, direction: Direction) -> np.ndarray:
-    """The unit vector u the tensor is projected with (Gemma post-norms: g*r/||g*r||)."""
+    """The unit vector u the tensor is projected with (behind post-norms g1, g2...: the
+    normalised g1*g2*...*r)."""
     r = direction.for_block(edit.block)
-    if edit.post_norm is None:
+    if not edit.post_norms:
         return r
-    g = model.values(edit.post_norm).astype(np.float32)
-    return normalise(g * r, f"post-norm-weighted direction for {edit.name}")
+    for norm in edit.post_norms:
+        r = r * model.values(norm).astype(np.float32)
+    return normalise(r, f"post-norm-weighted direction for {edit.name}")
 
 
 def component(values: np.ndarray, u: np.ndarray, kind: TensorKind) -> np.ndarray:
@@ -52,7 +54,8 @@ def project(values: np.ndarray, u: np.ndarray, coef: float, kind: TensorKind,
     elif kind is TensorKind.EMBEDDING:
         project_residual_cols(values, u, coef)
     else:
-        values += coef * u * float(u @ values[0])
+        for row in values:  # one bias, or one per expert (gpt-oss's ffn_down_exps.bias)
+            row += coef * u * float(u @ row)
 
 
 def project_residual_rows(w: np.ndarray, u: np.ndarray, coef: float) -> None:

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
 import numpy as np
-from gguf import MODEL_TENSOR
 
+from gguf_abliterate.arch import Writer
 from gguf_abliterate.direction.file import Direction
 from gguf_abliterate.errors import UserError
 
@@ -40,14 +40,16 @@ class Method(str, Enum):
 
 
 class Component(str, Enum):
-    """The two kinds of residual writers a strength applies to."""
+    """The two kinds of residual writers a strength applies to: the token mixer (attention, or
+    the linear attention, SSM or short convolution standing in for it) and the MLP side."""
 
     ATTN = "attn"
     MLP = "mlp"
 
 
-WRITER_COMPONENT = {MODEL_TENSOR.ATTN_OUT: Component.ATTN, MODEL_TENSOR.FFN_DOWN: Component.MLP,
-                    MODEL_TENSOR.FFN_DOWN_EXP: Component.MLP, MODEL_TENSOR.FFN_DOWN_SHEXP: Component.MLP}
+def component_of(writer: Writer) -> Component:
+    """Which strength applies to a writer."""
+    return Component.ATTN if writer.mixer else Component.MLP
 
 
 @dataclass(frozen=True)

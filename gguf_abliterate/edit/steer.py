@@ -42,7 +42,7 @@ def steer_plan(model: Model, direction: Direction, strength: float, opts: EditOp
                         "version, which records each block's mean MLP input")
     block = int(direction.metadata["layer"])
     arch = get_arch(model.arch)
-    if arch.post_norm(block, MODEL_TENSOR.FFN_DOWN) is not None:
+    if arch.has_norms:
         raise UserError(f"{arch.name} normalises each MLP output before adding it to the residual stream, which "
                         f"would rescale a steering vector with it; --steer needs a model without post-norms")
     name = names.block_tensor(MODEL_TENSOR.FFN_DOWN, block, "weight")

@@ -103,7 +103,10 @@ class Model:
 
     @property
     def n_layer(self) -> int:
-        return self.arch_int(names.BLOCK_COUNT)
+        """Blocks the model runs: block_count less the trailing multi-token-prediction (NextN)
+        blocks, which llama.cpp loads but leaves out of the main pass (GLM-4.5, Qwen 3.5, ...)."""
+        nextn = self.arch_get(names.NEXTN_LAYERS, 0)
+        return self.arch_int(names.BLOCK_COUNT) - (nextn if isinstance(nextn, int) and nextn > 0 else 0)
 
     @property
     def n_embd(self) -> int:

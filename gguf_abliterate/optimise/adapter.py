@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gguf_abliterate.arch import WRITERS, get_arch
-from gguf_abliterate.edit.schedule import WRITER_COMPONENT, Component, Schedule, basis
+from gguf_abliterate.arch import get_arch
+from gguf_abliterate.edit.schedule import Component, Schedule, basis, component_of
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.names import block_tensor
@@ -40,20 +40,21 @@ class TrialAdapters:
         self.basis = basis(per_block, harmless_means).astype(np.float32)
         self.writers: list[_Writer] = []
         for block in range(model.n_layer):
-            for writer in WRITERS:
-                name = block_tensor(writer, block)
+            for writer in arch.writers:
+                name = block_tensor(writer.tensor, block)
                 if name not in model.tensors:
                     continue
                 if len(model.tensors[name].shape) != 2:
                     raise UserError(f"{name}: optimise cannot try edits of MoE expert stacks yet "
                                     f"(an adapter holds 2-D matrices only)")
-                norm = arch.post_norm(block, writer)
-                weighted = self.basis if norm is None else self.basis * model.values(norm).astype(np.float32)
-                self.writers.append(_Writer(name, block, WRITER_COMPONENT[writer], weighted,
+                weighted = self.basis
+                for norm in arch.norm_chain(block, writer, model.tensors):
+                    weighted = weighted * model.values(norm).astype(np.float32)
+                self.writers.append(_Writer(name, block, component_of(writer), weighted,
                                             weighted @ model.values(name)))
                 progress(1)
-        self.biased = [block_tensor(w, b, "bias") for b in range(model.n_layer) for w in WRITERS
-                       if block_tensor(w, b, "bias") in model.tensors]
+        self.biased = [block_tensor(w.tensor, b, "bias") for b in range(model.n_layer) for w in arch.writers
+                       if block_tensor(w.tensor, b, "bias") in model.tensors]
 
     def pieces(self, schedule: Schedule) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{writer: (A (1, n_in), B (n_embd, 1))} for the blocks the schedule edits."""

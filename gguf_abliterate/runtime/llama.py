@@ -1,6 +1,7 @@
 """Run a GGUF model in llama.cpp (llama-cpp-python's low-level API) and look inside it.
 
-- `residuals`: the residual stream after every block (llama.cpp's `l_out-L`) at the last
+- `residuals`: the residual stream after every block (llama.cpp's `l_out-L`, or what the
+  architecture's registry entry names it) at the last
   prompt token, all layers in one forward pass, several prompts per decode.
 - `next_token_logprobs`: the next-token distribution after each prompt, optionally with a
   direction projected out of the residual stream after every block (directional ablation,
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from gguf_abliterate import names
+from gguf_abliterate.arch import ARCHITECTURES
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.small import write_lora_adapter
 from gguf_abliterate.portable import available_cores
@@ -85,6 +87,13 @@ class LlamaModel:
         self.n_layer = ll.llama_model_n_layer(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.arch = _meta(ll, self.model, names.ARCHITECTURE)
+        known = ARCHITECTURES.get(self.arch)
+        self._residual = (known.residual if known else "l_out") + "-"  # the block-output tensor's name
+        # A recurrent or hybrid model (Mamba, DeltaNet, short-conv layers) has llama.cpp split
+        # each decode into one micro-batch per sequence, and the hook then sees the micro-batches
+        # one by one, not the rows of the whole batch: decode one prompt at a time there.
+        if ll.llama_model_is_recurrent(self.model) or ll.llama_model_is_hybrid(self.model):
+            n_seq = 1
         self.n_batch, self.n_seq = n_batch, n_seq
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_batch
@@ -288,7 +297,7 @@ class LlamaModel:
             if not ask:
                 self._mlp.add(int(name.rpartition("-")[2]), self.ggml.read(t, self.ggml.width(t)))
             return True
-        if not name.startswith("l_out-"):
+        if not name.startswith(self._residual):
             return not ask  # ask: we do not need it; otherwise: go on computing
         if ask:
             return self._capture is not None or self._ablate is not None
@@ -299,7 +308,7 @@ class LlamaModel:
             self.ggml.write(t, x)
         if self._capture is not None:
             # what flows on (after any ablation); the last block keeps only the output rows
-            self._capture[int(name[6:])] = x.copy() if x.shape[0] == len(self._rows) else x[self._rows]
+            self._capture[int(name[len(self._residual):])] = x.copy() if x.shape[0] == len(self._rows) else x[self._rows]
         return True
 
     def residuals(self, prompts: Sequence[str], progress: Callable[[int], None] = lambda n: None) -> np.ndarray:

@@ -1,0 +1,120 @@
+"""The architecture registry against llama.cpp's own graphs: for each family, a tiny model
+with every tensor llama.cpp expects is edited (F32 storage, every writer and the embeddings),
+and the residual stream after every block, as llama.cpp computes it (through the capture
+hook), must have lost its component along r. A writer missing from the registry, or a wrong
+post-norm rule, leaves a component there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli, random_direction
+from gguf import GGMLQuantizationType as Q
+
+from gguf_abliterate.arch import ARCHITECTURES, get_arch
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.gguf_io import Model
+from tools.make_tiny_models import RECIPES, TinySpec, build_model
+
+PROMPTS = ["how to bake a bread", "the sky is blue today", "I is of the how"]
+
+# Families built by recipe (tools/make_tiny_models.py), with the storage their real files use
+# where it matters (untied output heads, expert biases).
+SPECS = {
+    "llama": TinySpec(arch="llama", output_biases=True),
+    "qwen2": TinySpec(arch="qwen2", tied=False),
+    "qwen2moe": TinySpec(arch="qwen2moe", tied=False),
+    "gemma3": TinySpec(arch="gemma3"),
+    "qwen3": TinySpec(arch="qwen3"),
+    "qwen3moe": TinySpec(arch="qwen3moe", tied=False),
+    "gemma": TinySpec(arch="gemma"),
+    "gemma2": TinySpec(arch="gemma2"),
+    "smollm3": TinySpec(arch="smollm3"),
+    "mistral3": TinySpec(arch="mistral3", tied=False),
+    "granite": TinySpec(arch="granite"),
+    "granitemoe": TinySpec(arch="granitemoe", types={"ffn_down_exps": Q.Q4_0}),
+    "olmo2": TinySpec(arch="olmo2", tied=False),
+    "glm4": TinySpec(arch="glm4", tied=False),
+    "cohere2": TinySpec(arch="cohere2"),
+    "gpt-oss": TinySpec(arch="gpt-oss", tied=False),
+    "lfm2": TinySpec(arch="lfm2"),
+    "qwen35": TinySpec(arch="qwen35"),
+    "gemma4": TinySpec(arch="gemma4"),
+    "glm4moe": TinySpec(arch="glm4moe", n_nextn=1),
+    "qwen35moe": TinySpec(arch="qwen35moe"),
+    "qwen3next": TinySpec(arch="qwen3next", tied=False),
+    "nemotron_h": TinySpec(arch="nemotron_h", tied=False),
+    "granitehybrid": TinySpec(arch="granitehybrid"),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("arch")
+    return {name: build_model(d / f"{name}.gguf", spec) for name, spec in SPECS.items()}
+
+
+def stream_along(path: Path, r: np.ndarray) -> np.ndarray:
+    """(prompts, blocks): the residual stream after each block, along r, inside llama.cpp."""
+    from gguf_abliterate.runtime.llama import LlamaModel
+
+    with LlamaModel(path, chat=False) as m:
+        return m.residuals(PROMPTS).astype(np.float64) @ r
+
+
+@pytest.mark.parametrize("arch", list(SPECS))
+def test_edit_removes_r_from_the_stream_llama_cpp_computes(arch: str, built: dict[str, Path], tmp_path: Path) -> None:
+    src = built[arch]
+    model = Model(src)
+    assert model.arch == arch and arch in ARCHITECTURES
+    r = random_direction(model.n_embd, seed=11)
+    np.save(tmp_path / "d.npy", r)
+    r = r.astype(np.float64) / np.linalg.norm(r)
+    before = stream_along(src, r)
+    assert np.abs(before).min() > 1e-3  # the stream has a component to remove at every block
+
+    out = tmp_path / "out.gguf"
+    run = cli(src, out, "--direction", tmp_path / "d.npy", "--requant-type", "f32", "--embeddings", "-q")
+    assert run.returncode == 0, run.stderr
+    after = stream_along(out, r)
+    assert np.abs(after).max() < 1e-5 * np.abs(before).max(), (np.abs(after).max(), np.abs(before).max())
+
+    # reverse, one block (the last), embeddings left alone: earlier blocks bit for bit as
+    # before; the block's own write along r grows by about 1 + s (exactly for the part its
+    # unchanged input produces; the MLP then reads an input that moved a little)
+    s, last = 0.5, model.n_layer - 1
+    rev = tmp_path / "rev.gguf"
+    run = cli(src, rev, "--direction", tmp_path / "d.npy", "--requant-type", "f32", "--no-embeddings",
+              "--reverse", "--scale", str(s), "--layers", str(last), "-q")
+    assert run.returncode == 0, run.stderr
+    grown = stream_along(rev, r)
+    assert np.array_equal(grown[:, :last], before[:, :last])
+    wrote = before[:, last] - before[:, last - 1]
+    wrote_now = grown[:, last] - grown[:, last - 1]
+    print("RATIO", arch, np.abs(wrote_now - (1 + s) * wrote).max() / np.abs(s * wrote).max())
+    assert np.abs(wrote_now - (1 + s) * wrote).max() < 0.3 * np.abs(s * wrote).max(), (wrote, wrote_now)
+
+
+def test_every_entry_the_registry_calls_tested_is_tested_here() -> None:
+    assert {name for name, a in ARCHITECTURES.items() if a.tested} == set(SPECS)
+
+
+def test_an_untested_entry_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that calls itself deepseek2 (Llama-shaped: the edit reads names, not the graph) is
+    edited with a warning that names the graph to check against; a tested family gets none."""
+    np.save(tmp_path / "d.npy", random_direction(256))
+    monkeypatch.setitem(RECIPES, "deepseek2", RECIPES["smollm3"])
+    for arch, warned in (("deepseek2", True), ("smollm3", False)):
+        src = build_model(tmp_path / f"{arch}.gguf", TinySpec(arch=arch))
+        run = cli(src, tmp_path / f"{arch}-out.gguf", "--direction", tmp_path / "d.npy")
+        assert run.returncode == 0, run.stderr
+        assert ("not yet tested" in run.stderr and "src/models/deepseek2.cpp" in run.stderr) == warned
+
+
+def test_unknown_architectures_are_refused_by_name() -> None:
+    with pytest.raises(UserError, match="'rwkv7' runs in llama.cpp, but gguf-abliterate does not know"):
+        get_arch("rwkv7")
+    with pytest.raises(UserError, match="not one llama.cpp knows"):
+        get_arch("no-such-arch")
