@@ -228,7 +228,7 @@ class Blocks:
         self.matrix(b + "ffn_down.weight", "ffn_down", s.n_embd, s.n_ff)
 
     def experts(self, b: str, n_ff: int, shared: int = 0, norm: bool = True) -> None:
-        s, e, x = self.spec, self.spec.n_embd, self.spec.n_expert
+        e, x = self.spec.n_embd, self.spec.n_expert
         if norm:
             self.vector(b + "ffn_norm.weight", e)
         self.matrix(b + "ffn_gate_inp.weight", "ffn_gate_inp", x, e, 0.5)
