@@ -26,7 +26,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as _gq
 
-from gguf_abliterate.quants import iquants, kquants, legacy
+from gguf_abliterate.quants import iquants, kquants, legacy, mxfp4
 from gguf_abliterate.quants.bits import (bitplanes, crumbs, low_bits32, nibbles, pack_bitplanes, pack_crumbs,
                                          pack_low_bits32, pack_nibbles)
 from gguf_abliterate.quants.iquants import KVALUES
@@ -308,6 +308,27 @@ class IQ4_XS(_BlockQuantize, _Nibbles32, _Decoded, qtype=Q.IQ4_XS):
         high = (blocks.view(np.uint16)[:, 1:2] >> (2 * np.arange(8, dtype=np.uint16))) & 3
         ls = (low | (high << 4)).astype(np.int32) - 32
         return _half(blocks, 0)[:, None] * ls.astype(F32), None
+
+
+def _mxfp4_blocks(blocks: np.ndarray) -> np.ndarray:
+    return np.asarray(_gq.quantize(blocks, Q.MXFP4), dtype=np.uint8)
+
+
+class MXFP4(_BlockQuantize, _Nibbles32, _Decoded, qtype=Q.MXFP4):
+    """gguf-py's quantizer (bit-exact with ggml), a chunk of blocks at a time: it holds 16
+    errors per value. Codes here are ranks among the 15 distinct levels (aware rounding moves
+    a code to its neighbouring level); the nibbles hold ggml's codes, translated both ways."""
+
+    table, start, block_fn = mxfp4.LEVELS, 1, _mxfp4_blocks
+
+    def get(self, blocks: np.ndarray) -> np.ndarray:
+        return mxfp4.RANK_OF_CODE[super().get(blocks)]
+
+    def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
+        super().put(blocks, mxfp4.CODE_OF_RANK[codes])
+
+    def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return mxfp4.half_scale(blocks[:, 0])[:, None], None
 
 
 class _Q5(QuantType):
