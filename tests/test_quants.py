@@ -130,3 +130,15 @@ def test_real_files_dequantize_like_ggml(smollm2: Path, gemma3: Path) -> None:
             theirs = ggml_ref.dequantize(raw, t.tensor_type, int(t.shape[0]))
             assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), (name, t.tensor_type.name)
     assert {Q.Q4_1, Q.Q4_K, Q.Q6_K} <= seen
+
+
+def test_mxfp4_scales_at_powers_of_two_match_ggml() -> None:
+    """MXFP4's scale is floorf(log2f(amax)): blocks whose maximum is just below, at or just
+    above each power of two, where a log2 that rounds differently picks another scale."""
+    k = np.arange(-126, 127, dtype=np.float32)
+    edges = np.float32(2.0) ** k
+    maxima = np.concatenate([np.nextafter(edges, np.float32(0)), edges, np.nextafter(edges, np.float32(np.inf))])
+    rng = np.random.default_rng(3)
+    blocks = (rng.uniform(-0.9, 0.9, (maxima.size, 32)) * maxima[:, None]).astype(np.float32)
+    blocks[:, 7] = maxima
+    assert np.array_equal(quants.quantize(blocks, Q.MXFP4), ggml_ref.quantize(blocks, Q.MXFP4))
