@@ -56,8 +56,6 @@ class Arch:
     note: str = ""
     # the name llama.cpp gives each block's output (the residual stream after the block)
     residual: str = "l_out"
-    # proven on a tiny model against llama.cpp's graph (tests/test_architectures.py)
-    tested: bool = True
 
     def norm_chain(self, block: int, writer: Writer, present: Container[str]) -> tuple[str, ...]:
         """Names of the norm weights between this writer's output and the residual add, in
@@ -95,7 +93,7 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("qwen2moe", "qwen2moe", note="shared expert gated by a per-token scalar"),
         Arch("qwen3", "qwen3"),
         Arch("qwen3moe", "qwen3moe"),
-        Arch("phi3", "phi3", note="fused attn_qkv; ffn_up holds gate and up", tested=False),
+        Arch("phi3", "phi3", note="fused attn_qkv; ffn_up holds gate and up"),
         Arch("gemma", "gemma"),
         Arch("gemma2", "gemma2", _post_normed()),
         Arch("gemma3", "gemma3", _post_normed()),
@@ -132,8 +130,7 @@ ARCHITECTURES: dict[str, Arch] = {
              residual="nemotron_h_block_out"),
         Arch("lfm2", "lfm2", (ATTN, CONV, *MLP), "short-convolution layers write through shortconv.out_proj"),
         Arch("deepseek2", "deepseek2",
-             note="multi-head latent attention writes through attn_output; the NextN (MTP) block is not edited",
-             tested=False),
+             note="multi-head latent attention writes through attn_output; the NextN (MTP) block is not edited"),
     )
 }
 

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf_abliterate.arch import ARCHITECTURES, get_arch
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
-from tools.make_tiny_models import RECIPES, TinySpec, build_model
+from tools.make_tiny_models import TinySpec, build_model
 
 PROMPTS = ["how to bake a bread", "the sky is blue today", "I is of the how"]
 
@@ -29,6 +29,7 @@ SPECS = {
     "gemma3": TinySpec(arch="gemma3"),
     "qwen3": TinySpec(arch="qwen3"),
     "qwen3moe": TinySpec(arch="qwen3moe", tied=False),
+    "phi3": TinySpec(arch="phi3", tied=False),
     "gemma": TinySpec(arch="gemma"),
     "gemma2": TinySpec(arch="gemma2"),
     "smollm3": TinySpec(arch="smollm3"),
@@ -47,6 +48,7 @@ SPECS = {
     "qwen3next": TinySpec(arch="qwen3next", tied=False),
     "nemotron_h": TinySpec(arch="nemotron_h", tied=False),
     "granitehybrid": TinySpec(arch="granitehybrid"),
+    "deepseek2": TinySpec(arch="deepseek2", tied=False),
 }
 
 
@@ -97,20 +99,8 @@ def test_edit_removes_r_from_the_stream_llama_cpp_computes(arch: str, built: dic
     assert np.abs(wrote_now - (1 + s) * wrote).max() < 0.3 * np.abs(s * wrote).max(), (wrote, wrote_now)
 
 
-def test_every_entry_the_registry_calls_tested_is_tested_here() -> None:
-    assert {name for name, a in ARCHITECTURES.items() if a.tested} == set(SPECS)
-
-
-def test_an_untested_entry_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file that calls itself deepseek2 (Llama-shaped: the edit reads names, not the graph) is
-    edited with a warning that names the graph to check against; a tested family gets none."""
-    np.save(tmp_path / "d.npy", random_direction(256))
-    monkeypatch.setitem(RECIPES, "deepseek2", RECIPES["smollm3"])
-    for arch, warned in (("deepseek2", True), ("smollm3", False)):
-        src = build_model(tmp_path / f"{arch}.gguf", TinySpec(arch=arch))
-        run = cli(src, tmp_path / f"{arch}-out.gguf", "--direction", tmp_path / "d.npy")
-        assert run.returncode == 0, run.stderr
-        assert ("not yet tested" in run.stderr and "src/models/deepseek2.cpp" in run.stderr) == warned
+def test_every_registry_entry_is_tested_here() -> None:
+    assert set(ARCHITECTURES) == set(SPECS)
 
 
 def test_unknown_architectures_are_refused_by_name() -> None:

@@ -91,7 +91,9 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     n_vocab = len(tokens)
 
     w = GGUFWriter(str(path), a, split_max_tensors=spec.split_max_tensors)
-    w.add_name(f"tiny-{a}")
+    # llama.cpp's vocabulary loader treats a model *named* phi3 specially and then wants Phi's
+    # <|endoftext|> token, which this vocabulary lacks
+    w.add_name(f"tiny-{a}".replace("phi3", "phi"))
     keys: dict[str, object] = {
         "context_length": 256, "embedding_length": e, "block_count": spec.n_layer + spec.n_nextn,
         "feed_forward_length": spec.n_ff,
@@ -261,6 +263,17 @@ def _qwen3(m: Blocks, moe: bool = False) -> None:  # src/models/qwen3.cpp, qwen3
             m.experts(b, s.n_ff_expert)
         else:
             m.mlp(b)
+
+
+def _phi3(m: Blocks) -> None:  # src/models/phi3.cpp: fused qkv, ffn_up holds gate and up
+    s, e = m.spec, m.spec.n_embd
+    for _, b in m.each():
+        m.vector(b + "attn_norm.weight", e)
+        m.matrix(b + "attn_qkv.weight", "attn_qkv", (s.n_head + 2 * s.n_head_kv) * s.head_dim, e)
+        m.matrix(b + "attn_output.weight", "attn_output", e, s.n_head * s.head_dim)
+        m.vector(b + "ffn_norm.weight", e)
+        m.matrix(b + "ffn_up.weight", "ffn_up", 2 * s.n_ff, e)
+        m.matrix(b + "ffn_down.weight", "ffn_down", e, s.n_ff)
 
 
 def _gemma2(m: Blocks) -> None:  # src/models/gemma2.cpp: post-norms after attention and MLP
@@ -481,6 +494,28 @@ def _moe_keys(s: TinySpec) -> dict[str, object]:
             "expert_shared_feed_forward_length": s.n_ff}
 
 
+# DeepSeek's multi-head latent attention: latent ranks, and each head's rope / no-rope halves
+Q_RANK, KV_RANK, ROPE, NOPE = 128, 64, 32, 32
+
+
+def _deepseek2(m: Blocks) -> None:  # src/models/deepseek2.cpp: MLA (k_b/v_b split), a dense lead block, experts
+    s, e, h = m.spec, m.spec.n_embd, m.spec.n_head
+    for i, b in m.each():
+        m.vector(b + "attn_norm.weight", e)
+        m.vector(b + "attn_q_a_norm.weight", Q_RANK)
+        m.vector(b + "attn_kv_a_norm.weight", KV_RANK)
+        m.matrix(b + "attn_q_a.weight", "attn_q_a", Q_RANK, e)
+        m.matrix(b + "attn_q_b.weight", "attn_q_b", h * (NOPE + ROPE), Q_RANK)
+        m.matrix(b + "attn_kv_a_mqa.weight", "attn_kv_a_mqa", KV_RANK + ROPE, e)
+        m.matrix(b + "attn_k_b.weight", "attn_k_b", KV_RANK, NOPE, experts=h)
+        m.matrix(b + "attn_v_b.weight", "attn_v_b", s.head_dim, KV_RANK, experts=h)
+        m.matrix(b + "attn_output.weight", "attn_output", e, h * s.head_dim)
+        if i == 0:
+            m.mlp(b)
+        else:
+            m.experts(b, s.n_ff_expert, shared=s.n_ff_expert)
+
+
 def _ssm_keys(s: TinySpec) -> dict[str, object]:
     return {"ssm.conv_kernel": 4, "ssm.inner_size": SSM_STATE * SSM_V_HEADS, "ssm.state_size": SSM_STATE,
             "ssm.time_step_rank": SSM_V_HEADS, "ssm.group_count": SSM_K_HEADS, "full_attention_interval": 4,
@@ -490,12 +525,12 @@ def _ssm_keys(s: TinySpec) -> dict[str, object]:
 # Blocks of the architectures built by recipe; the four below (LEGACY) keep their original
 # code path and random draws, so their files stay the same.
 RECIPES: dict[str, Callable[[Blocks], None]] = {
-    "qwen3": _qwen3, "qwen3moe": lambda m: _qwen3(m, moe=True), "gemma": _llama_like,
+    "qwen3": _qwen3, "qwen3moe": lambda m: _qwen3(m, moe=True), "phi3": _phi3, "gemma": _llama_like,
     "gemma2": _gemma2,
     "smollm3": _llama_like, "mistral3": _llama_like, "granite": _llama_like, "olmo2": _olmo2,
     "glm4": _glm4, "cohere2": _cohere2, "granitemoe": _granitemoe, "gpt-oss": _gpt_oss, "lfm2": _lfm2,
     "qwen35": _qwen35, "gemma4": _gemma4,
-    "nemotron_h": _nemotron_h, "granitehybrid": _granitehybrid, "glm4moe": _glm4moe, "qwen35moe": lambda m: _qwen35(m, moe=True), "qwen3next": lambda m: _qwen35(m, True, True),
+    "deepseek2": _deepseek2, "nemotron_h": _nemotron_h, "granitehybrid": _granitehybrid, "glm4moe": _glm4moe, "qwen35moe": lambda m: _qwen35(m, moe=True), "qwen3next": lambda m: _qwen35(m, True, True),
 }
 OUTPUT_NORM = {"lfm2": "token_embd_norm.weight"}  # llama.cpp's LLM_TENSOR_OUTPUT_NORM_LFM2
 LEGACY = ("llama", "qwen2", "qwen2moe", "gemma3")
@@ -510,6 +545,12 @@ EXTRA_KEYS: dict[str, Callable[[TinySpec], dict[str, object]]] = {
     "cohere2": lambda s: {"attention.layer_norm_epsilon": 1e-5, "attention.sliding_window": 16,
                           "logit_scale": 0.5},
     "qwen35": _ssm_keys,
+    "deepseek2": lambda s: {"attention.q_lora_rank": Q_RANK, "attention.kv_lora_rank": KV_RANK,
+                            "attention.key_length_mla": NOPE + ROPE, "attention.value_length_mla": s.head_dim,
+                            "attention.key_length": KV_RANK + ROPE, "attention.value_length": KV_RANK,
+                            "attention.head_count_kv": 1, "rope.dimension_count": ROPE,
+                            "expert_count": s.n_expert, "expert_used_count": 2, "expert_shared_count": 1,
+                            "expert_feed_forward_length": s.n_ff_expert, "leading_dense_block_count": 1},
     "qwen3moe": lambda s: {"expert_count": s.n_expert, "expert_used_count": 2,
                            "expert_feed_forward_length": s.n_ff_expert},
     "gemma2": lambda s: {"attention.sliding_window": 16, "attn_logit_softcapping": 50.0,

@@ -98,10 +98,6 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
     layers = opts.layers if opts.layers is not None else frozenset(range(n_layer))
     tied = names.OUTPUT not in model.tensors
     plan = EditPlan(arch, tied, layers, {})
-    if not arch.tested:
-        plan.notices.append(f"{arch.name}: which tensors write into the residual stream was read from llama.cpp's "
-                            f"src/models/{arch.graph}.cpp but is not yet tested against it; check the result "
-                            f"(gguf-abliterate eval)")
 
     n_embd = model.n_embd
 
