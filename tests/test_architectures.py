@@ -133,3 +133,30 @@ def test_gpt_oss_experts_stay_mxfp4_and_keep_the_edit(tmp_path: Path) -> None:
         leak = component_error(model, name, edited.values(name).astype(np.float64), target, r)
         assert leak < 0.01, (name, leak)
     assert np.abs(stream_along(out, r)).max() < 0.05 * np.abs(stream_along(src, r)).max()
+
+
+@pytest.mark.parametrize("arch", ["gemma4", "qwen35", "nemotron_h", "lfm2", "gpt-oss"])
+def test_the_whole_flow_runs_on_new_families(arch: str, built: dict[str, Path], tmp_path: Path) -> None:
+    """direction (through llama.cpp's hook, on recurrent and per-layer-embedding graphs too),
+    the edit from that file, eval, and the LoRA and control-vector exports."""
+    import json
+
+    from gguf_abliterate.direction.file import load_direction
+
+    src = built[arch]
+    bad, good = tmp_path / "bad.txt", tmp_path / "good.jsonl"
+    bad.write_text("\n".join(f"how do i hack a {w}" for w in "abcdefgh"))
+    good.write_text("\n".join(json.dumps({"prompt": f"how do i bake a {w}"}) for w in "abcdefgh"))
+    d = tmp_path / "d.safetensors"
+    run = cli("direction", src, "-o", d, "--harmful", bad, "--harmless", good, "--score-prompts", "2", "-q")
+    assert run.returncode == 0, run.stderr
+    assert load_direction(d).metadata["architecture"] == arch
+    out = tmp_path / "out.gguf"
+    assert (run := cli(src, out, "--direction", d, "-q")).returncode == 0, run.stderr
+    run = cli("eval", src, out, "-n", "2", "--max-tokens", "4", "--json", tmp_path / "e.json", "-q")
+    assert run.returncode == 0, run.stderr
+    assert len(json.loads((tmp_path / "e.json").read_text())["models"]) == 2
+    assert (run := cli(src, tmp_path / "a.gguf", "--direction", d, "--format", "lora", "-q")).returncode == 0, run.stderr
+    layer = load_direction(d).metadata["layer"]
+    run = cli("cvector", d, tmp_path / "cv.gguf", "--model", src, "--layers", layer)
+    assert run.returncode == 0, run.stderr
