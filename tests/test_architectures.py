@@ -6,6 +6,7 @@ post-norm rule, leaves a component there."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf_abliterate.arch import ARCHITECTURES, get_arch
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
-from tools.make_tiny_models import TinySpec, build_model
+from tools.make_tiny_models import FAMILY_TEMPLATES, TEMPLATE_OF, TinySpec, build_model
 
 PROMPTS = ["how to bake a bread", "the sky is blue today", "I is of the how"]
 
@@ -54,8 +55,10 @@ SPECS = {
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each family's tiny model, with a template in the family's chat markup."""
     d = tmp_path_factory.mktemp("arch")
-    return {name: build_model(d / f"{name}.gguf", spec) for name, spec in SPECS.items()}
+    return {name: build_model(d / f"{name}.gguf", replace(spec, chat_template=FAMILY_TEMPLATES[TEMPLATE_OF[name]]))
+            for name, spec in SPECS.items()}
 
 
 def stream_along(path: Path, r: np.ndarray) -> np.ndarray:
@@ -148,8 +151,9 @@ def test_the_whole_flow_runs_on_new_families(arch: str, built: dict[str, Path], 
     bad.write_text("\n".join(f"how do i hack a {w}" for w in "abcdefgh"))
     good.write_text("\n".join(json.dumps({"prompt": f"how do i bake a {w}"}) for w in "abcdefgh"))
     d = tmp_path / "d.safetensors"
-    run = cli("direction", src, "-o", d, "--harmful", bad, "--harmless", good, "--score-prompts", "2", "-q")
+    run = cli("direction", src, "-o", d, "--harmful", bad, "--harmless", good, "--score-prompts", "2")
     assert run.returncode == 0, run.stderr
+    assert "no chat template" not in run.stderr  # prompts rendered in the family's markup
     assert load_direction(d).metadata["architecture"] == arch
     out = tmp_path / "out.gguf"
     assert (run := cli(src, out, "--direction", d, "-q")).returncode == 0, run.stderr

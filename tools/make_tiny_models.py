@@ -53,6 +53,52 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
+
+def _turns(open_: str, close: str, assistant: str, roles: dict[str, str] | None = None, prefix: str = "") -> str:
+    """A short template of ours in a family's turn markup: each message as
+    `open_(role) + content + close`, then `assistant` as the generation prompt."""
+    role = "message['role']" if not roles else (
+        "{" + ", ".join(f"'{k}': '{v}'" for k, v in roles.items()) + "}[message['role']]")
+    return (f"{prefix}{{% for message in messages %}}{{{{ '{open_[0]}' + {role} + '{open_[1]}' + message['content'] + "
+            f"'{close}' }}}}{{% endfor %}}{{% if add_generation_prompt %}}{{{{ '{assistant}' }}}}{{% endif %}}")
+
+
+# Each family's turn markup (from its published template), in a short template of ours:
+# enough for prompts to be rendered as the family renders them, not the vendors' full text.
+FAMILY_TEMPLATES = {
+    "chatml": CHATML,
+    "gemma": _turns(("<start_of_turn>", "\n"), "<end_of_turn>\n", "<start_of_turn>model\n",
+                    {"user": "user", "assistant": "model", "system": "user"}),
+    "gemma4": _turns(("<|turn>", "\n"), "<turn|>\n", "<|turn>model\n",
+                     {"user": "user", "assistant": "model", "system": "system"}),
+    "llama3": _turns(("<|start_header_id|>", "<|end_header_id|>\n\n"), "<|eot_id|>",
+                     "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "mistral": ("{% for message in messages %}{% if message['role'] == 'assistant' %}{{ message['content'] + '</s>' }}"
+                "{% else %}{{ '[INST]' + message['content'] + '[/INST]' }}{% endif %}{% endfor %}"),
+    "granite": _turns(("<|start_of_role|>", "<|end_of_role|>"), "<|end_of_text|>\n",
+                      "<|start_of_role|>assistant<|end_of_role|>"),
+    "tulu": _turns(("<|", "|>\n"), "\n", "<|assistant|>\n"),  # OLMo 2
+    "phi3": _turns(("<|", "|>\n"), "<|end|>\n", "<|assistant|>\n"),
+    "glm": _turns(("<|", "|>\n"), "", "<|assistant|>\n", prefix="[gMASK]<sop>"),
+    "cohere": _turns(("<|START_OF_TURN_TOKEN|>", ""), "<|END_OF_TURN_TOKEN|>",
+                     "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+                     {"user": "<|USER_TOKEN|>", "assistant": "<|CHATBOT_TOKEN|>", "system": "<|SYSTEM_TOKEN|>"}),
+    "harmony": _turns(("<|start|>", "<|message|>"), "<|end|>", "<|start|>assistant"),  # gpt-oss
+    "deepseek": _turns(("", ""), "", "<｜Assistant｜>",
+                       {"user": "<｜User｜>", "assistant": "<｜Assistant｜>", "system": ""}),
+    "nemotron": _turns(("<SPECIAL_11>", "\n"), "\n", "<SPECIAL_11>Assistant\n",
+                       {"user": "User", "assistant": "Assistant", "system": "System"}),
+}
+# the template each family's tiny model carries
+TEMPLATE_OF = {
+    "llama": "llama3", "qwen2": "chatml", "qwen2moe": "chatml", "qwen3": "chatml", "qwen3moe": "chatml",
+    "qwen35": "chatml", "qwen35moe": "chatml", "qwen3next": "chatml", "smollm3": "chatml", "lfm2": "chatml",
+    "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma4": "gemma4", "mistral3": "mistral",
+    "granite": "granite", "granitemoe": "granite", "granitehybrid": "granite", "olmo2": "tulu", "phi3": "phi3",
+    "glm4": "glm", "glm4moe": "glm", "cohere2": "cohere", "gpt-oss": "harmony", "deepseek2": "deepseek",
+    "nemotron_h": "nemotron",
+}
+
 def _vocab() -> tuple[list[str], list[float], list[int]]:
     """A SentencePiece-style vocabulary: specials, 256 byte tokens, letters and a few words."""
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]

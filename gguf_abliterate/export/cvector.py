@@ -24,13 +24,15 @@ def control_vectors(direction_path: Path, n_layer: int, blocks: frozenset[int], 
     d = load_direction(direction_path)
     rows = np.broadcast_to(d.vectors, (n_layer, d.n_embd)) if not d.per_layer else d.vectors
     if d.per_block is not None:
-        rows = normalise(d.per_block)
+        rows = d.per_block  # measured rows, not yet unit length; blocks before any token mixing
+        # that reaches past the chat template's last tokens (LFM2's short convolutions) are zero
     norms = d.statistics.get("diff_norm", np.ones(n_layer, np.float32)).astype(np.float32)
     if rows.shape[0] != n_layer:
         raise UserError(f"{direction_path}: {rows.shape[0]} layers of directions, the model has {n_layer}")
     if 0 in blocks:
         raise UserError("llama.cpp control vectors cannot act on block 0; use --layers 1-...")
-    return {b: (scale * norms[b] * rows[b]).astype(np.float32) for b in sorted(blocks)}
+    return {b: (scale * norms[b] * normalise(rows[b], f"{direction_path.name}'s block {b} direction")).astype(np.float32)
+            for b in sorted(blocks)}
 
 
 def write_control_vector(vectors: dict[int, np.ndarray], arch: str, out: Path) -> None:
