@@ -56,6 +56,8 @@ class Arch:
     note: str = ""
     # the name llama.cpp gives each block's output (the residual stream after the block)
     residual: str = "l_out"
+    # blocks where llama.cpp applies a control vector: those holding one of these (all if empty)
+    steered_with: tuple[MODEL_TENSOR, ...] = ()
 
     def norm_chain(self, block: int, writer: Writer, present: Container[str]) -> tuple[str, ...]:
         """Names of the norm weights between this writer's output and the residual add, in
@@ -67,6 +69,11 @@ class Arch:
                 chain.append(name)
         chain += [names.block_tensor(norm, block) for norm in writer.norms]
         return tuple(chain)
+
+    def steerable(self, n_layer: int, present: Container[str]) -> frozenset[int]:
+        """The blocks whose output a llama.cpp control vector reaches."""
+        return frozenset(b for b in range(n_layer) if not self.steered_with
+                         or any(names.block_tensor(t, b) in present for t in self.steered_with))
 
     @property
     def has_norms(self) -> bool:
@@ -127,7 +134,7 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("nemotron_h", "nemotron-h", (ATTN, SSM, *MLP),
              "each block is one of Mamba-2 (ssm_out), attention or MLP; its block output is "
              "nemotron_h_block_out, and its l_out (and a control vector) only exist in MLP blocks",
-             residual="nemotron_h_block_out"),
+             residual="nemotron_h_block_out", steered_with=(T.FFN_DOWN, T.FFN_DOWN_EXP)),
         Arch("lfm2", "lfm2", (ATTN, CONV, *MLP), "short-convolution layers write through shortconv.out_proj"),
         Arch("deepseek2", "deepseek2",
              note="multi-head latent attention writes through attn_output; the NextN (MTP) block is not edited"),

@@ -164,3 +164,32 @@ def test_the_whole_flow_runs_on_new_families(arch: str, built: dict[str, Path], 
     layer = load_direction(d).metadata["layer"]
     run = cli("cvector", d, tmp_path / "cv.gguf", "--model", src, "--layers", layer)
     assert run.returncode == 0, run.stderr
+
+
+def test_nemotron_h_control_vectors_only_where_llama_cpp_applies_them(built: dict[str, Path], tmp_path: Path) -> None:
+    """nemotron_h calls llama.cpp's control-vector hook only in its MLP blocks: other blocks
+    are refused by name, and at an MLP block the vector shifts the stream by exactly itself."""
+    from gguf import GGUFReader
+
+    from gguf_abliterate.direction.file import save_direction
+    from gguf_abliterate.runtime.llama import LlamaModel
+
+    src = built["nemotron_h"]
+    rows = np.stack([random_direction(256, seed=30 + i) for i in range(4)])
+    d = tmp_path / "d.safetensors"
+    save_direction(d, rows[2], {"layer": "2"}, {"directions": rows, "diff_norm": np.ones(4, np.float32)})
+    run = cli("cvector", d, tmp_path / "m.gguf", "--model", src, "--layers", "1")
+    assert run.returncode != 0 and "only after blocks 2, 3" in run.stderr and "block(s) 1" in run.stderr
+    run = cli("cvector", d, tmp_path / "cv.gguf", "--model", src)
+    assert run.returncode == 0, run.stderr
+    assert "blocks 2-3" in run.stderr
+    reader = GGUFReader(tmp_path / "cv.gguf")
+    assert sorted(t.name for t in reader.tensors) == ["direction.2", "direction.3"]
+    assert reader.get_tensor(0).name == "direction.2"
+    v = np.array(reader.get_tensor(0).data, np.float32)
+    with LlamaModel(src, chat=False) as m:
+        before = m.residuals(PROMPTS)
+        m.set_control_vector({2: v})
+        after = m.residuals(PROMPTS)
+    assert np.abs(after[:, :2] - before[:, :2]).max() == 0
+    assert np.allclose(after[:, 2] - before[:, 2], v[None, :], atol=1e-4)

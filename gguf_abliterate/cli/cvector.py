@@ -12,6 +12,7 @@ from gguf_abliterate.errors import UserError
 
 def export_cvector(direction_path: Path, output_path: Path, model_path: Path, *, layers: str | None = None,
                    scale: float = -1.0, force: bool = False) -> None:
+    from gguf_abliterate.arch import ARCHITECTURES
     from gguf_abliterate.edit.options import parse_layers
     from gguf_abliterate.export.cvector import control_vectors, write_control_vector
     from gguf_abliterate.gguf_io import Model
@@ -19,7 +20,14 @@ def export_cvector(direction_path: Path, output_path: Path, model_path: Path, *,
     if output_path.exists() and not force:
         raise UserError(f"{output_path} exists; pass --force to replace it")
     model = Model(model_path)
-    blocks = parse_layers(layers, model.n_layer) or frozenset(range(1, model.n_layer))
+    arch = ARCHITECTURES.get(model.arch)
+    steerable = arch.steerable(model.n_layer, model.tensors) if arch else frozenset(range(model.n_layer))
+    asked = parse_layers(layers, model.n_layer)
+    if asked is not None and not asked <= steerable:
+        raise UserError(f"llama.cpp applies control vectors to {model.arch} only after blocks "
+                        f"{', '.join(map(str, sorted(steerable)))}; block(s) {', '.join(map(str, sorted(asked - steerable)))} "
+                        f"would be ignored")
+    blocks = asked or frozenset(steerable - {0})
     vectors = control_vectors(direction_path, model.n_layer, blocks, scale)
     write_control_vector(vectors, model.arch, output_path)
     click.echo(f"wrote {output_path}: blocks {min(blocks)}-{max(blocks)}, scale {scale:g} "
