@@ -22,7 +22,7 @@ from gguf_abliterate import quants
 from gguf_abliterate.quants import rounding
 from gguf_abliterate.direction.file import load_direction
 from gguf_abliterate.edit.options import EditOptions
-from gguf_abliterate.edit.plan import plan_edit
+from gguf_abliterate.edit.plan import TensorKind, plan_edit
 from gguf_abliterate.edit.project import axis_vector, project_residual_rows
 from gguf_abliterate.gguf_io import Model
 
@@ -42,7 +42,7 @@ def main() -> None:
     direction = load_direction(args.direction)
     opts = EditOptions(reverse=args.reverse)
     plan = plan_edit(model, opts, strict=False)
-    edits = [e for e in plan.edits.values() if e.kind == "matrix" and e.block % args.every == 0]
+    edits = [e for e in plan.edits.values() if e.kind is TensorKind.MATRIX and e.block % args.every == 0]
     types = [GGMLQuantizationType[t.strip().upper()] for t in args.types.split(",")]
     keys = ("lp", "la", "lp_rmse", "la_rmse", "ratio", "tp", "ta", "mb")
     rows: dict[str, dict[str, list[float]]] = {t.name: {k: [] for k in keys} for t in types}
