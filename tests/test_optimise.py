@@ -18,6 +18,7 @@ from conftest import ROOT, cli
 
 from gguf_abliterate.direction.file import load_direction, save_schedule
 from gguf_abliterate.edit.schedule import Component, EditParams, Kernel, basis, resolve
+from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.metrics import kl_divergence
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.optimise.adapter import TrialAdapters
@@ -361,3 +362,23 @@ def test_optimise_bakes_and_confirms_the_pick(tiny: dict[str, Path], tmp_path: P
     none = cli("optimise", model, "-o", tmp_path / "new.safetensors", "--bake", tmp_path / "n.gguf",
                "--bake-checks", "0", *FAST)
     assert none.returncode != 0 and "drop --bake-checks 0" in none.stderr and not (tmp_path / "n.gguf").exists()
+
+
+def test_blocks_without_a_measured_difference_borrow_a_direction_and_stay_unedited() -> None:
+    """LFM2's first blocks (short convolutions seeing only the chat template's last tokens)
+    measure a zero difference: per block they take the nearest measured direction at strength
+    0; a blend of measured blocks is unaffected."""
+    rng = np.random.default_rng(0)
+    per_block = rng.normal(size=(6, 16)).astype(np.float32)
+    per_block[:2] = 0
+    means = rng.normal(size=(6, 16)).astype(np.float32)
+    flat = Kernel(1.0, 2.5, 1.0, 10.0)
+    s = resolve(EditParams(None, False, flat, flat), per_block, means)
+    assert np.allclose(np.linalg.norm(s.directions, axis=1), 1)
+    assert np.allclose(s.directions[0], s.directions[2]) and np.allclose(s.directions[1], s.directions[2])
+    for w in s.strengths.values():
+        assert list(w[:2]) == [0, 0] and (w[2:] > 0).all()
+    blended = resolve(EditParams(3.5, False, flat, flat), per_block, means)
+    assert (blended.strengths[Component.ATTN] > 0).all()
+    with pytest.raises(UserError, match="all zero"):
+        resolve(EditParams(None, False, flat, flat), np.zeros_like(per_block), means)

@@ -123,8 +123,17 @@ def resolve(params: EditParams, per_block: np.ndarray, harmless_means: np.ndarra
     n_layer = per_block.shape[0]
     offset = n_layer if params.orthogonal else 0
     coefficients = np.zeros((n_layer, 2 * n_layer))
+    # Blocks where the two sets did not differ at all (a short convolution that sees only the
+    # chat template's last tokens, as in LFM2's first blocks) have no direction of their own:
+    # per block, they borrow the nearest measured one and are left unedited.
+    measured = np.flatnonzero(np.linalg.norm(per_block, axis=1) > 0)
+    if measured.size == 0:
+        raise UserError("the direction file's measured directions are all zero")
+    unmeasured = np.ones(n_layer, bool)
+    unmeasured[measured] = False
     if params.direction_index is None:
-        coefficients[np.arange(n_layer), offset + np.arange(n_layer)] = 1
+        own = measured[np.abs(np.arange(n_layer)[:, None] - measured[None, :]).argmin(axis=1)]
+        coefficients[np.arange(n_layer), offset + own] = 1
     else:
         x = float(np.clip(params.direction_index, 0, n_layer - 1))
         i = min(int(x), n_layer - 2) if n_layer > 1 else 0
@@ -136,6 +145,9 @@ def resolve(params: EditParams, per_block: np.ndarray, harmless_means: np.ndarra
     if not np.all(np.isfinite(directions)) or np.any(np.linalg.norm(directions, axis=1) < 0.5):
         raise UserError("the edit parameters give a zero direction (opposite blocks blended?)")
     strengths = {Component.ATTN: params.attn.weights(n_layer), Component.MLP: params.mlp.weights(n_layer)}
+    if params.direction_index is None:
+        for weights in strengths.values():
+            weights[unmeasured] = 0
     return Schedule(coefficients, directions, strengths, params.method)
 
 
