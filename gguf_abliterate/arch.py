@@ -92,6 +92,9 @@ _GEMMA4 = (
     Writer(T.PER_LAYER_PROJ, False, (T.PER_LAYER_POST_NORM,)),
 )
 
+_DELTANET = ("gated DeltaNet layers write through ssm_out; post_attention_norm is the MLP's input norm; "
+             "MTP blocks are not edited")
+
 ARCHITECTURES: dict[str, Arch] = {
     a.name: a
     for a in (
@@ -122,15 +125,7 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("gpt-oss", "openai-moe", (ATTN, Writer(T.FFN_DOWN_EXP, False)),
              "attention sinks and biases (attn_output.bias, ffn_down_exps.bias per expert); "
              "post_attention_norm is the MLP's input norm"),
-        Arch("qwen35", "qwen35", (ATTN, SSM, *MLP),
-             "gated DeltaNet layers write through ssm_out; post_attention_norm is the MLP's input norm; "
-             "MTP blocks are not edited"),
-        Arch("qwen35moe", "qwen35moe", (ATTN, SSM, *MLP),
-             "gated DeltaNet layers write through ssm_out; post_attention_norm is the MLP's input norm; "
-             "MTP blocks are not edited"),
-        Arch("qwen3next", "qwen3next", (ATTN, SSM, *MLP),
-             "gated DeltaNet layers write through ssm_out; post_attention_norm is the MLP's input norm; "
-             "MTP blocks are not edited"),
+        *(Arch(name, name, (ATTN, SSM, *MLP), _DELTANET) for name in ("qwen35", "qwen35moe", "qwen3next")),
         Arch("nemotron_h", "nemotron-h", (ATTN, SSM, *MLP),
              "each block is one of Mamba-2 (ssm_out), attention or MLP; its block output is "
              "nemotron_h_block_out, and its l_out (and a control vector) only exist in MLP blocks",
