@@ -58,6 +58,8 @@ class Arch:
     residual: str = "l_out"
     # blocks where llama.cpp applies a control vector: those holding one of these (all if empty)
     steered_with: tuple[MODEL_TENSOR, ...] = ()
+    # tensor roles (blk.N.<role>.weight) that mean a variant the entry does not cover, and why
+    refuses: tuple[tuple[str, str], ...] = ()
 
     def norm_chain(self, block: int, writer: Writer, present: Container[str]) -> tuple[str, ...]:
         """Names of the norm weights between this writer's output and the residual add, in
@@ -129,7 +131,9 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("nemotron_h", "nemotron-h", (ATTN, SSM, *MLP),
              "each block is one of Mamba-2 (ssm_out), attention or MLP; its block output is "
              "nemotron_h_block_out, and its l_out (and a control vector) only exist in MLP blocks",
-             residual="nemotron_h_block_out", steered_with=(T.FFN_DOWN, T.FFN_DOWN_EXP)),
+             residual="nemotron_h_block_out", steered_with=(T.FFN_DOWN, T.FFN_DOWN_EXP),
+             refuses=(("ffn_latent_up", "a latent MoE: its experts write a smaller space that ffn_latent_up maps "
+                                        "into the residual stream, and that writer is not supported yet"),)),
         Arch("lfm2", "lfm2", (ATTN, CONV, *MLP), "short-convolution layers write through shortconv.out_proj"),
         Arch("deepseek2", "deepseek2",
              note="multi-head latent attention writes through attn_output; the NextN (MTP) block is not edited"),

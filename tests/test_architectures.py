@@ -193,3 +193,21 @@ def test_nemotron_h_control_vectors_only_where_llama_cpp_applies_them(built: dic
         after = m.residuals(PROMPTS)
     assert np.abs(after[:, :2] - before[:, :2]).max() == 0
     assert np.allclose(after[:, 2] - before[:, 2], v[None, :], atol=1e-4)
+
+
+def test_nemotron_h_with_a_latent_moe_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools import make_tiny_models
+
+    plain = make_tiny_models.RECIPES["nemotron_h"]
+
+    def latent(m: make_tiny_models.Blocks) -> None:
+        plain(m)
+        m.matrix("blk.2.ffn_latent_up.weight", "ffn_latent_up", 256, 128)
+
+    monkeypatch.setitem(make_tiny_models.RECIPES, "nemotron_h", latent)
+    src = build_model(tmp_path / "latent.gguf", TinySpec(arch="nemotron_h", tied=False))
+    np.save(tmp_path / "d.npy", random_direction(256))
+    run = cli(src, tmp_path / "out.gguf", "--direction", tmp_path / "d.npy")
+    assert run.returncode != 0 and not (tmp_path / "out.gguf").exists()
+    assert "nemotron_h model has ffn_latent_up tensors, a latent MoE" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1

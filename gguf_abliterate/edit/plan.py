@@ -94,6 +94,9 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
     blocks where it is 0 are left alone, and token_embd is not edited (no search saw it).
     """
     arch = get_arch(model.arch)
+    for role, why in arch.refuses:
+        if any(names.tensor_role(name) == role for name in model.tensors):
+            raise UserError(f"this {arch.name} model has {role} tensors, {why}")
     n_layer = model.n_layer
     layers = opts.layers if opts.layers is not None else frozenset(range(n_layer))
     tied = names.OUTPUT not in model.tensors
