@@ -211,3 +211,16 @@ def test_nemotron_h_with_a_latent_moe_is_refused_by_name(tmp_path: Path, monkeyp
     assert run.returncode != 0 and not (tmp_path / "out.gguf").exists()
     assert "nemotron_h model has ffn_latent_up tensors, a latent MoE" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_steered_layer_choice_keeps_to_blocks_a_control_vector_reaches(built: dict[str, Path], tmp_path: Path) -> None:
+    """A generation pack the model never shows is tested by steering: on nemotron_h only its MLP
+    blocks can be steered, so only they are candidates."""
+    from gguf_abliterate.direction.file import load_direction
+
+    out = tmp_path / "c.safetensors"
+    run = cli("direction", built["nemotron_h"], "-o", out, "--behaviour", "concise", "--score-prompts", "2")
+    assert run.returncode == 0, run.stderr
+    assert "candidates tested by steering" in run.stderr
+    table = [line.split()[0] for line in run.stderr.splitlines() if line.strip()[:1].isdigit()]
+    assert table == ["2"] and load_direction(out).metadata["layer"] == "2"

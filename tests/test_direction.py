@@ -178,3 +178,16 @@ def test_direction_on_a_model_llama_cpp_cannot_load(tmp_path: Path) -> None:
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert "llama.cpp could not load this model" in run.stderr
     assert not (tmp_path / "d.npy").exists()
+
+
+def test_non_finite_residuals_are_refused_with_the_blocks() -> None:
+    """A model that overflows on the prompts (NaN after some block) gets an error naming the
+    blocks, not a direction file full of NaN."""
+    from gguf_abliterate.errors import UserError
+
+    good = np.random.default_rng(0).normal(size=(3, 4, 8)).astype(np.float32)
+    bad = good.copy()
+    bad[1, 2:, 5] = np.nan
+    with pytest.raises(UserError, match=r"after block\(s\) 2, 3 on these prompts"):
+        difference_of_means(bad, good)
+    assert np.isfinite(difference_of_means(good, good + 1).directions).all()

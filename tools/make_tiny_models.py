@@ -168,9 +168,10 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     if spec.chat_template is not None:
         w.add_chat_template(spec.chat_template)
 
-    def matrix(name: str, kind: str, rows: int, cols: int, std: float = 0.05, experts: int = 0) -> None:
+    def matrix(name: str, kind: str, rows: int, cols: int, std: float = 0.05, experts: int = 0,
+               mean: float = 0.0) -> None:
         shape = (experts, rows, cols) if experts else (rows, cols)
-        values = rng.normal(0, std, shape).astype(np.float32)
+        values = rng.normal(mean, std, shape).astype(np.float32)
         qtype = Q.F32 if kind == "bias" else spec.types.get(kind, spec.default_type)
         data = _store(values.reshape(-1, cols), qtype).reshape(*shape[:-1], -1)
         w.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
@@ -449,7 +450,7 @@ def _mamba2(m: Blocks, b: str) -> None:
     m.matrix(b + "ssm_conv1d.weight", "bias", conv, 4, 0.3)
     m.vector(b + "ssm_conv1d.bias", conv, 0.0, 0.1)
     m.vector(b + "ssm_dt.bias", heads, 0.0, 0.5)
-    m.matrix(b + "ssm_a", "bias", heads, 1, 0.5)
+    m.matrix(b + "ssm_a", "bias", heads, 1, 0.1, mean=-1.0)  # A < 0, or the state grows without bound
     m.matrix(b + "ssm_d", "bias", heads, 1, 0.5)
     m.matrix(b + "ssm_norm.weight", "bias", MAMBA_GROUPS, inner // MAMBA_GROUPS, 0.1)
     m.matrix(b + "ssm_out.weight", "ssm_out", e, inner)

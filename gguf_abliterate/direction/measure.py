@@ -15,11 +15,12 @@ there damages the output most).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.metrics import kl_divergence
 from gguf_abliterate.runtime.llama import LlamaModel
 
@@ -52,6 +53,10 @@ class LayerChoice:
 def difference_of_means(harmful: np.ndarray, harmless: np.ndarray) -> LayerStats:
     """From residuals (n_prompts, n_layer, n_embd) of each set: per-layer directions and stats."""
     mh, ml = harmful.mean(axis=0, dtype=np.float64), harmless.mean(axis=0, dtype=np.float64)
+    bad = np.flatnonzero(~(np.isfinite(mh).all(axis=1) & np.isfinite(ml).all(axis=1)))
+    if bad.size:
+        raise UserError(f"llama.cpp computed NaN or Inf in the residual stream after block(s) "
+                        f"{', '.join(map(str, bad))} on these prompts: the model file is broken, or overflows")
     diff = mh - ml
     norm = np.linalg.norm(diff, axis=-1)
     directions = (diff / np.where(norm > 0, norm, 1)[:, None]).astype(np.float32)
@@ -70,7 +75,8 @@ def candidate_layers(n_layer: int) -> list[int]:
 
 def choose_layer(model: LlamaModel, stats: LayerStats, score: Callable[[np.ndarray | None], float],
                  harmless: list[str], candidates: list[int], max_kl: float = DEFAULT_MAX_KL,
-                 progress: Callable[[int], None] = lambda n: None, steer_below: float | None = None) -> LayerChoice:
+                 progress: Callable[[int], None] = lambda n: None, steer_below: float | None = None,
+                 steerable: Collection[int] | None = None) -> LayerChoice:
     """Test each candidate's direction and keep the one that moves the behaviour most within
     max_kl (the lower KL on a tie). The test is ablation (the direction projected out
     of the residual stream after every block; lowest `score` wins) unless the model shows the
@@ -81,6 +87,10 @@ def choose_layer(model: LlamaModel, stats: LayerStats, score: Callable[[np.ndarr
     base_harmless = model.next_token_logprobs(harmless, share_prefix=True)
     choice = LayerChoice(-1, candidates, baseline=score(None))
     choice.steered = steer_below is not None and choice.baseline < steer_below
+    if choice.steered and steerable is not None:  # blocks a control vector reaches (nemotron_h: MLP blocks)
+        candidates = choice.candidates = [c for c in candidates if c in steerable]
+        if not candidates:
+            raise UserError("no candidate block can be steered in this architecture; pass --layer N")
     for layer in candidates:
         r = stats.directions[layer]
         if choice.steered:
