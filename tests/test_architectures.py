@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli, random_direction
+from conftest import cli, generate, random_direction
 from gguf import GGMLQuantizationType as Q
 
 from gguf_abliterate.arch import ARCHITECTURES, get_arch
@@ -85,6 +85,7 @@ def test_edit_removes_r_from_the_stream_llama_cpp_computes(arch: str, built: dic
     assert run.returncode == 0, run.stderr
     after = stream_along(out, r)
     assert np.abs(after).max() < 1e-5 * np.abs(before).max(), (np.abs(after).max(), np.abs(before).max())
+    assert isinstance(generate(out, n=4), str)  # and llama.cpp generates from the edited file
 
     # reverse, one block (the last), embeddings left alone: earlier blocks bit for bit as
     # before; the block's own write along r grows by about 1 + s (exactly for the part its
