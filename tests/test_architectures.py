@@ -162,8 +162,11 @@ def test_the_whole_flow_runs_on_new_families(arch: str, built: dict[str, Path], 
     assert run.returncode == 0, run.stderr
     assert len(json.loads((tmp_path / "e.json").read_text())["models"]) == 2
     assert (run := cli(src, tmp_path / "a.gguf", "--direction", d, "--format", "lora", "-q")).returncode == 0, run.stderr
-    layer = load_direction(d).metadata["layer"]
-    run = cli("cvector", d, tmp_path / "cv.gguf", "--model", src, "--layers", layer)
+    model = Model(src)
+    steerable = ARCHITECTURES[arch].steerable(model.n_layer, model.tensors) - {0}
+    layer = int(load_direction(d).metadata["layer"])
+    layer = layer if layer in steerable else min(steerable)  # nemotron_h: only its MLP blocks
+    run = cli("cvector", d, tmp_path / "cv.gguf", "--model", src, "--layers", str(layer))
     assert run.returncode == 0, run.stderr
 
 
