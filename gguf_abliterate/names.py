@@ -87,5 +87,6 @@ BEHAVIOUR = "abliterate.behaviour"  # the pack the direction came from (refusal,
 TOOL_VERSION = "abliterate.tool_version"
 REQUANT_TYPE = "abliterate.requant_type"
 ROUNDING = "abliterate.rounding"
+SIZE_BUDGET = "abliterate.size_budget"  # share of the file's size the edit was allowed to add
 REQUANT_REPORT = "abliterate.requant_report"
 SCHEDULE = "abliterate.schedule"  # a scheduled edit (from optimise): its trial and method

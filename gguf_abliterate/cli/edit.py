@@ -32,13 +32,14 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
                rounding: Rounding = Rounding.AWARE, force: bool = False, jobs: int | None = None, merge: bool = False,
                out_format: OutFormat = OutFormat.GGUF, verify: bool = False, ollama_name: str | None = None,
                lmstudio: bool = False, trial: int | None = None, method: str | None = None,
-               quiet: bool = False, verbose: bool = False) -> list[Path]:
+               size_budget: str | None = None, quiet: bool = False, verbose: bool = False) -> list[Path]:
     """The edit as the command runs it; with `ollama_name`, `input_path` is ignored and the
     model comes from the Ollama store. A direction file from `optimise` bakes its chosen
     trial (or `trial`); `steer` adds a vector instead of projecting. Returns the files written."""
     from gguf_abliterate.direction.file import load_direction
     from gguf_abliterate.direction.lean import lean_of
-    from gguf_abliterate.edit.execute import apply_edit, output_nbytes
+    from gguf_abliterate.edit.budget import apply_upgrades, measurement_pieces, parse_budget, spend_budget
+    from gguf_abliterate.edit.execute import apply_edit, default_jobs, output_nbytes
     from gguf_abliterate.edit.plan import plan_edit
     from gguf_abliterate.edit.provenance import provenance
     from gguf_abliterate.edit.schedule import Method, scheduled_edit
@@ -48,6 +49,11 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     from gguf_abliterate.gguf_io import Model, output_paths
 
     say = sayer(quiet)
+    budget = None if size_budget is None else parse_budget(size_budget)
+    if budget is not None and (requant_type is not None or out_format is OutFormat.LORA):
+        raise UserError("--size-budget chooses which edited tensors to store larger; it does not go with "
+                        + ("--requant-type, which stores them all as one type" if requant_type is not None
+                           else "--format lora, which stores no weights"))
     if steer is not None:
         given = [flag for flag, on in (("--reverse", reverse), ("--scale", scale is not None), ("--layers", layers),
                                         ("--embeddings/--no-embeddings", embeddings is not None), ("--method", method),
@@ -68,7 +74,8 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     direction.check_fits(model.n_layer, model.n_embd, model.arch)
     scale = 1.0 if scale is None else scale
     opts = EditOptions(reverse=reverse, scale=scale, layers=parse_layers(layers, model.n_layer),
-                       embeddings=embeddings, requant_type=requant_type, rounding=rounding, steer=steer)
+                       embeddings=embeddings, requant_type=requant_type, rounding=rounding, steer=steer,
+                       size_budget=budget)
     sched = None if steer is not None else scheduled_edit(direction, trial)
     schedule_info = None
     if sched is not None and method is not None and Method(method) is not sched.method:
@@ -101,6 +108,15 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     lean = lean_of(direction) if sched is None and steer is None else None
     if lean is not None:
         say(f"note: {lean.describe_edit(behaviour, reverse, scale)}")
+    if budget is not None:
+        todo = len(measurement_pieces(model, plan, direction))
+        with progress(todo, "measuring requantization error", "piece", quiet) as bar:
+            spent = spend_budget(model, plan, direction, budget, jobs or default_jobs(model, plan), bar.update)
+        apply_upgrades(plan, spent)
+        say(f"size budget {size_budget.strip()} ({spent.budget_bytes / 1e6:.1f} MB): {len(spent.upgrades)} tensors "
+            f"stored as Q8_0 for {spent.extra_bytes / 1e6:.1f} MB, removing {spent.error_removed:.0%} of the "
+            f"edited tensors' requantization error" + (f" ({', '.join(sorted({u.was.name for u in spent.upgrades}))} "
+                                                        f"-> Q8_0)" if spent.upgrades else ""))
     if verbose:
         for e in plan.edits.values():
             say(f"  {e.name}  {e.src_type.name} -> {e.out_type.name}")
@@ -168,6 +184,10 @@ def _say_report(say: Say, report: Report, what: str) -> None:
               help="Edit token_embd too. Default: yes, unless it is tied to the output head.")
 @click.option("--requant-type", type=click.Choice(WRITABLE, case_sensitive=False), callback=qtype_option,
               help="Store the edited matrices as this type instead of their own (e.g. f32, f16, q8_0).")
+@click.option("--size-budget", default=None, metavar="+N%",
+              help="Let the file grow by up to N% of its size: the edited matrices whose requantization error "
+                   "(measured against the float edit) is largest per extra byte are stored as Q8_0. Measuring "
+                   "runs the edit twice over, so the edit takes about twice as long.")
 @click.option("--rounding", type=click.Choice([r.value for r in Rounding]), default=Rounding.AWARE.value,
               show_default=True,
               help="aware: keep ggml's block scales but re-round single codes so requantization does not "
@@ -198,7 +218,8 @@ def _say_report(say: Say, report: Report, what: str) -> None:
 def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale: float | None, steer: float | None,
             layers: str | None, embeddings: bool | None, requant_type: GGMLQuantizationType | None, rounding: str,
             force: bool, jobs: int | None, merge: bool, out_format: str, verify: bool, ollama_name: str | None,
-            lmstudio: bool, method: str | None, trial: int | None, quiet: bool, verbose: bool) -> None:
+            lmstudio: bool, method: str | None, trial: int | None, size_budget: str | None, quiet: bool,
+            verbose: bool) -> None:
     if ollama_name:
         if len(paths) != 1:
             raise UserError("with --ollama give only OUTPUT: the input comes from the Ollama store")
@@ -210,4 +231,5 @@ def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale:
     edit_model(input_path, output_path, direction_path, reverse=reverse, scale=scale, steer=steer, layers=layers,
                embeddings=embeddings, requant_type=requant_type, rounding=Rounding(rounding), force=force,
                jobs=jobs, merge=merge, out_format=OutFormat(out_format), verify=verify, ollama_name=ollama_name,
-               lmstudio=lmstudio, trial=trial, method=method, quiet=quiet, verbose=verbose)
+               lmstudio=lmstudio, trial=trial, method=method, size_budget=size_budget, quiet=quiet,
+               verbose=verbose)

@@ -36,6 +36,7 @@ class EditOptions:
     requant_type: GGMLQuantizationType | None = None
     rounding: Rounding = Rounding.AWARE
     steer: float | None = None  # add this many mean differences at the direction's block instead (edit/steer.py)
+    size_budget: float | None = None  # share of the file's size the edit may add (edit/budget.py)
 
     def __post_init__(self) -> None:
         if not (self.scale >= 0 and self.scale != float("inf")):
