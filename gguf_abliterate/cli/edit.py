@@ -109,9 +109,9 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     if lean is not None:
         say(f"note: {lean.describe_edit(behaviour, reverse, scale)}")
     if budget is not None:
-        todo = len(measurement_pieces(model, plan, direction))
-        with progress(todo, "measuring requantization error", "piece", quiet) as bar:
-            spent = spend_budget(model, plan, direction, budget, jobs or default_jobs(model, plan), bar.update)
+        todo = measurement_pieces(model, plan, direction)
+        with progress(len(todo), "measuring requantization error", "piece", quiet) as bar:
+            spent = spend_budget(model, plan, todo, budget, jobs or default_jobs(model, plan), bar.update)
         apply_upgrades(plan, spent)
         say(f"size budget {size_budget.strip()} ({spent.budget_bytes / 1e6:.1f} MB): {len(spent.upgrades)} tensors "
             f"stored as Q8_0 for {spent.extra_bytes / 1e6:.1f} MB, removing {spent.error_removed:.0%} of the "

@@ -96,11 +96,11 @@ def measurement_pieces(model: Model, plan: EditPlan, direction: Direction) -> li
             for p in pieces(model, edit, axis_vector(model, edit, direction))]
 
 
-def spend_budget(model: Model, plan: EditPlan, direction: Direction, share: float, jobs: int,
+def spend_budget(model: Model, plan: EditPlan, todo: list[Piece], share: float, jobs: int,
                  progress: Callable[[int], None] = lambda n: None) -> Spent:
-    """Measure the candidates and choose the upgrades (`apply_upgrades` puts them in the plan)."""
+    """Run the measurement pieces (`measurement_pieces`) and choose the upgrades
+    (`apply_upgrades` puts them in the plan)."""
     budget = int(share * sum(int(t.n_bytes) for t in model.tensors.values()))
-    todo = measurement_pieces(model, plan, direction)
     errors: dict[tuple[str, GGMLQuantizationType], float] = {}
     with UnitRunner(model, jobs, _piece_error) as runner:
         for piece, (name, err) in zip(todo, runner.results((p,) for p in todo)):
