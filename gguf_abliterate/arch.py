@@ -83,8 +83,7 @@ class Arch:
         return any(w.norms or w.if_present for w in self.writers)
 
 
-def _post_normed(attn: MODEL_TENSOR = T.ATTN_POST_NORM, mlp: MODEL_TENSOR = T.FFN_POST_NORM) -> tuple[Writer, ...]:
-    return (Writer(T.ATTN_OUT, True, (attn,)), Writer(T.FFN_DOWN, False, (mlp,)))
+_POST_NORMED = (Writer(T.ATTN_OUT, True, (T.ATTN_POST_NORM,)), Writer(T.FFN_DOWN, False, (T.FFN_POST_NORM,)))
 
 
 _GEMMA4 = (
@@ -107,8 +106,8 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("qwen3moe", "qwen3moe"),
         Arch("phi3", "phi3", note="fused attn_qkv; ffn_up holds gate and up"),
         Arch("gemma", "gemma"),
-        Arch("gemma2", "gemma2", _post_normed()),
-        Arch("gemma3", "gemma3", _post_normed()),
+        Arch("gemma2", "gemma2", _POST_NORMED),
+        Arch("gemma3", "gemma3", _POST_NORMED),
         Arch("gemma4", "gemma4", _GEMMA4,
              "post-norms; MoE blocks normalise the dense MLP (post_ffw_norm_1) and the experts "
              "(post_ffw_norm_2), then their sum (post_ffw_norm); per-layer embeddings write through "
@@ -118,8 +117,8 @@ ARCHITECTURES: dict[str, Arch] = {
         Arch("granite", "granite", note="residual_scale multiplies each writer's output (a scalar)"),
         Arch("granitemoe", "granite-moe", note="residual_scale multiplies each writer's output (a scalar)"),
         Arch("granitehybrid", "granite-hybrid", (ATTN, SSM, *MLP), "Mamba-2 layers write through ssm_out"),
-        Arch("olmo2", "olmo2", _post_normed(), "post-norms after attention and MLP"),
-        Arch("glm4", "glm4", _post_normed(),
+        Arch("olmo2", "olmo2", _POST_NORMED, "post-norms after attention and MLP"),
+        Arch("glm4", "glm4", _POST_NORMED,
              "post-norms after attention and MLP; the NextN (MTP) block is not run and not edited"),
         Arch("glm4moe", "glm4-moe",
              note="post_attention_norm is the MLP's input norm; the NextN (MTP) block is not edited"),
