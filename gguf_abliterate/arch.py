@@ -140,6 +140,13 @@ ARCHITECTURES: dict[str, Arch] = {
 }
 
 
+def steerable_blocks(name: str, n_layer: int, present: Container[str]) -> frozenset[int]:
+    """The blocks a llama.cpp control vector reaches in a model of architecture `name` (all of
+    them for architectures the registry does not know)."""
+    arch = ARCHITECTURES.get(name)
+    return arch.steerable(n_layer, present) if arch else frozenset(range(n_layer))
+
+
 def get_arch(name: str) -> Arch:
     """The registry entry for `name`, or a clear error saying what is missing."""
     try:

@@ -76,6 +76,7 @@ def test_a_budget_too_small_for_any_tensor_changes_nothing(edits: dict[str, Path
 @pytest.mark.parametrize("args, needle", [
     (["--size-budget", "five"], "give a share of the file's size"),
     (["--size-budget", "0%"], "from +0.1% to +100%"),
+    (["--size-budget", "0.05%"], "from +0.1% to +100%"),
     (["--size-budget", "-5%"], "give a share"),
     (["--size-budget", "150%"], "give a share"),
     (["--size-budget", "5%", "--requant-type", "q8_0"], "does not go with --requant-type"),

@@ -12,7 +12,7 @@ from gguf_abliterate.errors import UserError
 
 def export_cvector(direction_path: Path, output_path: Path, model_path: Path, *, layers: str | None = None,
                    scale: float = -1.0, force: bool = False) -> None:
-    from gguf_abliterate.arch import ARCHITECTURES
+    from gguf_abliterate.arch import steerable_blocks
     from gguf_abliterate.edit.options import parse_layers
     from gguf_abliterate.export.cvector import control_vectors, write_control_vector
     from gguf_abliterate.gguf_io import Model
@@ -20,8 +20,7 @@ def export_cvector(direction_path: Path, output_path: Path, model_path: Path, *,
     if output_path.exists() and not force:
         raise UserError(f"{output_path} exists; pass --force to replace it")
     model = Model(model_path)
-    arch = ARCHITECTURES.get(model.arch)
-    steerable = arch.steerable(model.n_layer, model.tensors) if arch else frozenset(range(model.n_layer))
+    steerable = steerable_blocks(model.arch, model.n_layer, model.tensors)
     asked = parse_layers(layers, model.n_layer)
     if asked is not None and not asked <= steerable:
         raise UserError(f"llama.cpp applies control vectors to {model.arch} only after blocks "

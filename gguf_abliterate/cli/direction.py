@@ -31,7 +31,7 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
     """Measure every block's direction for a behaviour pack (refusal by default), choose one,
     write the file (and, with `report`, its HTML report); returns the chosen block."""
     from gguf_abliterate import names
-    from gguf_abliterate.arch import ARCHITECTURES
+    from gguf_abliterate.arch import steerable_blocks
     from gguf_abliterate.direction import prompts as P
     from gguf_abliterate.direction.file import check_direction_path, save_measured
     from gguf_abliterate.direction.lean import measure_lean
@@ -86,10 +86,9 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
             v_good = P.split(list(harmless), "validation")[:score_prompts]
             measure = pack.layer_measure()
             with progress(len(candidates), "scoring layers", "layer", quiet) as bar:
-                arch = ARCHITECTURES.get(meta.arch)
                 choice = choose_layer(model, stats, pack.layer_scorer(model, score_prompts), v_good, candidates,
                                       max_kl, bar.update, None if pack.first_token else STEER_BELOW,
-                                      arch.steerable(n_layer, meta.tensors) if arch else None)
+                                      steerable_blocks(meta.arch, n_layer, meta.tensors))
             chosen, candidates = choice.layer, choice.candidates
             for c in candidates:
                 scores[c], kl[c] = choice.score[c], choice.kl[c]

@@ -13,7 +13,7 @@ from gguf_abliterate.errors import UserError
 
 
 def inspect_model(model_path: Path, verbose: bool = False) -> None:
-    from gguf_abliterate.arch import ARCHITECTURES, get_arch
+    from gguf_abliterate.arch import get_arch
     from gguf_abliterate.edit.options import EditOptions
     from gguf_abliterate.edit.plan import plan_edit
     from gguf_abliterate.gguf_io import Model
@@ -23,11 +23,10 @@ def inspect_model(model_path: Path, verbose: bool = False) -> None:
     click.echo(f"file:          {model.path}")
     click.echo(f"name:          {model.get_str(names.NAME) or '-'}")
     click.echo(f"architecture:  {model.arch}")
-    if model.arch not in ARCHITECTURES:
-        try:
-            get_arch(model.arch)
-        except UserError as e:
-            click.echo(f"  ({e})")
+    try:
+        get_arch(model.arch)
+    except UserError as e:
+        click.echo(f"  ({e})")
         return
     click.echo(f"blocks:        {model.n_layer}")
     click.echo(f"n_embd:        {model.n_embd}")

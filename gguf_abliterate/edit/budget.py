@@ -31,9 +31,9 @@ UPGRADE = GGMLQuantizationType.Q8_0
 
 
 def parse_budget(text: str) -> float:
-    """'+5%' or '5%' (or '5') -> 0.05; refuses anything else, and shares outside (0, 100]."""
+    """'+5%' or '5%' (or '5') -> 0.05; refuses anything else, and shares outside [0.1%, 100%]."""
     m = re.fullmatch(r"\+?\s*(\d+(?:\.\d+)?)\s*%?", text.strip())
-    if m is None or not 0 < float(m.group(1)) <= 100:
+    if m is None or not 0.1 <= float(m.group(1)) <= 100:
         raise UserError(f"--size-budget {text!r}: give a share of the file's size, from +0.1% to +100%, e.g. +5%")
     return float(m.group(1)) / 100
 

@@ -24,15 +24,21 @@ def rows_per_chunk(row_len: int) -> int:
     return max(1, CHUNK_BYTES // (4 * max(row_len, 1)))
 
 
+def norm_weights(model: Model, norms: tuple[str, ...]) -> np.ndarray | None:
+    """The product of the norm weights between a writer and the residual stream (None if none)."""
+    g = None
+    for norm in norms:
+        w = model.values(norm).astype(np.float32)
+        g = w if g is None else g * w
+    return g
+
+
 def axis_vector(model: Model, edit: TensorEdit, direction: Direction) -> np.ndarray:
     """The unit vector u the tensor is projected with (behind post-norms g1, g2...: the
     normalised g1*g2*...*r)."""
     r = direction.for_block(edit.block)
-    if not edit.post_norms:
-        return r
-    for norm in edit.post_norms:
-        r = r * model.values(norm).astype(np.float32)
-    return normalise(r, f"post-norm-weighted direction for {edit.name}")
+    g = norm_weights(model, edit.post_norms)
+    return r if g is None else normalise(g * r, f"post-norm-weighted direction for {edit.name}")
 
 
 def component(values: np.ndarray, u: np.ndarray, kind: TensorKind) -> np.ndarray:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gguf_abliterate.arch import get_arch
+from gguf_abliterate.edit.project import norm_weights
 from gguf_abliterate.edit.schedule import Component, Schedule, basis, component_of
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
@@ -47,9 +48,8 @@ class TrialAdapters:
                 if len(model.tensors[name].shape) != 2:
                     raise UserError(f"{name}: optimise cannot try edits of MoE expert stacks yet "
                                     f"(an adapter holds 2-D matrices only)")
-                weighted = self.basis
-                for norm in arch.norm_chain(block, writer, model.tensors):
-                    weighted = weighted * model.values(norm).astype(np.float32)
+                g = norm_weights(model, arch.norm_chain(block, writer, model.tensors))
+                weighted = self.basis if g is None else self.basis * g
                 self.writers.append(_Writer(name, block, component_of(writer), weighted,
                                             weighted @ model.values(name)))
                 progress(1)
