@@ -191,3 +191,25 @@ def test_non_finite_residuals_are_refused_with_the_blocks() -> None:
     with pytest.raises(UserError, match=r"after block\(s\) 2, 3 on these prompts"):
         difference_of_means(bad, good)
     assert np.isfinite(difference_of_means(good, good + 1).directions).all()
+
+
+def test_writer_inputs_are_what_the_writers_read(tiny: dict[str, Path]) -> None:
+    """Each block adds W_o x_attn + W_down x_mlp to the residual stream (llama, no biases): the
+    inputs the hook keeps, multiplied by the file's own weights, account for that step."""
+    path = tiny["llama-nobias"]
+    f = Model(path)
+    with LlamaModel(path) as m, m.writer_inputs(limit=64) as inputs:
+        prompts = ["A short prompt about the sea."]
+        stream = m.residuals(prompts)[0]
+        n_tokens = len(m.encode(prompts)[0])
+    for b in range(1, f.n_layer):
+        x_attn, x_mlp = inputs.get("attn", b), inputs.get("mlp", b)
+        assert x_attn is not None and x_mlp is not None
+        if b < f.n_layer - 1:  # llama.cpp keeps only the output token's rows in the last block
+            assert len(x_attn) == len(x_mlp) == n_tokens
+        step = f.values(f"blk.{b}.attn_output.weight") @ x_attn[-1] + f.values(f"blk.{b}.ffn_down.weight") @ x_mlp[-1]
+        want = stream[b] - stream[b - 1]
+        assert np.linalg.norm(step - want) < 0.03 * np.linalg.norm(want), b
+    with LlamaModel(path) as m, m.writer_inputs(limit=3) as small:
+        m.residuals(["A short prompt about the sea.", "Another prompt, a little longer than that one."])
+    assert all(len(small.get(kind, b)) == 3 for kind in ("attn", "mlp") for b in range(f.n_layer - 1))

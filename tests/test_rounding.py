@@ -165,3 +165,92 @@ def test_cli_rounding_nearest_and_aware(tiny: dict[str, Path], tmp_path: Path) -
             assert leak < 0.01 if mode == "aware" else leak > 0.02, (mode, qtype, leak)
     help_text = cli("edit", "--help").stdout
     assert "--rounding" in help_text and "snap-back" in help_text
+
+
+COMPENSATED = [t for t in TYPES if rounding.compensates(t, 512)]
+
+
+def correlated_inputs(n: int, tokens: int, seed: int) -> np.ndarray:
+    """Inputs that, like a model's, live mostly in a few directions (and a little everywhere)."""
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(0).normal(size=(16, n))  # the same directions in every draw
+    return (rng.normal(size=(tokens, 16)) @ mix + 0.1 * rng.normal(size=(tokens, n))).astype(np.float32)
+
+
+def block_moments(x: np.ndarray) -> np.ndarray:
+    width = rounding.column_block(x.shape[1])
+    blocks = x.reshape(len(x), -1, width).astype(np.float64)
+    return np.einsum("tbi,tbj->bij", blocks, blocks) / len(x)
+
+
+def test_compensated_types_are_the_consecutive_level_ones() -> None:
+    assert set(COMPENSATED) == {t for t in TYPES if get_type(t).first is not None}
+    assert Q.IQ4_NL not in COMPENSATED and Q.Q4_K in COMPENSATED
+    assert [rounding.column_block(n) for n in (512, 896, 4864, 96, 48)] == [256, 128, 256, 32, 0]
+
+
+@pytest.mark.parametrize("qtype", COMPENSATED, ids=lambda t: t.name)
+def test_compensated_rounding_cuts_the_output_error_and_keeps_the_edit(qtype: Q) -> None:
+    """Weights on their type's grid, edited: on inputs never seen by the statistics (a second
+    draw), the output error is well below aware rounding's, the edit is kept as well, only code
+    fields change, and ggml's own dequantizer reads the same values."""
+    rng = np.random.default_rng(11)
+    w = quants.dequantize(quants.quantize(rng.normal(0, 0.02, (384, 512)).astype(np.float32), qtype), qtype)
+    u = random_direction(384, seed=12)
+    u /= np.linalg.norm(u)
+    target = edited(w, u, -1.0)
+    plain = quants.quantize(target, qtype)
+    aware = rounding.keep_edit(plain, target, u, qtype, over_rows=True, before=u @ w)
+    comp = rounding.keep_edit_compensated(plain, target, u, qtype, before=u @ w,
+                                          moments=block_moments(correlated_inputs(512, 4000, seed=13)))
+    held_back = correlated_inputs(512, 1000, seed=14)
+
+    def out_error(data: np.ndarray) -> float:
+        return float(np.linalg.norm((quants.dequantize(data, qtype) - target) @ held_back.T))
+
+    assert out_error(comp) < 0.8 * out_error(aware), (out_error(comp) / out_error(aware))
+    leak, _ = leak_and_rmse(comp, qtype, w, target, u)
+    assert leak < 0.01
+    layout, ts = get_type(qtype), GGML_QUANT_SIZES[qtype][1]
+    only_codes = plain.reshape(-1, ts).copy()
+    layout.put(only_codes, layout.get(comp.reshape(-1, ts)))
+    assert np.array_equal(only_codes, comp.reshape(-1, ts))  # scales untouched
+    ours = quants.dequantize(comp, qtype)
+    assert np.array_equal(ours.view(np.uint32), ggml_ref.dequantize(comp, qtype, w.shape[1]).view(np.uint32))
+
+
+def test_compensated_rounding_of_no_edit_moves_no_code() -> None:
+    w = np.random.default_rng(15).normal(0, 0.02, (256, 512)).astype(np.float32)
+    u = random_direction(256) / np.linalg.norm(random_direction(256))
+    moments = block_moments(correlated_inputs(512, 2000, seed=16))
+    for qtype in (Q.Q4_K, Q.Q5_0, Q.Q8_0):
+        data = quants.quantize(w, qtype)
+        grid = quants.dequantize(data, qtype)
+        assert np.array_equal(rounding.keep_edit_compensated(data, grid, u, qtype, before=u @ grid, moments=moments),
+                              data)
+
+
+def test_cli_rounding_gptq(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """`--rounding gptq` on the K-quant tiny model: the writers llama.cpp shows inputs for are
+    rounded by their statistics (bytes differ from aware's), the embeddings as aware, the edit
+    is kept, and the model loads."""
+    import json
+
+    from conftest import generate
+
+    np.save(tmp_path / "d.npy", random_direction(256, seed=9))
+    src = tiny["llama-kquant"]
+    for mode in ("aware", "gptq"):
+        run = cli(src, tmp_path / f"{mode}.gguf", "--direction", tmp_path / "d.npy", "--rounding", mode, "--embeddings")
+        assert run.returncode == 0, run.stderr
+    aware, gptq = Model(tmp_path / "aware.gguf"), Model(tmp_path / "gptq.gguf")
+    n = aware.n_layer
+    assert f"gptq rounding: {2 * n} of {2 * n + 1} edited tensors" in run.stderr
+    for b in range(n):
+        for name in (f"blk.{b}.attn_output.weight", f"blk.{b}.ffn_down.weight"):
+            assert not np.array_equal(aware.raw(name), gptq.raw(name)), name
+    assert np.array_equal(aware.raw("token_embd.weight"), gptq.raw("token_embd.weight"))
+    report = json.loads(gptq.get("abliterate.requant_report"))
+    assert all(report[q]["leak_worst"] < 0.01 for q in ("Q4_K", "Q6_K"))
+    assert gptq.get("abliterate.rounding") == "gptq"
+    assert generate(tmp_path / "gptq.gguf")

@@ -75,7 +75,9 @@ def edit_piece(model: Model, piece: Piece) -> PieceResult:
     before = component(values, u, edit.kind)
     project(values, u, edit.coef, edit.kind, edit.method, edit.reads)
     data = _requantized(values, edit)
-    if edit.aware:
+    if edit.aware and edit.moments is not None and rounding.compensates(edit.out_type, values.shape[1]):
+        data = rounding.keep_edit_compensated(data, values, u, edit.out_type, before=before, moments=edit.moments)
+    elif edit.aware:
         data = rounding.keep_edit(data, values, u, edit.out_type, over_rows=edit.kind.over_rows, before=before)
     written, error_sq = _measured(data, values, u, edit)
     sums = fidelity.Sums.of(before, component(values, u, edit.kind), written, error_sq, values.size)

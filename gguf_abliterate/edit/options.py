@@ -16,6 +16,7 @@ class Rounding(str, Enum):
 
     AWARE = "aware"  # keep the edit through requantization (quants.rounding)
     NEAREST = "nearest"  # plain ggml rounding
+    GPTQ = "gptq"  # aware, and each error offset in correlated columns by the inputs' statistics
 
 
 class OutFormat(str, Enum):

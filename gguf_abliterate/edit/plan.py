@@ -55,6 +55,8 @@ class TensorEdit:
     aware: bool = False  # re-round the codes so the edit survives requantization
     method: Method = Method.PLAIN
     reads: np.ndarray | None = field(default=None, compare=False)  # STEER: the input-side vector w
+    # --rounding gptq: the diagonal blocks of the second moments of what the matrix reads
+    moments: np.ndarray | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -115,7 +117,7 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
         for norm in post_norms:
             if norm not in model.tensors:
                 raise UserError(f"{arch.name} model lacks {norm}, needed to edit {name}")
-        aware = opts.rounding is Rounding.AWARE and not is_bias and rounding.supports(out)
+        aware = opts.rounding is not Rounding.NEAREST and not is_bias and rounding.supports(out)
         plan.edits[name] = TensorEdit(name, kind, block, opts.coef * factor, t.tensor_type, out, post_norms, aware,
                                       method if kind is TensorKind.MATRIX else Method.PLAIN)
 

@@ -58,6 +58,6 @@ def steer_plan(model: Model, direction: Direction, strength: float, opts: EditOp
     reads = (m / float(m @ m)).astype(np.float32)
     coef = strength * float(direction.statistics["diff_norm"][block])
     out = output_type(name, t.tensor_type, opts, int(t.shape[0]), False, True)
-    aware = opts.rounding is Rounding.AWARE and rounding.supports(out)
+    aware = opts.rounding is not Rounding.NEAREST and rounding.supports(out)
     edit = TensorEdit(name, TensorKind.MATRIX, block, coef, t.tensor_type, out, (), aware, Method.STEER, reads)
     return EditPlan(arch, names.OUTPUT not in model.tensors, frozenset({block}), {name: edit})

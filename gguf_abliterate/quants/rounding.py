@@ -174,3 +174,66 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
             layout.put(blocks, code.reshape(-1, bs).astype(np.uint8))
             out[i : i + per] = blocks.reshape(m, -1, ts)
     return out.reshape(n_rows, -1)
+
+
+def column_block(n_in: int) -> int:
+    """Width of the diagonal blocks of the input second moments `keep_edit_compensated` uses:
+    256 (a K-quant super-block) or the largest power of two from 32 that divides n_in, 0 if none."""
+    return next((w for w in (256, 128, 64, 32) if n_in % w == 0), 0)
+
+
+def compensates(qtype: GGMLQuantizationType, n_in: int) -> bool:
+    """Whether `keep_edit_compensated` can round this type and row length (consecutive
+    integer levels, whole column blocks)."""
+    layout = get_type(qtype)
+    return layout.has_codes and layout.first is not None and column_block(n_in) > 0
+
+
+def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQuantizationType, *,
+                          before: np.ndarray, moments: np.ndarray) -> np.ndarray:
+    """Like `keep_edit` for a matrix writing the residual stream, but each rounding error is
+    offset in the columns that follow it, weighted by what the matrix reads (GPTQ's rule).
+
+    `moments` (blocks, B, B) are the diagonal blocks of the inputs' second moments E[x x^T]
+    (B = column_block(n_in)). Column p of every block is rounded at once: nearest code on the
+    scales ggml's quantizer chose (in `data`), then `_settle` moves codes so the column's
+    component along u is the target's, then the rounding error e is carried to the block's
+    later columns as w_k -= e * U_pk / U_pp, U the upper Cholesky factor of the block's inverse
+    moments. Since e has no component along u, neither has what it adds: the edit is kept.
+    On held-back prompts this halves the output error of aware rounding (tools/bench_requant.py).
+    """
+    layout = get_type(qtype)
+    assert layout.table is not None and layout.first is not None
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    n_rows, n = target.shape
+    width = column_block(n)
+    nb = n // width
+    out = np.array(data, dtype=np.uint8, copy=True).reshape(-1, ts)
+    a, b = (x.reshape(n_rows, nb, width) for x in levels(out, qtype))
+    u = np.asarray(u, dtype=np.float32)
+    rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
+    tol, limit = TOLERANCE * rms, LEAK_LIMIT * rms
+    chol = np.stack([_inverse_factor(m) for m in moments]).astype(np.float32)  # (nb, B, B)
+    w = np.array(target, dtype=np.float32).reshape(n_rows, nb, width)
+    codes = np.empty((n_rows, nb, width), np.uint8)
+    top = len(layout.table) - 1
+    for p in range(width):
+        t, ap, bp = (np.ascontiguousarray(x[:, :, p].T) for x in (w, a, b))  # (nb, rows): a group per block
+        with np.errstate(divide="ignore", invalid="ignore"):
+            near = np.rint((t - bp) / ap) - layout.first
+        code = np.clip(np.where(np.isfinite(near), near, 0), 0, top).astype(np.uint8)
+        _settle(code, ap, bp, t, u, layout, tol, limit)
+        codes[:, :, p] = code.T
+        err = (t - (ap * (code + layout.first) + bp)) / chol[:, p, p][:, None]  # (nb, rows)
+        w[:, :, p + 1 :] -= err.T[:, :, None] * chol[None, :, p, p + 1 :]
+    layout.put(out, codes.reshape(-1, bs))
+    return out.reshape(n_rows, -1)
+
+
+def _inverse_factor(moments: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of the inverse of a block of second moments, damped by 1% of its
+    mean diagonal (GPTQ's choice) so that inputs never seen do not make it singular."""
+    m = np.asarray(moments, np.float64)
+    damp = 0.01 * float(np.mean(np.diag(m))) or 1.0
+    inv = np.linalg.inv(m + damp * np.eye(len(m)))
+    return np.linalg.cholesky((inv + inv.T) / 2).T

@@ -46,16 +46,21 @@ class Answer:
 
 # what llama.cpp calls the input of a dense block's MLP down projection (the gated activation)
 MLP_INPUT_NAMES = ("ffn_swiglu-", "ffn_geglu-")
+# ... and of the attention output projection (every head's output, before wo)
+ATTN_INPUT_NAMES = ("kqv_out-",)
 
 
 class MlpInputs:
     """Per block, the sum and count of the MLP down projection's input vectors."""
 
+    prefixes = MLP_INPUT_NAMES
+
     def __init__(self, n_layer: int):
         self.sums: dict[int, np.ndarray] = {}
         self.counts = np.zeros(n_layer, np.int64)
 
-    def add(self, block: int, rows: np.ndarray) -> None:
+    def add(self, name: str, rows: np.ndarray) -> None:
+        block = int(name.rpartition("-")[2])
         self.sums[block] = self.sums.get(block, 0) + rows.sum(axis=0, dtype=np.float64)
         self.counts[block] += rows.shape[0]
 
@@ -65,6 +70,60 @@ class MlpInputs:
         if not self.sums or (self.counts == 0).any() or len({v.shape for v in self.sums.values()}) != 1:
             return None
         return np.stack([self.sums[b] / self.counts[b] for b in range(len(self.counts))]).astype(np.float32)
+
+
+class WriterInputs:
+    """Per block, up to `limit` input rows (tokens) of the attention output projection
+    (`attn`) and of the dense MLP's down projection (`mlp`): what a writer's output error is
+    measured on. Rows past the limit are dropped, so memory stays bounded."""
+
+    prefixes = ATTN_INPUT_NAMES + MLP_INPUT_NAMES
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.rows: dict[tuple[str, int], list[np.ndarray]] = {}
+
+    def add(self, name: str, rows: np.ndarray) -> None:
+        prefix, _, block = name.rpartition("-")
+        key = ("attn" if prefix + "-" in ATTN_INPUT_NAMES else "mlp", int(block))
+        have = self.rows.setdefault(key, [])
+        room = self.limit - sum(len(r) for r in have)
+        if room > 0:
+            have.append(rows[:room].copy())
+
+    def get(self, kind: str, block: int) -> np.ndarray | None:
+        """(tokens, n_in) float32, or None if llama.cpp never showed that input."""
+        have = self.rows.get((kind, block))
+        return np.concatenate(have) if have else None
+
+
+class InputMoments:
+    """Per block and writer (`attn`, `mlp` as in `WriterInputs`), the diagonal blocks of the
+    inputs' second moments E[x x^T] over every token seen, in column blocks of
+    `rounding.column_block(n_in)`: what compensated rounding weighs errors by. Memory is
+    n_in * B floats per writer, never n_in^2."""
+
+    prefixes = WriterInputs.prefixes
+
+    def __init__(self, block: Callable[[int], int]):
+        self._block = block
+        self.sums: dict[tuple[str, int], np.ndarray] = {}
+        self.counts: dict[tuple[str, int], int] = {}
+
+    def add(self, name: str, rows: np.ndarray) -> None:
+        prefix, _, block = name.rpartition("-")
+        key = ("attn" if prefix + "-" in ATTN_INPUT_NAMES else "mlp", int(block))
+        width = self._block(rows.shape[1])
+        if not width:
+            return
+        x = rows.reshape(rows.shape[0], -1, width).transpose(1, 0, 2)  # (blocks, tokens, width)
+        self.sums[key] = self.sums.get(key, 0) + np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS, not einsum
+        self.counts[key] = self.counts.get(key, 0) + rows.shape[0]
+
+    def get(self, kind: str, block: int) -> np.ndarray | None:
+        """(n_in / B, B, B) float32, or None if llama.cpp never showed that input."""
+        key = (kind, block)
+        return self.sums[key] / np.float32(self.counts[key]) if key in self.sums else None
 
 
 class LlamaModel:
@@ -113,7 +172,7 @@ class LlamaModel:
         self._capture: dict[int, np.ndarray] | None = None
         self._rows: np.ndarray = np.zeros(0, np.int64)
         self._ablate: np.ndarray | None = None
-        self._mlp: MlpInputs | None = None
+        self._inputs: MlpInputs | WriterInputs | InputMoments | None = None  # a listener for writer inputs
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -285,17 +344,36 @@ class LlamaModel:
     def mlp_inputs(self) -> Iterator[MlpInputs]:
         """Within the block, every pass also sums each block's MLP down-projection input
         (llama.cpp's `ffn_swiglu-L` / `ffn_geglu-L`) over all tokens."""
-        self._mlp = MlpInputs(self.n_layer)
+        with self._listening(MlpInputs(self.n_layer)) as mlp:
+            yield mlp
+
+    @contextmanager
+    def writer_inputs(self, limit: int) -> Iterator[WriterInputs]:
+        """Within the block, every pass also keeps up to `limit` tokens' inputs of each block's
+        attention output and MLP down projections."""
+        with self._listening(WriterInputs(limit)) as inputs:
+            yield inputs
+
+    @contextmanager
+    def input_moments(self, block: Callable[[int], int]) -> Iterator[InputMoments]:
+        """Within the block, every pass also sums each writer input's second moments in
+        diagonal blocks of width block(n_in)."""
+        with self._listening(InputMoments(block)) as moments:
+            yield moments
+
+    @contextmanager
+    def _listening(self, listener: Any) -> Iterator[Any]:
+        self._inputs = listener
         try:
-            yield self._mlp
+            yield listener
         finally:
-            self._mlp = None
+            self._inputs = None
 
     def _on_tensor(self, t: int, ask: bool, user_data: Any) -> bool:
         name = self.ggml.name(t)
-        if self._mlp is not None and name.startswith(MLP_INPUT_NAMES):
+        if self._inputs is not None and name.startswith(self._inputs.prefixes):
             if not ask:
-                self._mlp.add(int(name.rpartition("-")[2]), self.ggml.read(t, self.ggml.width(t)))
+                self._inputs.add(name, self.ggml.read(t, self.ggml.width(t)))
             return True
         if not name.startswith(self._residual):
             return not ask  # ask: we do not need it; otherwise: go on computing
