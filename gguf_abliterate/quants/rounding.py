@@ -43,6 +43,9 @@ LEAK_LIMIT = 5e-3
 # of the group: 1 weighs the component along u like all other directions together (for a
 # random error it holds 1/n of the total). Moves stop once they cost more than they save.
 WEIGHT = 1.0
+# keep_edit_compensated: columns whose errors are carried one by one before one matmul carries
+# them all further (GPTQ's lazy batch updates)
+LAZY = 32
 
 
 def supports(qtype: GGMLQuantizationType) -> bool:
@@ -209,24 +212,36 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
     width = column_block(n)
     nb = n // width
     out = np.array(data, dtype=np.uint8, copy=True).reshape(-1, ts)
-    a, b = (x.reshape(n_rows, nb, width) for x in levels(out, qtype))
+
+    def by_column(x: np.ndarray) -> np.ndarray:
+        """(rows, n) -> (blocks, width, rows): column p of every block is one contiguous group."""
+        return np.ascontiguousarray(x.reshape(n_rows, nb, width).transpose(1, 2, 0))
+
+    a, b = (by_column(x) for x in levels(out, qtype))
+    w = by_column(np.asarray(target, dtype=np.float32))
     u = np.asarray(u, dtype=np.float32)
     rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
     tol, limit = TOLERANCE * rms, LEAK_LIMIT * rms
-    chol = np.stack([_inverse_factor(m) for m in moments]).astype(np.float32)  # (nb, B, B)
-    w = np.array(target, dtype=np.float32).reshape(n_rows, nb, width)
-    codes = np.empty((n_rows, nb, width), np.uint8)
+    chol = np.stack([_inverse_factor(m) for m in moments]).astype(np.float32)  # (blocks, B, B)
+    codes = np.empty((nb, width, n_rows), np.uint8)
     top = len(layout.table) - 1
-    for p in range(width):
-        t, ap, bp = (np.ascontiguousarray(x[:, :, p].T) for x in (w, a, b))  # (nb, rows): a group per block
-        with np.errstate(divide="ignore", invalid="ignore"):
-            near = np.rint((t - bp) / ap) - layout.first
-        code = np.clip(np.where(np.isfinite(near), near, 0), 0, top).astype(np.uint8)
-        _settle(code, ap, bp, t, u, layout, tol, limit)
-        codes[:, :, p] = code.T
-        err = (t - (ap * (code + layout.first) + bp)) / chol[:, p, p][:, None]  # (nb, rows)
-        w[:, :, p + 1 :] -= err.T[:, :, None] * chol[None, :, p, p + 1 :]
-    layout.put(out, codes.reshape(-1, bs))
+    # GPTQ's lazy batches: errors reach the next LAZY columns at once, the rest by one matmul
+    for p0 in range(0, width, LAZY):
+        p1 = min(p0 + LAZY, width)
+        errs = np.empty((nb, p1 - p0, n_rows), np.float32)
+        for p in range(p0, p1):
+            t, ap, bp = w[:, p], a[:, p], b[:, p]  # (blocks, rows): a group per block
+            with np.errstate(divide="ignore", invalid="ignore"):
+                near = np.rint((t - bp) / ap) - layout.first
+            code = np.clip(np.where(np.isfinite(near), near, 0), 0, top).astype(np.uint8)
+            _settle(code, ap, bp, t, u, layout, tol, limit)
+            codes[:, p] = code
+            err = (t - (ap * (code + layout.first) + bp)) / chol[:, p, p][:, None]
+            errs[:, p - p0] = err
+            w[:, p + 1 : p1] -= chol[:, p, p + 1 : p1][:, :, None] * err[:, None, :]
+        if p1 < width:
+            w[:, p1:] -= np.matmul(chol[:, p0:p1, p1:].transpose(0, 2, 1), errs)
+    layout.put(out, np.ascontiguousarray(codes.transpose(2, 0, 1)).reshape(-1, bs))
     return out.reshape(n_rows, -1)
 
 
