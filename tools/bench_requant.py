@@ -30,6 +30,7 @@ from gguf import GGMLQuantizationType
 from gguf_abliterate import quants
 from gguf_abliterate.quants import rounding
 from gguf_abliterate.direction.file import load_direction
+from gguf_abliterate.edit.moments import measure_moments
 from gguf_abliterate.edit.options import EditOptions
 from gguf_abliterate.edit.plan import TensorKind, plan_edit
 from gguf_abliterate.edit.project import axis_vector, project_residual_rows
@@ -127,14 +128,10 @@ def measured_inputs(path: str, n: int) -> tuple[WriterInputs | None, InputMoment
     llama-cpp-python is missing."""
     try:
         bad, good = default_prompts("validation")
-        bad_d, good_d = default_prompts("direction")
         with LlamaModel(path) as m:
             with m.writer_inputs(512) as inputs:
                 m.next_token_logprobs(good[:n] + bad[:n])
-            seen = good_d[:n] + bad_d[:n]
-            with m.input_moments(rounding.column_block) as moments:
-                for i in range(0, len(seen), 8):
-                    m.next_token_logprobs(seen[i : i + 8])
+            moments = measure_moments(m, n)
         return inputs, moments
     except UserError as e:
         print(f"note: no output error ({e})")

@@ -72,6 +72,12 @@ class MlpInputs:
         return np.stack([self.sums[b] / self.counts[b] for b in range(len(self.counts))]).astype(np.float32)
 
 
+def writer_key(name: str) -> tuple[str, int]:
+    """`kqv_out-7` -> ("attn", 7), `ffn_swiglu-7` -> ("mlp", 7)."""
+    prefix, _, block = name.rpartition("-")
+    return ("attn" if prefix + "-" in ATTN_INPUT_NAMES else "mlp", int(block))
+
+
 class WriterInputs:
     """Per block, up to `limit` input rows (tokens) of the attention output projection
     (`attn`) and of the dense MLP's down projection (`mlp`): what a writer's output error is
@@ -84,9 +90,7 @@ class WriterInputs:
         self.rows: dict[tuple[str, int], list[np.ndarray]] = {}
 
     def add(self, name: str, rows: np.ndarray) -> None:
-        prefix, _, block = name.rpartition("-")
-        key = ("attn" if prefix + "-" in ATTN_INPUT_NAMES else "mlp", int(block))
-        have = self.rows.setdefault(key, [])
+        have = self.rows.setdefault(writer_key(name), [])
         room = self.limit - sum(len(r) for r in have)
         if room > 0:
             have.append(rows[:room].copy())
@@ -111,8 +115,7 @@ class InputMoments:
         self.counts: dict[tuple[str, int], int] = {}
 
     def add(self, name: str, rows: np.ndarray) -> None:
-        prefix, _, block = name.rpartition("-")
-        key = ("attn" if prefix + "-" in ATTN_INPUT_NAMES else "mlp", int(block))
+        key = writer_key(name)
         width = self._block(rows.shape[1])
         if not width:
             return
