@@ -111,7 +111,7 @@ def main() -> None:
         g = bool(r["lg"])
         g_speed = f"{sum(r['mb_g']) / sum(r['tg']):.1f}" if g else "-"
         print(f"{name:7} {np.median(r['lp']):14.2%} {max(r['lp']):7.2%} {np.median(r['la']):14.3%} "
-              f"{max(r['la']):7.3%} {_share(r['lg'], '.3%'):>13} {max(r['lg']) if g else 0:7.3%} "
+              f"{max(r['la']):7.3%} {_share(r['lg'], '.3%'):>13} {format(max(r['lg']), '.3%') if g else '-':>7} "
               f"{np.median(r['ratio']):16.3f} {_share(r['ratio_g'], '.3f'):>6} "
               f"{_share(r['lp_out']):>9} {_share(r['la_out']):>9} {_share(r['lg_out']):>8} "
               f"{mb / sum(r['tp']):10.1f} {mb / sum(r['ta']):10.1f} "

@@ -31,7 +31,7 @@ from gguf_abliterate.quants.types import QuantType, get_type
 
 # values handled at once: the search holds about a dozen temporaries of this size
 GROUP_VALUES = 1 << 18
-PASSES = 12
+PASSES = 24
 # moves considered per group and pass; a pass needs about 0.3 * sqrt(group size) of them
 CANDIDATES = 64
 # a group is done when its error component is below this fraction of the RMS component the
@@ -54,15 +54,22 @@ def supports(qtype: GGMLQuantizationType) -> bool:
 
 
 def levels(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
-    """Per value, (a, b) such that code c dequantizes to about `a * table[c] + b`.
+    """Per value, (a, b) such that code c dequantizes to `a * table[c] + b`.
 
-    Found by dequantizing the blocks with every code set to the level nearest zero, then to
+    From the type's `steps` (exactly what ggml's to_float computes) where it has them; else
+    found by dequantizing the blocks with every code set to the level nearest zero, then to
     the next: exact up to float32 rounding, which is all a rounding decision needs (the bytes
-    written are measured exactly afterwards).
+    written are measured exactly afterwards). The probe costs two dequantizations, a fifth
+    of aware rounding's time on Q4_K.
     """
     layout = get_type(qtype)
     assert layout.table is not None
     bs = layout.block_size
+    if layout.has_steps:
+        a, b = layout.steps(blocks)
+        per = bs // a.shape[1]
+        return np.repeat(a, per, axis=1), (np.zeros((a.shape[0], bs), np.float32) if b is None
+                                           else np.repeat(b, per, axis=1))
     first = int(np.abs(layout.table).argmin())
     probe = blocks.copy()
     vals = []
@@ -90,9 +97,10 @@ def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, 
     k = min(CANDIDATES, n)
     # the groups still being settled, compacted as others finish: (rows, idx, err, a) of those
     rows, live_idx, live_err, live_a = np.arange(n_groups), idx, err, a
+    stalled = np.zeros(n_groups, bool)  # took no move last pass: the next would find none either
     for _ in range(PASSES):
         r = live_err.astype(np.float64) @ u64
-        busy = np.abs(r) > tol
+        busy = (np.abs(r) > tol) & ~stalled
         if not busy.all():
             idx[rows[~busy]] = live_idx[~busy]  # settled: their codes are final
             rows, live_idx, live_err, live_a, r = rows[busy], live_idx[busy], live_err[busy], live_a[busy], r[busy]
@@ -125,7 +133,8 @@ def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, 
         penalty = WEIGHT * n * np.square(left) + 1e6 * n * np.square(over)
         count = (np.concatenate([zero, spent], axis=1) + penalty).argmin(axis=1)
         take = (np.arange(k)[None, :] < count[:, None]) & usable
-        if not take.any():
+        stalled = ~take.any(axis=1)
+        if stalled.all():
             break
         local = np.broadcast_to(np.arange(rows.size)[:, None], take.shape)[take]
         cols = pick[take]
@@ -198,11 +207,15 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
     offset in the columns that follow it, weighted by what the matrix reads (GPTQ's rule).
 
     `moments` (blocks, B, B) are the diagonal blocks of the inputs' second moments E[x x^T]
-    (B = column_block(n_in)). Column p of every block is rounded at once: nearest code on the
-    scales ggml's quantizer chose (in `data`), then `_settle` moves codes so the column's
-    component along u is the target's, then the rounding error e is carried to the block's
-    later columns as w_k -= e * U_pk / U_pp, U the upper Cholesky factor of the block's inverse
-    moments. Since e has no component along u, neither has what it adds: the edit is kept.
+    (B = column_block(n_in)). Column p of every block is rounded at once, blocks' columns in
+    order of falling input variance (act-order): nearest code on the scales ggml's quantizer
+    chose (in `data`), then `_settle` moves codes so the column's component along u is the
+    target's, then the rounding error e is carried to the block's later columns as
+    w_k -= e * U_pk / U_pp, U the upper Cholesky factor of the block's inverse moments.
+    Two guards keep the edit: e loses its component along u before it is carried (so later
+    columns keep the target's), and carried values beyond the scales' range are clipped to it
+    (Qwen2.5-1.5B's block 26 reads a massive activation: unclipped, the carry drove half a
+    column's codes to the ends of their range, where no move could settle it: 7% leak).
     On held-back prompts this halves the output error of aware rounding (tools/bench_requant.py).
     """
     layout = get_type(qtype)
@@ -217,9 +230,14 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
         """(rows, n) -> (blocks, width, rows): column p of every block is one contiguous group."""
         return np.ascontiguousarray(x.reshape(n_rows, nb, width).transpose(1, 2, 0))
 
-    a, b = (by_column(x) for x in levels(out, qtype))
-    w = by_column(np.asarray(target, dtype=np.float32))
+    # GPTQ's act-order: within each block, the columns whose inputs vary most are rounded
+    # first, so that the columns left to absorb their errors are those that matter least
+    order = np.argsort(-np.einsum("bii->bi", moments), axis=1, kind="stable")[:, :, None]  # (blocks, B, 1)
+    a, b, w = (np.take_along_axis(by_column(x), order, 1)
+               for x in (*levels(out, qtype), np.asarray(target, dtype=np.float32)))
+    moments = np.take_along_axis(np.take_along_axis(moments, order, 1), order.transpose(0, 2, 1), 2)
     u = np.asarray(u, dtype=np.float32)
+    uu = np.float32(u @ u)
     rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
     tol, limit = TOLERANCE * rms, LEAK_LIMIT * rms
     chol = np.stack([_inverse_factor(m) for m in moments]).astype(np.float32)  # (blocks, B, B)
@@ -230,17 +248,25 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
         p1 = min(p0 + LAZY, width)
         errs = np.empty((nb, p1 - p0, n_rows), np.float32)
         for p in range(p0, p1):
-            t, ap, bp = w[:, p], a[:, p], b[:, p]  # (blocks, rows): a group per block
+            ap, bp = a[:, p], b[:, p]  # (blocks, rows): a group per block
+            # what earlier columns pushed beyond the scales' range is dropped (carried on, it
+            # could push later columns further out), but not its component along u
+            lo, hi = ap * layout.first + bp, ap * (layout.first + top) + bp
+            t = np.clip(w[:, p], np.minimum(lo, hi), np.maximum(lo, hi))
+            t += np.outer((w[:, p] - t) @ u, u) / uu
             with np.errstate(divide="ignore", invalid="ignore"):
                 near = np.rint((t - bp) / ap) - layout.first
             code = np.clip(np.where(np.isfinite(near), near, 0), 0, top).astype(np.uint8)
             _settle(code, ap, bp, t, u, layout, tol, limit)
             codes[:, p] = code
-            err = (t - (ap * (code + layout.first) + bp)) / chol[:, p, p][:, None]
+            err = t - (ap * (code + layout.first) + bp)
+            err -= np.outer(err @ u, u) / uu  # later columns keep the target's component along u
+            err /= chol[:, p, p][:, None]
             errs[:, p - p0] = err
             w[:, p + 1 : p1] -= chol[:, p, p + 1 : p1][:, :, None] * err[:, None, :]
         if p1 < width:
             w[:, p1:] -= np.matmul(chol[:, p0:p1, p1:].transpose(0, 2, 1), errs)
+    np.put_along_axis(codes, order, codes.copy(), 1)  # back to the columns' own order
     layout.put(out, np.ascontiguousarray(codes.transpose(2, 0, 1)).reshape(-1, bs))
     return out.reshape(n_rows, -1)
 

@@ -71,6 +71,11 @@ class QuantType:
         """Whether aware rounding can move its codes (every integer-coded type we write)."""
         return self.table is not None
 
+    @property
+    def has_steps(self) -> bool:
+        """Whether `steps` is implemented (every integer-coded type but Q2_K and Q3_K)."""
+        return type(self).steps is not QuantType.steps
+
     def quantize(self, values: np.ndarray) -> np.ndarray:
         """C-contiguous float32 rows of whole blocks -> uint8 (rows, row_bytes)."""
         raise NotImplementedError(f"quantizing to {self.qtype.name} is not supported yet")
