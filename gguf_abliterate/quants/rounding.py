@@ -31,6 +31,8 @@ from gguf_abliterate.quants.types import QuantType, get_type
 
 # values handled at once: the search holds about a dozen temporaries of this size
 GROUP_VALUES = 1 << 18
+# passes of ever smaller moves: groups that take no move stop, so this bounds only those still
+# moving (Q2_K columns under a massive activation needed more than 12)
 PASSES = 24
 # moves considered per group and pass; a pass needs about 0.3 * sqrt(group size) of them
 CANDIDATES = 64
