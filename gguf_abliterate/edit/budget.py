@@ -96,9 +96,14 @@ def rungs(model: Model, edit: TensorEdit) -> list[tuple[TensorEdit, int]]:
         return []
     t = model.tensors[edit.name]
     n, own = int(t.n_elements), quants.row_bytes(edit.out_type, int(t.n_elements))
-    return [(replace(edit, out_type=q, aware=edit.aware and rounding.supports(q)), quants.row_bytes(q, n) - own)
+    return [(_stored_as(edit, q), quants.row_bytes(q, n) - own)
             for q in LADDER
             if int(t.shape[0]) % quants.block_size(q) == 0 and quants.row_bytes(q, n) > own]
+
+
+def _stored_as(edit: TensorEdit, qtype: GGMLQuantizationType) -> TensorEdit:
+    """The edit written as `qtype`, rounded aware if it was and the type allows."""
+    return replace(edit, out_type=qtype, aware=edit.aware and rounding.supports(qtype))
 
 
 def measurement_pieces(model: Model, plan: EditPlan, direction: Direction) -> list[Piece]:
@@ -176,5 +181,4 @@ def spend_budget(model: Model, plan: EditPlan, todo: list[Piece], share: float, 
 def apply_upgrades(plan: EditPlan, spent: Spent) -> None:
     """Store the chosen matrices in their new types in the plan."""
     for u in spent.upgrades:
-        e = plan.edits[u.name]
-        plan.edits[u.name] = replace(e, out_type=u.now, aware=e.aware and rounding.supports(u.now))
+        plan.edits[u.name] = _stored_as(plan.edits[u.name], u.now)

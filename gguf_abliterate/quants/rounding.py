@@ -199,8 +199,7 @@ def column_block(n_in: int) -> int:
 def compensates(qtype: GGMLQuantizationType, n_in: int) -> bool:
     """Whether `keep_edit_compensated` can round this type and row length (consecutive
     integer levels, whole column blocks)."""
-    layout = get_type(qtype)
-    return layout.has_codes and layout.first is not None and column_block(n_in) > 0
+    return get_type(qtype).first is not None and column_block(n_in) > 0
 
 
 def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQuantizationType, *,
