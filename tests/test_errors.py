@@ -90,6 +90,15 @@ def _unsupported_arch(path: Path) -> Path:
     return path
 
 
+def _huge_block_count(path: Path, src: Path) -> Path:
+    """`src` with llama.block_count (a uint32 value after its key and type) set to 2^31 - 1."""
+    data = bytearray(src.read_bytes())
+    at = data.index(b"llama.block_count") + len(b"llama.block_count") + 4
+    data[at : at + 4] = (2**31 - 1).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
 BAD_MODELS = {
     "missing": (lambda d, src: d / "nope.gguf", "no such file"),
     "not gguf": (lambda d, src: (d / "m.gguf").write_bytes(b"PK\x03\x04" + b"\0" * 100) and d / "m.gguf",
@@ -99,6 +108,7 @@ BAD_MODELS = {
     "truncated data": (lambda d, src: (d / "m.gguf").write_bytes(src.read_bytes()[:-5000]) and d / "m.gguf",
                        "truncated"),
     "unsupported arch": (lambda d, src: _unsupported_arch(d / "m.gguf"), "rwkv6"),
+    "huge block count": (lambda d, src: _huge_block_count(d / "m.gguf", src), "block_count is 2147483647"),
 }
 
 

@@ -106,7 +106,11 @@ class Model:
         """Blocks the model runs: block_count less the trailing multi-token-prediction (NextN)
         blocks, which llama.cpp loads but leaves out of the main pass (GLM-4.5, Qwen 3.5, ...)."""
         nextn = self.arch_get(names.NEXTN_LAYERS, 0)
-        return self.arch_int(names.BLOCK_COUNT) - (nextn if isinstance(nextn, int) and nextn > 0 else 0)
+        count = self.arch_int(names.BLOCK_COUNT)
+        if count > len(self.tensors):  # every block has tensors; a huge count would make plans loop for ages
+            raise UserError(f"{self.path}: {names.arch_key(names.BLOCK_COUNT, self.arch)} is {count}, more than the "
+                            f"file's {len(self.tensors)} tensors (a damaged header)")
+        return count - (nextn if isinstance(nextn, int) and nextn > 0 else 0)
 
     @property
     def n_embd(self) -> int:
