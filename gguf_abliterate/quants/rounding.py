@@ -227,16 +227,19 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
     nb = n // width
     out = np.array(data, dtype=np.uint8, copy=True).reshape(-1, ts)
 
-    def by_column(x: np.ndarray) -> np.ndarray:
-        """(rows, n) -> (blocks, width, rows): column p of every block is one contiguous group."""
-        return np.ascontiguousarray(x.reshape(n_rows, nb, width).transpose(1, 2, 0))
-
     # GPTQ's act-order: within each block, the columns whose inputs vary most are rounded
     # first, so that the columns left to absorb their errors are those that matter least
-    order = np.argsort(-np.einsum("bii->bi", moments), axis=1, kind="stable")[:, :, None]  # (blocks, B, 1)
-    a, b, w = (np.take_along_axis(by_column(x), order, 1)
-               for x in (*levels(out, qtype), np.asarray(target, dtype=np.float32)))
-    moments = np.take_along_axis(np.take_along_axis(moments, order, 1), order.transpose(0, 2, 1), 2)
+    order = np.argsort(-np.einsum("bii->bi", moments), axis=1, kind="stable")  # (blocks, B)
+    perm = (order + width * np.arange(nb)[:, None]).ravel()  # the columns, in that order block by block
+
+    def by_column(x: np.ndarray) -> np.ndarray:
+        """(rows, n) -> (blocks, width, rows), act-ordered: position p of every block is one
+        contiguous group. (One column gather: take_along_axis over the 3-d result would build
+        three index arrays of its size.)"""
+        return np.ascontiguousarray(x.reshape(n_rows, n).T[perm]).reshape(nb, width, n_rows)
+
+    a, b, w = (by_column(x) for x in (*levels(out, qtype), np.asarray(target, dtype=np.float32)))
+    moments = moments[np.arange(nb)[:, None, None], order[:, :, None], order[:, None, :]]
     u = np.asarray(u, dtype=np.float32)
     uu = np.float32(u @ u)
     rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
@@ -267,8 +270,9 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
             w[:, p + 1 : p1] -= chol[:, p, p + 1 : p1][:, :, None] * err[:, None, :]
         if p1 < width:
             w[:, p1:] -= np.matmul(chol[:, p0:p1, p1:].transpose(0, 2, 1), errs)
-    np.put_along_axis(codes, order, codes.copy(), 1)  # back to the columns' own order
-    layout.put(out, np.ascontiguousarray(codes.transpose(2, 0, 1)).reshape(-1, bs))
+    back = np.empty(n, np.intp)
+    back[perm] = np.arange(n)  # each column's place in the act-order
+    layout.put(out, codes.transpose(2, 0, 1).reshape(n_rows, n)[:, back].reshape(-1, bs))
     return out.reshape(n_rows, -1)
 
 
