@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 # Must be set before llama_cpp (OpenMP) loads: otherwise idle threads spin and slow decoding.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# `direction` caches input statistics that change what a default edit writes: never in the
+# user's cache, and (fixture below) per test, so no test's edit depends on another's run
+os.environ["GGUF_ABLITERATE_MOMENTS"] = tempfile.mkdtemp(prefix="moments-")
 
 import numpy as np
 import pytest
@@ -32,6 +36,14 @@ TINY_SPECS = {
     "llama-chat": TinySpec(arch="llama", types={"attn_output": Q.Q4_0, "ffn_down": Q.Q5_0}, seed=5,
                            chat_template=CHATML),
 }
+
+
+@pytest.fixture(autouse=True)
+def own_moments_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache of input statistics for each test (see above)."""
+    path = tmp_path_factory.mktemp("moments")
+    monkeypatch.setenv("GGUF_ABLITERATE_MOMENTS", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

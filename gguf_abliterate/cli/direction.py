@@ -37,7 +37,9 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
     from gguf_abliterate.direction.lean import measure_lean
     from gguf_abliterate.direction.measure import candidate_layers, choose_layer, difference_of_means
     from gguf_abliterate.direction.packs import SCORE_PROBES, STEER_BELOW, load_pack
+    from gguf_abliterate.edit.moments import moments_dir, store_moments
     from gguf_abliterate.gguf_io import Model
+    from gguf_abliterate.quants.rounding import column_block
     from gguf_abliterate.runtime.llama import LlamaModel
 
     say = sayer(quiet)
@@ -67,9 +69,16 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
             del tm
             mlp_means = None
         else:
-            with progress(len(d_pos) + len(d_neg), "residuals", "prompt", quiet) as bar, model.mlp_inputs() as mlp:
+            with (progress(len(d_pos) + len(d_neg), "residuals", "prompt", quiet) as bar, model.mlp_inputs() as mlp,
+                  model.input_moments(column_block) as moments):
                 stats = difference_of_means(model.residuals(d_pos, bar.update), model.residuals(d_neg, bar.update))
             mlp_means = mlp.means()
+            # the same passes give what gptq rounding needs; cached, the edit runs no model for it
+            stored = store_moments(meta, moments, f"direction ({pack.name}, {len(d_pos) + len(d_neg)} prompts)")
+            del moments
+            say(f"cached the writers' input statistics ({stored.tokens} tokens) for the edit's gptq rounding: "
+                f"{stored.path}" if stored.path else "note: could not write the cache of the writers' input "
+                f"statistics ({moments_dir()}); the edit will round aware")
         scores = np.full(n_layer, np.nan, np.float32)
         kl = np.full(n_layer, np.nan, np.float32)
         info: dict[str, str] = {}

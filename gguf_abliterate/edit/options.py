@@ -17,6 +17,7 @@ class Rounding(str, Enum):
     AWARE = "aware"  # keep the edit through requantization (quants.rounding)
     NEAREST = "nearest"  # plain ggml rounding
     GPTQ = "gptq"  # aware, and each error offset in correlated columns by the inputs' statistics
+    AUTO = "auto"  # gptq if the model's input statistics are cached (edit/moments.py), else aware
 
 
 class OutFormat(str, Enum):
@@ -35,7 +36,7 @@ class EditOptions:
     layers: frozenset[int] | None = None  # None: every block
     embeddings: bool | None = None  # None: on unless the embeddings are tied to the LM head
     requant_type: GGMLQuantizationType | None = None
-    rounding: Rounding = Rounding.AWARE
+    rounding: Rounding = Rounding.AWARE  # AUTO is resolved by the command, never planned
     steer: float | None = None  # add this many mean differences at the direction's block instead (edit/steer.py)
     size_budget: float | None = None  # share of the file's size the edit may add (edit/budget.py)
 

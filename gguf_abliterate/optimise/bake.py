@@ -16,7 +16,8 @@ from typing import Any
 
 from gguf_abliterate.direction.file import load_direction
 from gguf_abliterate.edit.execute import apply_edit, output_nbytes
-from gguf_abliterate.edit.options import EditOptions
+from gguf_abliterate.edit.moments import attach_moments, resolve_rounding
+from gguf_abliterate.edit.options import EditOptions, Rounding
 from gguf_abliterate.edit.plan import plan_edit
 from gguf_abliterate.edit.schedule import scheduled_edit
 from gguf_abliterate.gguf_io import Model
@@ -24,12 +25,15 @@ from gguf_abliterate.gguf_io import Model
 
 def bake_chosen(model: Model, result: Path, out_path: Path, progress: Callable[..., Any]) -> None:
     """Write RESULT's chosen trial into `out_path` with the edit command's defaults (each
-    writer in its own type, aware rounding): the very bytes that command would write, but as one
+    writer in its own type, rounding `auto`): the very bytes that command would write, but as one
     file even for a split model."""
     sched = scheduled_edit(load_direction(result))
     assert sched is not None, f"{result} holds no schedule"
-    opts = EditOptions()
+    rounding, stored = resolve_rounding(model, Rounding.AUTO)
+    opts = EditOptions(rounding=rounding)
     plan = plan_edit(model, opts, strengths=sched.strengths, method=sched.method)
+    if stored is not None:
+        attach_moments(model, plan, stored)
     with progress(total=output_nbytes(model, plan), desc="baking the pick", unit="B", unit_scale=True) as bar:
         apply_edit(model, plan, sched.direction, opts, out_path, on_bytes=bar.update, merge=True,
                    schedule={"trial": sched.trial, "method": sched.method.value})

@@ -128,6 +128,15 @@ class InputMoments:
         key = (kind, block)
         return self.sums[key] / np.float32(self.counts[key]) if key in self.sums else None
 
+    def means(self) -> dict[tuple[str, int], np.ndarray]:
+        """Every input seen: (kind, block) -> its moments as `get` gives them."""
+        return {key: self.sums[key] / np.float32(self.counts[key]) for key in self.sums}
+
+    @property
+    def tokens(self) -> int:
+        """Tokens seen (the last block may see fewer: llama.cpp computes only output rows there)."""
+        return max(self.counts.values(), default=0)
+
 
 class LlamaModel:
     """A GGUF model loaded in llama.cpp for batched forward passes with a residual-stream hook."""
@@ -175,7 +184,7 @@ class LlamaModel:
         self._capture: dict[int, np.ndarray] | None = None
         self._rows: np.ndarray = np.zeros(0, np.int64)
         self._ablate: np.ndarray | None = None
-        self._inputs: MlpInputs | WriterInputs | InputMoments | None = None  # a listener for writer inputs
+        self._inputs: list[MlpInputs | WriterInputs | InputMoments] = []  # listeners for writer inputs
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -366,17 +375,21 @@ class LlamaModel:
 
     @contextmanager
     def _listening(self, listener: Any) -> Iterator[Any]:
-        self._inputs = listener
+        """Listeners nest: each sees every input it names, read from llama.cpp once."""
+        self._inputs.append(listener)
         try:
             yield listener
         finally:
-            self._inputs = None
+            self._inputs.remove(listener)
 
     def _on_tensor(self, t: int, ask: bool, user_data: Any) -> bool:
         name = self.ggml.name(t)
-        if self._inputs is not None and name.startswith(self._inputs.prefixes):
+        listeners = [x for x in self._inputs if name.startswith(x.prefixes)]
+        if listeners:
             if not ask:
-                self._inputs.add(name, self.ggml.read(t, self.ggml.width(t)))
+                rows = self.ggml.read(t, self.ggml.width(t))
+                for listener in listeners:
+                    listener.add(name, rows)
             return True
         if not name.startswith(self._residual):
             return not ask  # ask: we do not need it; otherwise: go on computing
