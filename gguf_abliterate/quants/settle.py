@@ -1,0 +1,145 @@
+"""The inner search of aware rounding (`rounding._settle`), compiled with numba.
+
+Group by group, which moves to take is a short sequential search: pick the cheapest moves per
+unit of gain, take as many as pay, repeat with smaller moves. As whole-array numpy it ran a
+dozen temporaries and a partial sort over every group on every pass (90% of aware
+rounding spent on a 1.5B ffn_down). Here a pass is one loop over the group that keeps the best
+`k` candidates in a max-heap, and the group's error component is updated by its moves rather
+than summed again. The rule is the one `rounding`'s docstring gives; among equal ratios the
+lower index goes first. Values are read through any strides (a group may be a column of a
+row-major block), copied once per group into contiguous buffers.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _move(j: int, a: float, ui: float, want: float, padded: np.ndarray, unit: bool) -> tuple[float, int]:
+    """The move a value at padded index j offers (towards want along u): (delta, step)."""
+    if unit:
+        up = a if j < len(padded) - 2 else np.float32(np.nan)
+        down = -a if j > 1 else np.float32(np.nan)
+    else:
+        here = padded[j]
+        up = a * (padded[j + 1] - here)
+        down = a * (padded[j - 1] - here)
+    if (up * ui) * want > 0:
+        return up, 1
+    return down, -1
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _before(ra: float, pa: int, rb: float, pb: int) -> bool:
+    """Candidate order: lower ratio first, then lower index."""
+    return ra < rb or (ra == rb and pa < pb)
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _sift_down(ratio: np.ndarray, pos: np.ndarray, at: int, size: int) -> None:
+    """Restore the max-heap (by `_before`) below `at`."""
+    while True:
+        big, left = at, 2 * at + 1
+        if left < size and _before(ratio[big], pos[big], ratio[left], pos[left]):
+            big = left
+        if left + 1 < size and _before(ratio[big], pos[big], ratio[left + 1], pos[left + 1]):
+            big = left + 1
+        if big == at:
+            return
+        ratio[at], ratio[big] = ratio[big], ratio[at]
+        pos[at], pos[big] = pos[big], pos[at]
+        at = big
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def settle_groups(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, u: np.ndarray,
+                  padded: np.ndarray, unit: bool, tol: float, limit: float, k: int, passes: int,
+                  weight: float) -> None:
+    """Move the codes of groups (rows of `code`, (groups, n), any strides) in place; value i
+    of group g dequantizes to `a[g, i] * table[code] + b[g, i]` and should sum along u like
+    `target[g]`. `padded` is the type's table with NaN at both ends; with `unit`, levels are
+    consecutive integers and a step is exactly `a`."""
+    n_groups, n = code.shape
+    k = min(k, n)
+    # the best k candidates of a pass: a max-heap while scanning, then sorted best first
+    ratio = np.empty(k, np.float32)
+    pos = np.empty(k, np.int64)
+    # one group's codes (as padded-table indices), steps and errors, contiguous for the passes
+    ig = np.empty(n, np.int32)
+    ag = np.empty(n, np.float32)
+    eg = np.empty(n, np.float32)
+    for g in range(n_groups):
+        for i in range(n):
+            ig[i] = code[g, i] + 1
+            ag[i] = a[g, i]
+            eg[i] = ag[i] * padded[ig[i]] + b[g, i] - target[g, i]
+        # the group's error component along u, kept up to date as codes move
+        r = 0.0
+        for i in range(n):
+            r += np.float64(eg[i]) * np.float64(u[i])
+        for _ in range(passes):
+            size = abs(r)
+            if not size > tol:
+                break
+            want = np.float32(-1.0) if r > 0 else np.float32(1.0)
+            reach = np.float32(2 * size)
+            filled = _candidates(ig, ag, eg, u, padded, unit, want, reach, ratio, pos)
+            # heap sort: the worst goes to the end, leaving the candidates best first
+            for end in range(filled - 1, 0, -1):
+                ratio[0], ratio[end] = ratio[end], ratio[0]
+                pos[0], pos[end] = pos[end], pos[0]
+                _sift_down(ratio, pos, 0, end)
+            # take the first `count` candidates: count minimises cost spent + what the
+            # component left costs (and, heavily, whatever of it exceeds the leak limit)
+            count, cum, spent = 0, 0.0, 0.0
+            over = max(size - limit, 0.0)
+            best = weight * n * size * size + 1e6 * n * over * over
+            for c in range(filled):
+                i = pos[c]
+                delta, _ = _move(ig[i], ag[i], u[i], want, padded, unit)
+                cum += np.float64((delta * u[i]) * want)
+                spent += np.float64(delta * (eg[i] + eg[i] + delta))
+                left = size - cum
+                over = max(abs(left) - limit, 0.0)
+                value = spent + weight * n * left * left + 1e6 * n * over * over
+                if value < best:
+                    best, count = value, c + 1
+            if count == 0:
+                break
+            for c in range(count):
+                i = pos[c]
+                delta, step = _move(ig[i], ag[i], u[i], want, padded, unit)
+                ig[i] += step
+                eg[i] += delta
+                r += np.float64(delta) * np.float64(u[i])
+        for i in range(n):
+            code[g, i] = ig[i] - 1
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _candidates(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, padded: np.ndarray, unit: bool,
+                want: float, reach: float, ratio: np.ndarray, pos: np.ndarray) -> int:
+    """Fill the max-heap (ratio, pos) with the best moves (at most its size) and return how
+    many it holds: each move gains along u in the wanted sense, by less than `reach`; ranked
+    by weight error added per unit gained."""
+    k = len(ratio)
+    filled = 0
+    for i in range(len(ig)):
+        delta, _ = _move(ig[i], ag[i], u[i], want, padded, unit)
+        gain = (delta * u[i]) * want
+        if not (gain > 0 and gain < reach):
+            continue
+        q = delta * (eg[i] + eg[i] + delta) / gain
+        if filled < k:
+            at = filled  # sift up
+            filled += 1
+            while at > 0 and _before(ratio[(at - 1) // 2], pos[(at - 1) // 2], q, i):
+                ratio[at], pos[at] = ratio[(at - 1) // 2], pos[(at - 1) // 2]
+                at = (at - 1) // 2
+            ratio[at], pos[at] = q, i
+        elif _before(q, i, ratio[0], pos[0]):
+            ratio[0], pos[0] = q, i
+            _sift_down(ratio, pos, 0, k)
+    return filled
