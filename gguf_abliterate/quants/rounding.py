@@ -95,7 +95,8 @@ def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, 
     # padded so that code-1 and code+1 index safely; NaN marks "no level there"
     padded = np.concatenate([[np.nan], table, [np.nan]]).astype(np.float32)
     # consecutive integer levels: a neighbour is exactly one step a away, no lookups needed
-    settle_groups(code, a, b, target, np.ascontiguousarray(u, dtype=np.float32), padded, layout.first is not None,
+    u = np.ascontiguousarray(u, dtype=np.float32)
+    settle_groups(code, a, b, target, u, np.argsort(-np.abs(u), kind="stable"), padded, layout.first is not None,
                   float(tol), float(limit), CANDIDATES, PASSES, WEIGHT)
 
 

@@ -2,9 +2,9 @@
 
 Group by group, which moves to take is a short sequential search: pick the cheapest moves per
 unit of gain, take as many as pay, repeat with smaller moves. As whole-array numpy it ran a
-dozen temporaries and a partial sort over every group on every pass (90% of aware
-rounding spent on a 1.5B ffn_down). Here a pass is one loop over the group that keeps the best
-`k` candidates in a max-heap, and the group's error component is updated by its moves rather
+dozen temporaries and a partial sort over every group on every pass (90% of aware rounding's
+time on a 1.5B ffn_down). Here a pass is one loop over the group that keeps the best `k`
+candidates in a max-heap, and the group's error component is updated by its moves rather
 than summed again. The rule is the one `rounding`'s docstring gives; among equal ratios the
 lower index goes first. Values are read through any strides (a group may be a column of a
 row-major block), copied once per group into contiguous buffers.
@@ -33,7 +33,8 @@ def _move(j: int, a: float, ui: float, want: float, padded: np.ndarray, unit: bo
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
 def _before(ra: float, pa: int, rb: float, pb: int) -> bool:
-    """Candidate order: lower ratio first, then lower index."""
+    """Candidate order: lower ratio first, then lower index (so ties do not depend on the
+    order values are visited in)."""
     return ra < rb or (ra == rb and pa < pb)
 
 
@@ -55,12 +56,15 @@ def _sift_down(ratio: np.ndarray, pos: np.ndarray, at: int, size: int) -> None:
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def settle_groups(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, u: np.ndarray,
-                  padded: np.ndarray, unit: bool, tol: float, limit: float, k: int, passes: int,
+                  order: np.ndarray, padded: np.ndarray, unit: bool, tol: float, limit: float, k: int, passes: int,
                   weight: float) -> None:
     """Move the codes of groups (rows of `code`, (groups, n), any strides) in place; value i
     of group g dequantizes to `a[g, i] * table[code] + b[g, i]` and should sum along u like
     `target[g]`. `padded` is the type's table with NaN at both ends; with `unit`, levels are
-    consecutive integers and a step is exactly `a`."""
+    consecutive integers and a step is exactly `a`. Values are visited in `order`, a
+    permutation of range(n): largest |u| first, the cheapest moves per unit of gain are mostly
+    there, so the candidates fill with good moves early and few are displaced (on a 1.5B
+    ffn_down, 34 displacements per group and pass instead of 122; 40% less time)."""
     n_groups, n = code.shape
     k = min(k, n)
     # the best k candidates of a pass: a max-heap while scanning, then sorted best first
@@ -85,7 +89,7 @@ def settle_groups(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.nda
                 break
             want = np.float32(-1.0) if r > 0 else np.float32(1.0)
             reach = np.float32(2 * size)
-            filled = _candidates(ig, ag, eg, u, padded, unit, want, reach, ratio, pos)
+            filled = _candidates(ig, ag, eg, u, order, padded, unit, want, reach, ratio, pos)
             # heap sort: the worst goes to the end, leaving the candidates best first
             for end in range(filled - 1, 0, -1):
                 ratio[0], ratio[end] = ratio[end], ratio[0]
@@ -119,14 +123,14 @@ def settle_groups(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.nda
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _candidates(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, padded: np.ndarray, unit: bool,
-                want: float, reach: float, ratio: np.ndarray, pos: np.ndarray) -> int:
+def _candidates(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, order: np.ndarray,
+                padded: np.ndarray, unit: bool, want: float, reach: float, ratio: np.ndarray, pos: np.ndarray) -> int:
     """Fill the max-heap (ratio, pos) with the best moves (at most its size) and return how
     many it holds: each move gains along u in the wanted sense, by less than `reach`; ranked
     by weight error added per unit gained."""
     k = len(ratio)
     filled = 0
-    for i in range(len(ig)):
+    for i in order:
         delta, _ = _move(ig[i], ag[i], u[i], want, padded, unit)
         gain = (delta * u[i]) * want
         if not (gain > 0 and gain < reach):
