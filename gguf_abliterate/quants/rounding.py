@@ -168,6 +168,8 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
     column's codes to the ends of their range, where no move could settle it: 7% leak).
     On held-back prompts this halves the output error of aware rounding (tools/bench_requant.py).
     """
+    from gguf_abliterate.quants.settle import compensate_columns  # numba, as in _settle
+
     layout = get_type(qtype)
     assert layout.table is not None and layout.first is not None
     bs, ts = GGML_QUANT_SIZES[qtype]
@@ -190,33 +192,18 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
     a, b, w = (by_column(x) for x in (*levels(out, qtype), np.asarray(target, dtype=np.float32)))
     moments = moments[np.arange(nb)[:, None, None], order[:, :, None], order[:, None, :]]
     u = np.asarray(u, dtype=np.float32)
-    uu = np.float32(u @ u)
     rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
     tol, limit = TOLERANCE * rms, LEAK_LIMIT * rms
     chol = np.stack([_inverse_factor(m) for m in moments]).astype(np.float32)  # (blocks, B, B)
     codes = np.empty((nb, width, n_rows), np.uint8)
-    top = len(layout.table) - 1
+    padded = np.concatenate([[np.nan], layout.table, [np.nan]]).astype(np.float32)
+    visit = np.argsort(-np.abs(u), kind="stable")
     # GPTQ's lazy batches: errors reach the next LAZY columns at once, the rest by one matmul
     for p0 in range(0, width, LAZY):
         p1 = min(p0 + LAZY, width)
         errs = np.empty((nb, p1 - p0, n_rows), np.float32)
-        for p in range(p0, p1):
-            ap, bp = a[:, p], b[:, p]  # (blocks, rows): a group per block
-            # what earlier columns pushed beyond the scales' range is dropped (carried on, it
-            # could push later columns further out), but not its component along u
-            lo, hi = ap * layout.first + bp, ap * (layout.first + top) + bp
-            t = np.clip(w[:, p], np.minimum(lo, hi), np.maximum(lo, hi))
-            t += np.outer((w[:, p] - t) @ u, u) / uu
-            with np.errstate(divide="ignore", invalid="ignore"):
-                near = np.rint((t - bp) / ap) - layout.first
-            code = np.clip(np.where(np.isfinite(near), near, 0), 0, top).astype(np.uint8)
-            _settle(code, ap, bp, t, u, layout, tol, limit)
-            codes[:, p] = code
-            err = t - (ap * (code + layout.first) + bp)
-            err -= np.outer(err @ u, u) / uu  # later columns keep the target's component along u
-            err /= chol[:, p, p][:, None]
-            errs[:, p - p0] = err
-            w[:, p + 1 : p1] -= chol[:, p, p + 1 : p1][:, :, None] * err[:, None, :]
+        compensate_columns(codes, a, b, w, errs, chol, u, visit, padded, layout.first, p0, p1, tol, limit,
+                           CANDIDATES, PASSES, WEIGHT)
         if p1 < width:
             w[:, p1:] -= np.matmul(chol[:, p0:p1, p1:].transpose(0, 2, 1), errs)
     back = np.empty(n, np.intp)

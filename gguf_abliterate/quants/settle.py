@@ -79,47 +79,57 @@ def settle_groups(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.nda
             ig[i] = code[g, i] + 1
             ag[i] = a[g, i]
             eg[i] = ag[i] * padded[ig[i]] + b[g, i] - target[g, i]
-        # the group's error component along u, kept up to date as codes move
-        r = 0.0
-        for i in range(n):
-            r += np.float64(eg[i]) * np.float64(u[i])
-        for _ in range(passes):
-            size = abs(r)
-            if not size > tol:
-                break
-            want = np.float32(-1.0) if r > 0 else np.float32(1.0)
-            reach = np.float32(2 * size)
-            filled = _candidates(ig, ag, eg, u, order, padded, unit, want, reach, ratio, pos)
-            # heap sort: the worst goes to the end, leaving the candidates best first
-            for end in range(filled - 1, 0, -1):
-                ratio[0], ratio[end] = ratio[end], ratio[0]
-                pos[0], pos[end] = pos[end], pos[0]
-                _sift_down(ratio, pos, 0, end)
-            # take the first `count` candidates: count minimises cost spent + what the
-            # component left costs (and, heavily, whatever of it exceeds the leak limit)
-            count, cum, spent = 0, 0.0, 0.0
-            over = max(size - limit, 0.0)
-            best = weight * n * size * size + 1e6 * n * over * over
-            for c in range(filled):
-                i = pos[c]
-                delta, _ = _move(ig[i], ag[i], u[i], want, padded, unit)
-                cum += np.float64((delta * u[i]) * want)
-                spent += np.float64(delta * (eg[i] + eg[i] + delta))
-                left = size - cum
-                over = max(abs(left) - limit, 0.0)
-                value = spent + weight * n * left * left + 1e6 * n * over * over
-                if value < best:
-                    best, count = value, c + 1
-            if count == 0:
-                break
-            for c in range(count):
-                i = pos[c]
-                delta, step = _move(ig[i], ag[i], u[i], want, padded, unit)
-                ig[i] += step
-                eg[i] += delta
-                r += np.float64(delta) * np.float64(u[i])
+        _settle_group(ig, ag, eg, u, order, padded, unit, tol, limit, passes, weight, ratio, pos)
         for i in range(n):
             code[g, i] = ig[i] - 1
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _settle_group(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, order: np.ndarray,
+                  padded: np.ndarray, unit: bool, tol: float, limit: float, passes: int, weight: float,
+                  ratio: np.ndarray, pos: np.ndarray) -> None:
+    """One group's search: padded-table indices `ig`, steps `ag` and errors `eg` move in place;
+    (ratio, pos) is the candidates' buffer, its length the number of candidates per pass."""
+    n = len(ig)
+    # the group's error component along u, kept up to date as codes move
+    r = 0.0
+    for i in range(n):
+        r += np.float64(eg[i]) * np.float64(u[i])
+    for _ in range(passes):
+        size = abs(r)
+        if not size > tol:
+            break
+        want = np.float32(-1.0) if r > 0 else np.float32(1.0)
+        reach = np.float32(2 * size)
+        filled = _candidates(ig, ag, eg, u, order, padded, unit, want, reach, ratio, pos)
+        # heap sort: the worst goes to the end, leaving the candidates best first
+        for end in range(filled - 1, 0, -1):
+            ratio[0], ratio[end] = ratio[end], ratio[0]
+            pos[0], pos[end] = pos[end], pos[0]
+            _sift_down(ratio, pos, 0, end)
+        # take the first `count` candidates: count minimises cost spent + what the
+        # component left costs (and, heavily, whatever of it exceeds the leak limit)
+        count, cum, spent = 0, 0.0, 0.0
+        over = max(size - limit, 0.0)
+        best = weight * n * size * size + 1e6 * n * over * over
+        for c in range(filled):
+            i = pos[c]
+            delta, _ = _move(ig[i], ag[i], u[i], want, padded, unit)
+            cum += np.float64((delta * u[i]) * want)
+            spent += np.float64(delta * (eg[i] + eg[i] + delta))
+            left = size - cum
+            over = max(abs(left) - limit, 0.0)
+            value = spent + weight * n * left * left + 1e6 * n * over * over
+            if value < best:
+                best, count = value, c + 1
+        if count == 0:
+            break
+        for c in range(count):
+            i = pos[c]
+            delta, step = _move(ig[i], ag[i], u[i], want, padded, unit)
+            ig[i] += step
+            eg[i] += delta
+            r += np.float64(delta) * np.float64(u[i])
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -147,3 +157,57 @@ def _candidates(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, o
             ratio[0], pos[0] = q, i
             _sift_down(ratio, pos, 0, k)
     return filled
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def compensate_columns(codes: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray, errs: np.ndarray,
+                       chol: np.ndarray, u: np.ndarray, order: np.ndarray, padded: np.ndarray, first: int,
+                       p0: int, p1: int, tol: float, limit: float, k: int, passes: int, weight: float) -> None:
+    """Columns p0..p1 of every column block, one after the other, as `rounding.keep_edit_compensated`
+    describes: (blocks, width, rows) arrays, act-ordered. For column p of a block: the carried
+    target is clipped to the scales' range (its component along u kept), rounded to the nearest
+    code, settled along u; its error, without its component along u and divided by U_pp, goes to
+    `errs[:, p - p0]` and to the batch's later columns (the rest is one matmul, left to numpy)."""
+    nb, width, n = w.shape
+    top = len(padded) - 3  # the last code
+    k = min(k, n)
+    ratio = np.empty(k, np.float32)
+    pos = np.empty(k, np.int64)
+    ig = np.empty(n, np.int32)
+    ag = np.empty(n, np.float32)
+    eg = np.empty(n, np.float32)
+    t = np.empty(n, np.float32)
+    uu = np.float32(0.0)
+    for i in range(n):
+        uu += u[i] * u[i]
+    for p in range(p0, p1):
+        for blk in range(nb):
+            ap, bp, wp = a[blk, p], b[blk, p], w[blk, p]
+            # what earlier columns pushed beyond the scales' range is dropped (carried on, it
+            # could push later columns further out), but not its component along u
+            dropped = np.float32(0.0)
+            for i in range(n):
+                lo = ap[i] * first + bp[i]
+                hi = ap[i] * (first + top) + bp[i]
+                t[i] = min(max(wp[i], min(lo, hi)), max(lo, hi))
+                dropped += (wp[i] - t[i]) * u[i]
+            for i in range(n):
+                t[i] += dropped * u[i] / uu
+                near = np.rint((t[i] - bp[i]) / ap[i]) - first
+                code = min(max(near, 0.0), float(top)) if np.isfinite(near) else 0.0
+                ig[i] = np.int32(code) + 1
+                ag[i] = ap[i]
+                eg[i] = ap[i] * padded[ig[i]] + bp[i] - t[i]
+            _settle_group(ig, ag, eg, u, order, padded, True, tol, limit, passes, weight, ratio, pos)
+            # the error carried on, without its component along u (later columns keep the target's)
+            along = np.float32(0.0)
+            for i in range(n):
+                codes[blk, p, i] = ig[i] - 1
+                along += -eg[i] * u[i]
+            pivot = chol[blk, p, p]
+            for i in range(n):
+                errs[blk, p - p0, i] = (-eg[i] - along * u[i] / uu) / pivot
+            for q in range(p + 1, p1):
+                c = chol[blk, p, q]
+                for i in range(n):
+                    w[blk, q, i] -= c * errs[blk, p - p0, i]
