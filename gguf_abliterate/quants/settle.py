@@ -66,14 +66,7 @@ def settle_groups(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.nda
     there, so the candidates fill with good moves early and few are displaced (on a 1.5B
     ffn_down, 34 displacements per group and pass instead of 122; 40% less time)."""
     n_groups, n = code.shape
-    k = min(k, n)
-    # the best k candidates of a pass: a max-heap while scanning, then sorted best first
-    ratio = np.empty(k, np.float32)
-    pos = np.empty(k, np.int64)
-    # one group's codes (as padded-table indices), steps and errors, contiguous for the passes
-    ig = np.empty(n, np.int32)
-    ag = np.empty(n, np.float32)
-    eg = np.empty(n, np.float32)
+    ratio, pos, ig, ag, eg = _buffers(n, k)
     for g in range(n_groups):
         for i in range(n):
             ig[i] = code[g, i] + 1
@@ -82,6 +75,16 @@ def settle_groups(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.nda
         _settle_group(ig, ag, eg, u, order, padded, unit, tol, limit, passes, weight, ratio, pos)
         for i in range(n):
             code[g, i] = ig[i] - 1
+
+
+@numba.njit(cache=True)
+def _buffers(n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A search's working arrays: the best k candidates of a pass (ratio, pos: a max-heap while
+    scanning, then sorted best first), and one group of n values as padded-table indices, steps
+    and errors, contiguous for the passes."""
+    k = min(k, n)
+    return (np.empty(k, np.float32), np.empty(k, np.int64), np.empty(n, np.int32), np.empty(n, np.float32),
+            np.empty(n, np.float32))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -170,12 +173,7 @@ def compensate_columns(codes: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.nd
     `errs[:, p - p0]` and to the batch's later columns (the rest is one matmul, left to numpy)."""
     nb, width, n = w.shape
     top = len(padded) - 3  # the last code
-    k = min(k, n)
-    ratio = np.empty(k, np.float32)
-    pos = np.empty(k, np.int64)
-    ig = np.empty(n, np.int32)
-    ag = np.empty(n, np.float32)
-    eg = np.empty(n, np.float32)
+    ratio, pos, ig, ag, eg = _buffers(n, k)
     t = np.empty(n, np.float32)
     uu = np.float32(0.0)
     for i in range(n):
