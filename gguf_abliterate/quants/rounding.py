@@ -90,14 +90,20 @@ def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, 
     error is near zero."""
     from gguf_abliterate.quants.settle import settle_groups  # here: numba's import would slow every command's start
 
-    table = layout.table
-    assert table is not None
-    # padded so that code-1 and code+1 index safely; NaN marks "no level there"
-    padded = np.concatenate([[np.nan], table, [np.nan]]).astype(np.float32)
+    padded, u, visit = _search_inputs(layout, u)
     # consecutive integer levels: a neighbour is exactly one step a away, no lookups needed
+    settle_groups(code, a, b, target, u, visit, padded, layout.first is not None, float(tol), float(limit),
+                  CANDIDATES, PASSES, WEIGHT)
+
+
+def _search_inputs(layout: QuantType, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the compiled search reads besides the values: the type's table padded with NaN (so
+    that code-1 and code+1 index safely; NaN marks "no level there"), u as float32, and the
+    order it visits a group's values in (largest |u| first)."""
+    assert layout.table is not None
     u = np.ascontiguousarray(u, dtype=np.float32)
-    settle_groups(code, a, b, target, u, np.argsort(-np.abs(u), kind="stable"), padded, layout.first is not None,
-                  float(tol), float(limit), CANDIDATES, PASSES, WEIGHT)
+    padded = np.concatenate([[np.nan], layout.table, [np.nan]]).astype(np.float32)
+    return padded, u, np.argsort(-np.abs(u), kind="stable")
 
 
 def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQuantizationType, *,
@@ -191,13 +197,11 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
 
     a, b, w = (by_column(x) for x in (*levels(out, qtype), np.asarray(target, dtype=np.float32)))
     moments = moments[np.arange(nb)[:, None, None], order[:, :, None], order[:, None, :]]
-    u = np.asarray(u, dtype=np.float32)
+    padded, u, visit = _search_inputs(layout, u)
     rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
     tol, limit = TOLERANCE * rms, LEAK_LIMIT * rms
     chol = np.stack([_inverse_factor(m) for m in moments]).astype(np.float32)  # (blocks, B, B)
     codes = np.empty((nb, width, n_rows), np.uint8)
-    padded = np.concatenate([[np.nan], layout.table, [np.nan]]).astype(np.float32)
-    visit = np.argsort(-np.abs(u), kind="stable")
     # GPTQ's lazy batches: errors reach the next LAZY columns at once, the rest by one matmul
     for p0 in range(0, width, LAZY):
         p1 = min(p0 + LAZY, width)
