@@ -29,7 +29,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf_abliterate import quants
 from gguf_abliterate.quants.types import QuantType, get_type
 
-# values handled at once: the search holds about a dozen temporaries of this size
+# values handled at once: their codes, steps and offsets are unpacked into arrays of this size
 GROUP_VALUES = 1 << 18
 # passes of ever smaller moves: groups that take no move stop, so this bounds only those still
 # moving (Q2_K columns under a massive activation needed more than 12)
