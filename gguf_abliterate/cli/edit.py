@@ -212,7 +212,7 @@ def _say_report(say: Say, report: Report, what: str) -> None:
               help="aware: keep ggml's block scales but re-round single codes so requantization does not "
                    "put the removed component back (snap-back); nearest: plain ggml rounding; gptq: aware, and "
                    "each rounding error offset in the columns its matrix's inputs correlate with (about half the "
-                   "output error of aware; the edit takes about 1.4x as long), by statistics `direction` cached "
+                   "output error of aware; the edit takes about 1.5x as long), by statistics `direction` cached "
                    "for INPUT, or measured now by running 64 prompts through llama.cpp (needs llama-cpp-python); "
                    "auto: gptq if those statistics are cached, else aware.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new file is complete).")
