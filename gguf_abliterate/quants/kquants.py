@@ -12,7 +12,9 @@ ggml's reference quantizers are what `ggml_quantize_chunk` runs without an impor
 - `make_qkx2_quants` updates `min` inside its search loop, and later steps use the new min.
 
 Everything is vectorised over sub-blocks: arrays are laid out (elements, sub-blocks) so that
-each of the 16 or 32 ordered additions is one contiguous vector operation.
+each of the 16 or 32 ordered additions is one contiguous vector operation. The trial-scale
+searches of Q2_K and Q4_K to Q6_K, most of their time, are compiled (`scale_search`), with the
+same layout and the same order of operations.
 """
 
 from __future__ import annotations
@@ -25,140 +27,37 @@ from gguf_abliterate.quants.ggml_math import F32, GROUP_MAX_EPS, columns, first_
 QK_K = 256
 
 
-_RINT_SAFE = F32(4.0e6)  # below 2^22 ggml's nearest_int is exactly np.rint
-
-
-def _levels_into(v: np.ndarray, bound: np.ndarray, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
-    """clip(nearest_int(v), lo, hi) into `out`, fast.
-
-    `bound` bounds |v| per column; np.rint is used where it is below 2^22 (where it equals
-    ggml's nearest_int), the exact emulation only on the rare columns where it is not
-    (non-finite or huge scales).
-    """
-    np.rint(v, out=out)
-    np.clip(out, lo, hi, out=out)
-    odd = ~(bound < _RINT_SAFE)
-    if odd.any():
-        out[:, odd] = np.clip(nearest_int(v[:, odd]), lo, hi)
-    return out
-
-
 def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
                      nstep: int, use_mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml's make_qkx2_quants on columns of x (n, m): (scale, -min, L).
 
-    Instead of copying the codes of every improving step, it keeps the (iscale, min) that
-    produced them and recomputes the codes once at the end: same codes, far fewer passes.
-    Work arrays are reused in place, and `x - min` is recomputed only when a min changed.
+    numpy takes each column's start (min, max, weighted sums: one cheap pass each); the trial
+    scales, most of a K-quant's time, run compiled (`scale_search`).
     """
+    from gguf_abliterate.quants.scale_search import qkx2_search  # numba: imported only when quantizing
+
     xmin, mx = x.min(axis=0), x.max(axis=0)
     mn = np.minimum(xmin, F32(0))
-    sum_w = ordered_sum(w)
-    sum_x = ordered_sum(w * x)
-    flat = mx == mn
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(nmax) / np.where(flat, F32(1), mx - mn)
-    scale = F32(1) / iscale
-    xm, dev, lv, tmp = (np.empty_like(x) for _ in range(4))
-
-    def levels(iscale: np.ndarray, mn: np.ndarray, xm: np.ndarray) -> np.ndarray:
-        np.multiply(xm, iscale, out=dev)
-        bound = np.abs(iscale) * np.maximum(mx - mn, np.abs(xmin - mn))
-        return _levels_into(dev, bound, 0, nmax, lv)
-
-    def error_sum(scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
-        np.multiply(lv, scale, out=tmp)
-        np.add(tmp, mn, out=tmp)
-        np.subtract(tmp, x, out=tmp)
-        if use_mad:
-            np.abs(tmp, out=tmp)
-        else:
-            np.multiply(tmp, tmp, out=tmp)
-        np.multiply(tmp, w, out=tmp)
-        return ordered_sum(tmp)
-
-    np.subtract(x, mn, out=xm)
-    levels(iscale, mn, xm)
-    best = error_sum(scale, mn)
-    best_iscale, best_mn = iscale.copy(), mn.copy()
-    span = np.where(flat, F32(1), mx - mn)
-    for step in range(nstep + 1):
-        factor = F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)
-        iscale = factor / span
-        levels(iscale, mn, xm)
-        np.multiply(w, lv, out=tmp)  # w*l
-        sum_l = ordered_sum(tmp)
-        np.multiply(tmp, lv, out=dev)
-        sum_l2 = ordered_sum(dev)
-        np.multiply(tmp, x, out=dev)
-        sum_xl = ordered_sum(dev)
-        d = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
-        positive = np.flatnonzero(this_min > 0)
-        this_min[positive] = 0
-        this_scale[positive] = sum_xl[positive] / sum_l2[positive]
-        cur = error_sum(this_scale, this_min)
-        better = np.flatnonzero((d > 0) & (cur < best) & ~flat)
-        if better.size:
-            best_iscale[better] = iscale[better]
-            best_mn[better] = mn[better]
-            best[better] = cur[better]
-            scale[better] = this_scale[better]
-            mn[better] = this_min[better]
-            span[better] = mx[better] - mn[better]
-            xm[:, better] = x[:, better] - mn[better]
-    np.subtract(x, best_mn, out=xm)
-    L = levels(best_iscale, best_mn, xm).copy()
-    L[:, flat] = 0
-    scale[flat] = 0
-    return scale, -mn, L
+    scale, mins, L = np.empty_like(mx), np.empty_like(mx), np.empty_like(x)
+    qkx2_search(x, w, xmin, mx, mn, ordered_sum(w), ordered_sum(w * x), mx == mn, nmax, rmin, rdelta, nstep,
+                use_mad, scale, mins, L)
+    return scale, -mins, L
 
 
 def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """ggml's make_qx_quants with rmse_type 1 and no weights, on columns of x (n, m): (scale, L).
 
-    Like make_qkx2_quants, it remembers the best iscale and computes the codes once.
+    numpy finds each column's first value of largest magnitude; the trials run compiled.
     """
+    from gguf_abliterate.quants.scale_search import qx_search
+
     cols = np.arange(x.shape[1])
     mx = x[np.abs(x).argmax(axis=0), cols]
     amax = np.abs(mx)
     zero = amax < GROUP_MAX_EPS
-    mx = np.where(zero, F32(1), mx)
-    w = x * x
-    wx = w * x
-    lv, tmp = np.empty_like(x), np.empty_like(x)
-
-    def levels(iscale: np.ndarray) -> np.ndarray:
-        np.multiply(x, iscale, out=tmp)
-        return _levels_into(tmp, np.abs(iscale) * amax, -nmax, nmax - 1, lv)
-
-    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        levels(iscale)
-        np.multiply(wx, lv, out=tmp)
-        sumlx = ordered_sum(tmp)
-        np.multiply(w, lv, out=tmp)
-        np.multiply(tmp, lv, out=tmp)
-        return sumlx, ordered_sum(tmp)
-
-    best_iscale = F32(-nmax) / mx
-    sumlx, suml2 = trial(best_iscale)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
-        sumlx, suml2 = trial(iscale)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            scale = np.where(better, sumlx / suml2, scale)
-        best_iscale = np.where(better, iscale, best_iscale)
-        best = np.where(better, scale * sumlx, best)
-    L = levels(best_iscale) + nmax
-    L[:, zero] = 0
-    return np.where(zero, F32(0), scale), L
+    scale, L = np.empty_like(mx), np.empty_like(x)
+    qx_search(x, np.where(zero, F32(1), mx), amax, zero, nmax, scale, L)
+    return scale, L
 
 
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
