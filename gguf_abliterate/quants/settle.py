@@ -3,11 +3,12 @@
 Group by group, which moves to take is a short sequential search: pick the cheapest moves per
 unit of gain, take as many as pay, repeat with smaller moves. As whole-array numpy it ran a
 dozen temporaries and a partial sort over every group on every pass (90% of aware rounding's
-time on a 1.5B ffn_down). Here a pass is one loop over the group that keeps the best `k`
-candidates in a max-heap, and the group's error component is updated by its moves rather
-than summed again. The rule is the one `rounding`'s docstring gives; among equal ratios the
-lower index goes first. Values are read through any strides (a group may be a column of a
-row-major block), copied once per group into contiguous buffers.
+time on a 1.5B ffn_down). Here a group is copied once, in visiting order, into contiguous
+buffers; a pass computes every value's cost per gain in one loop that vectorises, then keeps
+the best `k` in a max-heap; the group's error component is updated by its moves rather than
+summed again. The rule is the one `rounding`'s docstring gives; among equal ratios the lower
+index in the group goes first. Values are read through any strides (a group may be a column
+of a row-major block).
 """
 
 from __future__ import annotations
@@ -32,20 +33,20 @@ def _move(j: int, a: float, ui: float, want: float, padded: np.ndarray, unit: bo
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
-def _before(ra: float, pa: int, rb: float, pb: int) -> bool:
-    """Candidate order: lower ratio first, then lower index (so ties do not depend on the
-    order values are visited in)."""
-    return ra < rb or (ra == rb and pa < pb)
+def _before(ra: float, pa: int, rb: float, pb: int, order: np.ndarray) -> bool:
+    """Candidate order: lower ratio first, then lower index in the group (positions are in
+    visiting order; `order` maps them back, so ties do not depend on that order)."""
+    return ra < rb or (ra == rb and order[pa] < order[pb])
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
-def _sift_down(ratio: np.ndarray, pos: np.ndarray, at: int, size: int) -> None:
+def _sift_down(ratio: np.ndarray, pos: np.ndarray, at: int, size: int, order: np.ndarray) -> None:
     """Restore the max-heap (by `_before`) below `at`."""
     while True:
         big, left = at, 2 * at + 1
-        if left < size and _before(ratio[big], pos[big], ratio[left], pos[left]):
+        if left < size and _before(ratio[big], pos[big], ratio[left], pos[left], order):
             big = left
-        if left + 1 < size and _before(ratio[big], pos[big], ratio[left + 1], pos[left + 1]):
+        if left + 1 < size and _before(ratio[big], pos[big], ratio[left + 1], pos[left + 1], order):
             big = left + 1
         if big == at:
             return
@@ -66,50 +67,54 @@ def settle_groups(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.nda
     there, so the candidates fill with good moves early and few are displaced (on a 1.5B
     ffn_down, 34 displacements per group and pass instead of 122; 40% less time)."""
     n_groups, n = code.shape
-    ratio, pos, ig, ag, eg = _buffers(n, k)
+    ratio, pos, ig, ag, eg, q = _buffers(n, k)
+    uo = u[order]
+    place = np.empty(n, np.int64)  # each value's place in visiting order
+    place[order] = np.arange(n)
     for g in range(n_groups):
+        r = 0.0  # the group's error component along u, summed in the group's own order
         for i in range(n):
-            ig[i] = code[g, i] + 1
-            ag[i] = a[g, i]
-            eg[i] = ag[i] * padded[ig[i]] + b[g, i] - target[g, i]
-        _settle_group(ig, ag, eg, u, order, padded, unit, tol, limit, passes, weight, ratio, pos)
+            j = place[i]
+            ig[j] = code[g, i] + 1
+            ag[j] = a[g, i]
+            eg[j] = ag[j] * padded[ig[j]] + b[g, i] - target[g, i]
+            r += np.float64(eg[j]) * np.float64(u[i])
+        _settle_group(ig, ag, eg, uo, order, padded, unit, r, tol, limit, passes, weight, ratio, pos, q)
         for i in range(n):
-            code[g, i] = ig[i] - 1
+            code[g, i] = ig[place[i]] - 1
 
 
 @numba.njit(cache=True)
-def _buffers(n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _buffers(n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A search's working arrays: the best k candidates of a pass (ratio, pos: a max-heap while
-    scanning, then sorted best first), and one group of n values as padded-table indices, steps
-    and errors, contiguous for the passes."""
+    scanning, then sorted best first), and one group of n values in visiting order as
+    padded-table indices, steps, errors and the cost per gain of their moves, contiguous."""
     k = min(k, n)
     return (np.empty(k, np.float32), np.empty(k, np.int64), np.empty(n, np.int32), np.empty(n, np.float32),
-            np.empty(n, np.float32))
+            np.empty(n, np.float32), np.empty(n, np.float32))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _settle_group(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, order: np.ndarray,
-                  padded: np.ndarray, unit: bool, tol: float, limit: float, passes: int, weight: float,
-                  ratio: np.ndarray, pos: np.ndarray) -> None:
-    """One group's search: padded-table indices `ig`, steps `ag` and errors `eg` move in place;
-    (ratio, pos) is the candidates' buffer, its length the number of candidates per pass."""
+                  padded: np.ndarray, unit: bool, r: float, tol: float, limit: float, passes: int, weight: float,
+                  ratio: np.ndarray, pos: np.ndarray, q: np.ndarray) -> None:
+    """One group's search: padded-table indices `ig`, steps `ag`, errors `eg` and `u`, all in
+    visiting order (`order` gives each one's place in the group), move in place; `r` is the
+    group's error component along u. (ratio, pos) is the candidates' buffer, its length the
+    number of candidates per pass; q is scratch for the scan."""
     n = len(ig)
-    # the group's error component along u, kept up to date as codes move
-    r = 0.0
-    for i in range(n):
-        r += np.float64(eg[i]) * np.float64(u[i])
     for _ in range(passes):
         size = abs(r)
         if not size > tol:
             break
         want = np.float32(-1.0) if r > 0 else np.float32(1.0)
         reach = np.float32(2 * size)
-        filled = _candidates(ig, ag, eg, u, order, padded, unit, want, reach, ratio, pos)
+        filled = _candidates(ig, ag, eg, u, order, padded, unit, want, reach, q, ratio, pos)
         # heap sort: the worst goes to the end, leaving the candidates best first
         for end in range(filled - 1, 0, -1):
             ratio[0], ratio[end] = ratio[end], ratio[0]
             pos[0], pos[end] = pos[end], pos[0]
-            _sift_down(ratio, pos, 0, end)
+            _sift_down(ratio, pos, 0, end, order)
         # take the first `count` candidates: count minimises cost spent + what the
         # component left costs (and, heavily, whatever of it exceeds the leak limit)
         count, cum, spent = 0, 0.0, 0.0
@@ -137,29 +142,51 @@ def _settle_group(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray,
 
 @numba.njit(cache=True, error_model="numpy")
 def _candidates(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, order: np.ndarray,
-                padded: np.ndarray, unit: bool, want: float, reach: float, ratio: np.ndarray, pos: np.ndarray) -> int:
+                padded: np.ndarray, unit: bool, want: float, reach: float, q: np.ndarray, ratio: np.ndarray,
+                pos: np.ndarray) -> int:
     """Fill the max-heap (ratio, pos) with the best moves (at most its size) and return how
     many it holds: each move gains along u in the wanted sense, by less than `reach`; ranked
-    by weight error added per unit gained."""
-    k = len(ratio)
-    filled = 0
-    for i in order:
-        delta, _ = _move(ig[i], ag[i], u[i], want, padded, unit)
-        gain = (delta * u[i]) * want
-        if not (gain > 0 and gain < reach):
-            continue
-        q = delta * (eg[i] + eg[i] + delta) / gain
-        if filled < k:
+    by weight error added per unit gained.
+
+    First every value's cost per gain goes into q (NaN where it offers no move), in a loop
+    without branches that vectorises; then one pass keeps the best: once the heap is full a
+    value enters only if it beats the worst kept, rarely, so that branch is predictable."""
+    n, k = len(ig), len(ratio)
+    nan = np.float32(np.nan)
+    if unit:
+        for i in range(n):
+            q[i] = _ratio(ig[i], ag[i], eg[i], u[i], want, reach, padded, True, nan)
+    else:
+        for i in range(n):
+            q[i] = _ratio(ig[i], ag[i], eg[i], u[i], want, reach, padded, False, nan)
+    filled, i = 0, 0
+    while filled < k and i < n:  # the first k moves, as they come
+        qi = q[i]
+        if qi == qi:
             at = filled  # sift up
             filled += 1
-            while at > 0 and _before(ratio[(at - 1) // 2], pos[(at - 1) // 2], q, i):
+            while at > 0 and _before(ratio[(at - 1) // 2], pos[(at - 1) // 2], qi, i, order):
                 ratio[at], pos[at] = ratio[(at - 1) // 2], pos[(at - 1) // 2]
                 at = (at - 1) // 2
-            ratio[at], pos[at] = q, i
-        elif _before(q, i, ratio[0], pos[0]):
-            ratio[0], pos[0] = q, i
-            _sift_down(ratio, pos, 0, k)
+            ratio[at], pos[at] = qi, i
+        i += 1
+    worst = ratio[0]
+    for j in range(i, n):  # NaN never beats the worst kept
+        if q[j] <= worst and _before(q[j], j, worst, pos[0], order):
+            ratio[0], pos[0] = q[j], j
+            _sift_down(ratio, pos, 0, k, order)
+            worst = ratio[0]
     return filled
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _ratio(j: int, a: float, e: float, ui: float, want: float, reach: float, padded: np.ndarray, unit: bool,
+           nan: float) -> float:
+    """A value's move as weight error added per unit of gain along u, or NaN if it gains
+    nothing in the wanted sense or more than `reach`."""
+    delta, _ = _move(j, a, ui, want, padded, unit)
+    gain = (delta * ui) * want
+    return delta * (e + e + delta) / gain if gain > 0 and gain < reach else nan
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -173,8 +200,9 @@ def compensate_columns(codes: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.nd
     `errs[:, p - p0]` and to the batch's later columns (the rest is one matmul, left to numpy)."""
     nb, width, n = w.shape
     top = len(padded) - 3  # the last code
-    ratio, pos, ig, ag, eg = _buffers(n, k)
-    t = np.empty(n, np.float32)
+    ratio, pos, ig, ag, eg, scratch = _buffers(n, k)
+    t, code, e = np.empty(n, np.float32), np.empty(n, np.int32), np.empty(n, np.float32)
+    uo = u[order]
     uu = np.float32(0.0)
     for i in range(n):
         uu += u[i] * u[i]
@@ -192,19 +220,24 @@ def compensate_columns(codes: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.nd
             for i in range(n):
                 t[i] += dropped * u[i] / uu
                 near = np.rint((t[i] - bp[i]) / ap[i]) - first
-                code = min(max(near, 0.0), float(top)) if np.isfinite(near) else 0.0
-                ig[i] = np.int32(code) + 1
-                ag[i] = ap[i]
-                eg[i] = ap[i] * padded[ig[i]] + bp[i] - t[i]
-            _settle_group(ig, ag, eg, u, order, padded, True, tol, limit, passes, weight, ratio, pos)
+                code[i] = np.int32(min(max(near, 0.0), float(top)) if np.isfinite(near) else 0.0) + 1
+                e[i] = ap[i] * padded[code[i]] + bp[i] - t[i]
+            r = 0.0
+            for i in range(n):
+                r += np.float64(e[i]) * np.float64(u[i])
+            for j in range(n):
+                ig[j], ag[j], eg[j] = code[order[j]], ap[order[j]], e[order[j]]
+            _settle_group(ig, ag, eg, uo, order, padded, True, r, tol, limit, passes, weight, ratio, pos, scratch)
+            for j in range(n):
+                codes[blk, p, order[j]] = ig[j] - 1
+                e[order[j]] = eg[j]
             # the error carried on, without its component along u (later columns keep the target's)
             along = np.float32(0.0)
             for i in range(n):
-                codes[blk, p, i] = ig[i] - 1
-                along += -eg[i] * u[i]
+                along += -e[i] * u[i]
             pivot = chol[blk, p, p]
             for i in range(n):
-                errs[blk, p - p0, i] = (-eg[i] - along * u[i] / uu) / pivot
+                errs[blk, p - p0, i] = (-e[i] - along * u[i] / uu) / pivot
             for q in range(p + 1, p1):
                 c = chol[blk, p, q]
                 for i in range(n):
