@@ -142,3 +142,15 @@ def test_mxfp4_scales_at_powers_of_two_match_ggml() -> None:
     blocks = (rng.uniform(-0.9, 0.9, (maxima.size, 32)) * maxima[:, None]).astype(np.float32)
     blocks[:, 7] = maxima
     assert np.array_equal(quants.quantize(blocks, Q.MXFP4), ggml_ref.quantize(blocks, Q.MXFP4))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
+def test_kquant_scale_search_tiles_match_ggml(qtype: Q) -> None:
+    """The compiled scale searches take sub-blocks 64 at a time: a last tile that is partly
+    filled, and a tile where denormal blocks (rounded by the exact nearest_int) sit beside
+    ordinary ones, give ggml's bytes."""
+    rng = np.random.default_rng(11)
+    values = rng.normal(0, 0.02, (21, 256)).astype(np.float32)  # 168 or 336 sub-blocks
+    values[3] *= np.float32(1e-40)
+    values[17, :40] = 0
+    assert np.array_equal(quants.quantize(values, qtype), ggml_ref.quantize(values, qtype))
