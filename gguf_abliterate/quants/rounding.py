@@ -56,23 +56,23 @@ def supports(qtype: GGMLQuantizationType) -> bool:
     return get_type(qtype).has_codes
 
 
-def levels(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
-    """Per value, (a, b) such that code c dequantizes to `a * table[c] + b`.
+def scales(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per sub-block, (a, b) such that code c dequantizes to `a * table[c] + b`, and the
+    sub-block's size: (blocks, block_size / size) float32 arrays.
 
-    From the type's `steps` (exactly what ggml's to_float computes) where it has them; else
-    found by dequantizing the blocks with every code set to the level nearest zero, then to
-    the next: exact up to float32 rounding, which is all a rounding decision needs (the bytes
-    written are measured exactly afterwards). The probe costs two dequantizations, a fifth
-    of aware rounding's time on Q4_K.
+    From the type's `steps` (exactly what ggml's to_float computes) where it has them; else per
+    value (size 1), found by dequantizing the blocks with every code set to the level nearest
+    zero, then to the next: exact up to float32 rounding, which is all a rounding decision
+    needs (the bytes written are measured exactly afterwards). The probe costs two
+    dequantizations, a fifth of aware rounding's time on Q4_K.
     """
     layout = get_type(qtype)
     assert layout.table is not None
     bs = layout.block_size
     if layout.has_steps:
         a, b = layout.steps(blocks)
-        per = bs // a.shape[1]
-        return np.repeat(a, per, axis=1), (np.zeros((a.shape[0], bs), np.float32) if b is None
-                                           else np.repeat(b, per, axis=1))
+        a = np.asarray(a, np.float32)
+        return a, (np.zeros_like(a) if b is None else np.asarray(b, np.float32)), bs // a.shape[1]
     first = int(np.abs(layout.table).argmin())
     probe = blocks.copy()
     vals = []
@@ -81,19 +81,13 @@ def levels(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray,
         vals.append(quants.dequantize(probe, qtype).reshape(blocks.shape[0], bs))
     t0, t1 = layout.table[first], layout.table[first + 1]
     a = (vals[1] - vals[0]) / (t1 - t0)
-    return a, vals[0] - a * t0
+    return a, vals[0] - a * t0, 1
 
 
-def _settle(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarray, u: np.ndarray,
-            layout: QuantType, tol: float, limit: float) -> None:
-    """Move codes (groups, n; uint8, any strides) in place so that each group's u-weighted
-    error is near zero."""
-    from gguf_abliterate.quants.settle import settle_groups  # here: numba's import would slow every command's start
-
-    padded, u, visit = _search_inputs(layout, u)
-    # consecutive integer levels: a neighbour is exactly one step a away, no lookups needed
-    settle_groups(code, a, b, target, u, visit, padded, layout.first is not None, float(tol), float(limit),
-                  CANDIDATES, PASSES, WEIGHT)
+def levels(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
+    """`scales` per value: (blocks, block_size) arrays."""
+    a, b, per = scales(blocks, qtype)
+    return np.repeat(a, per, axis=1), np.repeat(b, per, axis=1)
 
 
 def _search_inputs(layout: QuantType, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,17 +114,22 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
     u = np.asarray(u, dtype=np.float32)
     rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
     tol, limit = TOLERANCE * rms, LEAK_LIMIT * rms
+    # numba's import would slow every command's start, so it happens here
+    from gguf_abliterate.quants.settle import settle_columns, settle_rows
+
+    padded, u, visit = _search_inputs(layout, u)
+    search = (visit, padded, layout.first is not None, tol, limit, CANDIDATES, PASSES, WEIGHT)
     if over_rows:
-        # groups are columns: take whole blocks of columns; their transposed views make a group a row
+        # groups are columns: take whole blocks of columns, row-major; the search reads them in tiles
         per = max(1, GROUP_VALUES // (n_rows * bs))
         for j in range(0, n // bs, per):
             blocks = out[:, j : j + per].reshape(-1, ts)
             width = blocks.shape[0] // n_rows * bs
-            code = np.ascontiguousarray(layout.get(blocks), dtype=np.uint8)  # the views below write it
-            a, b = levels(blocks, qtype)
-            _settle(*(x.reshape(n_rows, width).T for x in (code, a, b)), target[:, j * bs : j * bs + width].T, u,
-                    layout, tol, limit)
-            layout.put(blocks, code)
+            code = np.ascontiguousarray(layout.get(blocks), dtype=np.uint8).reshape(n_rows, width)
+            sa, sb, size = scales(blocks, qtype)
+            settle_columns(code, sa.reshape(n_rows, -1), sb.reshape(n_rows, -1), size,
+                           target[:, j * bs : j * bs + width], u, *search)
+            layout.put(blocks, code.reshape(-1, bs))
             out[:, j : j + per] = blocks.reshape(n_rows, -1, ts)
     else:
         per = max(1, GROUP_VALUES // n)
@@ -139,7 +138,7 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
             m = blocks.shape[0] * bs // n
             code = np.ascontiguousarray(layout.get(blocks), dtype=np.uint8).reshape(m, n)
             a, b = levels(blocks, qtype)
-            _settle(code, a.reshape(m, n), b.reshape(m, n), target[i : i + per], u, layout, tol, limit)
+            settle_rows(code, a.reshape(m, n), b.reshape(m, n), target[i : i + per], u, *search)
             layout.put(blocks, code.reshape(-1, bs))
             out[i : i + per] = blocks.reshape(m, -1, ts)
     return out.reshape(n_rows, -1)
@@ -165,7 +164,7 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
     `moments` (blocks, B, B) are the diagonal blocks of the inputs' second moments E[x x^T]
     (B = column_block(n_in)). Column p of every block is rounded at once, blocks' columns in
     order of falling input variance (act-order): nearest code on the scales ggml's quantizer
-    chose (in `data`), then `_settle` moves codes so the column's component along u is the
+    chose (in `data`), then the search moves codes so the column's component along u is the
     target's, then the rounding error e is carried to the block's later columns as
     w_k -= e * U_pk / U_pp, U the upper Cholesky factor of the block's inverse moments.
     Two guards keep the edit: e loses its component along u before it is carried (so later
@@ -174,7 +173,7 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
     column's codes to the ends of their range, where no move could settle it: 7% leak).
     On held-back prompts this halves the output error of aware rounding (tools/bench_requant.py).
     """
-    from gguf_abliterate.quants.settle import compensate_columns  # numba, as in _settle
+    from gguf_abliterate.quants.settle import compensate_columns  # numba, as in keep_edit
 
     layout = get_type(qtype)
     assert layout.table is not None and layout.first is not None
