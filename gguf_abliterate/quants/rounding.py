@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from gguf_abliterate import quants
 from gguf_abliterate.quants.types import QuantType, get_type
 
 # values handled at once: their codes, steps and offsets are unpacked into arrays of this size
@@ -57,31 +56,12 @@ def supports(qtype: GGMLQuantizationType) -> bool:
 
 
 def scales(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per sub-block, (a, b) such that code c dequantizes to `a * table[c] + b`, and the
-    sub-block's size: (blocks, block_size / size) float32 arrays.
-
-    From the type's `steps` (exactly what ggml's to_float computes) where it has them; else per
-    value (size 1), found by dequantizing the blocks with every code set to the level nearest
-    zero, then to the next: exact up to float32 rounding, which is all a rounding decision
-    needs (the bytes written are measured exactly afterwards). The probe costs two
-    dequantizations, a fifth of aware rounding's time on Q4_K.
-    """
+    """Per sub-block, (a, b) such that code c dequantizes to `a * table[c] + b` as ggml's
+    to_float computes it, and the sub-block's size: (blocks, block_size / size) float32 arrays."""
     layout = get_type(qtype)
-    assert layout.table is not None
-    bs = layout.block_size
-    if layout.has_steps:
-        a, b = layout.steps(blocks)
-        a = np.asarray(a, np.float32)
-        return a, (np.zeros_like(a) if b is None else np.asarray(b, np.float32)), bs // a.shape[1]
-    first = int(np.abs(layout.table).argmin())
-    probe = blocks.copy()
-    vals = []
-    for code in (first, first + 1):
-        layout.put(probe, np.full((blocks.shape[0], bs), code, np.uint8))
-        vals.append(quants.dequantize(probe, qtype).reshape(blocks.shape[0], bs))
-    t0, t1 = layout.table[first], layout.table[first + 1]
-    a = (vals[1] - vals[0]) / (t1 - t0)
-    return a, vals[0] - a * t0, 1
+    a, b = layout.steps(blocks)
+    a = np.asarray(a, np.float32)
+    return a, (np.zeros_like(a) if b is None else np.asarray(b, np.float32)), layout.block_size // a.shape[1]
 
 
 def levels(blocks: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:

@@ -86,31 +86,45 @@ def settle_columns(code: np.ndarray, sa: np.ndarray, sb: np.ndarray, per: int, t
                    passes: int, weight: float) -> None:
     """`settle_rows` for groups that are the columns of row-major arrays: `code` and `target`
     (n, columns), and the value at (i, c) has step `sa[i, c // per]` and offset `sb[i, c // per]`
-    (a block's sub-block scales, not repeated per value).
+    (a block's sub-block scales; `per` and the number of columns are multiples of TILE).
 
     A column read alone touches one cache line per value, and a 1536-row block of columns
-    does not stay in L2: read TILE columns at once, row by row, into contiguous buffers, search
-    each, write them back the same way (on a 1.5B ffn_down, 0.29 s -> X s)."""
+    does not stay in L2. So TILE columns are read at once, row by row: their errors are
+    computed a square of TILE x TILE at a time (the loop over columns vectorises, with one
+    step and offset per row since the tile lies in one sub-block), then transposed into one
+    contiguous buffer per column; codes go back the same way. On a 1.5B ffn_down this took
+    the copying from 0.10 s to 0.04 s."""
     n, width = code.shape
     ratio, pos, q = _buffers(n, k)
-    ig, ag, eg = np.empty((TILE, n), np.int32), np.empty((TILE, n), np.float32), np.empty((TILE, n), np.float32)
+    ig, eg = np.empty((TILE, n), np.int32), np.empty((TILE, n), np.float32)
+    ag, bg = np.empty(n, np.float32), np.empty(n, np.float32)
+    square = np.empty((TILE, TILE), np.float32)
     r = np.empty(TILE, np.float64)
     for c0 in range(0, width, TILE):
-        t = min(TILE, width - c0)
-        r[:] = 0.0
+        s = c0 // per
         for i in range(n):
-            ui = np.float64(u[i])
-            for c in range(t):
-                s = (c0 + c) // per
-                j = np.int32(code[i, c0 + c]) + 1
-                e = sa[i, s] * padded[j] + sb[i, s] - target[i, c0 + c]
-                ig[c, i], ag[c, i], eg[c, i] = j, sa[i, s], e
-                r[c] += np.float64(e) * ui
-        for c in range(t):
-            _settle_group(ig[c], ag[c], eg[c], u, order, padded, unit, r[c], tol, limit, passes, weight, ratio,
-                          pos, q)
-        for i in range(n):
-            for c in range(t):
+            ag[i], bg[i] = sa[i, s], sb[i, s]
+        r[:] = 0.0  # each column's error component along u, summed in row order
+        for i0 in range(0, n, TILE):
+            m = min(TILE, n - i0)
+            for ii in range(m):
+                i = i0 + ii
+                for c in range(TILE):
+                    square[ii, c] = ag[i] * padded[np.int32(code[i, c0 + c]) + 1] + bg[i] - target[i, c0 + c]
+            for ii in range(m):
+                ui = np.float64(u[i0 + ii])
+                for c in range(TILE):
+                    r[c] += np.float64(square[ii, c]) * ui
+            for c in range(TILE):
+                for ii in range(m):
+                    eg[c, i0 + ii] = square[ii, c]
+        for c in range(TILE):
+            for i in range(n):
+                ig[c, i] = np.int32(code[i, c0 + c]) + 1
+        for c in range(TILE):
+            _settle_group(ig[c], ag, eg[c], u, order, padded, unit, r[c], tol, limit, passes, weight, ratio, pos, q)
+        for c in range(TILE):
+            for i in range(n):
                 code[i, c0 + c] = ig[c, i] - 1
 
 

@@ -71,11 +71,6 @@ class QuantType:
         """Whether aware rounding can move its codes (every integer-coded type we write)."""
         return self.table is not None
 
-    @property
-    def has_steps(self) -> bool:
-        """Whether `steps` is implemented (every integer-coded type but Q2_K and Q3_K)."""
-        return type(self).steps is not QuantType.steps
-
     def quantize(self, values: np.ndarray) -> np.ndarray:
         """C-contiguous float32 rows of whole blocks -> uint8 (rows, row_bytes)."""
         raise NotImplementedError(f"quantizing to {self.qtype.name} is not supported yet")
@@ -377,6 +372,13 @@ class Q2_K(_BlockQuantize, qtype=Q.Q2_K):
     def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
         blocks[:, 16:80] = pack_crumbs(codes)
 
+    def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`d * sc * q - dmin * m` per 16 values, sc and m the low and high nibbles of bytes
+        0-15, d and dmin the float16 at bytes 80 and 82; (d * sc) and (dmin * m) first.
+        (Only rounding reads it: dequantization stays gguf-py's.)"""
+        sc = blocks[:, 0:16]
+        return _half(blocks, 80)[:, None] * (sc & 15).astype(F32), -(_half(blocks, 82)[:, None] * (sc >> 4).astype(F32))
+
 
 class Q3_K(_BlockQuantize, qtype=Q.Q3_K):
     """Code = low 2 bits + 4 * hmask bit; ggml's value is d_sub * (code - 4)."""
@@ -389,6 +391,16 @@ class Q3_K(_BlockQuantize, qtype=Q.Q3_K):
     def put(self, blocks: np.ndarray, codes: np.ndarray) -> None:
         blocks[:, 0:32] = pack_bitplanes(codes >> 2)
         blocks[:, 32:96] = pack_crumbs(codes & 3)
+
+    def steps(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`d * (sc - 32)` per 16 values: scale j has the low nibble of byte 96 + j % 8 (j < 8
+        low, else high) and, on top, bits 2 * (j // 4) of byte 104 + j % 4; d the float16 at
+        byte 108. (Only rounding reads it: dequantization stays gguf-py's.)"""
+        s = blocks[:, 96:108].astype(np.int32)
+        j = np.arange(16)
+        low = np.where(j < 8, s[:, j % 8] & 15, s[:, j % 8] >> 4)
+        sc = low | (((s[:, 8 + j % 4] >> (2 * (j // 4))) & 3) << 4)
+        return _half(blocks, 108)[:, None] * (sc - 32).astype(F32), None
 
 
 def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
