@@ -33,9 +33,9 @@ GROUP_VALUES = 1 << 18
 # passes of ever smaller moves: groups that take no move stop, so this bounds only those still
 # moving (Q2_K columns under a massive activation needed more than 12)
 PASSES = 24
-# moves considered per group and pass; a pass needs about 0.3 * sqrt(group size) of them (12 on
-# a 1536-row column; 64 took 15% longer for the same leak and weight error on Qwen2.5-1.5B)
-CANDIDATES = 32
+# most moves considered per group and pass: a pass starts with `settle.START` and doubles them
+# after taking all it kept (Q6_K columns of a 1.5B ffn_down take about 40 moves per group)
+CANDIDATES = 64
 # a group is done when its error component is below this fraction of the RMS component the
 # edit acted on (its size before the edit)
 TOLERANCE = 1e-3
