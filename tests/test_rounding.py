@@ -115,6 +115,37 @@ def test_no_edit_moves_no_code() -> None:
         assert np.array_equal(rounding.keep_edit(data, grid, u, qtype, over_rows=True, before=u @ grid), data)
 
 
+@pytest.mark.parametrize("n, k, reach", [(5, 8, 9.0), (40, 8, 9.0), (1536, 8, 9.0), (1536, 64, 9.0),
+                                         (1536, 32, 2e-6)])
+def test_search_candidates_are_the_best_moves(n: int, k: int, reach: float) -> None:
+    """The compiled search's selection (a sampled threshold, or without one where too few
+    pass it, as with a small reach) keeps exactly the k moves of least cost per gain, ties
+    by index, whatever the group: equal ratios (repeated values) and -0.0 against 0.0 among them."""
+    from gguf_abliterate.quants import settle
+
+    rng = np.random.default_rng(n + k)
+    padded = np.concatenate([[np.nan], np.arange(16), [np.nan]]).astype(np.float32)
+    ig = rng.integers(1, 17, n).astype(np.int32)
+    ag = rng.uniform(0.001, 0.003, n).astype(np.float32)
+    eg = (ag * rng.uniform(-0.5, 0.5, n)).astype(np.float32)
+    u = rng.normal(0, 1, n).astype(np.float32)
+    u /= np.linalg.norm(u)
+    half = n // 2
+    ig[half:half + n // 4], ag[half:half + n // 4] = ig[: n // 4], ag[: n // 4]  # a quarter repeated
+    eg[half:half + n // 4], u[half:half + n // 4] = eg[: n // 4], u[: n // 4]
+    eg[:4], u[:4], ig[:4] = ag[:4] / 2, 0.05, 8  # cost 0: moving down gives -0.0, up +0.0
+    eg[2:4], u[2:4] = -ag[2:4] / 2, -0.05
+    order = np.argsort(-np.abs(u), kind="stable")
+    heap, q, key, kept = settle._buffers(n, k)
+    filled = settle._candidates(ig, ag, eg, u, order, padded, True, np.float32(-1.0), np.float32(reach), q, key, kept,
+                                heap)
+    got = np.sort(heap[:filled]) & 0xFFFFFFFF  # keys sort by (ratio, index)
+    valid = np.flatnonzero(~np.isnan(q))
+    best = valid[np.lexsort((valid, q[valid] + np.float32(0.0)))][:k]
+    assert filled == min(k, len(valid)) and filled > 0
+    assert np.array_equal(got, best)
+
+
 def test_embedding_rows_keep_the_edit() -> None:
     """token_embd: the component is E u, summed along each row."""
     rng = np.random.default_rng(6)

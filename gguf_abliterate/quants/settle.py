@@ -5,7 +5,8 @@ unit of gain, take as many as pay, repeat with smaller moves. As whole-array num
 dozen temporaries and a partial sort over every group on every pass (90% of aware rounding's
 time on a 1.5B ffn_down). Here a group's values are copied once into contiguous buffers; a
 pass computes every value's cost per gain in one loop that vectorises, then keeps the best few
-(`START`, more while passes take all they kept) in a max-heap; the group's error component is updated by its moves rather than summed again.
+(`START`, more while passes take all they kept) in a max-heap of integer keys; the group's
+error component is updated by its moves rather than summed again.
 The rule is the one `rounding`'s docstring gives; among equal ratios the lower index in the
 group goes first.
 """
@@ -19,6 +20,8 @@ import numpy as np
 # about 0.3 * sqrt(group size) moves; 8 then doubling was 25-30% faster than 32 from the start,
 # for the same leak and weight error
 START = 8
+# `_candidates` estimates its threshold from every SAMPLE-th value of a group (8-32 ran alike)
+SAMPLE = 16
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
@@ -64,7 +67,7 @@ def settle_rows(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarr
     `padded` is the type's table with NaN at both ends; with `unit`, levels are consecutive
     integers and a step is exactly `a`. `order` is range(n) by falling |u| (see `_candidates`)."""
     n_groups, n = code.shape
-    heap, q, key = _buffers(n, k)
+    heap, q, key, kept = _buffers(n, k)
     ig, ag, eg = np.empty(n, np.int32), np.empty(n, np.float32), np.empty(n, np.float32)
     for g in range(n_groups):
         r = 0.0  # the group's error component along u
@@ -73,7 +76,7 @@ def settle_rows(code: np.ndarray, a: np.ndarray, b: np.ndarray, target: np.ndarr
             ag[i] = a[g, i]
             eg[i] = ag[i] * padded[ig[i]] + b[g, i] - target[g, i]
             r += np.float64(eg[i]) * np.float64(u[i])
-        _settle_group(ig, ag, eg, u, order, padded, unit, r, tol, limit, passes, weight, heap, q, key)
+        _settle_group(ig, ag, eg, u, order, padded, unit, r, tol, limit, passes, weight, heap, q, key, kept)
         for i in range(n):
             code[g, i] = ig[i] - 1
 
@@ -99,7 +102,7 @@ def settle_columns(code: np.ndarray, sa: np.ndarray, sb: np.ndarray, per: int, t
     ffn_down the copying takes 0.035 s (squares: 0.060 s, column by column: 0.10 s)."""
     n, width = code.shape
     assert per % TILE == 0 and width % TILE == 0  # else a tile would straddle two sub-blocks
-    heap, q, key = _buffers(n, k)
+    heap, q, key, kept = _buffers(n, k)
     ig, eg = np.empty((TILE, n), np.int32), np.empty((TILE, n), np.float32)
     row = np.empty(TILE, np.float32)
     r = np.empty(TILE, np.float64)
@@ -118,26 +121,28 @@ def settle_columns(code: np.ndarray, sa: np.ndarray, sb: np.ndarray, per: int, t
             for c in range(TILE):
                 ig[c, i] = np.int32(code[i, c0 + c]) + 1
         for c in range(TILE):
-            _settle_group(ig[c], ag, eg[c], u, order, padded, unit, r[c], tol, limit, passes, weight, heap, q, key)
+            _settle_group(ig[c], ag, eg[c], u, order, padded, unit, r[c], tol, limit, passes, weight, heap, q, key,
+                          kept)
         for i in range(n):
             for c in range(TILE):
                 code[i, c0 + c] = ig[c, i] - 1
 
 
 @numba.njit(cache=True)
-def _buffers(n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _buffers(n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A search's working arrays: the candidates' keys (room for the most a pass may keep, k:
-    a max-heap while scanning, then sorted best first), and every value's cost per gain and key."""
-    return np.empty(min(k, n), np.int64), np.empty(n, np.float32), np.empty(n, np.int64)
+    a max-heap while scanning, then sorted best first), every value's cost per gain and key,
+    and room for the keys a threshold keeps."""
+    return np.empty(min(k, n), np.int64), np.empty(n, np.float32), np.empty(n, np.int64), np.empty(n, np.int64)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _settle_group(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, order: np.ndarray,
                   padded: np.ndarray, unit: bool, r: float, tol: float, limit: float, passes: int, weight: float,
-                  heap: np.ndarray, q: np.ndarray, key: np.ndarray) -> None:
+                  heap: np.ndarray, q: np.ndarray, key: np.ndarray, kept: np.ndarray) -> None:
     """One group's search: padded-table indices `ig`, steps `ag` and errors `eg` of its values
     move in place; `r` is the group's error component along u. `heap` is the candidates'
-    buffer, its length the most candidates a pass may keep; q and key are scratch.
+    buffer, its length the most candidates a pass may keep; q, key and kept are scratch.
 
     A pass keeps few candidates (each costs a heap displacement) and doubles them, up to the
     buffer, after a pass that took all it kept: a group far from its target (Q2_K under a
@@ -150,7 +155,7 @@ def _settle_group(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray,
             break
         want = np.float32(-1.0) if r > 0 else np.float32(1.0)
         reach = np.float32(2 * size)
-        filled = _candidates(ig, ag, eg, u, order, padded, unit, want, reach, q, key, heap[:k])
+        filled = _candidates(ig, ag, eg, u, order, padded, unit, want, reach, q, key, kept, heap[:k])
         # heap sort: the worst goes to the end, leaving the candidates best first; then
         # each key is replaced by its value's index
         for end in range(filled - 1, 0, -1):
@@ -188,7 +193,7 @@ def _settle_group(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray,
 @numba.njit(cache=True, error_model="numpy")
 def _candidates(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, order: np.ndarray,
                 padded: np.ndarray, unit: bool, want: float, reach: float, q: np.ndarray, key: np.ndarray,
-                heap: np.ndarray) -> int:
+                kept: np.ndarray, heap: np.ndarray) -> int:
     """Fill the max-heap of keys with the best moves (at most its size) and return how many
     it holds: each move gains along u in the wanted sense, by less than `reach`; ranked by
     weight error added per unit gained, then by index in the group.
@@ -196,12 +201,13 @@ def _candidates(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, o
     First every value's cost per gain goes into q (NaN where it offers no move), and its key
     into `key`: the cost's float bits made to sort as integers, above the value's index, so
     that one integer comparison ranks two candidates (the heap's compares were branches on
-    two fields, 40-50 ns a displacement; with keys Q6_K's search is a fifth faster). Both
-    loops are without branches and vectorise. The heap is filled from the values of largest
-    |u| (`order`), where the cheapest moves per gain mostly are, so that it starts with good
-    moves (on a 1.5B ffn_down, 34 displacements per group and pass instead of 122); then one
-    scan in group order keeps the best: a value enters only if it beats the worst kept,
-    rarely, so that branch is predictable. The result is the best `k` whatever the order."""
+    two fields, 40-50 ns a displacement). Both loops are without branches and vectorise.
+
+    Then a threshold that about k + 2 * SAMPLE keys pass (`_threshold`); those are copied to
+    `kept` without a branch, and the heap is built from them alone: a heap displacement
+    costs 25-45 ns (its branches mispredict), and a scan of every key against the heap's
+    worst took 25-100 of them per pass. Where too few keys pass (late passes, when few moves
+    are small enough), `_fill_and_scan`. The result is the best `k` either way."""
     n, k = len(ig), len(heap)
     nan = np.float32(np.nan)
     if unit:
@@ -214,28 +220,75 @@ def _candidates(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, o
     for i in range(n):
         b = bits[i]  # negative floats: flip all but the sign, and the bits sort as the floats
         key[i] = (np.int64(b ^ ((b >> 31) & 0x7FFFFFFF)) << 32) + i if q[i] == q[i] else NONE
+    t = _threshold(key, heap, min(k // SAMPLE + 2, k))  # the heap is its scratch
+    count = 0
+    if t != NONE:
+        for i in range(n):
+            kept[count] = key[i]
+            count += key[i] <= t
+    if count < k:
+        return _fill_and_scan(key, order, heap)
+    for c in range(k):
+        _push(heap, c, kept[c])
+    _keep_best(heap, kept[k:count])
+    return k
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _threshold(key: np.ndarray, heap: np.ndarray, m: int) -> np.int64:
+    """The m-th smallest of every SAMPLE-th key (`heap` is scratch), NONE if fewer are real:
+    about m * SAMPLE keys are at or below it."""
+    f = 0
+    for i in range(0, len(key), SAMPLE):
+        if f < m:
+            if key[i] != NONE:
+                _push(heap, f, key[i])
+                f += 1
+        elif key[i] < heap[0]:
+            heap[0] = key[i]
+            _sift_down(heap, 0, m)
+    return heap[0] if f == m else NONE
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fill_and_scan(key: np.ndarray, order: np.ndarray, heap: np.ndarray) -> int:
+    """The heap of the best keys without a threshold: filled from the values of largest |u|
+    (`order`), where the cheapest moves per gain mostly are, so that it starts with good
+    moves (on a 1.5B ffn_down, 34 displacements per pass instead of 122); then one scan in
+    group order keeps the best."""
+    n, k = len(key), len(heap)
     filled, j = 0, 0
     while filled < k and j < n:
         i = order[j]
-        ki = key[i]
-        if ki != NONE:
-            at = filled  # sift up
+        if key[i] != NONE:
+            _push(heap, filled, key[i])
             filled += 1
-            while at > 0 and heap[(at - 1) // 2] < ki:
-                heap[at] = heap[(at - 1) // 2]
-                at = (at - 1) // 2
-            heap[at] = ki
         key[i] = NONE  # seen: the scan below skips it
         j += 1
-    if filled < k:
-        return filled
-    worst = heap[0]
-    for i in range(n):
-        if key[i] < worst:
-            heap[0] = key[i]
-            _sift_down(heap, 0, k)
-            worst = heap[0]
+    if filled == k:
+        _keep_best(heap, key)
     return filled
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _push(heap: np.ndarray, size: int, k: np.int64) -> None:
+    """Add k to the max-heap heap[:size] (it becomes heap[:size + 1])."""
+    at = size
+    while at > 0 and heap[(at - 1) // 2] < k:
+        heap[at] = heap[(at - 1) // 2]
+        at = (at - 1) // 2
+    heap[at] = k
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _keep_best(heap: np.ndarray, keys: np.ndarray) -> None:
+    """Let each of `keys` replace the full heap's worst if it is better: a branch rarely taken."""
+    worst = heap[0]
+    for i in range(len(keys)):
+        if keys[i] < worst:
+            heap[0] = keys[i]
+            _sift_down(heap, 0, len(heap))
+            worst = heap[0]
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
@@ -260,7 +313,7 @@ def compensate_columns(codes: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.nd
     `errs[:, p - p0]` and to the batch's later columns (the rest is one matmul, left to numpy)."""
     nb, width, n = w.shape
     top = len(padded) - 3  # the last code
-    heap, scratch, key = _buffers(n, k)
+    heap, scratch, key, kept = _buffers(n, k)
     t, code, e = np.empty(n, np.float32), np.empty(n, np.int32), np.empty(n, np.float32)
     uu = np.float32(0.0)
     for i in range(n):
@@ -284,7 +337,7 @@ def compensate_columns(codes: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.nd
             r = 0.0
             for i in range(n):
                 r += np.float64(e[i]) * np.float64(u[i])
-            _settle_group(code, ap, e, u, order, padded, True, r, tol, limit, passes, weight, heap, scratch, key)
+            _settle_group(code, ap, e, u, order, padded, True, r, tol, limit, passes, weight, heap, scratch, key, kept)
             for i in range(n):
                 codes[blk, p, i] = code[i] - 1
             # the error carried on, without its component along u (later columns keep the target's)
