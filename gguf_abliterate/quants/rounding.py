@@ -168,13 +168,14 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
     order = np.argsort(-np.einsum("bii->bi", moments), axis=1, kind="stable")  # (blocks, B)
     perm = (order + width * np.arange(nb)[:, None]).ravel()  # the columns, in that order block by block
 
-    def by_column(x: np.ndarray) -> np.ndarray:
-        """(rows, n) -> (blocks, width, rows), act-ordered: position p of every block is one
-        contiguous group. (One column gather: take_along_axis over the 3-d result would build
-        three index arrays of its size.)"""
-        return np.ascontiguousarray(x.reshape(n_rows, n).T[perm]).reshape(nb, width, n_rows)
-
-    a, b, w = (by_column(x) for x in (*levels(out, qtype), np.asarray(target, dtype=np.float32)))
+    # the target by column, (blocks, width, rows): position p of every block is one contiguous
+    # group (one column gather: take_along_axis over the 3-d result would build three index
+    # arrays of its size)
+    w = np.ascontiguousarray(np.asarray(target, dtype=np.float32).T[perm]).reshape(nb, width, n_rows)
+    # steps and offsets per sub-block, (blocks, sub-blocks, rows), and each column's sub-block
+    sa, sb, per = scales(out, qtype)
+    a, b = (np.ascontiguousarray(x.reshape(n_rows, nb, width // per).transpose(1, 2, 0)) for x in (sa, sb))
+    sub = order // per
     moments = moments[np.arange(nb)[:, None, None], order[:, :, None], order[:, None, :]]
     padded, u, visit = _search_inputs(layout, u)
     rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
@@ -185,7 +186,7 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
     for p0 in range(0, width, LAZY):
         p1 = min(p0 + LAZY, width)
         errs = np.empty((nb, p1 - p0, n_rows), np.float32)
-        compensate_columns(codes, a, b, w, errs, chol, u, visit, padded, layout.first, p0, p1, tol, limit,
+        compensate_columns(codes, a, b, sub, w, errs, chol, u, visit, padded, layout.first, p0, p1, tol, limit,
                            CANDIDATES, PASSES, WEIGHT)
         if p1 < width:
             w[:, p1:] -= np.matmul(chol[:, p0:p1, p1:].transpose(0, 2, 1), errs)

@@ -303,11 +303,14 @@ def _ratio(j: int, a: float, e: float, ui: float, want: float, reach: float, pad
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def compensate_columns(codes: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray, errs: np.ndarray,
-                       chol: np.ndarray, u: np.ndarray, order: np.ndarray, padded: np.ndarray, first: int,
-                       p0: int, p1: int, tol: float, limit: float, k: int, passes: int, weight: float) -> None:
+def compensate_columns(codes: np.ndarray, a: np.ndarray, b: np.ndarray, sub: np.ndarray, w: np.ndarray,
+                       errs: np.ndarray, chol: np.ndarray, u: np.ndarray, order: np.ndarray, padded: np.ndarray,
+                       first: int, p0: int, p1: int, tol: float, limit: float, k: int, passes: int,
+                       weight: float) -> None:
     """Columns p0..p1 of every column block, one after the other, as `rounding.keep_edit_compensated`
-    describes: (blocks, width, rows) arrays, act-ordered. For column p of a block: the carried
+    describes: `w` and `codes` (blocks, width, rows), act-ordered; column p of block blk has the
+    rows' steps and offsets `a[blk, sub[blk, p]]` and `b[...]` ((blocks, sub-blocks, rows): a
+    sub-block's columns share them, so they are not spread per column). For each: the carried
     target is clipped to the scales' range (its component along u kept), rounded to the nearest
     code, settled along u; its error, without its component along u and divided by U_pp, goes to
     `errs[:, p - p0]` and to the batch's later columns (the rest is one matmul, left to numpy)."""
@@ -320,7 +323,7 @@ def compensate_columns(codes: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.nd
         uu += u[i] * u[i]
     for p in range(p0, p1):
         for blk in range(nb):
-            ap, bp, wp = a[blk, p], b[blk, p], w[blk, p]
+            ap, bp, wp = a[blk, sub[blk, p]], b[blk, sub[blk, p]], w[blk, p]
             # what earlier columns pushed beyond the scales' range is dropped (carried on, it
             # could push later columns further out), but not its component along u
             dropped = np.float32(0.0)
