@@ -44,6 +44,24 @@ def test_code_layout_round_trips_and_levels_match_the_dequantizer(qtype: Q) -> N
     assert np.array_equal(a * layout.table[random_codes] + b, back)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_quantize_split_hands_over_the_codes_it_would_pack(qtype: Q) -> None:
+    """The codes apart, then packed by the type's `put`: the bytes `quantize` writes, over
+    several of the quantizer's chunks, with a zero block and one of values so small that
+    Q6_K's block scale is under ggml's epsilon (ggml zeroes that block, codes and all)."""
+    values = np.random.default_rng(8).normal(size=(3, 256 * 9)).astype(np.float32)
+    values[1, :256] = 0.0
+    values[1, 256:512] *= 1e-14
+    values[2, :4096] *= 1e3
+    whole = quants.quantize(values, qtype)
+    data, codes = quants.quantize_split(values, qtype)
+    layout, (bs, ts) = get_type(qtype), GGML_QUANT_SIZES[qtype]
+    assert codes.shape == values.shape and codes.dtype == np.uint8
+    assert np.array_equal(codes.reshape(-1, bs), layout.get(whole.reshape(-1, ts)))
+    layout.write_codes(data.reshape(-1, ts), codes.reshape(-1, bs))
+    assert np.array_equal(data, whole)
+
+
 def edited(w: np.ndarray, u: np.ndarray, coef: float) -> np.ndarray:
     out = w.copy()
     project_residual_rows(out, u, coef)
@@ -63,6 +81,8 @@ def check(qtype: Q, w: np.ndarray, u: np.ndarray, coef: float, max_rmse_ratio: f
     target = edited(w, u, coef)
     plain = quants.quantize(target, qtype)
     aware = rounding.keep_edit(plain, target, u, qtype, over_rows=True, before=u @ w)
+    data, codes = quants.quantize_split(target, qtype)  # as an edit runs it: the same bytes
+    assert np.array_equal(rounding.keep_edit(data, target, u, qtype, over_rows=True, before=u @ w, codes=codes), aware)
     leak_plain, rmse_plain = leak_and_rmse(plain, qtype, w, target, u)
     leak, rmse = leak_and_rmse(aware, qtype, w, target, u)
     assert leak < 0.01 and leak < leak_plain, (leak, leak_plain)
@@ -157,6 +177,9 @@ def test_embedding_rows_keep_the_edit() -> None:
     for qtype in (Q.Q4_K, Q.Q5_0):
         plain = quants.quantize(target, qtype)
         aware = rounding.keep_edit(plain, target, u, qtype, over_rows=False, before=before)
+        data, codes = quants.quantize_split(target, qtype)
+        assert np.array_equal(rounding.keep_edit(data, target, u, qtype, over_rows=False, before=before, codes=codes),
+                              aware)
         leak_plain, leak = (np.linalg.norm(quants.dequantize(d, qtype) @ u) / np.linalg.norm(before)
                             for d in (plain, aware))
         assert leak < 0.01 and leak < leak_plain / 4, (qtype.name, leak, leak_plain)

@@ -8,8 +8,9 @@ are requantized to each type both ways. Printed per type: the leak (share of the
 component that rounding puts back; for --reverse the relative error of the amplified one),
 median and worst over tensors; the weight RMSE of aware rounding as a ratio to plain
 rounding's, median and worst; the *output error* on held-back activations, both ways; and
-throughput in MB/s of float32 for the plain quantizer and for quantizer plus aware rounding,
-both measured in this run.
+throughput in MB/s of float32 for the plain quantizer and for aware rounding (the quantizer
+handing over its codes unpacked, `quants.quantize_split`, then the search, then packing, as
+an edit runs it), both measured in this run.
 
 The output error is what the model sees: the inputs each writer reads (llama.cpp's `kqv_out`
 before attn_output, `ffn_swiglu`/`ffn_geglu` before ffn_down) are captured through the
@@ -79,15 +80,16 @@ def main() -> None:
             t0 = time.perf_counter()
             plain = quants.quantize(w, qt)
             t1 = time.perf_counter()
-            aware = rounding.keep_edit(plain, w, u, qt, over_rows=True, before=before)
+            data, codes = quants.quantize_split(w, qt)
+            aware = rounding.keep_edit(data, w, u, qt, over_rows=True, before=before, codes=codes)
             t2 = time.perf_counter()
             r = rows[qt.name]
             done = [("lp", plain), ("la", aware)]
             m = writer_input(moments, e.name, e.block, None)
             if m is not None and rounding.compensates(qt, w.shape[1]):
                 t3 = time.perf_counter()
-                done.append(("lg", rounding.keep_edit_compensated(quants.quantize(w, qt), w, u, qt, before=before,
-                                                                  moments=m)))
+                done.append(("lg", rounding.keep_edit_compensated(quants.quantize_split(w, qt)[0], w, u, qt,
+                                                                  before=before, moments=m)))
                 r["tg"].append(time.perf_counter() - t3)
                 r["mb_g"].append(w.nbytes / 1e6)
             for key, data in done:
@@ -100,7 +102,7 @@ def main() -> None:
             if len(done) == 3:
                 r["ratio_g"].append(r["lg_rmse"][-1] / r["lp_rmse"][-1])
             r["tp"].append(t1 - t0)
-            r["ta"].append(t2 - t0)
+            r["ta"].append(t2 - t1)
             r["mb"].append(w.nbytes / 1e6)
     print(f"{'type':7} {'plain leak med':>14} {'worst':>7} {'aware leak med':>14} {'worst':>7} "
           f"{'gptq leak med':>13} {'worst':>7} {'RMSE ratio aware':>16} {'gptq':>6} {'plain out':>9} "
@@ -129,10 +131,11 @@ def warm_up(types: list[GGMLQuantizationType]) -> None:
     u /= np.linalg.norm(u)
     moments = np.eye(rounding.column_block(256), dtype=np.float32)[None]
     for qt in types:
-        plain = quants.quantize(w, qt)
-        rounding.keep_edit(plain, w, u, qt, over_rows=True, before=u @ w)
+        quants.quantize(w, qt)
+        data, codes = quants.quantize_split(w, qt)
+        rounding.keep_edit(data, w, u, qt, over_rows=True, before=u @ w, codes=codes)
         if rounding.compensates(qt, 256):
-            rounding.keep_edit_compensated(plain, w, u, qt, before=u @ w, moments=moments)
+            rounding.keep_edit_compensated(data, w, u, qt, before=u @ w, moments=moments)
 
 
 def _share(values: list[float], fmt: str = ".1%") -> str:

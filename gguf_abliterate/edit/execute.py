@@ -74,11 +74,15 @@ def edit_piece(model: Model, piece: Piece) -> PieceResult:
     values = _dequantized(model, edit, piece.first, piece.count)
     before = component(values, u, edit.kind)
     project(values, u, edit.coef, edit.kind, edit.method, edit.reads)
-    data = _requantized(values, edit)
-    if edit.aware and edit.moments is not None and rounding.compensates(edit.out_type, values.shape[1]):
+    if not edit.aware:
+        data = _requantized(values, edit)
+    elif edit.moments is not None and rounding.compensates(edit.out_type, values.shape[1]):
+        data, _ = _requantized_split(values, edit)  # every code is written anew
         data = rounding.keep_edit_compensated(data, values, u, edit.out_type, before=before, moments=edit.moments)
-    elif edit.aware:
-        data = rounding.keep_edit(data, values, u, edit.out_type, over_rows=edit.kind.over_rows, before=before)
+    else:
+        data, codes = _requantized_split(values, edit)
+        data = rounding.keep_edit(data, values, u, edit.out_type, over_rows=edit.kind.over_rows, before=before,
+                                  codes=codes)
     written, error_sq = _measured(data, values, u, edit)
     sums = fidelity.Sums.of(before, component(values, u, edit.kind), written, error_sq, values.size)
     return PieceResult(edit.name, piece.index, data, sums)
@@ -104,6 +108,15 @@ def _requantized(values: np.ndarray, edit: TensorEdit) -> np.ndarray:
     try:
         return np.concatenate([quants.quantize(values[rows], edit.out_type) for rows in _chunks(values)])
     except ValueError as e:  # NaN/Inf: the input tensor itself holds them
+        raise UserError(f"tensor {edit.name}: {e} (is the input file corrupt?)") from None
+
+
+def _requantized_split(values: np.ndarray, edit: TensorEdit) -> tuple[np.ndarray, np.ndarray]:
+    """`quants.quantize_split` of the piece, for aware rounding (every type with codes
+    quantizes a few blocks at a time, so the whole piece goes at once)."""
+    try:
+        return quants.quantize_split(values, edit.out_type)
+    except ValueError as e:
         raise UserError(f"tensor {edit.name}: {e} (is the input file corrupt?)") from None
 
 

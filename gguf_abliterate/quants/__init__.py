@@ -16,7 +16,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf_abliterate.quants.types import TYPES, QuantType, get_type
 
 __all__ = ["QuantType", "block_size", "can_quantize", "dequantize", "get_type", "needs_imatrix", "quantize",
-           "row_bytes", "writable_types"]
+           "quantize_split", "row_bytes", "writable_types"]
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:
@@ -55,6 +55,18 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     values = np.ascontiguousarray(values, dtype=np.float32)
     row_bytes(qtype, values.shape[-1])  # raises unless rows are whole blocks
     return record.quantize(values)
+
+
+def quantize_split(values: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize` for an integer-coded type, with the codes apart: (bytes whose code fields
+    may be unwritten, codes (rows, n_per_row) uint8). For aware rounding, which moves codes
+    and then writes them all (`rounding.keep_edit(..., codes=)`)."""
+    record = get_type(qtype)
+    if not (record.writable and record.has_codes):
+        raise NotImplementedError(f"{qtype.name} has no codes to split")
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    row_bytes(qtype, values.shape[-1])
+    return record.quantize_split(values)
 
 
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

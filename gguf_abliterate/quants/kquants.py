@@ -11,6 +11,10 @@ ggml's reference quantizers are what `ggml_quantize_chunk` runs without an impor
 - expressions are evaluated in the C order, e.g. `w*l*x` is `(w*l)*x`, constants in float32;
 - `make_qkx2_quants` updates `min` inside its search loop, and later steps use the new min.
 
+Each returns the blocks with every field but the codes, and the codes (nb, 256) as uint8: the
+type's `put` (`types.py`) packs them, so each layout's packing is written once, and aware
+rounding can move the codes before they are packed.
+
 Everything is vectorised over sub-blocks: arrays are laid out (elements, sub-blocks) so that
 each of the 16 or 32 ordered additions is one contiguous vector operation. The trial-scale
 searches of Q2_K and Q4_K to Q6_K, most of their time, are compiled (`scale_search`), with the
@@ -21,10 +25,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from gguf_abliterate.quants.bits import pack_bitplanes, pack_crumbs, pack_nibbles
 from gguf_abliterate.quants.ggml_math import F32, GROUP_MAX_EPS, columns, first_max_abs, nearest_int, ordered_sum
 
 QK_K = 256
+
+
+def _blocks(size: int, *fields: tuple[int, np.ndarray]) -> np.ndarray:
+    """Blocks of `size` bytes, zero but for the (offset, uint8 (nb, n) or float16 (nb,)) fields."""
+    nb = len(fields[0][1])
+    out = np.zeros((nb, size), np.uint8)
+    for at, field in fields:
+        raw = field.view(np.uint8).reshape(nb, -1)
+        out[:, at : at + raw.shape[1]] = raw
+    return out
 
 
 def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
@@ -94,8 +107,8 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, F32(0), scale), np.where(zero, F32(0), L + nmax)
 
 
-def quantize_q2_k(x: np.ndarray) -> np.ndarray:
-    """float32 (nb, 256) -> Q2_K blocks (nb, 84): scales[16], qs[64], d, dmin."""
+def quantize_q2_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (nb, 256) -> Q2_K blocks (nb, 84): scales[16], qs[64] (left zero), d, dmin; and the codes."""
     nb = x.shape[0]
     sub = columns(x, 16)
     scales, mins, L = make_qkx2_quants(sub, np.abs(sub), 3, -0.5, 0.1, 15, use_mad=True)
@@ -116,8 +129,7 @@ def quantize_q2_k(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         fresh = np.clip(nearest_int((x.reshape(nb, 16, 16) + dm[:, :, None]) / d[:, :, None]), 0, 3)
     L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
-    return np.concatenate([sc, pack_crumbs(L), d16.view(np.uint8).reshape(nb, 2),
-                           dmin16.view(np.uint8).reshape(nb, 2)], 1)
+    return _blocks(84, (0, sc), (80, d16), (82, dmin16)), L
 
 
 def _per16(x: np.ndarray, make) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -126,8 +138,9 @@ def _per16(x: np.ndarray, make) -> tuple[np.ndarray, np.ndarray]:  # type: ignor
     return scales.reshape(x.shape[0], 16), L.T.reshape(x.shape[0], 16, 16)
 
 
-def quantize_q3_k(x: np.ndarray) -> np.ndarray:
-    """float32 (nb, 256) -> Q3_K blocks (nb, 110): hmask[32], qs[64], scales[12], d."""
+def quantize_q3_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (nb, 256) -> Q3_K blocks (nb, 110): hmask[32], qs[64] (both left zero), scales[12], d;
+    and the codes (the low two bits go to qs, the third to hmask)."""
     nb = x.shape[0]
     scales, L = _per16(x, lambda sub: make_q3_quants(sub, 4))
     _, max_scale = first_max_abs(scales)
@@ -147,9 +160,7 @@ def quantize_q3_k(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         fresh = np.clip(nearest_int(x.reshape(nb, 16, 16) / d[:, :, None]), -4, 3) + 4
     L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
-    hmask = pack_bitplanes((L > 3).astype(np.uint8))
-    L = np.where(L > 3, L - 4, L)
-    return np.concatenate([hmask, pack_crumbs(L), packed.astype(np.uint8), d16.view(np.uint8).reshape(nb, 2)], 1)
+    return _blocks(110, (96, packed.astype(np.uint8)), (108, d16)), L
 
 
 def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -191,24 +202,22 @@ def _qkx_superblocks(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep
     return d16, dmin16, _pack_scales_k4(ls, lm), L
 
 
-def quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    """float32 (nb, 256) -> Q4_K blocks (nb, 144): d, dmin, scales[12], qs[128]."""
+def quantize_q4_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (nb, 256) -> Q4_K blocks (nb, 144): d, dmin, scales[12], qs[128] (left zero); and the codes."""
     d16, dmin16, scales, L = _qkx_superblocks(x, 15, -1.0, 0.1, 20)
-    nb = x.shape[0]
-    return np.concatenate([d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2), scales,
-                           pack_nibbles(L, 32)], 1)
+    return _blocks(144, (0, d16), (2, dmin16), (4, scales)), L
 
 
-def quantize_q5_k(x: np.ndarray) -> np.ndarray:
-    """float32 (nb, 256) -> Q5_K blocks (nb, 176): d, dmin, scales[12], qh[32], qs[128]."""
+def quantize_q5_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (nb, 256) -> Q5_K blocks (nb, 176): d, dmin, scales[12], qh[32], qs[128] (both left
+    zero); and the codes."""
     d16, dmin16, scales, L = _qkx_superblocks(x, 31, -0.5, 0.1, 15)
-    nb = x.shape[0]
-    return np.concatenate([d16.view(np.uint8).reshape(nb, 2), dmin16.view(np.uint8).reshape(nb, 2),
-                           scales, pack_bitplanes(L >> 4), pack_nibbles(L & 0xF, 32)], 1)
+    return _blocks(176, (0, d16), (2, dmin16), (4, scales)), L
 
 
-def quantize_q6_k(x: np.ndarray) -> np.ndarray:
-    """float32 (nb, 256) -> Q6_K blocks (nb, 210): ql[128], qh[64], scales[16] (int8), d."""
+def quantize_q6_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (nb, 256) -> Q6_K blocks (nb, 210): ql[128], qh[64] (both left zero), scales[16]
+    (int8), d; and the codes."""
     nb = x.shape[0]
     scales, L = _per16(x, lambda sub: make_qx_quants(sub, 32))
     max_abs, max_scale = first_max_abs(scales)
@@ -222,7 +231,8 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         fresh = np.clip(nearest_int(xs / d[:, :, None]), -32, 31) + 32
     L = np.where((d != 0)[:, :, None], fresh, L).astype(np.uint8).reshape(nb, QK_K)
-    blocks = np.concatenate([pack_nibbles(L & 0xF, 64), pack_crumbs(L >> 4), sc.view(np.uint8),
-                             d16.view(np.uint8).reshape(nb, 2)], 1)
+    # ggml zeroes a block whose values are all (near) zero, codes included
+    L[empty] = 0
+    blocks = _blocks(210, (192, sc.view(np.uint8)), (208, d16))
     blocks[empty] = 0
-    return blocks
+    return blocks, L

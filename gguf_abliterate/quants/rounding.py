@@ -28,7 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gguf_abliterate.quants.types import QuantType, get_type
 
-# values handled at once: their codes, steps and offsets are unpacked into arrays of this size
+# embedding rows handled at once by `keep_edit`: their steps and offsets are spread per value
 GROUP_VALUES = 1 << 18
 # passes of ever smaller moves: groups that take no move stop, so this bounds only those still
 # moving (Q2_K columns under a massive activation needed more than 12)
@@ -81,16 +81,19 @@ def _search_inputs(layout: QuantType, u: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQuantizationType, *,
-              over_rows: bool, before: np.ndarray) -> np.ndarray:
+              over_rows: bool, before: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
     """Re-round quantized rows `data` (rows, row_bytes) of float `target` (rows, n) so that
     the component along `u` matches the target's. `over_rows`: the component is u^T W
     (u indexes rows, a matrix writing the residual stream); else W u (u indexes columns,
     token embeddings). `before` is that component before the edit, which sets the tolerance.
+    `codes` (rows, n), if given, are the codes that go with data's scales (`quants.quantize_split`):
+    data's code fields are then not read, only written.
     Returns new bytes with the same scales and nearly the same codes."""
     layout = get_type(qtype)
     bs, ts = GGML_QUANT_SIZES[qtype]
     n_rows, n = target.shape
-    out = np.array(data, dtype=np.uint8, copy=True).reshape(n_rows, n // bs, ts)
+    out = np.array(data, dtype=np.uint8, copy=True).reshape(-1, ts)
+    code = (layout.read_codes(out) if codes is None else np.array(codes, dtype=np.uint8, copy=True)).reshape(n_rows, n)
     u = np.asarray(u, dtype=np.float32)
     rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
     tol, limit = TOLERANCE * rms, LEAK_LIMIT * rms
@@ -100,27 +103,18 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
     padded, u, visit = _search_inputs(layout, u)
     search = (visit, padded, layout.first is not None, tol, limit, CANDIDATES, PASSES, WEIGHT)
     if over_rows:
-        # groups are columns: take whole blocks of columns, row-major; the search reads them in tiles
-        per = max(1, GROUP_VALUES // (n_rows * bs))
-        for j in range(0, n // bs, per):
-            blocks = out[:, j : j + per].reshape(-1, ts)
-            width = blocks.shape[0] // n_rows * bs
-            code = np.ascontiguousarray(layout.get(blocks), dtype=np.uint8).reshape(n_rows, width)
-            sa, sb, size = scales(blocks, qtype)
-            settle_columns(code, sa.reshape(n_rows, -1), sb.reshape(n_rows, -1), size,
-                           target[:, j * bs : j * bs + width], u, *search)
-            layout.put(blocks, code.reshape(-1, bs))
-            out[:, j : j + per] = blocks.reshape(n_rows, -1, ts)
+        # groups are columns; the search reads them in tiles of whole rows' lines
+        sa, sb, size = scales(out, qtype)
+        settle_columns(code, sa.reshape(n_rows, -1), sb.reshape(n_rows, -1), size,
+                       np.ascontiguousarray(target, dtype=np.float32), u, *search)
     else:
+        # steps and offsets are spread per value here: GROUP_VALUES rows' worth at a time
         per = max(1, GROUP_VALUES // n)
         for i in range(0, n_rows, per):
-            blocks = out[i : i + per].reshape(-1, ts)
-            m = blocks.shape[0] * bs // n
-            code = np.ascontiguousarray(layout.get(blocks), dtype=np.uint8).reshape(m, n)
-            a, b = levels(blocks, qtype)
-            settle_rows(code, a.reshape(m, n), b.reshape(m, n), target[i : i + per], u, *search)
-            layout.put(blocks, code.reshape(-1, bs))
-            out[i : i + per] = blocks.reshape(m, -1, ts)
+            m = min(per, n_rows - i)
+            a, b = levels(out[i * n // bs : (i + m) * n // bs], qtype)
+            settle_rows(code[i : i + m], a.reshape(m, n), b.reshape(m, n), target[i : i + m], u, *search)
+    layout.write_codes(out, code.reshape(-1, bs))
     return out.reshape(n_rows, -1)
 
 
@@ -192,7 +186,7 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
             w[:, p1:] -= np.matmul(chol[:, p0:p1, p1:].transpose(0, 2, 1), errs)
     back = np.empty(n, np.intp)
     back[perm] = np.arange(n)  # each column's place in the act-order
-    layout.put(out, codes.transpose(2, 0, 1).reshape(n_rows, n)[:, back].reshape(-1, bs))
+    layout.write_codes(out, codes.transpose(2, 0, 1).reshape(n_rows, n)[:, back].reshape(-1, bs))
     return out.reshape(n_rows, -1)
 
 
