@@ -170,48 +170,44 @@ class _BlockQuantize(QuantType):
     block_fn: ClassVar[Callable[[np.ndarray], np.ndarray]]
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
+        return self._by_chunk(values, lambda first, chunk: type(self).block_fn(chunk))
+
+    def _by_chunk(self, values: np.ndarray, fn: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
+        """The blocks `fn(first block's index, chunk)` returns for each chunk of BLOCKS_PER_CALL
+        blocks, each chunk checked for NaN/Inf first (no tensor-sized mask)."""
         blocks = values.reshape(-1, self.block_size)
         out = np.empty((blocks.shape[0], self.type_size), np.uint8)
-        fn = type(self).block_fn
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             for i in range(0, blocks.shape[0], BLOCKS_PER_CALL):
                 chunk = blocks[i : i + BLOCKS_PER_CALL]
-                check_finite(chunk)  # a chunk at a time: no tensor-sized mask
-                out[i : i + BLOCKS_PER_CALL] = fn(chunk)
+                check_finite(chunk)
+                out[i : i + BLOCKS_PER_CALL] = fn(i, chunk)
         return out.reshape(*values.shape[:-1], -1)
 
 
-class _SplitQuantize(QuantType):
-    """Our own port (`kquants`) that hands back each chunk's blocks without their codes and the
-    codes, BLOCKS_PER_CALL blocks at a time: `quantize` packs them with `put`, and
-    `quantize_split` keeps them apart (a Q5_K or Q6_K tensor's codes take as long to unpack
-    as to pack, each about 7% of the quantizer's time)."""
+class _SplitQuantize(_BlockQuantize):
+    """A port (`kquants`) whose block function returns the blocks without their codes and the
+    codes: `quantize` packs them with `put`, `quantize_split` keeps them apart (a Q5_K or
+    Q6_K tensor's codes take as long to unpack as to pack, each about 7% of the quantizer's time)."""
 
     split_fn: ClassVar[Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]]
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
-        return self._run(values, None)
+        def packed(first: int, chunk: np.ndarray) -> np.ndarray:
+            head, codes = type(self).split_fn(chunk)
+            self.put(head, codes)
+            return head
+
+        return self._by_chunk(values, packed)
 
     def quantize_split(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         codes = np.empty((values.size // self.block_size, self.block_size), np.uint8)
-        return self._run(values, codes), codes.reshape(values.shape)
 
-    def _run(self, values: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
-        """The blocks, with the codes packed in, or (given `codes`) stored there instead."""
-        blocks = values.reshape(-1, self.block_size)
-        out = np.empty((blocks.shape[0], self.type_size), np.uint8)
-        fn = type(self).split_fn
-        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            for i in range(0, blocks.shape[0], BLOCKS_PER_CALL):
-                chunk = blocks[i : i + BLOCKS_PER_CALL]
-                check_finite(chunk)  # a chunk at a time: no tensor-sized mask
-                head, L = fn(chunk)
-                if codes is None:
-                    self.put(head, L)
-                else:
-                    codes[i : i + BLOCKS_PER_CALL] = L
-                out[i : i + BLOCKS_PER_CALL] = head
-        return out.reshape(*values.shape[:-1], -1)
+        def apart(first: int, chunk: np.ndarray) -> np.ndarray:
+            head, codes[first : first + len(chunk)] = type(self).split_fn(chunk)
+            return head
+
+        return self._by_chunk(values, apart), codes.reshape(values.shape)
 
 
 class _LaneQuantize(QuantType):
