@@ -86,14 +86,16 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
     the component along `u` matches the target's. `over_rows`: the component is u^T W
     (u indexes rows, a matrix writing the residual stream); else W u (u indexes columns,
     token embeddings). `before` is that component before the edit, which sets the tolerance.
-    `codes` (rows, n), if given, are the codes that go with data's scales (`quants.quantize_split`):
-    data's code fields are then not read, only written.
+    `codes` (rows, n) uint8, if given, are the codes that go with data's scales
+    (`quants.quantize_split`), and they are moved in place (a copy would add a byte per weight
+    to the edit's peak memory): data's code fields are then not read, only written.
     Returns new bytes with the same scales and nearly the same codes."""
     layout = get_type(qtype)
     bs, ts = GGML_QUANT_SIZES[qtype]
     n_rows, n = target.shape
     out = np.array(data, dtype=np.uint8, copy=True).reshape(-1, ts)
-    code = (layout.read_codes(out) if codes is None else np.array(codes, dtype=np.uint8, copy=True)).reshape(n_rows, n)
+    code = layout.read_codes(out).reshape(n_rows, n) if codes is None else codes.reshape(n_rows, n)
+    assert code.dtype == np.uint8 and code.flags.c_contiguous  # moved in place, as numba writes it
     u = np.asarray(u, dtype=np.float32)
     rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
     tol, limit = TOLERANCE * rms, LEAK_LIMIT * rms
