@@ -238,16 +238,16 @@ def _candidates(ig: np.ndarray, ag: np.ndarray, eg: np.ndarray, u: np.ndarray, o
 def _threshold(key: np.ndarray, heap: np.ndarray, m: int) -> np.int64:
     """The m-th smallest of every SAMPLE-th key (`heap` is scratch), NONE if fewer are real:
     about m * SAMPLE keys are at or below it."""
-    f = 0
-    for i in range(0, len(key), SAMPLE):
-        if f < m:
-            if key[i] != NONE:
-                _push(heap, f, key[i])
-                f += 1
-        elif key[i] < heap[0]:
-            heap[0] = key[i]
-            _sift_down(heap, 0, m)
-    return heap[0] if f == m else NONE
+    f, i = 0, 0
+    while f < m and i < len(key):
+        if key[i] != NONE:
+            _push(heap, f, key[i])
+            f += 1
+        i += SAMPLE
+    if f < m:
+        return NONE
+    _keep_best(heap[:m], key[i::SAMPLE])
+    return heap[0]
 
 
 @numba.njit(cache=True, error_model="numpy")
