@@ -11,6 +11,7 @@ takes it, so no reordering can pair bytes with the wrong tensor.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,17 +106,22 @@ def _dequantized(model: Model, edit: TensorEdit, first: int, count: int) -> np.n
 
 
 def _requantized(values: np.ndarray, edit: TensorEdit) -> np.ndarray:
-    try:
+    with _finite_input(edit):
         return np.concatenate([quants.quantize(values[rows], edit.out_type) for rows in _chunks(values)])
-    except ValueError as e:  # NaN/Inf: the input tensor itself holds them
-        raise UserError(f"tensor {edit.name}: {e} (is the input file corrupt?)") from None
 
 
 def _requantized_split(values: np.ndarray, edit: TensorEdit) -> tuple[np.ndarray, np.ndarray]:
     """`quants.quantize_split` of the piece, for aware rounding (every type with codes
     quantizes a few blocks at a time, so the whole piece goes at once)."""
-    try:
+    with _finite_input(edit):
         return quants.quantize_split(values, edit.out_type)
+
+
+@contextmanager
+def _finite_input(edit: TensorEdit) -> Iterator[None]:
+    """The quantizers' NaN/Inf error as the user's: the input tensor itself holds them."""
+    try:
+        yield
     except ValueError as e:
         raise UserError(f"tensor {edit.name}: {e} (is the input file corrupt?)") from None
 
