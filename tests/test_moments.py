@@ -117,3 +117,22 @@ def test_a_damaged_cache_is_a_clear_error(tiny: dict[str, Path], tmp_path: Path,
     # an adapter stores no rounded weights: it never reads the cache
     lora = cli(src, tmp_path / "a.gguf", "--direction", tmp_path / "d.npy", "--format", "lora")
     assert lora.returncode == 0, lora.stderr
+
+
+def test_statistics_of_a_broken_model_blame_the_model_and_are_not_cached(
+        tiny: dict[str, Path], tmp_path: Path, own_moments_cache: Path) -> None:
+    """A NaN block scale in block 0's ffn_down makes llama.cpp compute NaN inputs for every
+    later writer: the measurement says the model is broken, caches nothing, writes nothing,
+    and a second run says the same (not that the cache is damaged)."""
+    src = tmp_path / "broken.gguf"
+    data = bytearray(tiny["llama-kquant"].read_bytes())
+    t = Model(tiny["llama-kquant"]).tensors["blk.0.ffn_down.weight"]
+    data[t.data_offset + 208 : t.data_offset + 210] = np.float16(np.nan).tobytes()  # Q6_K's d: a block's last 2 bytes
+    src.write_bytes(data)
+    np.save(tmp_path / "d.npy", random_direction(256))
+    for _ in range(2):
+        run = cli(src, tmp_path / "out.gguf", "--direction", tmp_path / "d.npy", "--rounding", "gptq")
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        assert "NaN or Inf in the inputs of blk.1.attn_output.weight and 5 more" in run.stderr, run.stderr
+        assert "the model file is broken" in run.stderr
+        assert not (tmp_path / "out.gguf").exists() and not any(own_moments_cache.iterdir())

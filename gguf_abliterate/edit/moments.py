@@ -129,12 +129,25 @@ def _check(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _refuse_non_finite(means: dict[tuple[str, int], np.ndarray]) -> None:
+    """Moments llama.cpp measured as NaN or Inf come from a broken model: say so, before they
+    are cached (a cached NaN would make the next run blame the cache instead)."""
+    writer = {kind: name for name, kind in READERS.items()}
+    bad = sorted((block, writer[kind]) for (kind, block), m in means.items() if not np.isfinite(m).all())
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(f"llama.cpp computed NaN or Inf in the inputs of blk.{bad[0][0]}.{bad[0][1]}.weight{more} "
+                        f"while measuring them: the model file is broken, or overflows")
+
+
 def store_moments(model: Model, moments: InputMoments, source: str) -> StoredMoments:
     """Cache a model's measured moments; returns them as stored (what rounding must use).
     A cache that cannot be written is skipped (path None): the moments still serve this run."""
     from safetensors.numpy import save
 
-    tensors = _encode(moments.means())
+    means = moments.means()
+    _refuse_non_finite(means)
+    tensors = _encode(means)
     measured = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     path: Path | None = moments_dir() / f"{model_digest(model)}.safetensors"
     meta = {"source": source, "tokens": str(moments.tokens), "measured": measured, "model": model.path.name}
