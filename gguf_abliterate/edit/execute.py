@@ -78,8 +78,9 @@ def edit_piece(model: Model, piece: Piece) -> PieceResult:
     if not edit.aware:
         data = _requantized(values, edit)
     elif edit.moments is not None and rounding.compensates(edit.out_type, values.shape[1]):
-        data = _requantized_split(values, edit)[0]  # every code is written anew: its codes go at once
-        data = rounding.keep_edit_compensated(data, values, u, edit.out_type, before=before, moments=edit.moments)
+        # every code is written anew from the scales: split codes would be read for nothing
+        data = rounding.keep_edit_compensated(_requantized(values, edit), values, u, edit.out_type, before=before,
+                                              moments=edit.moments)
     else:
         data, codes = _requantized_split(values, edit)
         data = rounding.keep_edit(data, values, u, edit.out_type, over_rows=edit.kind.over_rows, before=before,
