@@ -130,7 +130,6 @@ def test_bad_model(case: str, tiny: dict[str, Path], tmp_path: Path) -> None:
     (["--layers", "0-99"], "blocks 0-3"),
     (["--layers", "two"], "expected ranges"),
     (["--scale", "-1"], "--reverse"),
-    (["--scale", "nan"], ">= 0"),
 ])
 def test_bad_options(args: list[str], needle: str, tiny: dict[str, Path], tmp_path: Path) -> None:
     np.save(tmp_path / "d.npy", random_direction(256))
@@ -147,7 +146,7 @@ def test_output_is_input_or_in_missing_folder(tiny: dict[str, Path], tmp_path: P
     before = src.read_bytes()
     for out in (src, tmp_path / "." / "m.gguf"):
         run = cli(src, out, "--direction", tmp_path / "d.npy", "--force")
-        assert run.returncode != 0 and "is an input file" in run.stderr and "Traceback" not in run.stderr
+        assert run.returncode != 0 and "is one of this command's inputs" in run.stderr and "Traceback" not in run.stderr
     assert src.read_bytes() == before
     run = cli(src, tmp_path / "no" / "out.gguf", "--direction", tmp_path / "d.npy")
     assert run.returncode != 0 and "no such directory" in run.stderr

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gguf_abliterate"
 
 FLOORS = {
-    "errors": 0, "names": 0, "portable": 0, "interrupt": 0,
+    "errors": 0, "names": 0, "portable": 0, "interrupt": 0, "textfile": 0,
     "arch": 1, "zoo": 1,
     "quants": 2,
     "gguf_io": 3,

@@ -10,7 +10,8 @@ import numpy as np
 from conftest import cli, random_direction
 
 from gguf_abliterate.direction import prompts as P
-from gguf_abliterate.edit.moments import load_moments, model_digest
+from gguf_abliterate.edit.moments import load_moments
+from gguf_abliterate.gguf_io.model import model_digest
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.quants.rounding import column_block
 from gguf_abliterate.runtime.llama import LlamaModel

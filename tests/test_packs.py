@@ -86,10 +86,13 @@ def _write_sets(tmp_path: Path) -> dict[str, Path]:
 def test_user_packs_in_every_format(tmp_path: Path) -> None:
     f = _write_sets(tmp_path)
     (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "data").mkdir()
+    for name in ("pos.txt", "neg.json", "probes.jsonl"):
+        (tmp_path / "sub" / "data" / name).write_bytes((tmp_path / name).read_bytes())
     pack_file = tmp_path / "sub" / "french.json"
-    pack_file.write_text(json.dumps({"name": "french", "positive": "../pos.txt", "negative": "../neg.json",
-                                     "probes": "../probes.jsonl", "measure": {"name": "regex", "pattern": "bonjour"},
-                                     "max_tokens": 12}))
+    pack_file.write_text(json.dumps({"name": "french", "positive": "data/pos.txt", "negative": "./data/neg.json",
+                                     "probes": "data/../data/probes.jsonl",
+                                     "measure": {"name": "regex", "pattern": "bonjour"}, "max_tokens": 12}))
     pack = load_pack(pack_file)
     assert pack.name == "french" and pack.max_tokens == 12 and pack.source == str(pack_file)
     assert pack.positive == tuple(P.load_prompts(f["txt"])) and len(pack.negative) == 8

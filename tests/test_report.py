@@ -205,7 +205,7 @@ def test_optimise_report(tiny: dict[str, Path], tmp_path: Path) -> None:
     (["eval", "{model}", "--report-direction", "{model}"], "give --report FILE.html too"),
     (["eval", "{model}", "--report", "{tmp}/no/such/r.html"], "no such directory"),
     (["eval", "{model}", "--report", "{tmp}"], "is a directory"),
-    (["eval", "{model}", "--report", "{model}"], "is an input file"),
+    (["eval", "{model}", "--report", "{model}"], "is one of this command's inputs"),
     (["eval", "{model}", "--report", "{tmp}/r.html", "--report-direction", "{tmp}/x.npy"], "no such direction file"),
     (["direction", "{model}", "-o", "{tmp}/d.npy", "--report", "{tmp}/r.html"], "only a .safetensors output"),
     (["optimise", "{model}", "--join", "sqlite:///{tmp}/s.db", "--report", "{tmp}/r.html"], "joining worker"),

@@ -46,6 +46,7 @@ class TinySpec:
     types: dict[str, GGMLQuantizationType] = field(default_factory=dict)
     default_type: GGMLQuantizationType = Q.Q8_0
     chat_template: str | None = None  # jinja2, as a GGUF's tokenizer.chat_template (CHATML ...)
+    name: str | None = None  # general.name (default: tiny-<arch>)
 
 
 # Qwen's ChatML template, as its GGUFs carry it (shortened: no tools)
@@ -139,7 +140,7 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     w = GGUFWriter(str(path), a, split_max_tensors=spec.split_max_tensors)
     # llama.cpp's vocabulary loader treats a model *named* phi3 specially and then wants Phi's
     # <|endoftext|> token, which this vocabulary lacks
-    w.add_name(f"tiny-{a}".replace("phi3", "phi"))
+    w.add_name(spec.name if spec.name is not None else f"tiny-{a}".replace("phi3", "phi"))
     keys: dict[str, object] = {
         "context_length": 256, "embedding_length": e, "block_count": spec.n_layer + spec.n_nextn,
         "feed_forward_length": spec.n_ff,

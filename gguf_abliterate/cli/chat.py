@@ -10,10 +10,11 @@ from pathlib import Path
 
 import click
 
-from gguf_abliterate.cli.common import user_errors
+from gguf_abliterate.cli.common import Command, Finite, InputPath, echo, user_errors
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.interrupt import sigint_flag
 from gguf_abliterate.runtime.chat import ChatModel, Reply, Sampling
+from gguf_abliterate.textfile import printable
 
 PROMPT = ">>> "
 MULTILINE = '"""'
@@ -26,7 +27,9 @@ HELP = f"""commands:
 
 
 def _style(text: str, code: str) -> str:
-    """ANSI colour on a terminal that wants it (not when piped, not with NO_COLOR)."""
+    """ANSI colour on a terminal that wants it (not when piped, not with NO_COLOR), around text
+    made printable (a label is a file name)."""
+    text = printable(text)
     return f"\033[{code}m{text}\033[0m" if sys.stdout.isatty() and "NO_COLOR" not in os.environ else text
 
 
@@ -56,11 +59,11 @@ def _command(line: str, models: list[ChatModel], sampling: Sampling) -> tuple[Sa
         return sampling, False
     if name == "reset":
         forgotten = [m.reset() for m in models]
-        click.echo(f"(conversation forgotten: {max(forgotten)} exchange{'s' * (max(forgotten) != 1)})")
+        echo(f"(conversation forgotten: {max(forgotten)} exchange{'s' * (max(forgotten) != 1)})")
     elif name == "system":
         for m in models:
             m.system = arg or None
-        click.echo(f"(system message {'set' if arg else 'removed'})")
+        echo(f"(system message {'set' if arg else 'removed'})")
     elif name == "set":
         key, _, value = arg.partition(" ")
         try:
@@ -71,13 +74,13 @@ def _command(line: str, models: list[ChatModel], sampling: Sampling) -> tuple[Sa
             else:
                 raise ValueError
         except ValueError:
-            click.echo("usage: /set max-tokens N (N > 0) or /set temperature T (T >= 0)")
+            echo("usage: /set max-tokens N (N > 0) or /set temperature T (T >= 0)")
         else:
-            click.echo(f"({key} {value})")
+            echo(f"({key} {value})")
     elif name == "help":
-        click.echo(HELP)
+        echo(HELP)
     else:
-        click.echo(f"unknown command /{name}: /help lists them")
+        echo(f"unknown command /{name}: /help lists them")
     return sampling, True
 
 
@@ -90,7 +93,7 @@ def _answer(model: ChatModel, label: str | None, message: str, sampling: Samplin
     try:
         with sigint_flag() as asked:
             for piece in model.answer(message, sampling, asked, reply):
-                sys.stdout.write(piece)
+                sys.stdout.write(printable(piece))  # a model's answer may hold escape codes
                 sys.stdout.flush()
     except KeyboardInterrupt:
         reply.stopped = True
@@ -111,25 +114,27 @@ def chat(paths: Sequence[Path], sampling: Sampling = Sampling(), *, system: str 
         pass
     if len(paths) > 2:
         raise UserError("chat takes one model, or two to compare")
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 shows as U+FFFD, not the end of the session
+        sys.stdin.reconfigure(errors="replace")
     models: list[ChatModel] = []
     try:
         for p in paths:
-            click.echo(f"loading {p.name} ...", err=True)
+            echo(f"loading {p.name} ...", err=True)
             models.append(ChatModel(p, n_ctx))
             if not models[-1].has_template:
-                click.echo(f"note: {p.name} has no chat template; using a plain User:/Assistant: transcript", err=True)
+                echo(f"note: {p.name} has no chat template; using a plain User:/Assistant: transcript", err=True)
             models[-1].system = system
         labels: list[str | None] = list(_labels(paths)) if len(paths) > 1 else [None]
-        click.echo(f"chatting with {' and '.join(p.name for p in paths)}: /help for commands, Ctrl-C stops an "
+        echo(f"chatting with {' and '.join(p.name for p in paths)}: /help for commands, Ctrl-C stops an "
                    f"answer, /quit or Ctrl-D leaves", err=True)
         while True:
             try:
                 message = _read(ask)
             except EOFError:
-                click.echo()
+                echo()
                 return
             except KeyboardInterrupt:
-                click.echo("\n(Ctrl-C stops an answer; /quit or Ctrl-D leaves)")
+                echo("\n(Ctrl-C stops an answer; /quit or Ctrl-D leaves)")
                 continue
             if not message.strip():
                 continue
@@ -142,17 +147,17 @@ def chat(paths: Sequence[Path], sampling: Sampling = Sampling(), *, system: str 
                 try:
                     _answer(model, label, message, sampling)
                 except UserError as e:
-                    click.echo(f"error: {e}")
+                    echo(f"error: {e}")
     finally:
         for m in models:
             m.close()
 
 
-@click.command("chat")
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="MODEL [MODEL2]")
+@click.command("chat", cls=Command)
+@click.argument("models", nargs=-1, required=True, type=InputPath(), metavar="MODEL [MODEL2]")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=Sampling.max_tokens, show_default=True,
               help="Longest answer, in tokens.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=Sampling.temperature, show_default=True,
+@click.option("--temperature", type=Finite(0, 100), default=Sampling.temperature, show_default=True,
               help="Sampling temperature; 0 answers greedily (the same answer every time).")
 @click.option("--seed", type=int, default=Sampling.seed, show_default=True, help="Sampling seed.")
 @click.option("--system", help="A system message for the conversation (/system changes it).")

@@ -1,9 +1,10 @@
-"""What every command shares: one-line errors, messages on stderr, progress bars, output checks."""
+"""What every command shares: one-line errors, messages on stderr, progress bars, and the
+claim of every output against every input before the command runs."""
 
 from __future__ import annotations
 
 import functools
-import os
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,14 +14,24 @@ import click
 from gguf import GGMLQuantizationType
 
 from gguf_abliterate import quants
-from gguf_abliterate.errors import UserError
+from gguf_abliterate.errors import Interrupted, UserError
+from gguf_abliterate.gguf_io.atomic import claim_outputs
+from gguf_abliterate.portable import available_cores
+from gguf_abliterate.textfile import printable
 
 Say = Callable[[str], None]
 
 
+def echo(message: str = "", err: bool = False) -> None:
+    """Print a line. Everything a command prints goes through here, made `printable`: names,
+    prompts and answers come from files, and a control character in them must not reach the
+    terminal."""
+    click.echo(printable(message), err=err)
+
+
 def sayer(quiet: bool) -> Say:
     """Messages go to stderr (stdout stays for results), or nowhere with -q."""
-    return (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    return (lambda msg: None) if quiet else (lambda msg: echo(msg, err=True))
 
 
 def progress(total: int, desc: str, unit: str, quiet: bool, **kwargs: Any) -> Any:
@@ -38,9 +49,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(printable(str(e))) from None
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
+            echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except Interrupted as e:
+            echo(str(e), err=True)
             sys.exit(130)
         except MemoryError:
             raise click.ClickException("out of memory") from None
@@ -59,24 +73,80 @@ def qtype_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 WRITABLE = sorted(t.name.lower() for t in quants.writable_types())
 
 
-def check_report(report: Path, inputs: list[Path]) -> None:
-    """Before any long work: the report can be written (no input overwritten, its folder
-    there) and its charts drawn (matplotlib installed)."""
+def check_report(report: Path, inputs: list[Path], force: bool) -> None:
+    """Before any long work: the report can be written (`claim_outputs`) and its charts drawn
+    (matplotlib installed)."""
     from gguf_abliterate.report.charts import require_matplotlib
 
-    check_output(inputs, [report], force=True)
+    claim_outputs([report], inputs, force)
     require_matplotlib()
 
 
-def check_output(inputs: list[Path], outputs: list[Path], force: bool) -> None:
-    """Refuse to overwrite an input, an existing file without --force, or a missing folder."""
-    for out in outputs:
-        for inp in inputs:
-            if (out.exists() and inp.exists() and os.path.samefile(inp, out)) or out.resolve() == inp.resolve():
-                raise UserError(f"{out} is an input file; write the edit to a new file")
-        if out.is_dir():
-            raise UserError(f"{out} is a directory")
-        if out.exists() and not force:
-            raise UserError(f"{out} exists; pass --force to replace it")
-        if not out.parent.resolve().is_dir():
-            raise UserError(f"{out.parent}: no such directory")
+class Finite(click.FloatRange):
+    """A float option within a range. click's own FloatRange lets NaN (no comparison fails) and
+    infinity through, which then write NaN weights or make a bound that nothing can meet."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+# a strength (--scale, --steer, a control vector's scale) past this only writes overflowing weights
+MAX_STRENGTH = 1000.0
+# worker processes: more than a few per core only costs memory (each holds a tensor's work)
+MAX_JOBS = 4 * max(available_cores(), 1)
+
+
+class InputPath(click.Path):
+    """A file the command reads. `Command` refuses to write any output over it."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+
+class InputName(click.ParamType):
+    """A name (a shipped pack) or a file the command reads (a pack file)."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        return str(value)
+
+
+class OutputPath(click.Path):
+    """A file the command writes. `Command` claims it before the command runs."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+
+class OutputFolder(click.Path):
+    """A folder the command writes its files into (it claims them itself)."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path, file_okay=False)
+
+
+class Command(click.Command):
+    """A command whose outputs (options of type OutputPath) are claimed against its inputs
+    (InputPath, InputName) before it runs: no input is ever overwritten, by name or through a
+    link, no existing file is replaced without its --force, and an unwritable folder fails at
+    once, not after the work. Files a command derives (split parts, a Modelfile, a study) it
+    claims itself, with the same `claim_outputs`."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        outputs: list[Path] = []
+        inputs: list[Path] = []
+        for param in self.params:
+            if not isinstance(param.type, (OutputPath, InputPath, InputName)):
+                continue
+            value = ctx.params.get(param.name or "")
+            values = [Path(v) for v in (value if isinstance(value, tuple) else (value,)) if v is not None]
+            (outputs if isinstance(param.type, OutputPath) else inputs).extend(values)
+        try:
+            claim_outputs(outputs, inputs, bool(ctx.params.get("force", False)))
+        except UserError as e:
+            raise click.ClickException(printable(str(e))) from None
+        return super().invoke(ctx)

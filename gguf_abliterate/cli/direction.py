@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from gguf_abliterate.cli.common import check_report, progress, sayer, user_errors
+from gguf_abliterate.cli.common import (
+    Command,
+    Finite,
+    InputName,
+    InputPath,
+    OutputPath,
+    check_report,
+    progress,
+    sayer,
+    user_errors,
+)
 from gguf_abliterate.direction.measure import DEFAULT_MAX_KL
 from gguf_abliterate.errors import UserError
 
@@ -39,18 +49,18 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
     from gguf_abliterate.direction.packs import SCORE_PROBES, STEER_BELOW, load_pack
     from gguf_abliterate.edit.moments import moments_dir, store_moments
     from gguf_abliterate.gguf_io import Model
+    from gguf_abliterate.gguf_io.atomic import claim_outputs
     from gguf_abliterate.quants.rounding import column_block
     from gguf_abliterate.runtime.llama import LlamaModel
 
     say = sayer(quiet)
     pack = pack or load_pack("refusal")
     check_direction_path(output_path)
-    if output_path.exists() and not force:
-        raise UserError(f"{output_path} exists; pass --force to replace it")
+    claim_outputs([output_path], [model_path], force)
     if report is not None:
         if output_path.suffix.lower() != ".safetensors":
             raise UserError("--report charts the per-block statistics, which only a .safetensors output keeps")
-        check_report(report, [model_path, output_path])
+        check_report(report, [model_path, output_path], force)
     meta = Model(model_path)
     with LlamaModel(model_path, chat=not raw) as model:
         if model.template is None and not raw:
@@ -161,23 +171,23 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
     return refusal_pack(harmful, harmless)
 
 
-@click.command("direction")
-@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "output_path", required=True, type=click.Path(path_type=Path),
+@click.command("direction", cls=Command)
+@click.argument("model_path", metavar="MODEL", type=InputPath())
+@click.option("-o", "--output", "output_path", required=True, type=OutputPath(),
               help=".safetensors (all layers, statistics, metadata) or .npy (the chosen layer's vector).")
-@click.option("--behaviour", metavar="NAME|PACK.json",
+@click.option("--behaviour", metavar="NAME|PACK.json", type=InputName(),
               help="The behaviour pack: refusal (the default), reasoning, concise, or a pack file (see the README).")
-@click.option("--positive", type=click.Path(path_type=Path),
+@click.option("--positive", type=InputPath(),
               help="Prompts that show the behaviour: .txt (one per line), .json or .jsonl.")
-@click.option("--negative", type=click.Path(path_type=Path),
+@click.option("--negative", type=InputPath(),
               help="The same topics without the behaviour, same formats (with --positive).")
 @click.option("--name", help="The behaviour's name, recorded in the file (with --positive/--negative).")
-@click.option("--harmful", type=click.Path(path_type=Path),
+@click.option("--harmful", type=InputPath(),
               help="The refusal pack's positive set from this file instead of the built-in one.")
-@click.option("--harmless", type=click.Path(path_type=Path), help="The refusal pack's negative set, likewise.")
+@click.option("--harmless", type=InputPath(), help="The refusal pack's negative set, likewise.")
 @click.option("--layer", default="auto", show_default=True,
               help="Block whose output (l_out-L) gives the direction, or 'auto' to test candidates by ablation.")
-@click.option("--max-kl", type=float, default=None,
+@click.option("--max-kl", type=Finite(min=0), default=None,
               help=f"With --layer auto: largest first-token KL on harmless prompts a candidate may cause (default: "
                    f"{DEFAULT_MAX_KL:g} for refusal; none for packs scored by generation, whose behaviour changes "
                    f"harmless answers too).")
@@ -189,9 +199,9 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
               show_default=True,
               help="What computes the residual stream: llama.cpp's hook, or a CPU torch pass over the "
                    "dequantized weights (llama, qwen2, gemma3). Layer scoring always runs in llama.cpp.")
-@click.option("--report", type=click.Path(path_type=Path), metavar="FILE.html",
+@click.option("--report", type=OutputPath(), metavar="FILE.html",
               help="Also write an HTML report: per-block statistics and the candidate layers' scores, charted.")
-@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output file and the report if they exist.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @user_errors
 def command(model_path: Path, output_path: Path, behaviour: str | None, positive: Path | None,

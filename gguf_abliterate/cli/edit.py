@@ -8,7 +8,19 @@ import click
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from gguf_abliterate.cli.common import WRITABLE, Say, check_output, progress, qtype_option, sayer, user_errors
+from gguf_abliterate.cli.common import (
+    MAX_JOBS,
+    MAX_STRENGTH,
+    WRITABLE,
+    Command,
+    Finite,
+    InputPath,
+    Say,
+    progress,
+    qtype_option,
+    sayer,
+    user_errors,
+)
 from gguf_abliterate.edit.options import EditOptions, OutFormat, Rounding, format_layers, parse_layers
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.quants.fidelity import Report
@@ -47,6 +59,7 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     from gguf_abliterate.export import lmstudio as lms
     from gguf_abliterate.export import ollama as oll
     from gguf_abliterate.gguf_io import Model, output_paths
+    from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
 
     say = sayer(quiet)
     budget = None if size_budget is None else parse_budget(size_budget)
@@ -69,7 +82,9 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
         output_path = lms.lmstudio_path(output_path.name)
         output_path.parent.mkdir(parents=True, exist_ok=True)
     model = Model(input_path)
-    check_output([p.path for p in model.parts], output_paths(model, output_path, merge), force)
+    modelfile = None if ollama is None else (output_path.parent / "Modelfile", oll.modelfile(output_path.name, ollama))
+    claim_outputs([*output_paths(model, output_path, merge), *([modelfile[0]] if modelfile else [])],
+                  [*(p.path for p in model.parts), direction_path], force)
     direction = load_direction(direction_path)
     direction.check_fits(model.n_layer, model.n_embd, model.arch)
     scale = 1.0 if scale is None else scale
@@ -159,9 +174,9 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
                              schedule=schedule_info)
     for line in verified:
         say(line)
-    if ollama is not None:
-        mf = output_path.parent / "Modelfile"
-        mf.write_text(oll.modelfile(output_path.name, ollama))
+    if modelfile is not None:
+        mf = modelfile[0]
+        write_text(mf, modelfile[1])
         say(f"wrote {mf}; import with: cd {output_path.parent} && ollama create "
             f"{ollama.name.split(':')[0].split('/')[-1]}-abliterated -f Modelfile")
     _say_report(say, report, "error of the added component" if steer is not None else
@@ -185,14 +200,14 @@ def _say_report(say: Say, report: Report, what: str) -> None:
             f"{s['leak_worst']:.2%}  RMSE median {s['rmse_median']:.3g} worst {s['rmse_worst']:.3g}")
 
 
-@click.command("edit", help=HELP)
+@click.command("edit", cls=Command, help=HELP)
 @click.argument("paths", nargs=-1, metavar="INPUT OUTPUT", type=click.Path(path_type=Path))
-@click.option("--direction", "direction_path", required=True, type=click.Path(path_type=Path),
+@click.option("--direction", "direction_path", required=True, type=InputPath(),
               help="Direction file: .npy or .safetensors, one vector (n_embd) or one per block (n_layer, n_embd).")
 @click.option("--reverse", is_flag=True, help="Amplify the direction (W + S u u^T W) instead of removing it.")
-@click.option("--scale", type=float, default=None,
+@click.option("--scale", type=Finite(-MAX_STRENGTH, MAX_STRENGTH), default=None,
               help="Strength S: 1 (the default) removes the component fully; 0 changes nothing.")
-@click.option("--steer", type=float, default=None, metavar="S",
+@click.option("--steer", type=Finite(-MAX_STRENGTH, MAX_STRENGTH), default=None, metavar="S",
               help="Instead of projecting: add S times the behaviour's mean difference (positive minus negative "
                    "prompts, at the direction's block) to that block's MLP output, baked into its ffn_down as a "
                    "rank-1 term. Moves answers towards the positive side whichever way the model leans (negative S: "
@@ -216,7 +231,7 @@ def _say_report(say: Say, report: Report, what: str) -> None:
                    "for INPUT, or measured now by running 64 prompts through llama.cpp (needs llama-cpp-python); "
                    "auto: gptq if those statistics are cached, else aware.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new file is complete).")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+@click.option("-j", "--jobs", type=click.IntRange(min=1, max=MAX_JOBS), default=None,
               help="Worker processes for the edit. Default: all cores for large edits, 1 for small ones.")
 @click.option("--merge", is_flag=True, help="Write a split input as one OUTPUT file instead of parts like it.")
 @click.option("--format", "out_format", type=click.Choice([f.value for f in OutFormat]), default=OutFormat.GGUF.value,

@@ -13,8 +13,19 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from gguf_abliterate.cli.common import check_report, progress, user_errors
+from gguf_abliterate.cli.common import (
+    Command,
+    InputName,
+    InputPath,
+    OutputPath,
+    check_report,
+    echo,
+    progress,
+    user_errors,
+)
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
+from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
 
 if TYPE_CHECKING:
     from gguf_abliterate.direction.packs import Pack
@@ -29,7 +40,7 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
                     json_path: Path | None = None, ppl_path: Path | None = None, samples: int = 2,
                     kl_tokens: int = 1, tasks: int = 0, task_seed: int = 0, judge: Path | None = None,
                     report: Path | None = None, report_directions: Sequence[Path] = (),
-                    quiet: bool = False) -> Evaluated:
+                    force: bool = False, quiet: bool = False) -> Evaluated:
     """Print the refusal comparison table (the first model is the base) and optionally the JSON
     and the HTML report (with the charts of `report_directions`, direction or optimise files);
     returns what was measured."""
@@ -42,10 +53,12 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
     settings = replace(_settings(models, kl_tokens, tasks, task_seed, ppl_path), max_tokens=max_tokens)
     if report_directions and report is None:
         raise UserError("--report-direction adds charts to the report: give --report FILE.html too")
+    inputs = [*models, *report_directions, *(p for p in (harmful, harmless, markers, ppl_path, judge) if p)]
+    claim_outputs([json_path] if json_path else [], inputs, force)
     if report is not None:
         from gguf_abliterate.direction.file import load_direction
 
-        check_report(report, [*models, *report_directions, *([json_path] if json_path else [])])
+        check_report(report, [*inputs, *([json_path] if json_path else [])], force)
         for f in report_directions:
             load_direction(f)  # a bad file fails now, not after the evaluation
     bad, good = P.default_prompts("validation")
@@ -61,39 +74,40 @@ def evaluate_models(models: Sequence[Path], *, harmful: Path | None = None, harm
         with progress(len(models) * (len(bad) + len(good)), "responses", "prompt", quiet) as bar:
             reports = evaluate(models, bad, good, get_scorer("markers", markers=marks), settings, bar.update,
                                judge_scorer if judge is not None else None)
-    click.echo(f"{'model':<40} {'harmful refused':>16} {'harmless refused':>17} {'degenerate':>11} "
+    echo(f"{'model':<40} {'harmful refused':>16} {'harmless refused':>17} {'degenerate':>11} "
                f"{'unfinished':>10}{_cost_header(settings)}")
     for r in reports:
         degenerate = f"{r.harmful_labels[Label.DEGENERATE.value]}+{r.harmless_degenerate}"
-        click.echo(f"{Path(r.path).name[:40]:<40} {r.harmful_refusals:>7}/{r.harmful_total:<8} "
+        echo(f"{Path(r.path).name[:40]:<40} {r.harmful_refusals:>7}/{r.harmful_total:<8} "
                    f"{r.harmless_refusals:>8}/{r.harmless_total:<8} {degenerate:>11} "
                    f"{r.unfinished:>4}/{r.harmful_total + r.harmless_total:<5}{_cost_cells(r, settings)}")
-    click.echo(f"(degenerate: harmful+harmless answers that loop or fill, by the rules in evaluate/degenerate.py; "
+    echo(f"(degenerate: harmful+harmless answers that loop or fill, by the rules in evaluate/degenerate.py; "
                f"unfinished: no end within {max_tokens} tokens)")
     if judge is not None:
-        click.echo(f"\njudge {judge.name} on the harmful answers:")
-        click.echo(f"{'model':<40} " + " ".join(f"{label.value:>10}" for label in Label))
+        echo(f"\njudge {judge.name} on the harmful answers:")
+        echo(f"{'model':<40} " + " ".join(f"{label.value:>10}" for label in Label))
         for r in reports:
             assert r.judge_labels is not None
-            click.echo(f"{Path(r.path).name[:40]:<40} " + " ".join(f"{r.judge_labels[label.value]:>10}" for label in Label))
+            echo(f"{Path(r.path).name[:40]:<40} " + " ".join(f"{r.judge_labels[label.value]:>10}" for label in Label))
     for r in reports:
         for prompt, answer in list(zip(bad, r.harmful_responses))[:samples]:
-            click.echo(f"\n[{Path(r.path).name}] {prompt}\n  -> {answer[:200]!r}")
+            echo(f"\n[{Path(r.path).name}] {prompt}\n  -> {answer[:200]!r}")
     meta = {**_meta(settings, max_tokens), "markers": list(marks)}
     if json_path:
-        json_path.write_text(json.dumps(to_json(reports, bad, good, meta), indent=1))
+        write_text(json_path, json.dumps(to_json(reports, bad, good, meta), indent=1))
     evaluated = Evaluated(reports, bad, good, {**meta, "judge": judge.name if judge else None})
     if report is not None:
         from gguf_abliterate.report import write_report
 
         write_report(report, report_title(models), evaluated=evaluated, direction_files=report_directions)
-        click.echo(f"\nreport: {report}")
+        echo(f"\nreport: {report}")
     return evaluated
 
 
 def evaluate_pack(models: Sequence[Path], pack: Pack, *, limit: int | None = None, max_tokens: int | None = None,
                   json_path: Path | None = None, ppl_path: Path | None = None, samples: int = 2, kl_tokens: int = 1,
-                  tasks: int = 0, task_seed: int = 0, quiet: bool = False) -> list[BehaviourReport]:
+                  tasks: int = 0, task_seed: int = 0, force: bool = False,
+                  quiet: bool = False) -> list[BehaviourReport]:
     """Print a behaviour pack's measure for each model (the first is the base) beside the
     harmless KL and, if asked, task accuracy and perplexity; optionally the JSON."""
     from gguf_abliterate.direction import prompts as P
@@ -101,6 +115,7 @@ def evaluate_pack(models: Sequence[Path], pack: Pack, *, limit: int | None = Non
 
     assert pack.measure is not None
     settings = _settings(models, kl_tokens, tasks, task_seed, ppl_path)
+    claim_outputs([json_path] if json_path else [], [*models, *([ppl_path] if ppl_path else [])], force)
     probes = list(pack.probes[:limit])
     _, good = P.default_prompts("validation")
     good = good[:limit]
@@ -108,20 +123,20 @@ def evaluate_pack(models: Sequence[Path], pack: Pack, *, limit: int | None = Non
     with progress(len(models) * len(probes), "answers", "probe", quiet) as bar:
         reports = evaluate_behaviour(models, probes, pack.measure, budget, good, settings, bar.update)
     detail = "accuracy" if reports[0].measured.accuracy is not None else "mean words"
-    click.echo(f"{pack.name}: share of {len(probes)} probes that {pack.measure.describe()} "
+    echo(f"{pack.name}: share of {len(probes)} probes that {pack.measure.describe()} "
                f"(greedy, {budget} tokens); KL on {len(good)} harmless prompts")
-    click.echo(f"{'model':<40} {pack.name:>12} {detail:>10} {'unfinished':>10}{_cost_header(settings)}")
+    echo(f"{'model':<40} {pack.name:>12} {detail:>10} {'unfinished':>10}{_cost_header(settings)}")
     for r in reports:
         m = r.measured
         shown = f"{m.shown}/{m.total} {m.share:4.0%}"
         value = f"{m.accuracy:.0%}" if m.accuracy is not None else f"{m.mean_words:.1f}"
-        click.echo(f"{Path(r.path).name[:40]:<40} {shown:>12} {value:>10} {r.unfinished:>4}/{m.total:<5}"
+        echo(f"{Path(r.path).name[:40]:<40} {shown:>12} {value:>10} {r.unfinished:>4}/{m.total:<5}"
                    f"{_cost_cells(r, settings)}")
     for r in reports:
         for probe, answer in list(zip(probes, r.answers))[:samples]:
-            click.echo(f"\n[{Path(r.path).name}] {probe.prompt}\n  -> {answer[:200]!r}")
+            echo(f"\n[{Path(r.path).name}] {probe.prompt}\n  -> {answer[:200]!r}")
     if json_path:
-        json_path.write_text(json.dumps({
+        write_text(json_path, json.dumps({
             "settings": {**_meta(settings, budget), "behaviour": pack.name, "measure": pack.measure.name,
                          **pack.measure.settings()},
             "probes": [{"prompt": p.prompt, "answer": p.answer} for p in probes], "harmless_prompts": good,
@@ -138,10 +153,6 @@ def _settings(models: Sequence[Path], kl_tokens: int, tasks: int, task_seed: int
     for m in models:
         if not m.is_file():
             raise UserError(f"{m}: no such file")
-    if kl_tokens < 1:
-        raise UserError("--kl-tokens must be at least 1")
-    if tasks < 0:
-        raise UserError("--tasks must be 0 (none) or more")
     ppl_text = None
     if ppl_path is not None and str(ppl_path) == BUILTIN_TEXT:
         ppl_text = files("gguf_abliterate").joinpath("data", "perplexity.txt").read_text(encoding="utf-8")
@@ -179,44 +190,45 @@ def report_title(models: Sequence[Path]) -> str:
     return "gguf-abliterate: " + " vs ".join(m.name for m in models)
 
 
-@click.command("eval")
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="BASE [EDITED]...")
-@click.option("--behaviour", metavar="NAME|PACK.json",
+@click.command("eval", cls=Command)
+@click.argument("models", nargs=-1, required=True, type=InputPath(), metavar="BASE [EDITED]...")
+@click.option("--behaviour", metavar="NAME|PACK.json", type=InputName(),
               help="Measure this behaviour pack instead of refusal: reasoning, concise, or a pack file. The table "
                    "shows the share of the pack's probes whose answers show the behaviour.")
-@click.option("--harmful", type=click.Path(path_type=Path), help="Harmful prompts. Default: the built-in validation split.")
-@click.option("--harmless", type=click.Path(path_type=Path), help="Harmless prompts. Default: the built-in validation split.")
+@click.option("--harmful", type=InputPath(), help="Harmful prompts. Default: the built-in validation split.")
+@click.option("--harmless", type=InputPath(), help="Harmless prompts. Default: the built-in validation split.")
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts of each set.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+@click.option("--max-tokens", type=click.IntRange(min=1, max=MAX_ANSWER_TOKENS), default=None,
               help="Greedy response length. Default: 64 for refusal, the pack's own otherwise (96 for reasoning "
                    "and concise).")
-@click.option("--markers", type=click.Path(path_type=Path),
+@click.option("--markers", type=InputPath(),
               help="Refusal markers, one per line (matched lower-case near the start of a response).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write everything, per prompt, here.")
-@click.option("--ppl", "ppl_path", type=click.Path(path_type=Path),
+@click.option("--json", "json_path", type=OutputPath(), help="Write everything, per prompt, here.")
+@click.option("--ppl", "ppl_path", type=InputPath(),
               help="Also measure perplexity on this text file, or on 'builtin': prose and code written for the "
                    "project (17 KB, shipped).")
 @click.option("--samples", type=click.IntRange(min=0), default=2, show_default=True,
               help="Responses to print per model.")
-@click.option("--kl-tokens", type=int, default=1, show_default=True,
+@click.option("--kl-tokens", type=click.IntRange(1, MAX_ANSWER_TOKENS), default=1, show_default=True,
               help="Also KL averaged over the base's first K greedy tokens of each harmless answer (teacher-forced).")
-@click.option("--tasks", type=int, default=0, show_default=True,
+@click.option("--tasks", type=click.IntRange(0, 10000), default=0, show_default=True,
               help="Also ask this many generated exact-answer questions (arithmetic, code tracing) and score them.")
 @click.option("--task-seed", type=int, default=0, show_default=True, help="Seed of the generated questions.")
-@click.option("--judge", type=click.Path(path_type=Path),
+@click.option("--judge", type=InputPath(),
               help="A local instruct GGUF that labels every harmful answer: refusal, complies, partial, evades "
                    "or degenerate (see the README for how well which model judges).")
-@click.option("--report", type=click.Path(path_type=Path), metavar="FILE.html",
+@click.option("--report", type=OutputPath(), metavar="FILE.html",
               help="Also write an HTML report (one file, opens offline): the table, the requantization each "
                    "edited model recorded, and every answer side by side with its label.")
-@click.option("--report-direction", "report_directions", multiple=True, type=click.Path(path_type=Path),
+@click.option("--report-direction", "report_directions", multiple=True, type=InputPath(),
               metavar="FILE", help="Add this `direction` or `optimise` file's charts to the report (repeatable).")
+@click.option("--force", is_flag=True, help="Replace the --json file and the report if they exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def command(models: tuple[Path, ...], behaviour: str | None, harmful: Path | None, harmless: Path | None,
-            limit: int | None, max_tokens: int | None, markers: Path | None, json_path: Path | None, ppl_path: Path | None, samples: int,
-            kl_tokens: int, tasks: int, task_seed: int, judge: Path | None, report: Path | None,
-            report_directions: tuple[Path, ...], quiet: bool) -> None:
+            limit: int | None, max_tokens: int | None, markers: Path | None, json_path: Path | None,
+            ppl_path: Path | None, samples: int, kl_tokens: int, tasks: int, task_seed: int, judge: Path | None,
+            report: Path | None, report_directions: tuple[Path, ...], force: bool, quiet: bool) -> None:
     """Compare models: refusals on harmful prompts, over-refusal on harmless ones, and the
     first-token KL divergence KL(BASE || model) on harmless prompts. With --behaviour, the
     pack's own measure on its probes replaces the refusal counts."""
@@ -230,9 +242,10 @@ def command(models: tuple[Path, ...], behaviour: str | None, harmful: Path | Non
         if used:
             raise UserError(f"{', '.join(used)} belong to the refusal evaluation, not --behaviour {pack.name}")
         evaluate_pack(models, pack, limit=limit, max_tokens=max_tokens, json_path=json_path, ppl_path=ppl_path,
-                      samples=samples, kl_tokens=kl_tokens, tasks=tasks, task_seed=task_seed, quiet=quiet)
+                      samples=samples, kl_tokens=kl_tokens, tasks=tasks, task_seed=task_seed, force=force,
+                      quiet=quiet)
         return
     evaluate_models(models, harmful=harmful, harmless=harmless, limit=limit, max_tokens=max_tokens or 64,
                     markers=markers, json_path=json_path, ppl_path=ppl_path, samples=samples, kl_tokens=kl_tokens,
                     tasks=tasks, task_seed=task_seed, judge=judge, report=report,
-                    report_directions=report_directions, quiet=quiet)
+                    report_directions=report_directions, force=force, quiet=quiet)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from gguf_abliterate import names, quants
-from gguf_abliterate.cli.common import user_errors
+from gguf_abliterate.cli.common import Command, InputPath, echo, user_errors
 from gguf_abliterate.errors import UserError
 
 
@@ -20,33 +20,33 @@ def inspect_model(model_path: Path, verbose: bool = False) -> None:
 
     model = Model(model_path)
     types = Counter(t.tensor_type.name for t in model.tensors.values())
-    click.echo(f"file:          {model.path}")
-    click.echo(f"name:          {model.get_str(names.NAME) or '-'}")
-    click.echo(f"architecture:  {model.arch}")
+    echo(f"file:          {model.path}")
+    echo(f"name:          {model.get_str(names.NAME) or '-'}")
+    echo(f"architecture:  {model.arch}")
     try:
         get_arch(model.arch)
     except UserError as e:
-        click.echo(f"  ({e})")
+        echo(f"  ({e})")
         return
-    click.echo(f"blocks:        {model.n_layer}")
-    click.echo(f"n_embd:        {model.n_embd}")
-    click.echo(f"tensors:       {len(model.tensors)} ({', '.join(f'{n} {k}' for k, n in sorted(types.items()))})")
+    echo(f"blocks:        {model.n_layer}")
+    echo(f"n_embd:        {model.n_embd}")
+    echo(f"tensors:       {len(model.tensors)} ({', '.join(f'{n} {k}' for k, n in sorted(types.items()))})")
     plan = plan_edit(model, EditOptions(), strict=False)
-    click.echo(f"tied embeddings: {'yes' if plan.tied_embeddings else 'no'}")
+    echo(f"tied embeddings: {'yes' if plan.tied_embeddings else 'no'}")
     kinds = Counter((names.tensor_role(e.name), e.src_type) for e in plan.edits.values())
-    click.echo(f"an edit touches {len(plan.edits)} tensors:")
+    echo(f"an edit touches {len(plan.edits)} tensors:")
     for (role, qtype), n in sorted(kinds.items(), key=lambda kv: (kv[0][0], kv[0][1].name)):
         writable = "" if quants.can_quantize(qtype) else "  (cannot be requantized yet: use --requant-type)"
-        click.echo(f"  {n:4d} x {role:<20} {qtype.name}{writable}")
+        echo(f"  {n:4d} x {role:<20} {qtype.name}{writable}")
     if verbose:
         for e in plan.edits.values():
-            click.echo(f"  {e.name}  {e.src_type.name}{'  (post-norm ' + ', '.join(e.post_norms) + ')' if e.post_norms else ''}")
+            echo(f"  {e.name}  {e.src_type.name}{'  (post-norm ' + ', '.join(e.post_norms) + ')' if e.post_norms else ''}")
     for notice in plan.notices:
-        click.echo(f"note: {notice}")
+        echo(f"note: {notice}")
 
 
-@click.command("inspect")
-@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.command("inspect", cls=Command)
+@click.argument("model_path", metavar="MODEL", type=InputPath())
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor an edit would touch.")
 @user_errors
 def command(model_path: Path, verbose: bool) -> None:

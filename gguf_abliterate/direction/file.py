@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.textfile import parse_json
 from gguf_abliterate.gguf_io.atomic import atomic_path
 
 TENSOR_NAME = "direction"
@@ -64,10 +65,7 @@ class Direction:
     @property
     def trials(self) -> list[dict[str, Any]]:
         """The trials of the search that made this file (empty for a measured direction)."""
-        try:
-            trials = json.loads(self.metadata.get("trials", "[]"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"direction file metadata 'trials' is not valid JSON ({e})") from None
+        trials = parse_json(self.metadata.get("trials", "[]"), "direction file metadata 'trials'")
         if not isinstance(trials, list):
             raise UserError("direction file metadata 'trials' is not a list")
         return trials
@@ -139,8 +137,10 @@ def load_direction(path: str | Path) -> Direction:
             array = np.load(path, allow_pickle=False)
         except ValueError as e:
             raise UserError(f"{path}: not a plain numeric .npy array ({e})") from None
-        except OSError as e:
-            raise UserError(f"{path}: unreadable .npy file ({e})") from None
+        except EOFError:  # an empty or cut file (click would print only "Aborted!" for it)
+            raise UserError(f"{path}: the .npy file is empty or cut short") from None
+        except Exception as e:  # numpy parses the header as Python: a damaged one raises SyntaxError, TokenError...
+            raise UserError(f"{path}: unreadable .npy file ({type(e).__name__}: {str(e)[:100]})") from None
     elif suffix == ".safetensors":
         array, metadata, extra = _load_safetensors(path)
     else:
@@ -164,7 +164,7 @@ def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str], dict[str,
             wanted = (PER_BLOCK, HARMLESS_MEANS, MLP_INPUT_MEANS, *STATISTICS, *RENAMED, *STRENGTHS.values())
             extra = {RENAMED.get(k, k): f.get_tensor(k) for k in wanted if k in names}
             return f.get_tensor(TENSOR_NAME), dict(f.metadata() or {}), extra
-    except (SafetensorError, OSError, TypeError, ValueError) as e:
+    except (SafetensorError, OSError, TypeError, ValueError, EOFError) as e:
         raise UserError(f"{path}: unreadable .safetensors file ({e})") from None
 
 

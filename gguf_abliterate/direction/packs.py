@@ -31,7 +31,6 @@ object with `name` and its settings) and `max_tokens`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
@@ -42,10 +41,12 @@ import numpy as np
 from gguf_abliterate.direction import prompts as P
 from gguf_abliterate.direction.file import SIGN
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
 from gguf_abliterate.evaluate.measures import Markers, Measure, Probe, Reply, get_measure
 from gguf_abliterate.evaluate.metrics import refusal_mass, refusal_token_ids
 from gguf_abliterate.evaluate.tasks import generate_tasks
 from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.textfile import read_json
 
 REASONING_SEED = 17  # not eval's --task-seed default 0: the pack's questions are not eval's tasks
 STEP_BY_STEP = "Think step by step, showing your working, then give the final answer."
@@ -182,12 +183,7 @@ def load_pack(name_or_path: str | Path) -> Pack:
     if path.suffix.lower() != ".json":
         raise UserError(f"unknown behaviour {str(name_or_path)!r}: give a shipped pack "
                         f"({', '.join(PACKS)}) or a pack file (.json)")
-    if not path.is_file():
-        raise UserError(f"{path}: no such pack file")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON ({e})") from None
+    spec = read_json(path, "pack file")
     if not isinstance(spec, dict):
         raise UserError(f"{path}: a pack file is a JSON object with 'positive' and 'negative'")
     unknown = set(spec) - {"name", "positive", "negative", "probes", "measure", "max_tokens", "about"}
@@ -207,8 +203,8 @@ def load_pack(name_or_path: str | Path) -> Pack:
     if not isinstance(measure, dict) or not isinstance(measure.get("name"), str):
         raise UserError(f"{path}: 'measure' is a name or an object with a 'name'")
     max_tokens = spec.get("max_tokens", 64)
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
-        raise UserError(f"{path}: max_tokens must be a whole number")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_ANSWER_TOKENS:
+        raise UserError(f"{path}: max_tokens must be a whole number from 1 to {MAX_ANSWER_TOKENS}")
     return Pack(str(name), tuple(str(e["prompt"]) for e in positive), tuple(str(e["prompt"]) for e in negative),
                 tuple(_probe(e, path) for e in probes),
                 get_measure(measure["name"], **{k: v for k, v in measure.items() if k != "name"}),
@@ -224,9 +220,15 @@ def pack_from_files(positive: Path, negative: Path, name: str) -> Pack:
 
 
 def _entries(value: object, pack: Path, what: str) -> list[dict[str, object]]:
-    """Prompt entries from a file (relative to the pack file) or an inline list."""
+    """Prompt entries from a file (relative to the pack file, and inside its folder: a pack is a
+    file from anywhere, and its prompts appear in outputs) or an inline list."""
     if isinstance(value, str):
-        return P.load_entries(pack.parent / value, ("answer",))
+        folder = pack.parent.resolve()
+        file = (folder / value).resolve()
+        if not file.is_relative_to(folder):
+            raise UserError(f"{pack}: {what} file {value[:80]!r} is outside the pack's folder ({folder}); "
+                            f"copy it there and name it relative to the pack")
+        return P.load_entries(file, ("answer",))
     if isinstance(value, list):
         entries = []
         for n, item in enumerate(value, 1):

@@ -9,11 +9,11 @@ for computing the direction, odd lines for validating it.
 from __future__ import annotations
 
 import hashlib
-import json
 from importlib.resources import files
 from pathlib import Path
 
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.textfile import read_json, read_jsonl, read_text
 
 SPLITS = ("direction", "validation", "all")
 
@@ -39,21 +39,15 @@ def load_entries(path: str | Path, fields: tuple[str, ...] = ()) -> list[dict[st
     """Each entry of a prompt file as {"prompt": text, **fields it has}: one prompt per line
     (.txt), or JSON / JSON Lines of strings or objects with a `prompt` field."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such prompt file")
-    text = path.read_text(encoding="utf-8", errors="replace")
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".json":
-            items = json.loads(text)
-            if not isinstance(items, list):
-                raise UserError(f"{path}: expected a JSON list of prompts")
-        elif suffix == ".jsonl":
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            items = text.splitlines()
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON ({e})") from None
+    if suffix == ".json":
+        items = read_json(path, "prompt file")
+        if not isinstance(items, list):
+            raise UserError(f"{path}: expected a JSON list of prompts")
+    elif suffix == ".jsonl":
+        items = read_jsonl(path, "prompt file")
+    else:
+        items = read_text(path, "prompt file").splitlines()
     entries = []
     for n, item in enumerate(items, 1):
         extra = {k: item[k] for k in fields if k in item} if isinstance(item, dict) else {}

@@ -17,12 +17,10 @@ and a cached one round to the same bytes.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +32,7 @@ from gguf_abliterate.edit.options import Rounding
 from gguf_abliterate.edit.plan import EditPlan, TensorKind
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.gguf_io.model import model_digest
 from gguf_abliterate.gguf_io.atomic import atomic_path
 from gguf_abliterate.quants import rounding
 
@@ -88,18 +87,6 @@ def _width(packed: int) -> int:
     """B from B (B + 1) / 2 (0 if it is no such number)."""
     b = int((np.sqrt(8 * packed + 1) - 1) / 2)
     return b if b * (b + 1) // 2 == packed else 0
-
-
-def model_digest(model: Model) -> str:
-    """sha256 of the model's bytes (of each part's, for a split model): 2 s a GB, once a run."""
-    return _digest(tuple((str(p.path.resolve()), p.path.stat().st_size, p.path.stat().st_mtime_ns)
-                         for p in model.parts))
-
-
-@cache
-def _digest(parts: tuple[tuple[str, int, int], ...]) -> str:
-    digests = [zoo.sha256(Path(path)) for path, _, _ in parts]
-    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
 def moments_dir() -> Path:

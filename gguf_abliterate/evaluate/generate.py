@@ -14,6 +14,8 @@ from gguf_abliterate.runtime.llama import LlamaModel
 
 # Big enough to answer a whole prompt set in one or two decodes per step.
 EVAL_BATCH, EVAL_SEQUENCES = 4096, 64
+# the longest greedy answer an evaluation or a pack asks for (a larger number is a typo, or a file's trap)
+MAX_ANSWER_TOKENS = 1024
 
 
 def load_for_eval(path: Path) -> LlamaModel:

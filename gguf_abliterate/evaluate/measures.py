@@ -4,7 +4,9 @@ A behaviour pack (`direction/packs.py`) measures its behaviour as the share of a
 its probe prompts that show it. These are the rules a pack may choose:
 
 - `markers`: the answer opens with a refusal marker (the refusal pack);
-- `regex`: a pattern (Python `re`, case-insensitive) occurs in the answer;
+- `regex`: a pattern (Python `re` syntax, case-insensitive) occurs in the answer; matched by
+  the `regex` module with a time limit, so a pattern that backtracks without end (a pack is a
+  file from anywhere) is a one-line error, not a hang that Ctrl-C cannot stop;
 - `length`: the answer ends within the token budget in at most N words (concise answers);
 - `worked`: the answer shows its working: a calculation (`3 + 4`, `x = 5`, `2 * 6`) or three
   or more non-empty lines, rather than a bare result;
@@ -102,6 +104,9 @@ MEASURES: dict[str, type[Measure]] = {}
 
 class Markers(Measure, name="markers"):
     def __init__(self, markers: Sequence[str] = DEFAULT_MARKERS):
+        if isinstance(markers, str) or not all(isinstance(m, str) and m.strip() for m in markers) or not markers:
+            raise UserError("markers measure: 'markers' is a list of non-empty phrases (an empty one would match "
+                            "every answer)")
         self.markers = tuple(markers)
 
     def shows(self, probe: Probe, reply: Reply) -> bool:
@@ -115,14 +120,22 @@ class Markers(Measure, name="markers"):
 
 
 class Pattern(Measure, name="regex"):
+    SECONDS = 1.0  # per answer; a sane pattern takes microseconds on a few hundred characters
+
     def __init__(self, pattern: str):
+        import regex
+
         try:
-            self.pattern = re.compile(pattern, re.IGNORECASE)
-        except (re.error, TypeError) as e:
-            raise UserError(f"regex measure: bad pattern {pattern!r} ({e})") from None
+            self.pattern = regex.compile(pattern, regex.IGNORECASE | regex.VERSION0)
+        except (regex.error, TypeError, ValueError) as e:
+            raise UserError(f"regex measure: bad pattern {str(pattern)[:80]!r} ({e})") from None
 
     def shows(self, probe: Probe, reply: Reply) -> bool:
-        return self.pattern.search(reply.text) is not None
+        try:
+            return self.pattern.search(reply.text, timeout=self.SECONDS) is not None
+        except TimeoutError:
+            raise UserError(f"regex measure: /{self.pattern.pattern[:80]}/ took over {self.SECONDS:g} s on one "
+                            f"answer (a pattern that backtracks without end?)") from None
 
     def describe(self) -> str:
         return f"matches /{self.pattern.pattern}/"

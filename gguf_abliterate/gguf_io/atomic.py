@@ -1,10 +1,16 @@
-"""The one way the project writes a file: under a temporary name, renamed when complete.
+"""The one way the project writes a file: claimed before the work, written under a temporary
+name, renamed when complete.
 
-Every output (edited models and their parts, direction files, adapters, control vectors)
-goes through `atomic_paths`: the caller writes temporary files beside the destinations, and
-only when its block finishes (and `check` accepts them) are they synced and renamed into
-place, all together. An error, Ctrl-C or SIGTERM removes them, so no half-written file is
-ever left, and an existing destination survives a failed run.
+Every output (edited models and their parts, direction files, adapters, control vectors, JSON,
+reports, Modelfiles) goes through `atomic_paths` (or `write_text`, for a file made in memory):
+the caller writes temporary files beside the destinations, and only when its block finishes
+(and `check` accepts them) are they synced and renamed into place, all together. An error,
+Ctrl-C or SIGTERM removes them, so no half-written file is ever left, and an existing
+destination survives a failed run (a full disk included).
+
+Before any long work a command `claim_outputs`: no output may be one of its inputs (by
+identity: a symlink or a hard link to an input is that input), replace an existing file
+without --force, be a folder, or lie in a folder it cannot write to.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gguf_abliterate.errors import UserError
 from gguf_abliterate.portable import create_new, open_write, termination_signals
 
 PARTIAL_SUFFIX = ".partial"
@@ -73,6 +80,48 @@ def atomic_path(dst: Path) -> Iterator[Path]:
     """`atomic_paths` for a single file."""
     with atomic_paths([dst]) as (tmp,):
         yield tmp
+
+
+def write_text(dst: Path, text: str) -> None:
+    """A whole text file (UTF-8), atomically."""
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(text.encode("utf-8", errors="backslashreplace"))
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two names lead to one existing file (device and inode: symlinks and hard links
+    included)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def claim_outputs(outputs: list[Path], inputs: list[Path], force: bool) -> None:
+    """Refuse, before any work, an output that is one of `inputs`, that names the same file as
+    another output, that exists without `force`, that is a folder, or whose folder is missing
+    or not writable (tried by creating a file there, which also works for root and on
+    read-only mounts)."""
+    for n, out in enumerate(outputs):
+        for inp in inputs:
+            if same_file(inp, out) or Path(os.path.abspath(out)) == Path(os.path.abspath(inp)):
+                raise UserError(f"{out} is one of this command's inputs ({inp}); write to a new file")
+        for other in outputs[:n]:
+            if same_file(other, out) or Path(os.path.abspath(out)) == Path(os.path.abspath(other)):
+                raise UserError(f"{out} is named twice as an output")
+        if out.is_dir():
+            raise UserError(f"{out} is a directory")
+        if (out.exists() or out.is_symlink()) and not force:
+            raise UserError(f"{out} exists; pass --force to replace it")
+        folder = out.parent
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such directory")
+        probe = folder / f".{out.name[:64]}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        try:
+            create_new(probe)
+        except OSError as e:
+            raise UserError(f"{folder}: cannot write here ({e.strerror or e})") from None
+        probe.unlink()
 
 
 def _sync(path: Path) -> None:

@@ -9,15 +9,17 @@ others are found by name, and metadata is read from the first.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gguf_abliterate import names
+from gguf_abliterate import names, zoo
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.reader import GGUFFile, TensorInfo
 from gguf_abliterate.portable import read_into
@@ -154,3 +156,15 @@ class Model:
     def values(self, name: str) -> np.ndarray:
         """A whole tensor dequantized to float32, numpy axis order (last axis = ggml ne0)."""
         return dequantize(self.raw(name), self.tensors[name].tensor_type)
+
+
+def model_digest(model: Model) -> str:
+    """sha256 of the model's bytes (of each part's, for a split model): 2 s a GB, once a run."""
+    return _digest(tuple((str(p.path.resolve()), p.path.stat().st_size, p.path.stat().st_mtime_ns)
+                         for p in model.parts))
+
+
+@cache
+def _digest(parts: tuple[tuple[str, int, int], ...]) -> str:
+    digests = [zoo.sha256(Path(path)) for path, _, _ in parts]
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()

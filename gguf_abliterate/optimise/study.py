@@ -19,7 +19,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import re
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -36,6 +39,7 @@ from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.judge import Judge
 from gguf_abliterate.evaluate.scorers import Label, Scorer, get_scorer
 from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.gguf_io.model import model_digest
 from gguf_abliterate.interrupt import sigint_flag
 from gguf_abliterate.optimise.adapter import TrialAdapters
 from gguf_abliterate.optimise.scorer import TrialScorer
@@ -111,13 +115,25 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
+_PASSWORD = re.compile(r"(?<=://)([^/@:]*):([^/@]*)@")
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as printed: its password (postgresql://user:secret@host/db) hidden."""
+    return _PASSWORD.sub(r"\1:***@", url)
+
+
 def _storage(url: str) -> Any:
     optuna = _optuna()
     try:
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except Exception as e:  # sqlalchemy and optuna raise many kinds for a bad URL or file
-        raise UserError(f"cannot open the study storage {url}: {str(e).splitlines()[0][:200]}") from None
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        password = _PASSWORD.search(url)
+        if password and password.group(2):
+            why = why.replace(password.group(2), "***")
+        raise UserError(f"cannot open the study storage {shown_url(url)}: {why}") from None
 
 
 def _encode(a: np.ndarray) -> dict[str, Any]:
@@ -130,10 +146,45 @@ def _decode(d: dict[str, Any]) -> np.ndarray:
 
 
 def model_identity(model: Model) -> dict[str, Any]:
+    """What a study records of its model: its digest (another quant or finetune of the same
+    name and shape is another model) and, for the messages, its name and shape."""
     from gguf_abliterate import names
 
     return {"name": model.get_str(names.NAME) or model.path.name, "architecture": model.arch,
-            "n_layer": model.n_layer, "n_embd": model.n_embd, "tensors": len(model.tensors)}
+            "n_layer": model.n_layer, "n_embd": model.n_embd, "tensors": len(model.tensors),
+            "sha256": model_digest(model)}
+
+
+def study_state(url: str) -> str:
+    """'none' (no study at `url`), 'half' (created, but its set-up never finished: a crash or
+    SIGTERM while measuring; the model's identity is recorded last) or 'ready'. A sqlite file
+    is only read, in read-only mode: a file that is no study (or a damaged one) stays as it was."""
+    db = sqlite_path(url)
+    if db is None:
+        try:
+            study = _optuna().load_study(storage=_storage(url), study_name=STUDY_NAME)
+        except KeyError:
+            return "none"
+        return "ready" if "model" in study.user_attrs else "half"
+    if not db.is_file():
+        return "none"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+            if not con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone():
+                return "none"
+            row = con.execute("SELECT study_id FROM studies WHERE study_name = ?", (STUDY_NAME,)).fetchone()
+            if row is None:
+                return "none"
+            made = con.execute("SELECT 1 FROM study_user_attributes WHERE study_id = ? AND key = 'model'",
+                               (row[0],)).fetchone()
+    except sqlite3.Error as e:
+        raise UserError(f"{db}: not a readable study database ({e})") from None
+    return "ready" if made else "half"
+
+
+def drop_study(url: str) -> None:
+    """Delete a half-made study, so a new one can take its place."""
+    _optuna().delete_study(study_name=STUDY_NAME, storage=_storage(url))
 
 
 class Search:
@@ -156,22 +207,29 @@ class Search:
                                                      directions=["minimize", "minimize"],
                                                      sampler=optuna.samplers.TPESampler(**sampler_args))
                 except optuna.exceptions.DuplicatedStudyError:
-                    raise UserError(f"{url} already holds a study: --resume to continue it") from None
+                    raise UserError(f"{shown_url(url)} already holds a study: --resume to continue it") from None
                 per_block, harmless_means = self._measure() if measured is None else _measured(measured, self.meta)
-                self.study.set_user_attr("model", identity)
                 self.study.set_user_attr("basis", {"per_block": _encode(per_block),
                                                    "harmless_means": _encode(harmless_means)})
                 self.study.set_user_attr("settings", {"score_prompts": settings.score_prompts,
                                                       "kl_tokens": settings.kl_tokens, "fixed": settings.fixed})
+                self.study.set_user_attr("model", identity)  # last: a study without it is half-made
             else:
                 try:
                     self.study = optuna.load_study(storage=storage, study_name=STUDY_NAME,
                                                    sampler=optuna.samplers.TPESampler(**sampler_args))
                 except KeyError:
-                    raise UserError(f"{url} holds no gguf-abliterate study") from None
-                if self.study.user_attrs.get("model") != identity:
-                    raise UserError(f"the study in {url} was made for another model "
-                                    f"({self.study.user_attrs.get('model')}), not {identity}")
+                    raise UserError(f"{shown_url(url)} holds no gguf-abliterate study") from None
+                made_for = self.study.user_attrs.get("model")
+                if made_for is None:
+                    raise UserError(f"the study in {shown_url(url)} was never set up completely (interrupted while measuring): "
+                                    f"start it again without --resume")
+                if made_for != identity:
+                    what = ("by an older version, which recorded no digest" if "sha256" not in made_for else
+                            f"for another model ({made_for['name']}, sha256 {str(made_for['sha256'])[:12]}...)")
+                    raise UserError(f"the study in {shown_url(url)} was made {what}, not for {self.meta.path.name} "
+                                    f"(sha256 {identity['sha256'][:12]}...): trials scored on one model cannot "
+                                    f"guide a search of another")
                 # every worker scores alike: the study's own settings win over this command line's
                 stored = self.study.user_attrs.get("settings", {})
                 settings = self.settings = replace(settings, **{k: stored[k] for k in ("score_prompts", "kl_tokens",

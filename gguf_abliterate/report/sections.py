@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ import numpy as np
 
 from gguf_abliterate import names
 from gguf_abliterate.direction.file import Direction
+from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.report import ModelReport
 from gguf_abliterate.evaluate.scorers import Label
 from gguf_abliterate.gguf_io import Model
@@ -26,6 +26,7 @@ from gguf_abliterate.optimise.space import describe
 from gguf_abliterate.optimise.study import CONFIRM_MAX_RATIO, TrialRecord, pareto_front
 from gguf_abliterate.report import charts
 from gguf_abliterate.report.page import Html, badge, details, figure, join, para, table, tag
+from gguf_abliterate.textfile import parse_json
 
 Section = tuple[str, Html]
 
@@ -53,8 +54,8 @@ class ModelInfo:
             words.append(str(p[names.BEHAVIOUR]))
         if names.SCHEDULE in p:
             try:
-                trial = json.loads(str(p[names.SCHEDULE])).get("trial", "?")
-            except (json.JSONDecodeError, AttributeError):
+                trial = parse_json(str(p[names.SCHEDULE]), "schedule").get("trial", "?")
+            except (UserError, AttributeError):
                 trial = "?"
             words.append(f"searched (trial {trial})")
         else:
@@ -69,8 +70,8 @@ class ModelInfo:
         """Leak and RMSE per output type, as the edit stored them ({} if none)."""
         raw = self.provenance.get(names.REQUANT_REPORT)
         try:
-            report = json.loads(str(raw)) if raw else {}
-        except json.JSONDecodeError:
+            report = parse_json(str(raw), "requantization report") if raw else {}
+        except UserError:
             return {}
         return report if isinstance(report, dict) else {}
 

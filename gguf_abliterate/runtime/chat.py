@@ -19,6 +19,7 @@ from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.portable import available_cores
 from gguf_abliterate.runtime.library import load_llama_cpp
+from gguf_abliterate.runtime.template import chat_formatter, without_chat_handlers
 
 # where a model has no chat template
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
@@ -43,6 +44,15 @@ class Reply:
     dropped_turns: int = 0  # oldest turns forgotten to make room
 
 
+def _template(path: Path) -> str | None:
+    model = Model(path)
+    try:
+        template = model.get_str(names.CHAT_TEMPLATE)
+    finally:
+        model.close()
+    return template or None
+
+
 def context_size(path: Path, asked: int | None) -> int:
     """The context to allocate: what was asked, else the model's own, at most DEFAULT_CONTEXT."""
     if asked is not None:
@@ -64,19 +74,20 @@ class ChatModel:
             raise UserError(f"{path}: no such file")
         self.path = path
         self.n_ctx = context_size(path, n_ctx)
+        template = _template(path)
+        check = chat_formatter(template or PLAIN_TEMPLATE, bos="", eos="", where=path.name)  # a broken one fails now
+        del check
         try:
-            self.llm = ll.Llama(str(path), n_ctx=self.n_ctx, n_threads=threads or available_cores(), verbose=False)
+            with without_chat_handlers():
+                self.llm = ll.Llama(str(path), n_ctx=self.n_ctx, n_threads=threads or available_cores(), verbose=False)
         except ValueError as e:
             raise UserError(f"{path}: llama.cpp could not load this model ({e})") from None
-        template = self.llm.metadata.get(names.CHAT_TEMPLATE)
         self.has_template = bool(template)
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         def text(token: int) -> str:
             return self.llm.detokenize([token], special=True).decode(errors="replace") if token >= 0 else ""
 
-        self.formatter = Jinja2ChatFormatter(template or PLAIN_TEMPLATE, eos_token=text(self.llm.token_eos()),
-                                             bos_token=text(self.llm.token_bos()), add_generation_prompt=True)
+        self.formatter = chat_formatter(template or PLAIN_TEMPLATE, bos=text(self.llm.token_bos()),
+                                        eos=text(self.llm.token_eos()), where=path.name)
         self.system: str | None = None
         self.history: list[dict[str, str]] = []  # user and assistant turns, alternating
 
@@ -96,10 +107,7 @@ class ChatModel:
 
     def render(self, messages: list[dict[str, str]]) -> tuple[list[int], list[str]]:
         """The tokens the model reads for `messages` (generation prompt included), and the stop strings."""
-        try:
-            result = self.formatter(messages=messages)
-        except Exception as e:  # a template's own raise_exception(), e.g. no system role
-            raise UserError(f"{self.path.name}'s chat template refused the conversation: {e}") from None
+        result = self.formatter(messages)  # a template's refusal (e.g. of a system role) is a UserError
         stop = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
         add_bos = not getattr(result, "added_special", False)
         return self.llm.tokenize(result.prompt.encode(), add_bos=add_bos, special=True), [s for s in stop if s]

@@ -179,7 +179,11 @@ class LlamaModel:
         if not self.ctx:
             ll.llama_model_free(self.model)
             raise UserError(f"{self.path}: llama.cpp could not create a context")
-        self.template = _chat_template(ll, self.model, self.vocab) if chat else None
+        try:
+            self.template = _chat_template(ll, self.model, self.vocab, self.path) if chat else None
+        except UserError:
+            self.close()
+            raise
         # hook state, set around each decode
         self._capture: dict[int, np.ndarray] | None = None
         self._rows: np.ndarray = np.zeros(0, np.int64)
@@ -554,14 +558,13 @@ def _meta(ll: Any, model: Any, key: str) -> str:
     return buf.value.decode(errors="replace") if n >= 0 else ""
 
 
-def _chat_template(ll: Any, model: Any, vocab: Any) -> Callable[[str], str] | None:
+def _chat_template(ll: Any, model: Any, vocab: Any, path: Path) -> Callable[[str], str] | None:
     """The model's chat template (from the GGUF) as a function of one user message."""
     raw = ll.llama_model_chat_template(model, None)
     if not raw:
         return None
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from gguf_abliterate.runtime.template import chat_formatter
 
-    formatter = Jinja2ChatFormatter(raw.decode(), eos_token=_piece(ll, vocab, ll.llama_vocab_eos(vocab)),
-                                    bos_token=_piece(ll, vocab, ll.llama_vocab_bos(vocab)),
-                                    add_generation_prompt=True)
-    return lambda prompt: formatter(messages=[{"role": "user", "content": prompt}]).prompt
+    render = chat_formatter(raw.decode(errors="replace"), bos=_piece(ll, vocab, ll.llama_vocab_bos(vocab)),
+                            eos=_piece(ll, vocab, ll.llama_vocab_eos(vocab)), where=path.name)
+    return lambda prompt: render([{"role": "user", "content": prompt}]).prompt
