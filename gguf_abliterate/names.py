@@ -87,6 +87,7 @@ BEHAVIOUR = "abliterate.behaviour"  # the pack the direction came from (refusal,
 TOOL_VERSION = "abliterate.tool_version"
 REQUANT_TYPE = "abliterate.requant_type"
 ROUNDING = "abliterate.rounding"
+STATISTICS = "abliterate.statistics"  # the input statistics gptq rounding used: source, tokens, moments' sha256
 SIZE_BUDGET = "abliterate.size_budget"  # share of the file's size the edit was allowed to add
 REQUANT_REPORT = "abliterate.requant_report"
 SCHEDULE = "abliterate.schedule"  # a scheduled edit (from optimise): its trial and method

@@ -60,14 +60,16 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_demo: tuple[Path, Any]) -> None:
     out, run = tiny_demo
     assert run.returncode == 0, run.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["Modelfile", "direction.safetensors", "optimised.safetensors", "optimised.study.db",
-                     "qwen2-abliterated.gguf", "qwen2-optimised.gguf", "qwen2-reverse.gguf", "report.html",
-                     "report.json"]
+    assert names == ["Modelfile", "direction.safetensors", "direction.statistics.safetensors", "optimised.safetensors",
+                     "optimised.study.db", "qwen2-abliterated.gguf", "qwen2-optimised.gguf", "qwen2-reverse.gguf",
+                     "report.html", "report.json"]
     assert (out / "Modelfile").read_text() == "FROM ./qwen2-abliterated.gguf\n"
     report = json.loads((out / "report.json").read_text())
     assert [Path(m["path"]).name for m in report["models"]] == ["qwen2.gguf", "qwen2-abliterated.gguf",
                                                                 "qwen2-optimised.gguf", "qwen2-reverse.gguf"]
     assert "Pareto front" in run.stderr
+    assert "prompt the original refused and the abliterated model answered" in run.stdout
+    assert "prompt the original answered and the reverse model refused" in run.stdout
     assert "llama-cli -m" in run.stdout and "ollama create" in run.stdout and "stage times" in run.stdout
     assert f"report (open it in a browser): {out / 'report.html'}" in run.stdout
 
@@ -116,3 +118,28 @@ def test_builtin_perplexity_text(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     ppl = json.loads((tmp_path / "r.json").read_text())["models"][0]["perplexity"]
     assert np.isfinite(ppl) and ppl > 1
+
+
+def test_the_demo_shows_what_the_edits_changed() -> None:
+    """The demo's sample is a prompt the original refused and the abliterated model answered
+    (and a harmless one the reverse model now refuses), not simply the first prompt."""
+    from gguf_abliterate.cli.demo import changed_answers
+    from gguf_abliterate.evaluate.report import ModelReport
+    from gguf_abliterate.report import Evaluated
+
+    def report(harmful: list[str], harmless: list[str], tag: str) -> ModelReport:
+        return ModelReport(tag, 0, 3, 0, 2, None, harmful_responses=[f"{tag} {i}" for i in range(3)],
+                           harmless_responses=[f"{tag} ok {i}" for i in range(2)], harmful_verdicts=harmful,
+                           harmless_verdicts=harmless)
+
+    evaluated = Evaluated([report(["complies", "refusal", "refusal"], ["complies", "complies"], "base"),
+                           report(["complies", "refusal", "complies"], ["complies", "complies"], "abl"),
+                           report(["complies", "complies", "complies"], ["complies", "complies"], "opt"),
+                           report(["refusal", "refusal", "refusal"], ["complies", "refusal"], "rev")],
+                          ["napalm", "lockpick", "malware"], ["bread", "poem"])
+    text = "\n".join(changed_answers(evaluated, ("original", "abliterated", "optimised", "reverse")))
+    assert "a harmful prompt the original refused and the abliterated model answered: malware" in text
+    assert "abliterated: 'abl 2'" in text and "original:    'base 2'" in text
+    assert "a harmless prompt the original answered and the reverse model refused: poem" in text
+    none = Evaluated(evaluated.reports[:1] * 4, ["napalm", "lockpick", "malware"], ["bread", "poem"])
+    assert "no harmful prompt the original refused" in "\n".join(changed_answers(none, ("a", "b", "c", "d")))

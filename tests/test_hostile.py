@@ -224,10 +224,11 @@ def test_values_that_once_passed(args: list[str], needle: str, tmp_path: Path) -
     assert not (tmp_path / "OUT").exists()
 
 
-def test_an_empty_npy_is_one_line(tmp_path: Path) -> None:
+def test_an_empty_npy_is_one_line(tiny: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "d.npy").write_bytes(b"")
-    run = cli(ROOT / "README.md", tmp_path / "o.gguf", "--direction", tmp_path / "d.npy")
-    assert "Aborted!" not in run.stderr
+    run = cli(tiny["llama"], tmp_path / "o.gguf", "--direction", tmp_path / "d.npy")
+    one_line_failure(run, "d.npy: the .npy file is empty or cut short")
+    assert not (tmp_path / "o.gguf").exists()
 
 
 def test_chat_survives_a_line_that_is_not_utf8(tmp_path: Path) -> None:

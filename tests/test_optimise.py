@@ -345,14 +345,15 @@ def test_bake_check_looks_up_the_front() -> None:
 
 def test_optimise_bakes_and_confirms_the_pick(tiny: dict[str, Path], tmp_path: Path) -> None:
     """--bake keeps the checked bake: the very bytes the edit command writes from the result
-    file (both rounding by the input statistics cached for the model); the result records the
-    bake's refusals and says the pick was confirmed baked; no temporary bake is left behind."""
+    file (both rounding by the input statistics the --from direction wrote, which the result
+    names); the result records the bake's refusals and says the pick was confirmed baked; no
+    temporary bake is left behind."""
     model, out, kept = tiny["llama-nobias"], tmp_path / "edit.safetensors", tmp_path / "kept.gguf"
-    warm = tmp_path.parent / f"{tmp_path.name}-warm"  # a gptq edit measures and caches the statistics
-    warm.mkdir()
-    np.save(warm / "d.npy", np.ones(256, np.float32))
-    assert cli(model, warm / "w.gguf", "--direction", warm / "d.npy", "--rounding", "gptq").returncode == 0
-    run = cli("optimise", model, "-o", out, "--trials", "3", "--bake", kept, *FAST)
+    measured = tmp_path.parent / f"{tmp_path.name}-measured"  # direction and its statistics, elsewhere
+    measured.mkdir()
+    assert cli("direction", model, "-o", measured / "d.safetensors", "--layer", "1", "-q").returncode == 0
+    run = cli("optimise", model, "-o", out, "--trials", "3", "--bake", kept, "--from", measured / "d.safetensors",
+              *FAST)
     assert run.returncode == 0, run.stderr
     d = load_direction(out)
     chosen = int(d.metadata["chosen_trial"])
@@ -361,6 +362,7 @@ def test_optimise_bakes_and_confirms_the_pick(tiny: dict[str, Path], tmp_path: P
     assert cli(model, tmp_path / "again.gguf", "--direction", out, "-q").returncode == 0
     assert kept.read_bytes() == (tmp_path / "again.gguf").read_bytes()
     assert Model(kept).get("abliterate.rounding") == "gptq"
+    assert d.metadata["statistics"] == f"../{measured.name}/d.statistics.safetensors"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.gguf", "edit.safetensors", "edit.study.db",
                                                           "kept.gguf"]
     exists = cli("optimise", model, "-o", tmp_path / "new.safetensors", "--bake", kept, *FAST)

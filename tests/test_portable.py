@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ast
 import json
 import os
@@ -83,6 +84,10 @@ def test_direction_and_eval_without_linux_calls_are_identical(without_linux_call
         run_cli(["eval", model, edited, "-n", "2", "--max-tokens", "4", "--json", report, "-q"], env)
         with safe_open(str(d), framework="numpy") as f:
             meta = dict(f.metadata())
+        # the statistics beside it: named after the file, and hashed as written (header order varies)
+        assert meta.pop("statistics") == f"{label}.statistics.safetensors" and meta.pop("statistics_sha256")
+        meta["statistics tensors"] = str(sorted((k, hashlib.sha256(v.tobytes()).hexdigest()) for k, v in
+                                                load_file(str(tmp_path / f"{label}.statistics.safetensors")).items()))
         models = [{k: v for k, v in m.items() if k != "path"} for m in json.loads(report.read_text())["models"]]
         got[label] = (load_file(str(d)), meta, models)
     (t1, m1, e1), (t2, m2, e2) = got["linux"], got["portable"]

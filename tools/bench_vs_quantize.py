@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("direction", type=Path)
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp's threads and the edit's --jobs")
     ap.add_argument("--rounding", default="auto",
-                    help="the edit's --rounding (auto, its default, is gptq if `direction` cached MODEL's statistics)")
+                    help="the edit's --rounding (auto, its default, is gptq if DIRECTION names MODEL's statistics)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each; the best is kept")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.model.parent) as tmp:

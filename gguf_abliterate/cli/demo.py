@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -12,9 +13,12 @@ from gguf_abliterate.cli.direction import measure_direction
 from gguf_abliterate.cli.edit import edit_model
 from gguf_abliterate.cli.eval import evaluate_models, report_title
 from gguf_abliterate.cli.optimise import optimise_model
+from gguf_abliterate.edit.moments import statistics_path
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
+from gguf_abliterate.evaluate.scorers import Label
 from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
+from gguf_abliterate.report import Evaluated
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 SEARCH_TRIALS, SEARCH_MINUTES = 30, 6.0
@@ -50,8 +54,8 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     outputs = {mode: out_dir / f"{stem}-{mode}.gguf" for mode in ("abliterated", "reverse", "optimised")}
     modelfile = out_dir / "Modelfile"
     # the demo replaces its own earlier files in out_dir, never the model it starts from
-    claim_outputs([direction, searched, searched.with_suffix(".study.db"), *outputs.values(), out_dir / "report.json",
-                   modelfile], [src], force=True)
+    claim_outputs([direction, statistics_path(direction), searched, searched.with_suffix(".study.db"),
+                   *outputs.values(), out_dir / "report.json", modelfile], [src], force=True)
     check_report(report, [src], force=True)
     echo(f"== direction from {src.name}", err=True)
     measure_direction(src, direction, score_prompts=score_prompts, force=True)
@@ -69,20 +73,48 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
     models = (src, outputs["abliterated"], outputs["optimised"], outputs["reverse"])
     evaluated = evaluate_models(models, limit=limit, max_tokens=max_tokens, json_path=out_dir / "report.json",
-                                samples=1, force=True)
+                                samples=0, force=True)
     stage("evaluation")
+    for line in changed_answers(evaluated, ("original", "abliterated", "optimised", "reverse")):
+        echo(line)
     write_report(report, report_title(models), evaluated=evaluated, direction_files=(direction, searched),
                  stage_times=stages, edit_seconds=edit_seconds)
     write_text(modelfile, f"FROM ./{outputs['abliterated'].name}\n")
     echo("\nstage times: " + ", ".join(f"{name} {secs:.0f}s" for name, secs in stages))
     echo(f"""
-files in {out_dir}/: {direction.name}, {searched.name}, {outputs['abliterated'].name}, {outputs['optimised'].name},
-  {outputs['reverse'].name}, report.json
+files in {out_dir}/: {direction.name} (and its input statistics), {searched.name}, {outputs['abliterated'].name},
+  {outputs['optimised'].name}, {outputs['reverse'].name}, report.json
 report (open it in a browser): {report}
 use them like the original:
   llama.cpp:  llama-cli -m {outputs['abliterated']} -cnv
   Ollama:     cd {out_dir} && ollama create {stem.lower()}-abliterated -f Modelfile   (Modelfile: FROM ./{outputs['abliterated'].name})
   LM Studio:  copy the .gguf under ~/.lmstudio/models/local/{stem}-abliterated/ and pick it in the app""")
+
+
+def changed_answers(evaluated: Evaluated, labels: Sequence[str]) -> list[str]:
+    """What the edits changed, shown on the run's own answers: the first harmful prompt the
+    original refused and the abliterated model (labels[1]) answered, and the first harmless
+    prompt the original answered and the reverse model (labels[-1]) refused, each with every
+    model's answer (a prompt all of them answered alike would show nothing)."""
+    base, removed, amplified = evaluated.reports[0], evaluated.reports[1], evaluated.reports[-1]
+    picks = [
+        ("harmful", "the original refused and the abliterated model answered", evaluated.harmful,
+         [r.harmful_responses for r in evaluated.reports],
+         next((i for i, (b, e) in enumerate(zip(base.harmful_verdicts, removed.harmful_verdicts))
+               if b == Label.REFUSAL.value and e == Label.COMPLIES.value), None)),
+        ("harmless", "the original answered and the reverse model refused", evaluated.harmless,
+         [r.harmless_responses for r in evaluated.reports],
+         next((i for i, (b, e) in enumerate(zip(base.harmless_verdicts, amplified.harmless_verdicts))
+               if b != Label.REFUSAL.value and e == Label.REFUSAL.value), None)),
+    ]
+    lines = []
+    for kind, what, prompts, answers, i in picks:
+        if i is None:
+            lines.append(f"\nno {kind} prompt {what}, among the {len(prompts)} evaluated")
+            continue
+        lines.append(f"\na {kind} prompt {what}: {prompts[i]}")
+        lines += [f"  {label + ':':<12} {per_model[i][:160]!r}" for label, per_model in zip(labels, answers)]
+    return lines
 
 
 @click.command("demo", cls=Command)

@@ -47,7 +47,7 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
     from gguf_abliterate.direction.lean import measure_lean
     from gguf_abliterate.direction.measure import candidate_layers, choose_layer, difference_of_means
     from gguf_abliterate.direction.packs import SCORE_PROBES, STEER_BELOW, load_pack
-    from gguf_abliterate.edit.moments import moments_dir, store_moments
+    from gguf_abliterate.edit.moments import encode_statistics, statistics_path, write_statistics
     from gguf_abliterate.gguf_io import Model
     from gguf_abliterate.gguf_io.atomic import claim_outputs
     from gguf_abliterate.quants.rounding import column_block
@@ -56,7 +56,9 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
     say = sayer(quiet)
     pack = pack or load_pack("refusal")
     check_direction_path(output_path)
-    claim_outputs([output_path], [model_path], force)
+    keeps_statistics = output_path.suffix.lower() == ".safetensors" and engine is Engine.LLAMA
+    stats_path = statistics_path(output_path) if keeps_statistics else None
+    claim_outputs([output_path, *([stats_path] if stats_path else [])], [model_path], force)
     if report is not None:
         if output_path.suffix.lower() != ".safetensors":
             raise UserError("--report charts the per-block statistics, which only a .safetensors output keeps")
@@ -83,12 +85,11 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
                   model.input_moments(column_block) as moments):
                 stats = difference_of_means(model.residuals(d_pos, bar.update), model.residuals(d_neg, bar.update))
             mlp_means = mlp.means()
-            # the same passes give what gptq rounding needs; cached, the edit runs no model for it
-            stored = store_moments(meta, moments, f"direction ({pack.name}, {len(d_pos) + len(d_neg)} prompts)")
+            # the same passes give what gptq rounding needs: written beside the direction, the edit
+            # runs no model for it (written last, with the direction file)
+            stored = (encode_statistics(meta, moments, f"direction ({pack.name}, {len(d_pos) + len(d_neg)} prompts)")
+                      if stats_path is not None else None)
             del moments
-            say(f"cached the writers' input statistics ({stored.tokens} tokens) for the edit's gptq rounding: "
-                f"{stored.path}" if stored.path else "note: could not write the cache of the writers' input "
-                f"statistics ({moments_dir()}); the edit will round aware")
         scores = np.full(n_layer, np.nan, np.float32)
         kl = np.full(n_layer, np.nan, np.float32)
         info: dict[str, str] = {}
@@ -140,8 +141,22 @@ def measure_direction(model_path: Path, output_path: Path, *, pack: Pack | None 
     }
     statistics = {"harmful_mean_norm": stats.harmful_norm, "harmless_mean_norm": stats.harmless_norm,
                   "diff_norm": stats.diff_norm, "separation": stats.separation, "layer_score": scores, "kl": kl}
-    save_measured(output_path, stats.directions, stats.harmless_mean, chosen, statistics, metadata, mlp_means)
+    if stats_path is not None and stored is not None:
+        metadata |= {"statistics": stats_path.name, "statistics_sha256": stored.sha256}
+        write_statistics(stats_path, stored)
+    try:
+        save_measured(output_path, stats.directions, stats.harmless_mean, chosen, statistics, metadata, mlp_means)
+    except BaseException:
+        if stats_path is not None:
+            stats_path.unlink(missing_ok=True)
+        raise
     say(f"wrote {output_path} ({pack.name} direction, layer {chosen})")
+    if stats_path is not None and stored is not None:
+        say(f"wrote {stats_path}: the writers' input statistics ({stored.tokens} tokens), which the edit finds "
+            f"through the direction file and rounds by (gptq)")
+    elif engine is Engine.LLAMA:
+        say("note: a .npy direction carries no input statistics, so the edit rounds aware (write .safetensors to "
+            "keep them, or edit with --rounding gptq to measure them)")
     if report is not None:
         from gguf_abliterate.report import write_report
 

@@ -44,7 +44,8 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
                rounding: Rounding = Rounding.AUTO, force: bool = False, jobs: int | None = None, merge: bool = False,
                out_format: OutFormat = OutFormat.GGUF, verify: bool = False, ollama_name: str | None = None,
                lmstudio: bool = False, trial: int | None = None, method: str | None = None,
-               size_budget: str | None = None, quiet: bool = False, verbose: bool = False) -> list[Path]:
+               size_budget: str | None = None, statistics: Path | None = None, quiet: bool = False,
+               verbose: bool = False) -> list[Path]:
     """The edit as the command runs it; with `ollama_name`, `input_path` is ignored and the
     model comes from the Ollama store. A direction file from `optimise` bakes its chosen
     trial (or `trial`); `steer` adds a vector instead of projecting. Returns the files written."""
@@ -84,7 +85,7 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     model = Model(input_path)
     modelfile = None if ollama is None else (output_path.parent / "Modelfile", oll.modelfile(output_path.name, ollama))
     claim_outputs([*output_paths(model, output_path, merge), *([modelfile[0]] if modelfile else [])],
-                  [*(p.path for p in model.parts), direction_path], force)
+                  [*(p.path for p in model.parts), direction_path, *([statistics] if statistics else [])], force)
     direction = load_direction(direction_path)
     direction.check_fits(model.n_layer, model.n_embd, model.arch)
     scale = 1.0 if scale is None else scale
@@ -92,9 +93,12 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
     if out_format is OutFormat.LORA:  # an adapter stores no rounded weights
         rounding = Rounding.AWARE if rounding is Rounding.AUTO else rounding
     else:
-        from gguf_abliterate.edit.moments import resolve_rounding
+        from gguf_abliterate.edit.moments import given_statistics, resolve_rounding
 
-        rounding, stored = resolve_rounding(model, rounding)
+        given, unusable = given_statistics(model, direction, direction_path, statistics)
+        if unusable is not None and rounding in (Rounding.AUTO, Rounding.GPTQ):
+            say(f"note: {unusable}")
+        rounding, stored = resolve_rounding(rounding, given, model)
     opts = EditOptions(reverse=reverse, scale=scale, layers=parse_layers(layers, model.n_layer),
                        embeddings=embeddings, requant_type=requant_type, rounding=rounding, steer=steer,
                        size_budget=budget)
@@ -140,9 +144,9 @@ def edit_model(input_path: Path, output_path: Path, direction_path: Path, *, rev
         say(f"gptq rounding: {count} of {len(plan.edits)} edited tensors weigh their rounding by their inputs' "
             f"statistics ({stored.describe()}); the others are rounded aware")
     elif asked is Rounding.AUTO and out_format is OutFormat.GGUF and any(e.aware for e in plan.edits.values()):
-        say("aware rounding: no input statistics of this model are cached; `direction` on this file caches "
-            "them (or pass --rounding gptq to measure them now), and the edit then rounds with about half the "
-            "output error")
+        say("aware rounding: the edit is given no input statistics of this model (`direction` writes them beside a "
+            ".safetensors direction file, and the edit then finds them; or --statistics FILE, or --rounding gptq to "
+            "measure them now); with them it rounds with about half the output error")
     if budget is not None:
         todo = measurement_pieces(model, plan, direction)
         with progress(len(todo), "measuring requantization error", "piece", quiet) as bar:
@@ -227,9 +231,13 @@ def _say_report(say: Say, report: Report, what: str) -> None:
               help="aware: keep ggml's block scales but re-round single codes so requantization does not "
                    "put the removed component back (snap-back); nearest: plain ggml rounding; gptq: aware, and "
                    "each rounding error offset in the columns its matrix's inputs correlate with (about half the "
-                   "output error of aware; the edit takes about 1.5x as long), by statistics `direction` cached "
-                   "for INPUT, or measured now by running 64 prompts through llama.cpp (needs llama-cpp-python); "
-                   "auto: gptq if those statistics are cached, else aware.")
+                   "output error of aware; the edit takes about 1.5x as long), by the statistics the edit is given "
+                   "(--statistics, or those the direction file names), or else measured by running 64 prompts "
+                   "through llama.cpp (needs llama-cpp-python; cached, which saves time but changes no byte); "
+                   "auto: gptq if the edit is given statistics, else aware.")
+@click.option("--statistics", type=InputPath(), metavar="FILE",
+              help="The input statistics gptq rounding weighs by (a .statistics.safetensors file `direction` "
+                   "wrote). Default: those the direction file names, if any.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new file is complete).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1, max=MAX_JOBS), default=None,
               help="Worker processes for the edit. Default: all cores for large edits, 1 for small ones.")
@@ -256,8 +264,8 @@ def _say_report(say: Say, report: Report, what: str) -> None:
 def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale: float | None, steer: float | None,
             layers: str | None, embeddings: bool | None, requant_type: GGMLQuantizationType | None, rounding: str,
             force: bool, jobs: int | None, merge: bool, out_format: str, verify: bool, ollama_name: str | None,
-            lmstudio: bool, method: str | None, trial: int | None, size_budget: str | None, quiet: bool,
-            verbose: bool) -> None:
+            lmstudio: bool, method: str | None, trial: int | None, size_budget: str | None,
+            statistics: Path | None, quiet: bool, verbose: bool) -> None:
     if ollama_name:
         if len(paths) != 1:
             raise UserError("with --ollama give only OUTPUT: the input comes from the Ollama store")
@@ -269,5 +277,5 @@ def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale:
     edit_model(input_path, output_path, direction_path, reverse=reverse, scale=scale, steer=steer, layers=layers,
                embeddings=embeddings, requant_type=requant_type, rounding=Rounding(rounding), force=force,
                jobs=jobs, merge=merge, out_format=OutFormat(out_format), verify=verify, ollama_name=ollama_name,
-               lmstudio=lmstudio, trial=trial, method=method, size_budget=size_budget, quiet=quiet,
-               verbose=verbose)
+               lmstudio=lmstudio, trial=trial, method=method, size_budget=size_budget, statistics=statistics,
+               quiet=quiet, verbose=verbose)

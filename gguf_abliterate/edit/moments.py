@@ -7,20 +7,28 @@ matrix's edit then carries its blocks, and `rounding.keep_edit_compensated` weig
 errors by them. Other edited tensors (embeddings, MoE experts, writers of other mixers) keep
 aware rounding.
 
-The moments belong to the model file, not to a direction, so they are cached per model (by
-the sha256 of its bytes): `direction` stores those of its prompt passes (at no extra model
-run), and `--rounding gptq` measures them only when none are stored. The default rounding
-(`auto`) is gptq exactly when they are. They are always used as stored, so a fresh measurement
-and a cached one round to the same bytes.
+What an edit rounds by is one of its inputs, never hidden state: the same command on the same
+files writes the same bytes on any machine, whatever earlier runs left in a cache.
+- `direction` writes the moments of its own prompt passes (at no extra model run) into a
+  statistics file beside a .safetensors output, `NAME.statistics.safetensors`, and records
+  its name and sha256 in the direction file; `optimise --from` carries that record into its
+  result. `--statistics FILE` names a statistics file outright.
+- The default rounding (`auto`) is gptq exactly when the edit is given statistics of this
+  model (their file records the model's sha256), else aware.
+- `--rounding gptq` without given statistics measures them the one fixed way
+  (`measure_and_store`: `PROMPTS` prompts of each kind). Only that measurement is cached, per
+  model: the cache saves the minute, it cannot change a byte.
+The edited file records the statistics it used (`abliterate.statistics`).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,9 +45,12 @@ from gguf_abliterate.gguf_io.atomic import atomic_path
 from gguf_abliterate.quants import rounding
 
 PROMPTS = 32  # of each kind: a few thousand tokens, ten times the widest column block
+MEASURED = f"edit --rounding gptq ({2 * PROMPTS} prompts)"  # the source of the one cached measurement
+SUFFIX = ".statistics.safetensors"
 READERS = {"attn_output": "attn", "ffn_down": "mlp"}  # writer -> the input the hook names
 
 if TYPE_CHECKING:  # llama-cpp-python is optional: the runtime is imported only when it runs
+    from gguf_abliterate.direction.file import Direction
     from gguf_abliterate.runtime.llama import InputMoments, LlamaModel
 
 
@@ -65,7 +76,9 @@ class StoredMoments:
     tokens: int
     source: str  # what measured them, e.g. "direction (refusal, 144 prompts)"
     measured: str  # when (UTC date)
-    path: Path | None  # the cache file (None: the cache could not be written)
+    path: Path | None  # the file (None: not written, or the cache could not be)
+    sha256: str = ""  # of the file's bytes, as an edited file records it
+    data: bytes = field(default=b"", repr=False)  # the file's bytes, when encoded here
 
     def get(self, kind: str, block: int) -> np.ndarray | None:
         """(n_in / B, B, B) float32, or None if none were stored for that input."""
@@ -81,6 +94,15 @@ class StoredMoments:
 
     def describe(self) -> str:
         return f"{self.source}, {self.tokens} tokens, {self.measured}"
+
+    def recorded(self) -> str:
+        """What an edited file records of them: the source, and a digest of the moments
+        themselves (not of their file, which holds the date they were measured on: the same
+        edit on another day must write the same bytes)."""
+        digest = hashlib.sha256()
+        for key in sorted(self.tensors):
+            digest.update(key.encode() + b"\0" + np.ascontiguousarray(self.tensors[key]).tobytes())
+        return f"{self.source}, {self.tokens} tokens; moments sha256 {digest.hexdigest()}"
 
 
 def _width(packed: int) -> int:
@@ -127,40 +149,61 @@ def _refuse_non_finite(means: dict[tuple[str, int], np.ndarray]) -> None:
                         f"while measuring them: the model file is broken, or overflows")
 
 
-def store_moments(model: Model, moments: InputMoments, source: str) -> StoredMoments:
-    """Cache a model's measured moments; returns them as stored (what rounding must use).
-    A cache that cannot be written is skipped (path None): the moments still serve this run."""
+def encode_statistics(model: Model, moments: InputMoments, source: str) -> StoredMoments:
+    """A model's measured moments as a statistics file's bytes (`data`, written by
+    `write_statistics`) and as rounding must use them. The file records the model's sha256, so
+    it is never applied to another model."""
     from safetensors.numpy import save
 
     means = moments.means()
     _refuse_non_finite(means)
     tensors = _encode(means)
     measured = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    path: Path | None = moments_dir() / f"{model_digest(model)}.safetensors"
-    meta = {"source": source, "tokens": str(moments.tokens), "measured": measured, "model": model.path.name}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(save(tensors, metadata=meta))
-    except OSError:
-        path = None
-    return StoredMoments(tensors, moments.tokens, source, measured, path)
+    meta = {"source": source, "tokens": str(moments.tokens), "measured": measured, "model": model.path.name,
+            "model_sha256": model_digest(model)}
+    data = save(tensors, metadata=meta)
+    return StoredMoments(tensors, moments.tokens, source, measured, None, hashlib.sha256(data).hexdigest(), data)
 
 
-def load_moments(model: Model) -> StoredMoments | None:
-    """The model's cached moments, or None if none are stored."""
+def write_statistics(path: Path, stored: StoredMoments) -> StoredMoments:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(stored.data)
+    return replace(stored, path=path)
+
+
+def load_statistics(path: Path, model: Model) -> StoredMoments:
+    """A statistics file, checked: readable, made for this model."""
     from safetensors import SafetensorError, safe_open
 
-    path = moments_dir() / f"{model_digest(model)}.safetensors"
     if not path.is_file():
-        return None
+        raise UserError(f"{path}: no such statistics file")
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
             tensors = _check({k: f.get_tensor(k) for k in f.keys()})
-        return StoredMoments(tensors, int(meta["tokens"]), meta["source"], meta["measured"], path)
+        stored = StoredMoments(tensors, int(meta["tokens"]), meta["source"], meta["measured"], path,
+                               hashlib.sha256(path.read_bytes()).hexdigest())
     except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise UserError(f"{path}: damaged cached input statistics ({e}); delete the file") from None
+        raise UserError(f"{path}: damaged input statistics ({e}); delete the file") from None
+    if meta.get("model_sha256") != model_digest(model):
+        raise UserError(f"{path}: input statistics of another model ({meta.get('model', '?')}), not of "
+                        f"{model.path.name}")
+    return stored
+
+
+def cached_measurement(model: Model) -> StoredMoments | None:
+    """The one measurement `--rounding gptq` makes (`MEASURED`), if the cache holds it for this
+    model; anything else in the cache (an older version's, another source's) is not used."""
+    path = moments_dir() / f"{model_digest(model)}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        stored = load_statistics(path, model)
+    except UserError as e:
+        if "another model" in str(e):
+            return None  # written before statistics recorded their model: measured again
+        raise UserError(f"{path}: damaged cached input statistics; delete the file") from None
+    return stored if stored.source == MEASURED else None
 
 
 def measure_and_store(model: Model, progress: Callable[[int], None] = lambda n: None) -> StoredMoments:
@@ -170,18 +213,49 @@ def measure_and_store(model: Model, progress: Callable[[int], None] = lambda n: 
 
     with LlamaModel(model.path) as m:
         moments = measure_moments(m, PROMPTS, progress)
-    return store_moments(model, moments, f"edit --rounding gptq ({2 * PROMPTS} prompts)")
+    stored = encode_statistics(model, moments, MEASURED)
+    path = moments_dir() / f"{model_digest(model)}.safetensors"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_statistics(path, stored)
+    except OSError:  # no cache: the moments still serve this run
+        return stored
 
 
-def resolve_rounding(model: Model, rounding: Rounding) -> tuple[Rounding, StoredMoments | None]:
-    """AUTO becomes GPTQ when the model's moments are cached, else AWARE; GPTQ (and AUTO)
-    come with the cached moments (GPTQ with None: they must be measured)."""
-    if rounding not in (Rounding.AUTO, Rounding.GPTQ):
-        return rounding, None
-    stored = load_moments(model)
+def statistics_path(direction_output: Path) -> Path:
+    """Where `direction` writes the statistics of a .safetensors output: beside it."""
+    return direction_output.with_name(direction_output.name.removesuffix(direction_output.suffix) + SUFFIX)
+
+
+def given_statistics(model: Model, direction: Direction, direction_path: Path,
+                     explicit: Path | None) -> tuple[StoredMoments | None, str | None]:
+    """The statistics an edit is given: `explicit` (--statistics), else those the direction
+    file names (`statistics`, relative to its folder, with their sha256); and a note when the
+    direction names statistics that cannot be used (missing, changed, another model's)."""
+    if explicit is not None:
+        return load_statistics(explicit, model), None
+    name = direction.metadata.get("statistics")
+    if not name:
+        return None, None
+    path = direction_path.parent / name
+    try:
+        stored = load_statistics(path, model)
+    except UserError as e:
+        return None, f"{direction_path.name} names input statistics that cannot be used ({e})"
+    if stored.sha256 != direction.metadata.get("statistics_sha256"):
+        return None, f"{path} is not the statistics file {direction_path.name} was measured with (its sha256 differs)"
+    return stored, None
+
+
+def resolve_rounding(rounding: Rounding, given: StoredMoments | None,
+                     model: Model) -> tuple[Rounding, StoredMoments | None]:
+    """AUTO becomes GPTQ when the edit is given statistics, else AWARE; GPTQ comes with the
+    given statistics, else the cached measurement (None: it must be measured)."""
     if rounding is Rounding.AUTO:
-        return (Rounding.AWARE if stored is None else Rounding.GPTQ), stored
-    return rounding, stored
+        return (Rounding.AWARE, None) if given is None else (Rounding.GPTQ, given)
+    if rounding is Rounding.GPTQ:
+        return rounding, given or cached_measurement(model)
+    return rounding, None
 
 
 def attach_moments(model: Model, plan: EditPlan, stored: StoredMoments) -> int:
@@ -197,4 +271,6 @@ def attach_moments(model: Model, plan: EditPlan, stored: StoredMoments) -> int:
         if got is not None and got.shape[0] * got.shape[1] == n_in and rounding.compensates(e.out_type, n_in):
             plan.edits[name] = replace(e, moments=got)
             count += 1
+    if count:
+        plan.statistics = stored.recorded()
     return count

@@ -17,7 +17,7 @@ class Rounding(str, Enum):
     AWARE = "aware"  # keep the edit through requantization (quants.rounding)
     NEAREST = "nearest"  # plain ggml rounding
     GPTQ = "gptq"  # aware, and each error offset in correlated columns by the inputs' statistics
-    AUTO = "auto"  # gptq if the model's input statistics are cached (edit/moments.py), else aware
+    AUTO = "auto"  # gptq if the edit is given the model's input statistics (edit/moments.py), else aware
 
 
 class OutFormat(str, Enum):

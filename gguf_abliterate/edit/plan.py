@@ -68,6 +68,7 @@ class EditPlan:
     layers: frozenset[int]
     edits: dict[str, TensorEdit]
     notices: list[str] = field(default_factory=list)
+    statistics: str | None = None  # the input statistics gptq rounding used (their source and digest)
 
 
 def output_type(name: str, src: GGMLQuantizationType, opts: EditOptions, n_per_row: int, is_bias: bool,

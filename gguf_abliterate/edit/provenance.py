@@ -29,6 +29,8 @@ def provenance(plan: EditPlan, opts: EditOptions, direction: Direction,
     if opts.requant_type is not None:
         kv[names.REQUANT_TYPE] = opts.requant_type.name
     kv[names.ROUNDING] = opts.rounding.value
+    if plan.statistics is not None:
+        kv[names.STATISTICS] = plan.statistics
     if opts.size_budget is not None:
         kv[names.SIZE_BUDGET] = float(opts.size_budget)
     if schedule is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from gguf_abliterate.direction.file import load_direction
 from gguf_abliterate.edit.execute import apply_edit, output_nbytes
-from gguf_abliterate.edit.moments import attach_moments, resolve_rounding
+from gguf_abliterate.edit.moments import attach_moments, given_statistics, resolve_rounding
 from gguf_abliterate.edit.options import EditOptions, Rounding
 from gguf_abliterate.edit.plan import plan_edit
 from gguf_abliterate.edit.schedule import scheduled_edit
@@ -27,9 +27,11 @@ def bake_chosen(model: Model, result: Path, out_path: Path, progress: Callable[.
     """Write RESULT's chosen trial into `out_path` with the edit command's defaults (each
     writer in its own type, rounding `auto`): the very bytes that command would write, but as one
     file even for a split model."""
-    sched = scheduled_edit(load_direction(result))
+    direction = load_direction(result)
+    sched = scheduled_edit(direction)
     assert sched is not None, f"{result} holds no schedule"
-    rounding, stored = resolve_rounding(model, Rounding.AUTO)
+    given, _ = given_statistics(model, direction, result, None)
+    rounding, stored = resolve_rounding(Rounding.AUTO, given, model)
     opts = EditOptions(rounding=rounding)
     plan = plan_edit(model, opts, strengths=sched.strengths, method=sched.method)
     if stored is not None:

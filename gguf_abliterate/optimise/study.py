@@ -211,6 +211,7 @@ class Search:
                 per_block, harmless_means = self._measure() if measured is None else _measured(measured, self.meta)
                 self.study.set_user_attr("basis", {"per_block": _encode(per_block),
                                                    "harmless_means": _encode(harmless_means)})
+                self.study.set_user_attr("statistics", None if measured is None else _statistics_of(measured))
                 self.study.set_user_attr("settings", {"score_prompts": settings.score_prompts,
                                                       "kl_tokens": settings.kl_tokens, "fixed": settings.fixed})
                 self.study.set_user_attr("model", identity)  # last: a study without it is half-made
@@ -237,6 +238,8 @@ class Search:
                 basis = self.study.user_attrs["basis"]
                 per_block, harmless_means = _decode(basis["per_block"]), _decode(basis["harmless_means"])
             self.per_block, self.harmless_means = per_block, harmless_means
+            # the input statistics of the --from direction, which the result names for its bakes
+            self.statistics: dict[str, str] | None = self.study.user_attrs.get("statistics")
             with progress(total=self.meta.n_layer * 2, desc="precomputing adapters", unit="tensor") as bar:
                 self.adapters = TrialAdapters(self.meta, per_block, harmless_means, bar.update)
             if self.adapters.biased:
@@ -446,7 +449,7 @@ class Search:
         if chosen is None:
             raise UserError("no trial finished, so there is nothing to write (--trials, --minutes)")
         schedule = resolve(EditParams.from_dict(chosen.params), self.per_block, self.harmless_means)
-        metadata = {**{k: str(v) for k, v in model_identity(self.meta).items()},
+        metadata = {**{("model_sha256" if k == "sha256" else k): str(v) for k, v in model_identity(self.meta).items()},
                     "model": model_identity(self.meta)["name"], "method": schedule.method.value,
                     "pick_rule": "unconfirmed (interrupted): lowest KL on the front" if original is None else
                                  f"lowest KL among front trials whose greedy refusals "
@@ -458,6 +461,9 @@ class Search:
                     "original_refusals": "" if original is None else str(original),
                     "confirm_prompts": str(len(self.confirm_prompts)),
                     "score_prompts": str(self.settings.score_prompts), "kl_tokens": str(self.settings.kl_tokens)}
+        if self.statistics is not None:  # named relative to the result, as a direction names them
+            metadata |= {"statistics": os.path.relpath(self.statistics["path"], output.resolve().parent),
+                         "statistics_sha256": self.statistics["sha256"]}
         strengths = {c.value: schedule.strengths[c] for c in Component}
         save_schedule(output, schedule.directions, strengths, self.per_block, self.harmless_means, metadata,
                       [r.to_json() for r in records], chosen.number)
@@ -484,6 +490,16 @@ def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: --from needs a direction file with every block's direction and harmless mean "
                         f"(made by this version's `direction`)")
     return d.per_block, d.harmless_means
+
+
+def _statistics_of(path: Path) -> dict[str, str] | None:
+    """Where the input statistics a `direction` file names are (absolute), and their sha256."""
+    from gguf_abliterate.direction.file import load_direction
+
+    meta = load_direction(path).metadata
+    if not meta.get("statistics"):
+        return None
+    return {"path": str((path.parent / meta["statistics"]).resolve()), "sha256": meta.get("statistics_sha256", "")}
 
 
 def lowest_passing(candidates: list[TrialRecord], passes: Callable[[TrialRecord], bool],
