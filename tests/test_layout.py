@@ -1,8 +1,8 @@
 """The package's shape: each stage imports only from the stages below it.
 
 Floors, from the ground (DESIGN.md): the pure ground modules, then the codecs, GGUF files,
-running models, measuring them, directions, the edit, its exports, and the command line on
-top. Every import of a project module, at module level or inside a function, must go to the
+running models, measuring them, directions, the edit, its exports, the search, reports, the
+jobs (one request -> one result per workflow) and the command line on top. Every import of a project module, at module level or inside a function, must go to the
 same floor or lower, so data flows one way and a stage can be read without the ones above it.
 """
 
@@ -31,7 +31,8 @@ FLOORS = {
     "export": 8,
     "optimise": 9,
     "report": 10,
-    "cli": 11, "__main__": 11,
+    "jobs": 11,
+    "cli": 12, "__main__": 12,
 }
 
 

@@ -26,7 +26,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gguf_abliterate.cli.direction import measure_direction  # noqa: E402
-from gguf_abliterate.cli.edit import edit_model  # noqa: E402
+from gguf_abliterate.jobs.edit import EditRequest, run_edit  # noqa: E402
 from gguf_abliterate.direction import prompts as P  # noqa: E402
 from gguf_abliterate.direction.file import load_direction  # noqa: E402
 from gguf_abliterate.direction.lean import Lean, lean_of, measure_lean  # noqa: E402
@@ -69,9 +69,10 @@ def run_pack(model: Path, out: Path, name: str, scales: list[float], steers: lis
             made = out / f"{name}-{mode}-{scale:g}.gguf"
             t = time.monotonic()
             if mode == "steer":
-                edit_model(model, made, direction, steer=scale, force=True, quiet=True)
+                run_edit(EditRequest(input=model, output=made, direction=direction, steer=scale, force=True))
             else:
-                edit_model(model, made, direction, reverse=mode == "reverse", scale=scale, force=True, quiet=True)
+                run_edit(EditRequest(input=model, output=made, direction=direction, reverse=mode == "reverse",
+                                     scale=scale, force=True))
             edit_seconds[f"{mode} {scale:g}"] = time.monotonic() - t
             yield made
         if made is not None:

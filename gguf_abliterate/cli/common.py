@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType
 from gguf_abliterate import quants
 from gguf_abliterate.errors import Interrupted, UserError
 from gguf_abliterate.gguf_io.atomic import claim_outputs
+from gguf_abliterate.jobs.ui import Ui
 from gguf_abliterate.portable import available_cores
 from gguf_abliterate.textfile import printable
 
@@ -39,6 +40,11 @@ def progress(total: int, desc: str, unit: str, quiet: bool, **kwargs: Any) -> An
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=quiet, file=sys.stderr, **kwargs)
+
+
+def cli_ui(quiet: bool) -> Ui:
+    """A job's notes and progress bars on stderr (none with -q)."""
+    return Ui(sayer(quiet), lambda total, desc, unit, **kwargs: progress(total, desc, unit, quiet, **kwargs))
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

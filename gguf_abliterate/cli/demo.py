@@ -10,7 +10,6 @@ import click
 
 from gguf_abliterate.cli.common import Command, Finite, InputPath, OutputFolder, check_report, echo, user_errors
 from gguf_abliterate.cli.direction import measure_direction
-from gguf_abliterate.cli.edit import edit_model
 from gguf_abliterate.cli.eval import evaluate_models, report_title
 from gguf_abliterate.cli.optimise import optimise_model
 from gguf_abliterate.edit.moments import statistics_path
@@ -18,6 +17,7 @@ from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
 from gguf_abliterate.evaluate.scorers import Label
 from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
+from gguf_abliterate.jobs.edit import EditRequest, run_edit
 from gguf_abliterate.report import Evaluated
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
@@ -63,7 +63,8 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     edit_seconds = {}  # how long each file took to make (the optimised one: its search and bake checks)
     for mode in ("abliterated", "reverse"):
         echo(f"== {mode} model (one direction, full strength)", err=True)
-        edit_model(src, outputs[mode], direction, reverse=mode == "reverse", force=True, quiet=True)
+        run_edit(EditRequest(input=src, output=outputs[mode], direction=direction, reverse=mode == "reverse",
+                             force=True))
         edit_seconds[str(outputs[mode])] = stage(f"edit ({mode})")
     echo(f"== optimised edit (a short search: {trials} trials or {minutes:g} minutes)", err=True)
     searched.with_suffix(".study.db").unlink(missing_ok=True)

@@ -101,7 +101,7 @@ def optimise_model(model_path: Path, output: Path | None, *, settings: Any = Non
         chosen, original, front = search.pick(records, confirm=not interrupted)
         checked = chosen is not None and original is not None and search.settings.bake_checks > 0
         if checked:
-            chosen = search.check_baked(chosen, output, original, records, keep=bake)  # saves the result
+            chosen = search.check_baked(chosen, output, original, records, baker(model_path, bars), keep=bake)
         _table(say, front, chosen, original, search.settings.max_refusals)
         if not checked:
             search.save(output, chosen, original, records)
@@ -123,6 +123,17 @@ def optimise_model(model_path: Path, output: Path | None, *, settings: Any = Non
         raise Interrupted(f"interrupted after {len(records)} trials: {output} holds the best so far, unconfirmed "
                           f"(--resume continues the study)")
     return chosen.number
+
+
+def baker(model_path: Path, bars: Any) -> Any:
+    """The search's bake: the edit job on a result file's chosen trial, with the command's
+    defaults, as one file (what `gguf-abliterate MODEL OUT --direction RESULT` writes)."""
+    from gguf_abliterate.jobs.edit import EditRequest, run_edit
+    from gguf_abliterate.jobs.ui import Ui
+
+    def bake(result: Path, out: Path) -> None:
+        run_edit(EditRequest(input=model_path, output=out, direction=result, merge=True, force=True), Ui(bar=bars))
+    return bake
 
 
 def _table(say: Say, front: list[Any], chosen: Any, original: int | None, max_refusals: float) -> None:

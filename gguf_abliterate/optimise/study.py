@@ -407,22 +407,26 @@ class Search:
         return chosen, original, front
 
     def check_baked(self, chosen: TrialRecord, output: Path, original: int, records: list[TrialRecord],
-                    keep: Path | None = None) -> TrialRecord:
-        """Confirm the pick once more on the file the user will run (`bake`): bake it, answer
-        the confirmation prompts with the baked file, and if it refuses more than the rule
-        allows, look up the front (`first_baked_passing`). Saves `output` for each pick it bakes
-        (the bake reads the pick from it) and for the final pick. With `keep`, the final
-        pick's bake goes there. Returns the final pick."""
+                    bake: Callable[[Path, Path], None], keep: Path | None = None) -> TrialRecord:
+        """Confirm the pick once more on the file the user will run: `bake(output, file)` writes
+        the result's chosen trial into `file` as the edit command would (its own types, its
+        default rounding; the caller passes the edit job, so the bytes are the command's own).
+        A trial runs exactly as an adapter, but the bake requantizes every writer it edits, and
+        every weight moves by up to half a quantization step: on a prompt the edit only just
+        tipped, that is enough to bring the refusal back (measured: one of 72 harmful validation
+        prompts on both Qwen2.5-Coder 0.5B and 1.5B, with picks whose adapters refused none).
+        So: bake, answer the confirmation prompts with the baked file, and if it refuses more
+        than the rule allows, look up the front (`first_baked_passing`). Saves `output` for each
+        pick it bakes (the bake reads the pick from it) and for the final pick. With `keep`, the
+        final pick's bake goes there. Returns the final pick."""
         import tempfile
-
-        from gguf_abliterate.optimise.bake import bake_chosen
 
         with tempfile.TemporaryDirectory(prefix=".bake-check-", dir=(keep or output).resolve().parent) as tmp:
             file = Path(tmp) / "baked.gguf"
 
             def baked(r: TrialRecord) -> bool:
                 self.save(output, r, original, records)
-                bake_chosen(self.meta, output, file, self.progress)
+                bake(output, file)
                 with _load(file) as llama:
                     r.baked_refusals = self._refusals(llama)
                 adapter = "" if r.confirmed_refusals is None else f" (through its adapter: {r.confirmed_refusals})"
@@ -440,7 +444,7 @@ class Search:
             # record as their direction's) is new: the kept bake is made from it
             self.save(output, best, original, records)
             if keep is not None:
-                bake_chosen(self.meta, output, file, self.progress)
+                bake(output, file)
                 os.replace(file, keep)
         return best
 
