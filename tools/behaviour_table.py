@@ -25,14 +25,14 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gguf_abliterate.cli.direction import measure_direction  # noqa: E402
-from gguf_abliterate.jobs.edit import EditRequest, run_edit  # noqa: E402
 from gguf_abliterate.direction import prompts as P  # noqa: E402
 from gguf_abliterate.direction.file import load_direction  # noqa: E402
 from gguf_abliterate.direction.lean import Lean, lean_of, measure_lean  # noqa: E402
 from gguf_abliterate.direction.packs import PACKS, Pack, load_pack  # noqa: E402
 from gguf_abliterate.evaluate.report import EvalSettings, evaluate_behaviour  # noqa: E402
 from gguf_abliterate.evaluate.tasks import generate_tasks  # noqa: E402
+from gguf_abliterate.jobs.direction import DirectionRequest, run_direction  # noqa: E402
+from gguf_abliterate.jobs.edit import EditRequest, run_edit  # noqa: E402
 from gguf_abliterate.runtime.llama import LlamaModel  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def run_pack(model: Path, out: Path, name: str, scales: list[float], steers: lis
     direction = out / f"{name}.safetensors"
     started = time.monotonic()
     if not direction.is_file():
-        measure_direction(model, direction, pack=pack)
+        run_direction(DirectionRequest(model=model, output=direction, pack=pack))
     direction_seconds = time.monotonic() - started
     runs = ([("original", 0.0)] + [(mode, s) for s in scales for mode in ("abliterate", "reverse")]
             + [("steer", s) for s in steers])

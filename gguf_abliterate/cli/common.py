@@ -79,15 +79,6 @@ def qtype_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 WRITABLE = sorted(t.name.lower() for t in quants.writable_types())
 
 
-def check_report(report: Path, inputs: list[Path], force: bool) -> None:
-    """Before any long work: the report can be written (`claim_outputs`) and its charts drawn
-    (matplotlib installed)."""
-    from gguf_abliterate.report.charts import require_matplotlib
-
-    claim_outputs([report], inputs, force)
-    require_matplotlib()
-
-
 class Finite(click.FloatRange):
     """A float option within a range. click's own FloatRange lets NaN (no comparison fails) and
     infinity through, which then write NaN weights or make a bound that nothing can meet."""

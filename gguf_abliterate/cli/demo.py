@@ -8,17 +8,18 @@ from pathlib import Path
 
 import click
 
-from gguf_abliterate.cli.common import Command, Finite, InputPath, OutputFolder, check_report, echo, user_errors
-from gguf_abliterate.cli.direction import measure_direction
-from gguf_abliterate.cli.eval import evaluate_models, report_title
-from gguf_abliterate.cli.optimise import optimise_model
+from gguf_abliterate.cli.common import Command, Finite, InputPath, OutputFolder, cli_ui, echo, sayer, user_errors
+from gguf_abliterate.cli.eval import print_refusals
 from gguf_abliterate.edit.moments import statistics_path
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
 from gguf_abliterate.evaluate.scorers import Label
 from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
+from gguf_abliterate.jobs.direction import DirectionRequest, run_direction
 from gguf_abliterate.jobs.edit import EditRequest, run_edit
-from gguf_abliterate.report import Evaluated
+from gguf_abliterate.jobs.eval import EvalRequest, report_title, run_eval
+from gguf_abliterate.jobs.optimise import OptimiseRequest, front_table, run_optimise
+from gguf_abliterate.report import Evaluated, claim_report
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 SEARCH_TRIALS, SEARCH_MINUTES = 30, 6.0
@@ -56,25 +57,32 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     # the demo replaces its own earlier files in out_dir, never the model it starts from
     claim_outputs([direction, statistics_path(direction), searched, searched.with_suffix(".study.db"),
                    *outputs.values(), out_dir / "report.json", modelfile], [src], force=True)
-    check_report(report, [src], force=True)
-    echo(f"== direction from {src.name}", err=True)
-    measure_direction(src, direction, score_prompts=score_prompts, force=True)
+    claim_report(report, [src], force=True)
+    ui, say = cli_ui(False), sayer(False)
+    say(f"== direction from {src.name}")
+    for line in run_direction(DirectionRequest(model=src, output=direction, score_prompts=score_prompts, force=True),
+                              ui).summary:
+        say(line)
     stage("direction")
     edit_seconds = {}  # how long each file took to make (the optimised one: its search and bake checks)
     for mode in ("abliterated", "reverse"):
-        echo(f"== {mode} model (one direction, full strength)", err=True)
+        say(f"== {mode} model (one direction, full strength)")
         run_edit(EditRequest(input=src, output=outputs[mode], direction=direction, reverse=mode == "reverse",
                              force=True))
         edit_seconds[str(outputs[mode])] = stage(f"edit ({mode})")
-    echo(f"== optimised edit (a short search: {trials} trials or {minutes:g} minutes)", err=True)
+    say(f"== optimised edit (a short search: {trials} trials or {minutes:g} minutes)")
     searched.with_suffix(".study.db").unlink(missing_ok=True)
-    optimise_model(src, searched, settings=SearchSettings(trials=trials, minutes=minutes, startup_trials=trials // 3),
-                   measured=direction, bake=outputs["optimised"], force=True)
+    searching = OptimiseRequest(model=src, output=searched, measured=direction, bake=outputs["optimised"], force=True,
+                                settings=SearchSettings(trials=trials, minutes=minutes, startup_trials=trials // 3))
+    searched_result = run_optimise(searching, ui)
+    for line in front_table(searched_result) + searched_result.summary:
+        say(line)
     edit_seconds[str(outputs["optimised"])] = stage("optimise (and bake)")
-    echo("== evaluation (greedy responses, first-token KL on harmless prompts)", err=True)
+    say("== evaluation (greedy responses, first-token KL on harmless prompts)")
     models = (src, outputs["abliterated"], outputs["optimised"], outputs["reverse"])
-    evaluated = evaluate_models(models, limit=limit, max_tokens=max_tokens, json_path=out_dir / "report.json",
-                                samples=0, force=True)
+    evaluated = run_eval(EvalRequest(models=models, limit=limit, max_tokens=max_tokens, json=out_dir / "report.json",
+                                     force=True), ui)
+    print_refusals(evaluated, samples=0)
     stage("evaluation")
     for line in changed_answers(evaluated, ("original", "abliterated", "optimised", "reverse")):
         echo(line)

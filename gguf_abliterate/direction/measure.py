@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 
@@ -26,6 +27,13 @@ from gguf_abliterate.runtime.llama import LlamaModel
 
 MAX_LAYER_FRACTION = 0.8
 DEFAULT_MAX_KL = 0.1
+
+
+class Engine(str, Enum):
+    """What computes the residual stream."""
+
+    LLAMA = "llama"  # llama.cpp's eval-callback hook
+    TORCH = "torch"  # a CPU torch pass over the dequantized weights
 
 
 @dataclass

@@ -52,3 +52,13 @@ def write_report(path: Path, title: str, *, evaluated: Evaluated | None = None,
     if answers is not None:
         page.add(*answers)
     page.write(path)
+
+
+def claim_report(path: Path, inputs: Sequence[Path], force: bool) -> None:
+    """Before any long work: the report can be written (`claim_outputs`) and its charts drawn
+    (matplotlib installed)."""
+    from gguf_abliterate.gguf_io.atomic import claim_outputs
+    from gguf_abliterate.report.charts import require_matplotlib
+
+    claim_outputs([path], list(inputs), force)
+    require_matplotlib()

@@ -1,0 +1,181 @@
+"""Measuring a direction as one job: a `DirectionRequest` in, a `DirectionResult` out.
+
+The residual stream after every block at the last prompt token, the pack's positive prompts
+minus its negative ones (difference of means); the layer chosen by the pack's measure (or
+given); the probes' lean measured there; the file written with every block's direction, the
+per-block statistics and, beside a .safetensors file, the writers' input statistics the edit
+rounds by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gguf_abliterate import names
+from gguf_abliterate.arch import steerable_blocks
+from gguf_abliterate.direction import prompts as P
+from gguf_abliterate.direction.file import check_direction_path, save_measured
+from gguf_abliterate.direction.lean import measure_lean
+from gguf_abliterate.direction.measure import (
+    DEFAULT_MAX_KL,
+    Engine,
+    LayerStats,
+    candidate_layers,
+    choose_layer,
+    difference_of_means,
+)
+from gguf_abliterate.direction.packs import SCORE_PROBES, STEER_BELOW, Pack, load_pack
+from gguf_abliterate.edit.moments import StoredMoments, encode_statistics, statistics_path, write_statistics
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.gguf_io.atomic import claim_outputs
+from gguf_abliterate.jobs.ui import Ui
+from gguf_abliterate.quants.rounding import column_block
+from gguf_abliterate.report import claim_report
+from gguf_abliterate.runtime.llama import LlamaModel
+
+
+@dataclass(frozen=True, kw_only=True)
+class DirectionRequest:
+    model: Path
+    output: Path  # .safetensors (everything) or .npy (the chosen block's vector)
+    pack: Pack | None = None  # None: refusal
+    layer: str = "auto"  # or a block number
+    max_kl: float | None = None  # None: the pack's default
+    score_prompts: int | None = None  # None: the pack's default
+    raw: bool = False  # prompts as raw text, not through the chat template
+    engine: Engine = Engine.LLAMA
+    report: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class DirectionResult:
+    chosen: int  # the block whose direction the file's edit uses
+    written: list[Path] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+
+
+def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
+    r = request
+    pack = r.pack or load_pack("refusal")
+    check_direction_path(r.output)
+    keeps_statistics = r.output.suffix.lower() == ".safetensors" and r.engine is Engine.LLAMA
+    stats_path = statistics_path(r.output) if keeps_statistics else None
+    claim_outputs([r.output, *([stats_path] if stats_path else [])], [r.model], r.force)
+    if r.report is not None:
+        if r.output.suffix.lower() != ".safetensors":
+            raise UserError("--report charts the per-block statistics, which only a .safetensors output keeps")
+        claim_report(r.report, [r.model, r.output], r.force)
+    meta = Model(r.model)
+    with LlamaModel(r.model, chat=not r.raw) as model:
+        if model.template is None and not r.raw:
+            ui.say("note: the model has no chat template; prompts are fed as raw text")
+        if r.layer != "auto" and not (r.layer.isdigit() and int(r.layer) < model.n_layer):
+            raise UserError(f"--layer must be 'auto' or a block number 0-{model.n_layer - 1}")
+        stats, mlp_means, stored = _measure(r, pack, meta, model, stats_path is not None, ui)
+        scores = np.full(model.n_layer, np.nan, np.float32)
+        kl = np.full(model.n_layer, np.nan, np.float32)
+        chosen, info = _choose(r, pack, meta, model, stats, scores, kl, ui)
+        with ui.bar(total=len(pack.probes), desc="probes' lean", unit="prompt") as bar:
+            lean = measure_lean(model, [p.prompt for p in pack.probes], stats.directions[chosen], chosen,
+                                stats.harmless_mean[chosen], float(stats.diff_norm[chosen]), bar.update)
+        ui.say(f"{pack.name} at block {chosen}: {lean.describe(pack.name)}")
+        if mlp_means is not None:
+            ui.say(f"--steer S adds S mean differences at block {chosen} instead, towards more {pack.name} whatever "
+                   f"the lean (negative S: less)")
+    metadata = {
+        "chosen_by": "auto" if r.layer == "auto" else "user",
+        "model": meta.get_str(names.NAME) or r.model.name, "architecture": meta.arch,
+        "n_embd": str(stats.directions.shape[1]), "n_layer": str(meta.n_layer), **pack.metadata(),
+        "chat_template": "raw" if r.raw else "model", "engine": r.engine.value, **info, **lean.metadata(),
+    }
+    statistics = {"harmful_mean_norm": stats.harmful_norm, "harmless_mean_norm": stats.harmless_norm,
+                  "diff_norm": stats.diff_norm, "separation": stats.separation, "layer_score": scores, "kl": kl}
+    result = DirectionResult(chosen)
+    if stats_path is not None and stored is not None:
+        metadata |= {"statistics": stats_path.name, "statistics_sha256": stored.sha256}
+        write_statistics(stats_path, stored)
+    try:
+        save_measured(r.output, stats.directions, stats.harmless_mean, chosen, statistics, metadata, mlp_means)
+    except BaseException:
+        if stats_path is not None:
+            stats_path.unlink(missing_ok=True)
+        raise
+    result.written.append(r.output)
+    result.summary.append(f"wrote {r.output} ({pack.name} direction, layer {chosen})")
+    if stats_path is not None and stored is not None:
+        result.written.append(stats_path)
+        result.summary.append(f"wrote {stats_path}: the writers' input statistics ({stored.tokens} tokens), which the "
+                              f"edit finds through the direction file and rounds by (gptq)")
+    elif r.engine is Engine.LLAMA:
+        result.summary.append("note: a .npy direction carries no input statistics, so the edit rounds aware (write "
+                              ".safetensors to keep them, or edit with --rounding gptq to measure them)")
+    if r.report is not None:
+        from gguf_abliterate.report import write_report
+
+        write_report(r.report, f"gguf-abliterate direction: {r.model.name}", direction_files=[r.output])
+        result.written.append(r.report)
+        result.summary.append(f"wrote {r.report}")
+    return result
+
+
+def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, keep_statistics: bool,
+             ui: Ui) -> tuple[LayerStats, np.ndarray | None, StoredMoments | None]:
+    """Every block's difference of means; with llama.cpp also the MLP input means (for --steer)
+    and, from the same passes, the writers' input statistics (for gptq rounding)."""
+    d_pos, d_neg = pack.direction_sets()
+    if r.engine is Engine.TORCH:
+        from gguf_abliterate.runtime.torch_pass import TorchModel
+
+        tm = TorchModel(meta)
+        ui.say("computing residuals with the torch engine")
+        return difference_of_means(tm.last_token_residuals(model.encode(d_pos)),
+                                   tm.last_token_residuals(model.encode(d_neg))), None, None
+    with (ui.bar(total=len(d_pos) + len(d_neg), desc="residuals", unit="prompt") as bar, model.mlp_inputs() as mlp,
+          model.input_moments(column_block) as moments):
+        stats = difference_of_means(model.residuals(d_pos, bar.update), model.residuals(d_neg, bar.update))
+    stored = (encode_statistics(meta, moments, f"direction ({pack.name}, {len(d_pos) + len(d_neg)} prompts)")
+              if keep_statistics else None)
+    return stats, mlp.means(), stored
+
+
+def _choose(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, stats: LayerStats,
+            scores: np.ndarray, kl: np.ndarray, ui: Ui) -> tuple[int, dict[str, str]]:
+    """The block whose direction the file's edit uses (filling each candidate's score and KL),
+    and what the file records of the choice."""
+    candidates = candidate_layers(model.n_layer)
+    if r.layer != "auto":
+        return int(r.layer), {}
+    if pack.measure is None:
+        chosen = max(candidates, key=lambda c: stats.separation[c])
+        ui.say(f"note: pack {pack.name!r} has no measure, so block {chosen} was chosen by separation alone "
+               f"(a pack file with a measure, or --layer N, chooses better)")
+        return chosen, {"candidates": ",".join(map(str, candidates))}
+    score_prompts = r.score_prompts or (32 if pack.first_token else SCORE_PROBES)
+    max_kl = r.max_kl if r.max_kl is not None else (DEFAULT_MAX_KL if pack.first_token else float("inf"))
+    harmless = pack.negative if pack.name == "refusal" else load_pack("refusal").negative
+    v_good = P.split(list(harmless), "validation")[:score_prompts]
+    measure = pack.layer_measure()
+    with ui.bar(total=len(candidates), desc="scoring layers", unit="layer") as bar:
+        choice = choose_layer(model, stats, pack.layer_scorer(model, score_prompts), v_good, candidates,
+                              max_kl, bar.update, None if pack.first_token else STEER_BELOW,
+                              steerable_blocks(meta.arch, model.n_layer, meta.tensors))
+    chosen, candidates = choice.layer, choice.candidates
+    for c in candidates:
+        scores[c], kl[c] = choice.score[c], choice.kl[c]
+    test = "steering (+ the mean difference after the block)" if choice.steered else "ablation"
+    ui.say(f"{pack.name}: {measure} without an edit: {choice.baseline:.3f}; candidates tested by {test}")
+    ui.say(f"{'layer':>5} {'score':>8} {'KL':>8} {'separation':>10}")
+    for c in candidates:
+        mark = "  <- chosen" if c == chosen else ("  (KL too high)" if kl[c] > max_kl else "")
+        ui.say(f"{c:5d} {scores[c]:8.3f} {kl[c]:8.4f} {stats.separation[c]:10.2f}{mark}")
+    if kl[chosen] > max_kl:
+        ui.say(f"note: no candidate kept the KL within --max-kl {max_kl:g}; took the lowest-KL one. "
+               f"Check the prompts (a base model without a chat template often has no refusal to find).")
+    return chosen, {"candidates": ",".join(map(str, candidates)), "max_kl": str(max_kl), "layer_measure": measure,
+                    "baseline_score": f"{choice.baseline:.6f}", "layer_test": test,
+                    "score_prompts": str(min(score_prompts, len(pack.probes)))}
