@@ -20,6 +20,7 @@ from gguf_abliterate.cli.common import (
     user_errors,
 )
 from gguf_abliterate.edit.options import OutFormat, Rounding
+from gguf_abliterate.edit.project import method_choices, method_help
 from gguf_abliterate.errors import UserError
 
 HELP = """Remove (abliterate), amplify (--reverse) or add (--steer) a direction in INPUT's weights; write OUTPUT.
@@ -84,9 +85,7 @@ own type; every other tensor is copied byte for byte. OUTPUT appears only when c
                    "original template, system prompt and parameters is written beside OUTPUT.")
 @click.option("--lmstudio", is_flag=True,
               help="Put OUTPUT (a file name) under LM Studio's models folder, local/<name>/, so the app lists it.")
-@click.option("--method", type=click.Choice(["plain", "norm-preserving"]), default=None,
-              help="plain (default): W - S u u^T W. norm-preserving: the same, then every column of a writer "
-                   "(what one input feature writes into the residual stream) rescaled to its old length.")
+@click.option("--method", type=click.Choice(method_choices()), default=None, help=method_help())
 @click.option("--trial", type=click.IntRange(min=0), default=None,
               help="With a direction file from optimise: bake this trial instead of the chosen one.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")

@@ -1,12 +1,20 @@
-"""The projection itself: `W' = W + coef * u (u^T W)`, per tensor kind (and `--steer`'s
-`W' = W + coef * u w^T`).
+"""The projection itself: `W' = W + coef * u (u^T W)`, per tensor kind, and the edit methods.
 
 Abliterate has coef = -scale, reverse +scale. Writer matrices have the residual stream along
 their (numpy) rows; `token_embd` holds one residual row per token, so it is projected
 row-wise, `E' = E + coef * (E u) u^T`; a bias is one residual vector.
+
+How a writer matrix is projected is an edit method, one registered record each (`METHODS`):
+its projection, one line for `--help`, whether a low-rank adapter (a LoRA export, a search
+trial) expresses it exactly, and whether `--method` offers it (`--steer` has its own option).
+The command's choices and the adapter's refusal derive from the records: a new method is one
+record here and its name in `schedule.Method` (which files store).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,20 +56,58 @@ def component(values: np.ndarray, u: np.ndarray, kind: TensorKind) -> np.ndarray
 
 def project(values: np.ndarray, u: np.ndarray, coef: float, kind: TensorKind,
             method: Method = Method.PLAIN, reads: np.ndarray | None = None) -> None:
-    """In place: add coef times the component along u, back along u (STEER: coef u reads^T)."""
-    if method is Method.STEER:
-        assert kind is TensorKind.MATRIX and reads is not None
-        add_along(values, u, reads, coef)
-    elif kind is TensorKind.MATRIX:
-        lengths = np.linalg.norm(values, axis=0) if method is Method.NORM_PRESERVING else None
-        project_residual_rows(values, u, coef)
-        if lengths is not None:
-            keep_column_lengths(values, lengths)
+    """In place: add coef times the component along u, back along u (a writer matrix by its
+    edit method; STEER: coef u reads^T)."""
+    if kind is TensorKind.MATRIX:
+        METHODS[method].project(values, u, coef, reads)
     elif kind is TensorKind.EMBEDDING:
         project_residual_cols(values, u, coef)
     else:
         for row in values:  # one bias, or one per expert (gpt-oss's ffn_down_exps.bias)
             row += coef * u * float(u @ row)
+
+
+@dataclass(frozen=True)
+class EditMethod:
+    method: Method
+    about: str  # for --help
+    project: Callable[[np.ndarray, np.ndarray, float, np.ndarray | None], None]  # (W, u, coef, reads), in place
+    low_rank: bool  # an adapter expresses it exactly (a LoRA export, a search trial)
+    option: bool = True  # offered by --method
+
+
+def _plain(w: np.ndarray, u: np.ndarray, coef: float, reads: np.ndarray | None) -> None:
+    project_residual_rows(w, u, coef)
+
+
+def _norm_preserving(w: np.ndarray, u: np.ndarray, coef: float, reads: np.ndarray | None) -> None:
+    lengths = np.linalg.norm(w, axis=0)
+    project_residual_rows(w, u, coef)
+    keep_column_lengths(w, lengths)
+
+
+def _steer(w: np.ndarray, u: np.ndarray, coef: float, reads: np.ndarray | None) -> None:
+    assert reads is not None, "a steering edit carries what its matrix reads"
+    add_along(w, u, reads, coef)
+
+
+METHODS: dict[Method, EditMethod] = {m.method: m for m in (
+    EditMethod(Method.PLAIN, "W - S u u^T W", _plain, low_rank=True),
+    EditMethod(Method.NORM_PRESERVING, "the same, then every column of a writer (what one input feature writes "
+               "into the residual stream) rescaled to its old length", _norm_preserving, low_rank=False),
+    EditMethod(Method.STEER, "W + S u w^T: a fixed vector along u added to the output (--steer)", _steer,
+               low_rank=True, option=False),
+)}
+
+
+def method_choices() -> list[str]:
+    """What --method offers, the default first."""
+    return [m.method.value for m in METHODS.values() if m.option]
+
+
+def method_help() -> str:
+    return " ".join(f"{m.method.value}{' (default)' if m.method is Method.PLAIN else ''}: {m.about}."
+                    for m in METHODS.values() if m.option)
 
 
 def project_residual_rows(w: np.ndarray, u: np.ndarray, coef: float) -> None:

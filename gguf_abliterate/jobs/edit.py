@@ -28,6 +28,7 @@ from gguf_abliterate.edit.moments import (
 )
 from gguf_abliterate.edit.options import EditOptions, OutFormat, Rounding, format_layers, parse_layers
 from gguf_abliterate.edit.plan import EditPlan, plan_edit
+from gguf_abliterate.edit.project import METHODS
 from gguf_abliterate.edit.provenance import provenance
 from gguf_abliterate.edit.schedule import Method, scheduled_edit
 from gguf_abliterate.edit.steer import steer_plan
@@ -209,9 +210,10 @@ def _write_lora(model: Model, plan: EditPlan, direction: Direction, opts: EditOp
                 schedule: dict[str, object] | None, input_path: Path, output_path: Path, ui: Ui) -> EditResult:
     from gguf_abliterate.export.lora import write_lora
 
-    if any(e.method is Method.NORM_PRESERVING for e in plan.edits.values()):
-        raise UserError("a norm-preserving edit rescales every column of a writer, which no low-rank "
-                        "adapter expresses exactly; write it as a GGUF (--format gguf)")
+    exact = {e.method for e in plan.edits.values()} - {m for m, rec in METHODS.items() if rec.low_rank}
+    if exact:
+        raise UserError(f"a {sorted(exact)[0].value} edit ({METHODS[sorted(exact)[0]].about}) is one no low-rank "
+                        f"adapter expresses exactly; write it as a GGUF (--format gguf)")
     skipped = write_lora(model, plan, direction, output_path, provenance(plan, opts, direction, schedule))
     if skipped:
         ui.say(f"note: an adapter cannot hold {len(skipped)} of the edits (biases, expert stacks, token_embd): "

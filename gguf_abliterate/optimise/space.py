@@ -7,9 +7,10 @@ with peak strength in [0, 1.5] (0 switches the component off; strengths above 1 
 peak position in [0.4, 1.0] x (L-1), edge strength as a fraction [0, 1] of the peak, and
 half-width in [1, 0.6 (L-1)] blocks.
 
-The projection is the plain one: a trial runs as an exact rank-1 adapter inside llama.cpp,
-and the norm-preserving variant (every column rescaled) has no exact low-rank form, so a
-trial could only approximate it. It stays an option of the edit itself (`--method`).
+The projection is the plain one: a trial runs as an exact rank-1 adapter inside llama.cpp, so
+only an edit method whose record says `low_rank` (`edit/project.py`) could be searched; the
+norm-preserving one (every column rescaled) has no exact low-rank form, and stays an option
+of the edit itself (`--method`).
 """
 
 from __future__ import annotations
