@@ -29,7 +29,8 @@ D = SearchSettings()  # the defaults, in one place
 @click.option("--join", metavar="URL", help="Add this process as a worker to the study at URL (no OUTPUT).")
 @click.option("--from", "measured", type=InputPath(),
               help="Take every block's direction and harmless mean from this `direction` file instead of "
-                   "measuring them (saves the residual capture).")
+                   "measuring them (saves the residual capture); the result names the input statistics it names, "
+                   "so the bakes round by them.")
 @click.option("--startup-trials", type=click.IntRange(min=0), default=D.startup_trials, show_default=True,
               help="Random trials before the TPE sampler takes over.")
 @click.option("--score-prompts", type=click.IntRange(min=2), default=D.score_prompts, show_default=True,

@@ -111,7 +111,7 @@ def _join(r: OptimiseRequest, ui: Ui) -> OptimiseResult:
         try:
             done = search.run()
         except KeyboardInterrupt:
-            return OptimiseResult(None, interrupted=True, summary=["interrupted; the finished trials are in the study"])
+            return OptimiseResult(None, interrupted=True)  # the command says so, exiting 130
     finally:
         search.close()
     return OptimiseResult(None, summary=[f"this worker finished {done} trials of the study in {shown_url(r.join)}"])
