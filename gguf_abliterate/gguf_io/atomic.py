@@ -19,6 +19,7 @@ import contextlib
 import os
 import secrets
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,12 +117,10 @@ def claim_outputs(outputs: list[Path], inputs: list[Path], force: bool) -> None:
         folder = out.parent
         if not folder.is_dir():
             raise UserError(f"{folder}: no such directory")
-        probe = folder / f".{out.name[:64]}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
-        try:
-            create_new(probe)
+        try:  # an unnamed file where the platform has them (Linux's O_TMPFILE): nothing ever shows there
+            tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
             raise UserError(f"{folder}: cannot write here ({e.strerror or e})") from None
-        probe.unlink()
 
 
 def _sync(path: Path) -> None:
