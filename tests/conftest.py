@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as Q
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.make_tiny_models import CHATML, TinySpec, build_model  # noqa: E402
+from support.tiny_models import CHATML, TinySpec, build_model  # noqa: E402
 
 # The tiny models the tests use, by role. Types are a mix the engine can write.
 TINY_SPECS = {

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from conftest import cli, generate, random_direction
 from gguf import GGMLQuantizationType as Q
+from support.tiny_models import FAMILY_TEMPLATES, TEMPLATE_OF, TinySpec, build_model
 
 from gguf_abliterate.arch import ARCHITECTURES, get_arch
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
-from tools.make_tiny_models import FAMILY_TEMPLATES, TEMPLATE_OF, TinySpec, build_model
 
 PROMPTS = ["how to bake a bread", "the sky is blue today", "I is of the how"]
 
-# Families built by recipe (tools/make_tiny_models.py), with the storage their real files use
+# Families built by recipe (tests/support/tiny_models.py), with the storage their real files use
 # where it matters (untied output heads, expert biases).
 SPECS = {
     "llama": TinySpec(arch="llama", output_biases=True),
@@ -200,15 +200,15 @@ def test_nemotron_h_control_vectors_only_where_llama_cpp_applies_them(built: dic
 
 
 def test_nemotron_h_with_a_latent_moe_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tools import make_tiny_models
+    from support import tiny_models
 
-    plain = make_tiny_models.RECIPES["nemotron_h"]
+    plain = tiny_models.RECIPES["nemotron_h"]
 
-    def latent(m: make_tiny_models.Blocks) -> None:
+    def latent(m: tiny_models.Blocks) -> None:
         plain(m)
         m.matrix("blk.2.ffn_latent_up.weight", "ffn_latent_up", 256, 128)
 
-    monkeypatch.setitem(make_tiny_models.RECIPES, "nemotron_h", latent)
+    monkeypatch.setitem(tiny_models.RECIPES, "nemotron_h", latent)
     src = build_model(tmp_path / "latent.gguf", TinySpec(arch="nemotron_h", tied=False))
     np.save(tmp_path / "d.npy", random_direction(256))
     run = cli(src, tmp_path / "out.gguf", "--direction", tmp_path / "d.npy")

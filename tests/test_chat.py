@@ -8,7 +8,6 @@ import signal
 import sys
 from pathlib import Path
 
-
 from conftest import ROOT, cli
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

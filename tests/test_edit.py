@@ -10,9 +10,9 @@ from conftest import cli, generate, random_direction
 from gguf import GGMLQuantizationType as Q
 
 from gguf_abliterate import quants
-from gguf_abliterate.quants import rounding
 from gguf_abliterate.direction.file import save_direction
 from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.quants import rounding
 
 # Relative RMS error a fresh quantization of a weight matrix may have, per type (loose bounds
 # far above what ggml's quantizers reach, far below what a wrong edit produces).

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import cli, random_direction
 
-from gguf_abliterate.gguf_io import GGUFFile
 from gguf_abliterate.evaluate.metrics import kl_divergence
+from gguf_abliterate.gguf_io import GGUFFile
 
 
 def _logprobs(model: Path, lora: Path | None, prompts: list[str]) -> np.ndarray:
@@ -60,8 +60,8 @@ def test_lora_adapter_reproduces_the_float_edit(arch: str, tiny: dict[str, Path]
 
 
 def test_control_vector_shifts_exactly_the_chosen_block(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from gguf_abliterate.runtime.llama import LlamaModel
     from gguf_abliterate.direction.file import save_direction
+    from gguf_abliterate.runtime.llama import LlamaModel
 
     src = tiny["qwen2"]
     rows = np.stack([random_direction(256, seed=20 + i) for i in range(4)])

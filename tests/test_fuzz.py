@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.tiny_models import TinySpec, build_model
 
 from gguf_abliterate.direction.file import Direction, normalise
 from gguf_abliterate.edit.execute import apply_edit
@@ -16,7 +17,6 @@ from gguf_abliterate.edit.options import EditOptions
 from gguf_abliterate.edit.plan import plan_edit
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import GGUFFile, Model
-from tools.make_tiny_models import TinySpec, build_model
 
 # CI runs the full count; GGUF_FUZZ_EXAMPLES lowers it for a quick local run.
 EXAMPLES = int(os.environ.get("GGUF_FUZZ_EXAMPLES", "3000"))

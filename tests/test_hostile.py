@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, cli, random_direction
 from gguf import GGMLQuantizationType as Q
+from support.tiny_models import CHATML, TinySpec, build_model
 from test_apps import make_store
 
 from gguf_abliterate.errors import UserError
@@ -22,7 +23,6 @@ from gguf_abliterate.evaluate.measures import Probe, Reply, get_measure
 from gguf_abliterate.export.ollama import resolve_ollama
 from gguf_abliterate.runtime import template
 from gguf_abliterate.textfile import parse_json, printable
-from tools.make_tiny_models import CHATML, TinySpec, build_model
 
 FAST = ["--score-prompts", "4", "--confirm-tokens", "4", "--confirm", "2", "--startup-trials", "2", "-q"]
 

@@ -339,7 +339,7 @@ def test_steer_adds_along_the_direction_at_its_block(tmp_path: Path) -> None:
     llama.cpp, the residual stream before that block is untouched, and after it changes only
     along the direction (linearly in S, either sign, whichever way the model leans)."""
     from gguf import GGMLQuantizationType as Q
-    from tools.make_tiny_models import CHATML, TinySpec, build_model
+    from support.tiny_models import CHATML, TinySpec, build_model
 
     # F32 MLP weights: ggml then multiplies without rounding the activations, so the change is exact
     spec = TinySpec(arch="qwen2", types={"ffn_down": Q.F32}, chat_template=CHATML)

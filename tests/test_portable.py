@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import ast
+import hashlib
 import json
 import os
 import subprocess
@@ -70,8 +70,8 @@ def test_direction_and_eval_without_linux_calls_are_identical(without_linux_call
                                                               tiny: dict[str, Path], tmp_path: Path) -> None:
     """Every tensor and metadata value of the direction file (safetensors writes its header from
     a hash map, so its bytes vary run to run), and every number and answer `eval` reports."""
-    from safetensors.numpy import load_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file
 
     model = tiny["llama"]
     got: dict[str, tuple[dict[str, np.ndarray], dict[str, str], list[dict[str, object]]]] = {}

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from support import ggml_ref
 
 from gguf_abliterate import quants
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.quants import legacy
-from tools import ggml_ref
 
 WRITABLE = [t for t in Q if quants.can_quantize(t)]
 # what the issue asks the engine to write, without an importance matrix

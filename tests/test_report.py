@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from conftest import cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -9,16 +9,16 @@ import pytest
 from conftest import cli, random_direction
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
+from support import ggml_ref
 
 from gguf_abliterate import quants
-from gguf_abliterate.quants import rounding
+from gguf_abliterate.direction.file import Direction
 from gguf_abliterate.edit.options import EditOptions
 from gguf_abliterate.edit.plan import plan_edit
 from gguf_abliterate.edit.project import axis_vector, project_residual_cols, project_residual_rows
-from gguf_abliterate.direction.file import Direction
 from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.quants import rounding
 from gguf_abliterate.quants.types import get_type
-from tools import ggml_ref
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS,
          Q.MXFP4]

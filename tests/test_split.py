@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import cli, generate, random_direction
 from gguf import GGMLQuantizationType as Q
+from support.tiny_models import TinySpec, build_model
 
 from gguf_abliterate.gguf_io import GGUFFile, Model
-from tools.make_tiny_models import TinySpec, build_model
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as Q
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gguf_abliterate import quants  # noqa: E402
-from tools import ggml_ref  # noqa: E402
+from tests.support import ggml_ref  # noqa: E402  (ggml's C quantizers, the tests' oracle)
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS,
          Q.TQ1_0, Q.TQ2_0, Q.BF16, Q.F16]

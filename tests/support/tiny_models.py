@@ -1,10 +1,10 @@
 """Build small random GGUF models of real architectures that llama.cpp loads and runs.
 
-    python -m tools.make_tiny_models OUT_DIR          # one file per architecture
+    python -m tests.support.tiny_models OUT_DIR     # one file per architecture
 
 The tests build theirs at test time through `build_model`. Shapes are chosen so every
 matrix row is a multiple of 256, so any quant type (K-quants included) fits. Types that our
-engine cannot quantize yet are quantized by ggml's C code (tools/ggml_ref.py).
+engine cannot quantize yet are quantized by ggml's C code (tests/support/ggml_ref.py).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def _store(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return values.astype(np.float16)
     if quants.can_quantize(qtype):
         return quants.quantize(values, qtype)
-    from tools import ggml_ref
+    from . import ggml_ref
 
     # types that need an importance matrix get a flat one
     imatrix = np.ones(values.shape[-1], np.float32) if quants.needs_imatrix(qtype) else None
