@@ -173,18 +173,9 @@ def write_statistics(path: Path, stored: StoredMoments) -> StoredMoments:
 
 def load_statistics(path: Path, model: Model) -> StoredMoments:
     """A statistics file, checked: readable, made for this model."""
-    from safetensors import SafetensorError, safe_open
-
     if not path.is_file():
         raise UserError(f"{path}: no such statistics file")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-            tensors = _check({k: f.get_tensor(k) for k in f.keys()})
-        stored = StoredMoments(tensors, int(meta["tokens"]), meta["source"], meta["measured"], path,
-                               hashlib.sha256(path.read_bytes()).hexdigest())
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise UserError(f"{path}: damaged input statistics ({e}); delete the file") from None
+    stored, meta = _read_statistics(path, "input statistics")
     if meta.get("model_sha256") != model_digest(model):
         raise UserError(f"{path}: input statistics of another model ({meta.get('model', '?')}), not of "
                         f"{model.path.name}")
@@ -193,17 +184,27 @@ def load_statistics(path: Path, model: Model) -> StoredMoments:
 
 def cached_measurement(model: Model) -> StoredMoments | None:
     """The one measurement `--rounding gptq` makes (`MEASURED`), if the cache holds it for this
-    model; anything else in the cache (an older version's, another source's) is not used."""
+    model; anything else in the cache (an older version's, without a model digest, or another
+    source's) is not used."""
     path = moments_dir() / f"{model_digest(model)}.safetensors"
     if not path.is_file():
         return None
+    stored, meta = _read_statistics(path, "cached input statistics")
+    return stored if meta.get("model_sha256") == model_digest(model) and stored.source == MEASURED else None
+
+
+def _read_statistics(path: Path, what: str) -> tuple[StoredMoments, dict[str, str]]:
+    """A statistics file as stored, and its metadata (the model it records, by name and sha256)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        stored = load_statistics(path, model)
-    except UserError as e:
-        if "another model" in str(e):
-            return None  # written before statistics recorded their model: measured again
-        raise UserError(f"{path}: damaged cached input statistics; delete the file") from None
-    return stored if stored.source == MEASURED else None
+        with safe_open(str(path), framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            tensors = _check({k: f.get_tensor(k) for k in f.keys()})
+        stored = StoredMoments(tensors, int(meta["tokens"]), meta["source"], meta["measured"], path, zoo.sha256(path))
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise UserError(f"{path}: damaged {what} ({e}); delete the file") from None
+    return stored, meta
 
 
 def measure_and_store(model: Model, progress: Callable[[int], None] = lambda n: None) -> StoredMoments:

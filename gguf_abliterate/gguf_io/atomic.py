@@ -90,12 +90,12 @@ def write_text(dst: Path, text: str) -> None:
 
 
 def same_file(a: Path, b: Path) -> bool:
-    """Whether two names lead to one existing file (device and inode: symlinks and hard links
-    included)."""
+    """Whether two names lead to one file: by device and inode where it exists (symlinks and
+    hard links included), by absolute name where it does not yet."""
     try:
         return os.path.samefile(a, b)
     except (OSError, ValueError):
-        return False
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def claim_outputs(outputs: list[Path], inputs: list[Path], force: bool) -> None:
@@ -105,11 +105,10 @@ def claim_outputs(outputs: list[Path], inputs: list[Path], force: bool) -> None:
     read-only mounts)."""
     for n, out in enumerate(outputs):
         for inp in inputs:
-            if same_file(inp, out) or Path(os.path.abspath(out)) == Path(os.path.abspath(inp)):
+            if same_file(inp, out):
                 raise UserError(f"{out} is one of this command's inputs ({inp}); write to a new file")
-        for other in outputs[:n]:
-            if same_file(other, out) or Path(os.path.abspath(out)) == Path(os.path.abspath(other)):
-                raise UserError(f"{out} is named twice as an output")
+        if any(same_file(other, out) for other in outputs[:n]):
+            raise UserError(f"{out} is named twice as an output")
         if out.is_dir():
             raise UserError(f"{out} is a directory")
         if (out.exists() or out.is_symlink()) and not force:
