@@ -133,7 +133,6 @@ def resolve_ollama(name: str, root: Path | None = None) -> OllamaModel:
         if not isinstance(params, dict):
             raise UserError(f"Ollama model {name!r}: its parameters are not a JSON object")
         out.params = params
-    modelfile("check.gguf", out)  # refuse now what could not be written into a Modelfile
     return out
 
 

@@ -24,6 +24,7 @@ from gguf_abliterate.evaluate.tasks import generate_tasks
 from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
 from gguf_abliterate.jobs.ui import Ui
 from gguf_abliterate.report import Evaluated, claim_report
+from gguf_abliterate.textfile import read_text
 
 BUILTIN_TEXT = "builtin"  # --ppl builtin: the shipped text
 
@@ -69,9 +70,7 @@ def eval_settings(request: EvalRequest, max_tokens: int) -> EvalSettings:
     if request.ppl is not None and str(request.ppl) == BUILTIN_TEXT:
         ppl_text = files("gguf_abliterate").joinpath("data", "perplexity.txt").read_text(encoding="utf-8")
     elif request.ppl is not None:
-        if not request.ppl.is_file():
-            raise UserError(f"{request.ppl}: no such text file")
-        ppl_text = request.ppl.read_text(encoding="utf-8", errors="replace")
+        ppl_text = read_text(request.ppl, "text file")
     return EvalSettings(max_tokens=max_tokens, kl_tokens=request.kl_tokens, ppl_text=ppl_text,
                         tasks=tuple(generate_tasks(request.tasks, request.task_seed)) if request.tasks else ())
 

@@ -208,10 +208,13 @@ class Search:
                                                      sampler=optuna.samplers.TPESampler(**sampler_args))
                 except optuna.exceptions.DuplicatedStudyError:
                     raise UserError(f"{shown_url(url)} already holds a study: --resume to continue it") from None
-                per_block, harmless_means = self._measure() if measured is None else _measured(measured, self.meta)
+                if measured is None:
+                    (per_block, harmless_means), statistics = self._measure(), None
+                else:
+                    per_block, harmless_means, statistics = _measured(measured, self.meta)
                 self.study.set_user_attr("basis", {"per_block": _encode(per_block),
                                                    "harmless_means": _encode(harmless_means)})
-                self.study.set_user_attr("statistics", None if measured is None else _statistics_of(measured))
+                self.study.set_user_attr("statistics", statistics)
                 self.study.set_user_attr("settings", {"score_prompts": settings.score_prompts,
                                                       "kl_tokens": settings.kl_tokens, "fixed": settings.fixed})
                 self.study.set_user_attr("model", identity)  # last: a study without it is half-made
@@ -484,8 +487,9 @@ def _candidates(front: list[TrialRecord]) -> list[TrialRecord]:
     return sorted((r for r in front if r.refusal <= CONFIRM_MAX_RATIO and r.kl is not None), key=lambda r: r.kl or 0.0)
 
 
-def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray]:
-    """The per-block directions and harmless means of a `direction` file, for this model."""
+def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray, dict[str, str] | None]:
+    """The per-block directions and harmless means of a `direction` file, for this model, and
+    where the input statistics it names are (absolute) with their sha256 (None if it names none)."""
     from gguf_abliterate.direction.file import load_direction
 
     d = load_direction(path)
@@ -493,17 +497,10 @@ def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray]:
     if d.per_block is None or d.harmless_means is None:
         raise UserError(f"{path}: --from needs a direction file with every block's direction and harmless mean "
                         f"(made by this version's `direction`)")
-    return d.per_block, d.harmless_means
-
-
-def _statistics_of(path: Path) -> dict[str, str] | None:
-    """Where the input statistics a `direction` file names are (absolute), and their sha256."""
-    from gguf_abliterate.direction.file import load_direction
-
-    meta = load_direction(path).metadata
-    if not meta.get("statistics"):
-        return None
-    return {"path": str((path.parent / meta["statistics"]).resolve()), "sha256": meta.get("statistics_sha256", "")}
+    name = d.metadata.get("statistics")
+    statistics = None if not name else {"path": str((path.parent / name).resolve()),
+                                        "sha256": d.metadata.get("statistics_sha256", "")}
+    return d.per_block, d.harmless_means, statistics
 
 
 def lowest_passing(candidates: list[TrialRecord], passes: Callable[[TrialRecord], bool],

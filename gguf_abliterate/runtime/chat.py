@@ -44,25 +44,18 @@ class Reply:
     dropped_turns: int = 0  # oldest turns forgotten to make room
 
 
-def _template(path: Path) -> str | None:
-    model = Model(path)
-    try:
-        template = model.get_str(names.CHAT_TEMPLATE)
-    finally:
-        model.close()
-    return template or None
-
-
-def context_size(path: Path, asked: int | None) -> int:
-    """The context to allocate: what was asked, else the model's own, at most DEFAULT_CONTEXT."""
-    if asked is not None:
-        return asked
+def file_settings(path: Path, asked: int | None) -> tuple[int, str | None]:
+    """From the file's metadata, read once: the context to allocate (what was asked, else the
+    model's own, at most DEFAULT_CONTEXT) and its chat template (None if it has none)."""
     model = Model(path)
     try:
         trained = model.arch_get(names.CONTEXT_LENGTH)
+        template = model.get_str(names.CHAT_TEMPLATE) or None
     finally:
         model.close()
-    return min(trained, DEFAULT_CONTEXT) if isinstance(trained, int) and trained > 0 else DEFAULT_CONTEXT
+    if asked is not None:
+        return asked, template
+    return (min(trained, DEFAULT_CONTEXT) if isinstance(trained, int) and trained > 0 else DEFAULT_CONTEXT), template
 
 
 class ChatModel:
@@ -73,16 +66,15 @@ class ChatModel:
         if not path.is_file():
             raise UserError(f"{path}: no such file")
         self.path = path
-        self.n_ctx = context_size(path, n_ctx)
-        template = _template(path)
-        check = chat_formatter(template or PLAIN_TEMPLATE, bos="", eos="", where=path.name)  # a broken one fails now
-        del check
+        self.n_ctx, template = file_settings(path, n_ctx)
+        chat_formatter(template or PLAIN_TEMPLATE, bos="", eos="", where=path.name)  # a broken one fails before the load
         try:
             with without_chat_handlers():
                 self.llm = ll.Llama(str(path), n_ctx=self.n_ctx, n_threads=threads or available_cores(), verbose=False)
         except ValueError as e:
             raise UserError(f"{path}: llama.cpp could not load this model ({e})") from None
         self.has_template = bool(template)
+
         def text(token: int) -> str:
             return self.llm.detokenize([token], special=True).decode(errors="replace") if token >= 0 else ""
 
