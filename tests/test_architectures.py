@@ -145,7 +145,7 @@ def test_the_whole_flow_runs_on_new_families(arch: str, built: dict[str, Path], 
     the edit from that file, eval, and the LoRA and control-vector exports."""
     import json
 
-    from gguf_abliterate.direction.file import load_direction
+    from gguf_abliterate.formats.direction_file import load_direction
 
     src = built[arch]
     bad, good = tmp_path / "bad.txt", tmp_path / "good.jsonl"
@@ -175,7 +175,7 @@ def test_nemotron_h_control_vectors_only_where_llama_cpp_applies_them(built: dic
     are refused by name, and at an MLP block the vector shifts the stream by exactly itself."""
     from gguf import GGUFReader
 
-    from gguf_abliterate.direction.file import save_direction
+    from gguf_abliterate.formats.direction_file import save_direction
     from gguf_abliterate.runtime.llama import LlamaModel
 
     src = built["nemotron_h"]
@@ -220,7 +220,7 @@ def test_nemotron_h_with_a_latent_moe_is_refused_by_name(tmp_path: Path, monkeyp
 def test_steered_layer_choice_keeps_to_blocks_a_control_vector_reaches(built: dict[str, Path], tmp_path: Path) -> None:
     """A generation pack the model never shows is tested by steering: on nemotron_h only its MLP
     blocks can be steered, so only they are candidates."""
-    from gguf_abliterate.direction.file import load_direction
+    from gguf_abliterate.formats.direction_file import load_direction
 
     out = tmp_path / "c.safetensors"
     run = cli("direction", built["nemotron_h"], "-o", out, "--behaviour", "concise", "--score-prompts", "2")

@@ -11,9 +11,9 @@ from conftest import cli
 from safetensors import safe_open
 
 from gguf_abliterate.direction import prompts as P
-from gguf_abliterate.direction.file import load_direction
+from gguf_abliterate.formats.direction_file import load_direction
 from gguf_abliterate.direction.measure import difference_of_means
-from gguf_abliterate.evaluate.metrics import kl_divergence
+from gguf_abliterate.evaluate.first_token import kl_divergence
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.runtime.llama import LlamaModel
 

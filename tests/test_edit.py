@@ -10,7 +10,7 @@ from conftest import cli, generate, random_direction
 from gguf import GGMLQuantizationType as Q
 
 from gguf_abliterate import quants
-from gguf_abliterate.direction.file import save_direction
+from gguf_abliterate.formats.direction_file import save_direction
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.quants import rounding
 
@@ -310,7 +310,7 @@ def test_real_smollm2(smollm2: Path, tmp_path: Path) -> None:
 
 
 def test_verify_reports_and_catches_damage(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from gguf_abliterate.direction.file import load_direction
+    from gguf_abliterate.formats.direction_file import load_direction
     from gguf_abliterate.edit.execute import apply_edit, edit_piece, output_tensors
     from gguf_abliterate.edit.options import EditOptions
     from gguf_abliterate.edit.parallel import UnitRunner
@@ -381,7 +381,7 @@ def test_requantization_report_is_stored_whole() -> None:
     header room reserved for it (`report_width`) always holds it (it used to be cut at 4 KB)."""
     import json
 
-    from gguf_abliterate.quants.fidelity import MIN_REPORT_WIDTH, Report, Sums, report_width
+    from gguf_abliterate.quants.snapback import MIN_REPORT_WIDTH, Report, Sums, report_width
 
     report = Report()
     types = [f"TYPE_WITH_A_LONG_NAME_{i}" for i in range(60)]

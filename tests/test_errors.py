@@ -14,7 +14,7 @@ import pytest
 from conftest import cli, random_direction
 from gguf import GGUFWriter
 
-from gguf_abliterate.direction.file import save_direction
+from gguf_abliterate.formats.direction_file import save_direction
 
 
 def assert_clean_failure(run, out_dir: Path, *needles: str) -> None:  # type: ignore[no-untyped-def]

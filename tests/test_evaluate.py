@@ -78,7 +78,8 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_demo: tuple[Path, Any]) -> None:
 def test_multi_token_kl_and_tasks(smollm2: Path, tmp_path: Path) -> None:
     """KL along the base's first K answer tokens: 0 for the model against itself, and its sum
     over the steps grows with K for an edit (every step adds a KL >= 0). Tasks are scored."""
-    from gguf_abliterate.evaluate.report import EvalSettings, evaluate
+    from gguf_abliterate.evaluate.costs import EvalSettings
+    from gguf_abliterate.evaluate.report import evaluate
     from gguf_abliterate.evaluate.scorers import get_scorer
     from gguf_abliterate.evaluate.tasks import generate_tasks
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import cli, random_direction
 
-from gguf_abliterate.evaluate.metrics import kl_divergence
+from gguf_abliterate.evaluate.first_token import kl_divergence
 from gguf_abliterate.gguf_io import GGUFFile
 
 
@@ -60,7 +60,7 @@ def test_lora_adapter_reproduces_the_float_edit(arch: str, tiny: dict[str, Path]
 
 
 def test_control_vector_shifts_exactly_the_chosen_block(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from gguf_abliterate.direction.file import save_direction
+    from gguf_abliterate.formats.direction_file import save_direction
     from gguf_abliterate.runtime.llama import LlamaModel
 
     src = tiny["qwen2"]

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.tiny_models import TinySpec, build_model
 
-from gguf_abliterate.direction.file import Direction, normalise
+from gguf_abliterate.formats.direction_file import Direction, normalise
 from gguf_abliterate.edit.execute import apply_edit
 from gguf_abliterate.edit.options import EditOptions
 from gguf_abliterate.edit.plan import plan_edit

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gguf_abliterate.cli.judge import read_answers
-from gguf_abliterate.direction.file import STATISTICS, load_direction, save_measured
+from gguf_abliterate.formats.direction_file import STATISTICS, load_direction, save_measured
 from gguf_abliterate.direction.packs import load_pack
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.export.ollama import modelfile, resolve_ollama

@@ -19,7 +19,7 @@ from support.tiny_models import CHATML, TinySpec, build_model
 from test_apps import make_store
 
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.evaluate.measures import Probe, Reply, get_measure
+from gguf_abliterate.evaluate.answer_rules import Probe, Reply, get_measure
 from gguf_abliterate.export.ollama import resolve_ollama
 from gguf_abliterate.runtime import template
 from gguf_abliterate.textfile import parse_json, printable

@@ -1,9 +1,18 @@
-"""The package's shape: each stage imports only from the stages below it.
+"""The package's shape: two branches on a common ground, joined at the top.
 
-Floors, from the ground (DESIGN.md): the pure ground modules, then the codecs, GGUF files,
-running models, measuring them, directions, the edit, its exports, the search, reports, the
-jobs (one request -> one result per workflow) and the command line on top. Every import of a project module, at module level or inside a function, must go to the
-same floor or lower, so data flows one way and a stage can be read without the ones above it.
+- The ground: pure modules (errors, names, portability, text files, the architecture table,
+  the models pip can fetch), the quant codecs, GGUF files, and our own file formats
+  (direction and statistics files).
+- The file branch: the edit and its exports. It reads GGUF and our formats and writes them;
+  it never runs a model, so llama-cpp-python and torch stay out of an edit.
+- The model branch: running models in llama.cpp, measuring them, directions.
+- The search uses both, the reports show what both made, the jobs run whole workflows (one
+  request -> one result), and the command line parses and prints.
+
+`ALLOWED` is that graph: each stage and the stages it may import directly; a stage may also
+import whatever those may. Every import of a project module, at module level or inside a
+function, must follow it, so data flows one way and a stage can be read without the stages
+that use it.
 """
 
 from __future__ import annotations
@@ -19,35 +28,49 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gguf_abliterate"
 
-FLOORS = {
-    "errors": 0, "names": 0, "portable": 0, "interrupt": 0, "textfile": 0,
-    "arch": 1, "zoo": 1,
-    "quants": 2,
-    "gguf_io": 3,
-    "runtime": 4,
-    "evaluate": 5,
-    "direction": 6,
-    "edit": 7,
-    "export": 8,
-    "optimise": 9,
-    "report": 10,
-    "jobs": 11,
-    "cli": 12, "__main__": 12,
+GROUND = {"errors", "names", "portable", "interrupt", "textfile"}  # may import one another
+ALLOWED: dict[str, set[str]] = {
+    "arch": set(), "pip_models": set(),
+    "quants": set(),
+    "gguf_io": {"quants", "pip_models"},
+    "formats": {"gguf_io"},
+    # the file branch
+    "edit": {"formats", "arch"},
+    "export": {"edit"},
+    # the model branch
+    "runtime": {"gguf_io", "arch"},
+    "evaluate": {"runtime"},
+    "direction": {"evaluate", "formats"},
+    # where the branches meet
+    "optimise": {"direction", "export"},
+    "report": {"optimise"},
+    "jobs": {"report"},
+    "cli": {"jobs"}, "__main__": {"cli"},
 }
+MODEL_BRANCH = {"runtime", "evaluate", "direction"}
+
+
+def reach(stage: str) -> set[str]:
+    """Every stage `stage` may import: the ground, its allowed stages and theirs, transitively."""
+    seen: set[str] = set()
+    todo = [stage]
+    while todo:
+        for s in ALLOWED.get(todo.pop(), set()) - seen:
+            seen.add(s)
+            todo.append(s)
+    return seen | GROUND
+
+
+def stage_of(module: str) -> str:
+    """The stage of `gguf_abliterate.<stage>...`; the package root itself is the version only."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "errors"
 
 
 def module_name(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
     parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
     return ".".join(parts)
-
-
-def floor(module: str) -> int:
-    """The floor of `gguf_abliterate.<stage>...`; the package root itself is the version only."""
-    parts = module.split(".")
-    if len(parts) == 1:
-        return 0
-    return FLOORS[parts[1]]
 
 
 def project_imports(path: Path) -> list[tuple[int, str]]:
@@ -71,24 +94,33 @@ def _is_module(name: str) -> bool:
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 
-def test_every_stage_has_a_floor() -> None:
+def test_every_stage_is_in_the_graph() -> None:
     stages = {p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in SOURCES}
-    assert stages - {"__init__"} == set(FLOORS)
+    assert stages - {"__init__"} == set(ALLOWED) | GROUND
+
+
+def test_the_graph_has_no_cycle() -> None:
+    assert not [s for s in ALLOWED if s in reach(s)]
+
+
+def test_the_file_branch_never_reaches_the_model_branch() -> None:
+    assert not (reach("export") | reach("formats")) & MODEL_BRANCH
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_nothing_imports_upward(path: Path) -> None:
-    own = floor(module_name(path))
-    upward = [f"line {line}: {mod} (floor {floor(mod)})" for line, mod in project_imports(path) if floor(mod) > own]
-    assert not upward, f"{module_name(path)} (floor {own}) imports from above: {upward}"
+def test_imports_follow_the_graph(path: Path) -> None:
+    own = stage_of(module_name(path))
+    allowed = reach(own) | {own}
+    wrong = [f"line {line}: {mod}" for line, mod in project_imports(path) if stage_of(mod) not in allowed]
+    assert not wrong, f"{module_name(path)} ({own}) imports outside {sorted(allowed)}: {wrong}"
 
 
-def test_the_checker_sees_upward_imports(tmp_path: Path) -> None:
-    bad = PACKAGE / "quants" / "_probe_upward.py"
-    bad.write_text("def f():\n    from gguf_abliterate.edit.plan import plan_edit\n")
+def test_the_checker_sees_a_wrong_import() -> None:
+    bad = PACKAGE / "edit" / "_probe_wrong.py"
+    bad.write_text("def f():\n    from gguf_abliterate.runtime.llama import LlamaModel\n")
     try:
-        assert [m for _, m in project_imports(bad)] == ["gguf_abliterate.edit.plan"]
-        assert floor("gguf_abliterate.edit.plan") > floor(module_name(bad))
+        assert [m for _, m in project_imports(bad)] == ["gguf_abliterate.runtime.llama"]
+        assert stage_of("gguf_abliterate.runtime.llama") not in reach(stage_of(module_name(bad)))
     finally:
         bad.unlink()
 

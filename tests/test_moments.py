@@ -12,13 +12,13 @@ import numpy as np
 from conftest import cli, random_direction
 
 from gguf_abliterate.direction import prompts as P
-from gguf_abliterate.direction.file import load_direction
-from gguf_abliterate.edit.moments import MEASURED, cached_measurement, load_statistics
+from gguf_abliterate.formats.direction_file import load_direction
+from gguf_abliterate.formats.statistics_file import MEASURED, cached_measurement, load_statistics
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.gguf_io.model import model_digest
 from gguf_abliterate.quants.rounding import column_block
 from gguf_abliterate.runtime.llama import LlamaModel
-from gguf_abliterate.zoo import sha256
+from gguf_abliterate.pip_models import sha256
 
 WRITERS = ("attn_output", "ffn_down")
 

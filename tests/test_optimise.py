@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, cli
 
-from gguf_abliterate.direction.file import load_direction, save_schedule
+from gguf_abliterate.formats.direction_file import load_direction, save_schedule
 from gguf_abliterate.edit.schedule import Component, EditParams, Kernel, basis, resolve
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.evaluate.metrics import kl_divergence
+from gguf_abliterate.evaluate.first_token import kl_divergence
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.optimise.adapter import TrialAdapters
 from gguf_abliterate.runtime.llama import LlamaModel

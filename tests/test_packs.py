@@ -11,10 +11,10 @@ from conftest import cli
 
 from gguf_abliterate import names
 from gguf_abliterate.direction import prompts as P
-from gguf_abliterate.direction.file import load_direction
+from gguf_abliterate.formats.direction_file import load_direction
 from gguf_abliterate.direction.packs import PACKS, REASONING_SEED, load_pack
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.evaluate.measures import Probe, Reply, get_measure
+from gguf_abliterate.evaluate.answer_rules import Probe, Reply, get_measure
 from gguf_abliterate.evaluate.tasks import generate_tasks
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.runtime.llama import LlamaModel
@@ -242,7 +242,7 @@ def test_generation_with_the_direction_ablated(tiny: dict[str, Path]) -> None:
 def test_optimise_refuses_another_behaviour(tiny: dict[str, Path], tmp_path: Path) -> None:
     """The search's objectives are refusal and KL: another pack's direction stops it before any
     study is stored."""
-    from gguf_abliterate.direction.file import STATISTICS, save_measured
+    from gguf_abliterate.formats.direction_file import STATISTICS, save_measured
 
     n_layer, n_embd = 4, 256
     rng = np.random.default_rng(0)
@@ -281,7 +281,7 @@ def test_layers_tested_by_steering_when_the_behaviour_is_rare(tiny: dict[str, Pa
 def test_reverse_amplifies_the_lean_whatever_the_sign(tiny: dict[str, Path], tmp_path: Path) -> None:
     """W + s u u^T W does not change when u flips: a reverse edit strengthens whichever side of
     the axis the model's activations already lean to, not the positive set's side (README)."""
-    from gguf_abliterate.direction.file import save_direction
+    from gguf_abliterate.formats.direction_file import save_direction
 
     r = np.random.default_rng(3).normal(size=256).astype(np.float32)
     for name, v in (("plus", r), ("minus", -r)):

@@ -83,7 +83,7 @@ def assert_offline(html: str) -> None:
 def test_demo_report_in_a_browser(tiny_demo: tuple[Path, Any], tmp_path: Path) -> None:
     """The demo's report renders in headless Chromium: the screenshot is not blank and shows the
     charts; the DOM's summary table holds what the evaluation measured (report.json)."""
-    from gguf_abliterate.direction.file import load_direction
+    from gguf_abliterate.formats.direction_file import load_direction
 
     out, run = tiny_demo
     assert run.returncode == 0, run.stderr
@@ -140,7 +140,7 @@ def test_demo_report_in_a_browser(tiny_demo: tuple[Path, Any], tmp_path: Path) -
 def test_report_front_table_matches_the_result_file(tiny_demo: tuple[Path, Any]) -> None:
     """The search section lists exactly the Pareto front of the trials the result file holds,
     with the pick marked; the layer table the blocks the direction file scored."""
-    from gguf_abliterate.direction.file import load_direction
+    from gguf_abliterate.formats.direction_file import load_direction
     from gguf_abliterate.optimise.study import TrialRecord, pareto_front
 
     out, _ = tiny_demo

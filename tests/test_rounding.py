@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from support import ggml_ref
 
 from gguf_abliterate import quants
-from gguf_abliterate.direction.file import Direction
+from gguf_abliterate.formats.direction_file import Direction
 from gguf_abliterate.edit.options import EditOptions
 from gguf_abliterate.edit.plan import plan_edit
 from gguf_abliterate.edit.project import axis_vector, project_residual_cols, project_residual_rows
@@ -141,7 +141,7 @@ def test_search_candidates_are_the_best_moves(n: int, k: int, reach: float) -> N
     """The compiled search's selection (a sampled threshold, or without one where too few
     pass it, as with a small reach) keeps exactly the k moves of least cost per gain, ties
     by index, whatever the group: equal ratios (repeated values) and -0.0 against 0.0 among them."""
-    from gguf_abliterate.quants import settle
+    from gguf_abliterate.quants import rounding_moves
 
     rng = np.random.default_rng(n + k)
     padded = np.concatenate([[np.nan], np.arange(16), [np.nan]]).astype(np.float32)
@@ -156,8 +156,8 @@ def test_search_candidates_are_the_best_moves(n: int, k: int, reach: float) -> N
     eg[:4], u[:4], ig[:4] = ag[:4] / 2, 0.05, 8  # cost 0: moving down gives -0.0, up +0.0
     eg[2:4], u[2:4] = -ag[2:4] / 2, -0.05
     order = np.argsort(-np.abs(u), kind="stable")
-    heap, q, key, kept = settle._buffers(n, k)
-    filled = settle._candidates(ig, ag, eg, u, order, padded, True, np.float32(-1.0), np.float32(reach), q, key, kept,
+    heap, q, key, kept = rounding_moves._buffers(n, k)
+    filled = rounding_moves._candidates(ig, ag, eg, u, order, padded, True, np.float32(-1.0), np.float32(reach), q, key, kept,
                                 heap)
     got = np.sort(heap[:filled]) & 0xFFFFFFFF  # keys sort by (ratio, index)
     valid = np.flatnonzero(~np.isnan(q))

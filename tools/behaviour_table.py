@@ -26,10 +26,11 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gguf_abliterate.direction import prompts as P  # noqa: E402
-from gguf_abliterate.direction.file import load_direction  # noqa: E402
+from gguf_abliterate.formats.direction_file import load_direction  # noqa: E402
 from gguf_abliterate.direction.lean import Lean, lean_of, measure_lean  # noqa: E402
 from gguf_abliterate.direction.packs import PACKS, Pack, load_pack  # noqa: E402
-from gguf_abliterate.evaluate.report import EvalSettings, evaluate_behaviour  # noqa: E402
+from gguf_abliterate.evaluate.costs import EvalSettings  # noqa: E402
+from gguf_abliterate.evaluate.report import evaluate_behaviour  # noqa: E402
 from gguf_abliterate.evaluate.tasks import generate_tasks  # noqa: E402
 from gguf_abliterate.jobs.direction import DirectionRequest, run_direction  # noqa: E402
 from gguf_abliterate.jobs.edit import EditRequest, run_edit  # noqa: E402

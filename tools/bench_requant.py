@@ -30,8 +30,8 @@ from gguf import GGMLQuantizationType
 
 from gguf_abliterate import quants
 from gguf_abliterate.quants import rounding
-from gguf_abliterate.direction.file import load_direction
-from gguf_abliterate.edit.moments import measure_moments
+from gguf_abliterate.formats.direction_file import load_direction
+from gguf_abliterate.direction.statistics import measure_moments
 from gguf_abliterate.edit.options import EditOptions
 from gguf_abliterate.edit.plan import TensorKind, plan_edit
 from gguf_abliterate.edit.project import axis_vector, project_residual_rows

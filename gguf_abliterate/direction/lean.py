@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from gguf_abliterate.direction.file import Direction
+    from gguf_abliterate.formats.direction_file import Direction
     from gguf_abliterate.runtime.llama import LlamaModel
 
 # metadata keys of a direction file

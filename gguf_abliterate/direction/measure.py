@@ -22,7 +22,7 @@ from enum import Enum
 import numpy as np
 
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.evaluate.metrics import kl_divergence
+from gguf_abliterate.evaluate.first_token import kl_divergence
 from gguf_abliterate.runtime.llama import LlamaModel
 
 MAX_LAYER_FRACTION = 0.8

@@ -2,7 +2,7 @@
 
 A pack is two prompt sets that differ in one behaviour (`positive` shows it, `negative` does
 not, on the same topics), the probe prompts its effect is measured on (asked plainly) and the
-measure that reads the answers (`evaluate/measures.py`). The direction is the difference of
+measure that reads the answers (`evaluate/answer_rules.py`). The direction is the difference of
 means positive minus negative, measured on the even lines of each set; the odd lines are the
 validation split. Abliterating removes the component along the direction; `--reverse`
 amplifies it, whichever side of the axis the model leans to (`W + s u u^T W` is the same for
@@ -39,11 +39,11 @@ from pathlib import Path
 import numpy as np
 
 from gguf_abliterate.direction import prompts as P
-from gguf_abliterate.direction.file import SIGN
+from gguf_abliterate.formats.direction_file import SIGN
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
-from gguf_abliterate.evaluate.measures import Markers, Measure, Probe, Reply, get_measure
-from gguf_abliterate.evaluate.metrics import refusal_mass, refusal_token_ids
+from gguf_abliterate.evaluate.answer_rules import Markers, Measure, Probe, Reply, get_measure
+from gguf_abliterate.evaluate.first_token import refusal_mass, refusal_token_ids
 from gguf_abliterate.evaluate.tasks import generate_tasks
 from gguf_abliterate.runtime.llama import LlamaModel
 from gguf_abliterate.textfile import read_json

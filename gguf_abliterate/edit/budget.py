@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from gguf import GGMLQuantizationType
 
 from gguf_abliterate import quants
-from gguf_abliterate.direction.file import Direction
+from gguf_abliterate.formats.direction_file import Direction
 from gguf_abliterate.edit.execute import Piece, edit_piece, pieces
 from gguf_abliterate.edit.parallel import UnitRunner
 from gguf_abliterate.edit.plan import EditPlan, TensorEdit, TensorKind

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from gguf_abliterate import names, quants
-from gguf_abliterate.direction.file import Direction
+from gguf_abliterate.formats.direction_file import Direction
 from gguf_abliterate.edit.options import EditOptions
 from gguf_abliterate.edit.parallel import UnitRunner
 from gguf_abliterate.edit.plan import EditPlan, TensorEdit, TensorKind
@@ -28,7 +28,7 @@ from gguf_abliterate.edit.verify import verify_output
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model, OutTensor, Reserved, plan_files, write_files
 from gguf_abliterate.portable import available_cores
-from gguf_abliterate.quants import fidelity, rounding
+from gguf_abliterate.quants import rounding, snapback
 
 # Below this many edited values, worker processes cost more to start than they save.
 PARALLEL_MIN_VALUES = 16 << 20
@@ -52,7 +52,7 @@ class PieceResult:
     name: str
     index: int
     data: np.ndarray
-    sums: fidelity.Sums
+    sums: snapback.Sums
 
 
 def pieces(model: Model, edit: TensorEdit, u: np.ndarray) -> list[Piece]:
@@ -86,7 +86,7 @@ def edit_piece(model: Model, piece: Piece) -> PieceResult:
         data = rounding.keep_edit(data, values, u, edit.out_type, over_rows=edit.kind.over_rows, before=before,
                                   codes=codes)
     written, error_sq = _measured(data, values, u, edit)
-    sums = fidelity.Sums.of(before, component(values, u, edit.kind), written, error_sq, values.size)
+    sums = snapback.Sums.of(before, component(values, u, edit.kind), written, error_sq, values.size)
     return PieceResult(edit.name, piece.index, data, sums)
 
 
@@ -145,7 +145,7 @@ def _measured(data: np.ndarray, values: np.ndarray, u: np.ndarray, edit: TensorE
 class PieceStream:
     """Every piece's result, in task order, handed out tensor by tensor."""
 
-    def __init__(self, results: Iterator[PieceResult], report: fidelity.Report | None):
+    def __init__(self, results: Iterator[PieceResult], report: snapback.Report | None):
         self._results, self._report = results, report
 
     def take(self, edit: TensorEdit, count: int) -> Iterator[np.ndarray]:
@@ -176,7 +176,7 @@ def default_jobs(model: Model, plan: EditPlan) -> int:
 
 
 def output_tensors(model: Model, plan: EditPlan, direction: Direction, runner: UnitRunner,
-                   report: fidelity.Report | None = None) -> list[OutTensor]:
+                   report: snapback.Report | None = None) -> list[OutTensor]:
     """Every tensor of the output, in input order: copied verbatim, or produced by the edit.
 
     The pieces of all edited tensors are computed ahead by `runner`, and handed to each
@@ -202,7 +202,7 @@ def output_tensors(model: Model, plan: EditPlan, direction: Direction, runner: U
 
 def apply_edit(model: Model, plan: EditPlan, direction: Direction, opts: EditOptions, out_path: Path, *,
                on_bytes: Callable[[int], None] = lambda n: None, verify: Callable[[str], None] | None = None,
-               merge: bool = False, jobs: int | None = None, report: fidelity.Report | None = None,
+               merge: bool = False, jobs: int | None = None, report: snapback.Report | None = None,
                schedule: dict[str, object] | None = None) -> list[Path]:
     """Write the edited model to `out_path` (atomically), streaming tensor by tensor.
 
@@ -212,8 +212,8 @@ def apply_edit(model: Model, plan: EditPlan, direction: Direction, opts: EditOpt
     `verify` receives the one-line report; `schedule` is recorded for a scheduled edit.
     Returns the paths written.
     """
-    report = report if report is not None else fidelity.Report()
-    width = fidelity.report_width({e.out_type.name for e in plan.edits.values()})
+    report = report if report is not None else snapback.Report()
+    width = snapback.report_width({e.out_type.name for e in plan.edits.values()})
     kv = {**provenance(plan, opts, direction, schedule), names.REQUANT_REPORT: Reserved(width, report.to_json)}
     with UnitRunner(model, jobs or default_jobs(model, plan), edit_piece) as runner:
         out = output_tensors(model, plan, direction, runner, report)

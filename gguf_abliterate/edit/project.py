@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gguf_abliterate.direction.file import Direction, normalise
+from gguf_abliterate.formats.direction_file import Direction, normalise
 from gguf_abliterate.edit.plan import TensorEdit, TensorKind
 from gguf_abliterate.edit.schedule import Method
 from gguf_abliterate.gguf_io import Model

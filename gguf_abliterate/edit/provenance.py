@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from gguf_abliterate import __version__, names
-from gguf_abliterate.direction.file import Direction
+from gguf_abliterate.formats.direction_file import Direction
 from gguf_abliterate.edit.options import EditOptions, format_layers
 from gguf_abliterate.edit.plan import EditPlan
 

@@ -27,7 +27,7 @@ from enum import Enum
 import numpy as np
 
 from gguf_abliterate.arch import Writer
-from gguf_abliterate.direction.file import Direction
+from gguf_abliterate.formats.direction_file import Direction
 from gguf_abliterate.errors import UserError
 
 

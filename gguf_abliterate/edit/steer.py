@@ -22,7 +22,7 @@ from gguf import MODEL_TENSOR
 
 from gguf_abliterate import names
 from gguf_abliterate.arch import get_arch
-from gguf_abliterate.direction.file import Direction
+from gguf_abliterate.formats.direction_file import Direction
 from gguf_abliterate.edit.options import EditOptions, Rounding
 from gguf_abliterate.edit.plan import EditPlan, TensorEdit, TensorKind, output_type
 from gguf_abliterate.edit.schedule import Method

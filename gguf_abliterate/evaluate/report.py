@@ -21,14 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-from gguf_abliterate.evaluate.generate import load_for_eval, perplexity
-from gguf_abliterate.evaluate.measures import Measure, Measured, Probe, Reply
-from gguf_abliterate.evaluate.metrics import kl_divergence
+from gguf_abliterate.evaluate.answer_rules import Measure, Measured, Probe, Reply
+from gguf_abliterate.evaluate.costs import Costs, EvalSettings
+from gguf_abliterate.evaluate.generate import load_for_eval
 from gguf_abliterate.evaluate.scorers import Label, Scorer
-from gguf_abliterate.evaluate.tasks import Task, is_correct
-from gguf_abliterate.runtime.llama import Answer, LlamaModel
 
 
 @dataclass
@@ -38,7 +35,7 @@ class ModelReport:
     harmful_total: int
     harmless_refusals: int
     harmless_total: int
-    kl_vs_base: float | None
+    kl_vs_base: float | None = None  # the costs' fields (evaluate/costs.py) are the --json keys
     perplexity: float | None = None
     harmful_responses: list[str] = field(default_factory=list)
     harmless_responses: list[str] = field(default_factory=list)
@@ -55,22 +52,13 @@ class ModelReport:
     judge_verdicts: list[dict[str, object]] = field(default_factory=list)  # label and probabilities per answer
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    max_tokens: int = 64
-    kl_tokens: int = 1
-    tasks: tuple[Task, ...] = ()
-    task_tokens: int = 48
-    ppl_text: str | None = None
-
-
 @dataclass
 class BehaviourReport:
     """A behaviour pack's measure on one model, with what the edit cost."""
 
     path: str
     measured: Measured
-    kl_vs_base: float | None
+    kl_vs_base: float | None = None
     answers: list[str] = field(default_factory=list)
     shows: list[bool] = field(default_factory=list)  # per probe
     unfinished: int = 0  # answers that did not end within the token budget
@@ -81,43 +69,6 @@ class BehaviourReport:
     perplexity: float | None = None
 
 
-class _Costs:
-    """What every model is measured on besides its behaviour, against the first (the base):
-    first-token KL on harmless prompts (or along the base's first K greedy tokens), exact-answer
-    tasks and perplexity."""
-
-    def __init__(self, harmless: Sequence[str], settings: EvalSettings):
-        self.harmless, self.settings = list(harmless), settings
-        self.base_lp: np.ndarray | None = None
-        self.base_multi: list[np.ndarray] = []
-        self.continuations: list[list[int]] = []
-
-    def measure(self, m: LlamaModel, good: Sequence[Answer] | None = None) -> tuple[float | None, float | None, list[str]]:
-        """(KL, KL@K, task answers) of a loaded model; `good`: its greedy harmless answers, if made."""
-        s = self.settings
-        lp = m.next_token_logprobs(self.harmless)
-        first = self.base_lp is None
-        if first and s.kl_tokens > 1:
-            good = good if good is not None else m.greedy_answers(self.harmless, s.kl_tokens)
-            self.continuations = [a.tokens[: s.kl_tokens] for a in good]
-        multi = m.forced_logprobs(self.harmless, self.continuations) if s.kl_tokens > 1 else []
-        tasks = m.greedy([t.prompt for t in s.tasks], s.task_tokens) if s.tasks else []
-        if first:
-            self.base_lp, self.base_multi = lp, multi
-            return None, None, tasks
-        assert self.base_lp is not None
-        return (kl_divergence(self.base_lp, lp),
-                float(np.mean([kl_divergence(b, n) for b, n in zip(self.base_multi, multi)])) if multi else None,
-                tasks)
-
-    def accuracy(self, answers: Sequence[str]) -> float | None:
-        tasks = self.settings.tasks
-        return sum(is_correct(t, a) for t, a in zip(tasks, answers)) / len(tasks) if tasks else None
-
-    def perplexity(self, path: Path) -> float | None:
-        return None if self.settings.ppl_text is None else perplexity(path, self.settings.ppl_text)
-
-
 def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[str], scorer: Scorer,
              settings: EvalSettings = EvalSettings(), progress: Callable[[int], None] = lambda n: None,
              judge: Scorer | None = None) -> list[ModelReport]:
@@ -125,24 +76,25 @@ def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[s
     `kl_tokens` K > 1, every model also reads the base's first K greedy tokens of each harmless
     answer (teacher-forced) and KL is averaged over those steps."""
     reports: list[ModelReport] = []
-    costs = _Costs(harmless, settings)
+    costs = Costs(harmless, settings)
     for path in paths:
         with load_for_eval(path) as m:
             bad = m.greedy_answers(harmful, settings.max_tokens, progress)
             good = m.greedy_answers(harmless, settings.max_tokens, progress)
-            kl, kl_multi, task_answers = costs.measure(m, good)
+            measured = costs.measure(m, good)
+        measured |= costs.measure_file(path)
         bad_verdicts = scorer.label(harmful, [a.text for a in bad])
         good_verdicts = scorer.label(harmless, [a.text for a in good])
         labels = Counter(v.label.value for v in bad_verdicts)
         reports.append(ModelReport(
             str(path), labels[Label.REFUSAL.value], len(bad),
-            sum(v.label is Label.REFUSAL for v in good_verdicts), len(good), kl, costs.perplexity(path),
-            [a.text for a in bad], [a.text for a in good],
-            {label.value: labels[label.value] for label in Label},
-            sum(v.label is Label.DEGENERATE for v in good_verdicts),
-            sum(not a.finished for a in (*bad, *good)), settings.kl_tokens, kl_multi,
-            costs.accuracy(task_answers), task_answers,
-            [v.label.value for v in bad_verdicts], [v.label.value for v in good_verdicts]))
+            sum(v.label is Label.REFUSAL for v in good_verdicts), len(good),
+            harmful_responses=[a.text for a in bad], harmless_responses=[a.text for a in good],
+            harmful_labels={label.value: labels[label.value] for label in Label},
+            harmless_degenerate=sum(v.label is Label.DEGENERATE for v in good_verdicts),
+            unfinished=sum(not a.finished for a in (*bad, *good)), kl_tokens=settings.kl_tokens,
+            harmful_verdicts=[v.label.value for v in bad_verdicts],
+            harmless_verdicts=[v.label.value for v in good_verdicts], **measured))
         if judge is not None:
             judged = judge.label(harmful, [a.text for a in bad])
             counts = Counter(v.label.value for v in judged)
@@ -157,17 +109,17 @@ def evaluate_behaviour(paths: Iterable[Path], probes: Sequence[Probe], measure: 
     """A behaviour pack's measure on each model (greedy answers to its probes, `max_tokens`
     each), with the same KL, task and perplexity costs `evaluate` measures against the first."""
     reports = []
-    costs = _Costs(harmless, settings)
+    costs = Costs(harmless, settings)
     for path in paths:
         with load_for_eval(path) as m:
             answers = m.greedy_answers([p.prompt for p in probes], max_tokens, progress)
-            kl, kl_multi, task_answers = costs.measure(m)
+            measured = costs.measure(m)
+        measured |= costs.measure_file(path)
         replies = [Reply(a.text, a.finished) for a in answers]
         reports.append(BehaviourReport(
-            str(path), measure.measure(probes, replies), kl, [r.text for r in replies],
-            [measure.shows(p, r) for p, r in zip(probes, replies)], sum(not r.finished for r in replies),
-            settings.kl_tokens, kl_multi,
-            costs.accuracy(task_answers), task_answers, costs.perplexity(path)))
+            str(path), measure.measure(probes, replies), answers=[r.text for r in replies],
+            shows=[measure.shows(p, r) for p, r in zip(probes, replies)],
+            unfinished=sum(not r.finished for r in replies), kl_tokens=settings.kl_tokens, **measured))
     return reports
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from gguf_abliterate import names
-from gguf_abliterate.direction.file import load_direction, normalise
+from gguf_abliterate.formats.direction_file import load_direction, normalise
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.gguf_io.small import write_small_gguf
+from gguf_abliterate.gguf_io.adapters import write_small_gguf
 
 
 def control_vectors(direction_path: Path, n_layer: int, blocks: frozenset[int], scale: float) -> dict[int, np.ndarray]:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_abliterate.direction.file import Direction
+from gguf_abliterate.formats.direction_file import Direction
 from gguf_abliterate.edit.plan import EditPlan, TensorKind
 from gguf_abliterate.edit.project import axis_vector
 from gguf_abliterate.edit.schedule import Method
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.gguf_io.small import write_lora_adapter
+from gguf_abliterate.gguf_io.adapters import write_lora_adapter
 from gguf_abliterate.gguf_io import Model
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gguf_abliterate import names, zoo
+from gguf_abliterate import names, pip_models
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.reader import GGUFFile, TensorInfo
 from gguf_abliterate.portable import read_into
@@ -166,5 +166,5 @@ def model_digest(model: Model) -> str:
 
 @cache
 def _digest(parts: tuple[tuple[str, int, int], ...]) -> str:
-    digests = [zoo.sha256(Path(path)) for path, _, _ in parts]
+    digests = [pip_models.sha256(Path(path)) for path, _, _ in parts]
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()

@@ -17,7 +17,7 @@ import numpy as np
 from gguf_abliterate import names
 from gguf_abliterate.arch import steerable_blocks
 from gguf_abliterate.direction import prompts as P
-from gguf_abliterate.direction.file import check_direction_path, save_measured
+from gguf_abliterate.formats.direction_file import check_direction_path, save_measured
 from gguf_abliterate.direction.lean import measure_lean
 from gguf_abliterate.direction.measure import (
     DEFAULT_MAX_KL,
@@ -28,7 +28,7 @@ from gguf_abliterate.direction.measure import (
     difference_of_means,
 )
 from gguf_abliterate.direction.packs import SCORE_PROBES, STEER_BELOW, Pack, load_pack
-from gguf_abliterate.edit.moments import StoredMoments, encode_statistics, statistics_path, write_statistics
+from gguf_abliterate.formats.statistics_file import StoredMoments, encode_statistics, statistics_path, write_statistics
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.gguf_io.atomic import claim_outputs
@@ -138,7 +138,7 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
     with (ui.bar(total=len(d_pos) + len(d_neg), desc="residuals", unit="prompt") as bar, model.mlp_inputs() as mlp,
           model.input_moments(column_block) as moments):
         stats = difference_of_means(model.residuals(d_pos, bar.update), model.residuals(d_neg, bar.update))
-    stored = (encode_statistics(meta, moments, f"direction ({pack.name}, {len(d_pos) + len(d_neg)} prompts)")
+    stored = (encode_statistics(meta, moments.means(), moments.tokens, f"direction ({pack.name}, {len(d_pos) + len(d_neg)} prompts)")
               if keep_statistics else None)
     return stats, mlp.means(), stored
 

@@ -14,18 +14,13 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from gguf_abliterate.direction.file import Direction, load_direction
+from gguf_abliterate.formats.direction_file import Direction, load_direction
 from gguf_abliterate.direction.lean import lean_of
 from gguf_abliterate.edit.budget import apply_upgrades, measurement_pieces, parse_budget, spend_budget
 from gguf_abliterate.edit.execute import apply_edit, default_jobs, output_nbytes
-from gguf_abliterate.edit.moments import (
-    PROMPTS,
-    StoredMoments,
-    attach_moments,
-    given_statistics,
-    measure_and_store,
-    resolve_rounding,
-)
+from gguf_abliterate.direction.statistics import measure_and_store
+from gguf_abliterate.edit.moments import attach_moments, resolve_rounding
+from gguf_abliterate.formats.statistics_file import PROMPTS, StoredMoments, given_statistics
 from gguf_abliterate.edit.options import EditOptions, OutFormat, Rounding, format_layers, parse_layers
 from gguf_abliterate.edit.plan import EditPlan, plan_edit
 from gguf_abliterate.edit.project import METHODS
@@ -38,7 +33,7 @@ from gguf_abliterate.export import ollama as oll
 from gguf_abliterate.gguf_io import Model, output_paths
 from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
 from gguf_abliterate.jobs.ui import Ui
-from gguf_abliterate.quants.fidelity import Report
+from gguf_abliterate.quants.snapback import Report
 
 
 @dataclass(frozen=True, kw_only=True)

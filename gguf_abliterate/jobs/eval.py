@@ -18,7 +18,8 @@ from gguf_abliterate.direction import prompts as P
 from gguf_abliterate.direction.packs import Pack
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.markers import DEFAULT_MARKERS
-from gguf_abliterate.evaluate.report import BehaviourReport, EvalSettings, evaluate, evaluate_behaviour, to_json
+from gguf_abliterate.evaluate.costs import EvalSettings
+from gguf_abliterate.evaluate.report import BehaviourReport, evaluate, evaluate_behaviour, to_json
 from gguf_abliterate.evaluate.scorers import get_scorer
 from gguf_abliterate.evaluate.tasks import generate_tasks
 from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
@@ -84,7 +85,7 @@ def run_eval(request: EvalRequest, ui: Ui = Ui()) -> Evaluated:
     inputs = [*r.models, *r.report_directions, *(p for p in (r.harmful, r.harmless, r.markers, r.ppl, r.judge) if p)]
     claim_outputs([r.json] if r.json else [], inputs, r.force)
     if r.report is not None:
-        from gguf_abliterate.direction.file import load_direction
+        from gguf_abliterate.formats.direction_file import load_direction
 
         claim_report(r.report, [*inputs, *([r.json] if r.json else [])], r.force)
         for f in r.report_directions:

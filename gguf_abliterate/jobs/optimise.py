@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gguf_abliterate.direction.file import load_direction
+from gguf_abliterate.formats.direction_file import load_direction
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.atomic import claim_outputs
 from gguf_abliterate.jobs.edit import EditRequest, run_edit

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gguf_abliterate.evaluate.metrics import kl_divergence, refusal_mass, refusal_token_ids
+from gguf_abliterate.evaluate.first_token import kl_divergence, refusal_mass, refusal_token_ids
 from gguf_abliterate.runtime.llama import LlamaModel
 
 GUARD = 0.5

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from gguf_abliterate.direction import prompts as P
-from gguf_abliterate.direction.file import save_schedule
+from gguf_abliterate.formats.direction_file import save_schedule
 from gguf_abliterate.direction.measure import difference_of_means
 from gguf_abliterate.edit.schedule import Component, EditParams, resolve
 from gguf_abliterate.errors import UserError
@@ -490,7 +490,7 @@ def _candidates(front: list[TrialRecord]) -> list[TrialRecord]:
 def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray, dict[str, str] | None]:
     """The per-block directions and harmless means of a `direction` file, for this model, and
     where the input statistics it names are (absolute) with their sha256 (None if it names none)."""
-    from gguf_abliterate.direction.file import load_direction
+    from gguf_abliterate.formats.direction_file import load_direction
 
     d = load_direction(path)
     d.check_fits(model.n_layer, model.n_embd, model.arch)

@@ -33,7 +33,7 @@ GROUP_VALUES = 1 << 18
 # passes of ever smaller moves: groups that take no move stop, so this bounds only those still
 # moving (Q2_K columns under a massive activation needed more than 12)
 PASSES = 24
-# most moves considered per group and pass: a pass starts with `settle.START` and doubles them
+# most moves considered per group and pass: a pass starts with `rounding_moves.START` and doubles them
 # after taking all it kept (Q6_K columns of a 1.5B ffn_down take about 40 moves per group)
 CANDIDATES = 64
 # a group is done when its error component is below this fraction of the RMS component the
@@ -100,7 +100,7 @@ def keep_edit(data: np.ndarray, target: np.ndarray, u: np.ndarray, qtype: GGMLQu
     rms = float(np.sqrt(np.mean(np.square(before, dtype=np.float64)))) if before.size else 0.0
     tol, limit = TOLERANCE * rms, LEAK_LIMIT * rms
     # numba's import would slow every command's start, so it happens here
-    from gguf_abliterate.quants.settle import settle_columns, settle_rows
+    from gguf_abliterate.quants.rounding_moves import settle_columns, settle_rows
 
     padded, u, visit = _search_inputs(layout, u)
     search = (visit, padded, layout.first is not None, tol, limit, CANDIDATES, PASSES, WEIGHT)
@@ -149,7 +149,7 @@ def keep_edit_compensated(data: np.ndarray, target: np.ndarray, u: np.ndarray, q
     column's codes to the ends of their range, where no move could settle it: 7% leak).
     On held-back prompts this halves the output error of aware rounding (tools/bench_requant.py).
     """
-    from gguf_abliterate.quants.settle import compensate_columns  # numba, as in keep_edit
+    from gguf_abliterate.quants.rounding_moves import compensate_columns  # numba, as in keep_edit
 
     layout = get_type(qtype)
     assert layout.table is not None and layout.first is not None

@@ -30,7 +30,7 @@ def write_report(path: Path, title: str, *, evaluated: Evaluated | None = None,
                  edit_seconds: Mapping[str, float] | None = None) -> None:
     """Write the report with every section its sources allow, in reading order: the summary,
     the judge, requantization, the search, the direction, stage times, then every answer."""
-    from gguf_abliterate.direction.file import load_direction
+    from gguf_abliterate.formats.direction_file import load_direction
     from gguf_abliterate.report import sections as S
     from gguf_abliterate.report.page import Page
 

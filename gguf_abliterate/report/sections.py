@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from gguf_abliterate import names
-from gguf_abliterate.direction.file import Direction
+from gguf_abliterate.formats.direction_file import Direction
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.evaluate.costs import shown
 from gguf_abliterate.evaluate.report import ModelReport
 from gguf_abliterate.evaluate.scorers import Label
 from gguf_abliterate.gguf_io import Model
@@ -109,31 +110,22 @@ def summary(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], settings
             edit_seconds: Mapping[str, float]) -> list[Section]:
     """The comparison table (the first model is the base), and the judge's classes if it ran."""
     kl_tokens = int(str(settings.get("kl_tokens", 1)))
-    has_tasks = any(r.task_accuracy is not None for r in reports)
-    has_ppl = any(r.perplexity is not None for r in reports)
+    costs = shown(reports)
     headers = ["model", "edit", "file size", "edit time", "harmful refused", "harmless refused", "degenerate",
-               "unfinished", "KL vs base"]
-    headers += [f"KL@{kl_tokens}"] if kl_tokens > 1 else []
-    headers += ["tasks"] if has_tasks else []
-    headers += ["perplexity"] if has_ppl else []
+               "unfinished", *(m.header(kl_tokens) for m in costs)]
     rows = []
     for r, info in zip(reports, infos):
         row: list[object] = [
             info.name, info.edit, f"{info.size / 1e6:.1f} MB", _seconds(edit_seconds.get(str(info.path))),
             f"{r.harmful_refusals}/{r.harmful_total}", f"{r.harmless_refusals}/{r.harmless_total}",
             f"{r.harmful_labels.get(Label.DEGENERATE.value, 0)}+{r.harmless_degenerate}",
-            f"{r.unfinished}/{r.harmful_total + r.harmless_total}", _f(r.kl_vs_base)]
-        row += [_f(r.kl_multi_vs_base)] if kl_tokens > 1 else []
-        row += ["-" if r.task_accuracy is None else f"{r.task_accuracy:.0%}"] if has_tasks else []
-        row += [_f(r.perplexity, 3)] if has_ppl else []
+            f"{r.unfinished}/{r.harmful_total + r.harmless_total}", *(m.cell(getattr(r, m.field)) for m in costs)]
         rows.append(row)
     max_tokens = settings.get("max_tokens", "?")
     content = [table(headers, rows, id="summary-table"), para(
         f"Greedy answers of at most {max_tokens} tokens. Refusals are counted by markers near the start of an "
         f"answer; degenerate = harmful+harmless answers that loop or fill; unfinished = no end within the budget; "
-        f"KL = first-token KL(base ‖ model) on the harmless prompts"
-        + (f", KL@{kl_tokens} the same averaged over the base's first {kl_tokens} answer tokens" if kl_tokens > 1 else "")
-        + ("; tasks = exact-answer questions answered right" if has_tasks else "") + ".", class_="note")]
+        + "; ".join(m.note(kl_tokens) for m in costs) + ".", class_="note")]
     sections: list[Section] = [("Summary", join(content))]
     if any(r.judge_labels for r in reports):
         judge = str(settings.get("judge", "judge"))

@@ -29,7 +29,7 @@ import numpy as np
 from gguf_abliterate import names
 from gguf_abliterate.arch import ARCHITECTURES
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.gguf_io.small import write_lora_adapter
+from gguf_abliterate.gguf_io.adapters import write_lora_adapter
 from gguf_abliterate.portable import available_cores
 from gguf_abliterate.runtime.library import Ggml, load_llama_cpp
 

@@ -1,0 +1,195 @@
+"""What an edit cost besides the behaviour it moved: one small class per metric, registered.
+
+Every model of an evaluation is measured against the first (the base). A metric names the
+report field it fills (these are the `eval --json` keys, kept as they were), measures it, and
+says how it is shown: the column header, the cell, and the note under the HTML table. The
+`eval` table, the HTML report's summary and the JSON all read `METRICS`, so adding a metric
+is one class here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from gguf_abliterate.evaluate.first_token import kl_divergence
+from gguf_abliterate.evaluate.generate import perplexity
+from gguf_abliterate.evaluate.tasks import Task, is_correct
+from gguf_abliterate.runtime.llama import Answer, LlamaModel
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    max_tokens: int = 64
+    kl_tokens: int = 1
+    tasks: tuple[Task, ...] = ()
+    task_tokens: int = 48
+    ppl_text: str | None = None
+
+
+class Metric:
+    """One cost. An instance lives for one evaluation: it keeps what it measured on the base."""
+
+    field: ClassVar[str]  # the report field it fills
+    width: ClassVar[int]  # of its terminal column
+    always: ClassVar[bool] = False  # a column even when no model has a value
+
+    def __init__(self, harmless: Sequence[str], settings: EvalSettings):
+        self.harmless, self.settings = list(harmless), settings
+        self.base: Any = None  # what it measured on the base, once it has
+
+    @staticmethod
+    def wanted(settings: EvalSettings) -> bool:
+        """Whether an evaluation with these settings measures it."""
+        return True
+
+    def measure(self, m: LlamaModel, good: Sequence[Answer] | None) -> dict[str, Any]:
+        """Report fields, of a loaded model (`good`: its greedy harmless answers, if made)."""
+        return {}
+
+    def measure_file(self, path: Path) -> dict[str, Any]:
+        """Report fields that need the file itself, measured once the model is freed."""
+        return {}
+
+    @staticmethod
+    def header(kl_tokens: int) -> str:
+        raise NotImplementedError
+
+    @staticmethod
+    def cell(value: float | None) -> str:
+        return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+
+    @staticmethod
+    def note(kl_tokens: int) -> str:
+        raise NotImplementedError
+
+
+class FirstTokenKL(Metric):
+    field, width, always = "kl_vs_base", 11, True
+
+    def measure(self, m: LlamaModel, good: Sequence[Answer] | None) -> dict[str, Any]:
+        lp = m.next_token_logprobs(self.harmless)
+        if self.base is None:
+            self.base = lp
+            return {self.field: None}
+        return {self.field: kl_divergence(self.base, lp)}
+
+    @staticmethod
+    def header(kl_tokens: int) -> str:
+        return "KL vs base"
+
+    @staticmethod
+    def note(kl_tokens: int) -> str:
+        return "KL = first-token KL(base ‖ model) on the harmless prompts"
+
+
+class AnswerKL(Metric):
+    """KL along the base's first K greedy answer tokens, each model teacher-forced on them."""
+
+    field, width = "kl_multi_vs_base", 8
+
+    @staticmethod
+    def wanted(settings: EvalSettings) -> bool:
+        return settings.kl_tokens > 1
+
+    def measure(self, m: LlamaModel, good: Sequence[Answer] | None) -> dict[str, Any]:
+        k = self.settings.kl_tokens
+        if self.base is None:
+            good = good if good is not None else m.greedy_answers(self.harmless, k)
+            self.continuations = [a.tokens[:k] for a in good]
+            self.base = m.forced_logprobs(self.harmless, self.continuations)
+            return {self.field: None}
+        multi = m.forced_logprobs(self.harmless, self.continuations)
+        return {self.field: float(np.mean([kl_divergence(b, n) for b, n in zip(self.base, multi)]))}
+
+    @staticmethod
+    def header(kl_tokens: int) -> str:
+        return f"KL@{kl_tokens}"
+
+    @staticmethod
+    def note(kl_tokens: int) -> str:
+        return f"KL@{kl_tokens} the same averaged over the base's first {kl_tokens} answer tokens"
+
+
+class TaskAccuracy(Metric):
+    """The share of exact-answer questions answered right: a measure of capability."""
+
+    field, width = "task_accuracy", 6
+
+    @staticmethod
+    def wanted(settings: EvalSettings) -> bool:
+        return bool(settings.tasks)
+
+    def measure(self, m: LlamaModel, good: Sequence[Answer] | None) -> dict[str, Any]:
+        tasks = self.settings.tasks
+        answers = m.greedy([t.prompt for t in tasks], self.settings.task_tokens)
+        return {self.field: sum(is_correct(t, a) for t, a in zip(tasks, answers)) / len(tasks),
+                "task_answers": answers}
+
+    @staticmethod
+    def header(kl_tokens: int) -> str:
+        return "tasks"
+
+    @staticmethod
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
+    @staticmethod
+    def note(kl_tokens: int) -> str:
+        return "tasks = exact-answer questions answered right"
+
+
+class Perplexity(Metric):
+    field, width = "perplexity", 11
+
+    @staticmethod
+    def wanted(settings: EvalSettings) -> bool:
+        return settings.ppl_text is not None
+
+    def measure_file(self, path: Path) -> dict[str, Any]:
+        assert self.settings.ppl_text is not None
+        return {self.field: perplexity(path, self.settings.ppl_text)}
+
+    @staticmethod
+    def header(kl_tokens: int) -> str:
+        return "perplexity"
+
+    @staticmethod
+    def cell(value: float | None) -> str:
+        return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+    @staticmethod
+    def note(kl_tokens: int) -> str:
+        return "perplexity on the given text"
+
+
+METRICS: tuple[type[Metric], ...] = (FirstTokenKL, AnswerKL, TaskAccuracy, Perplexity)
+
+
+class Costs:
+    """The registered metrics an evaluation's settings ask for, measured model by model."""
+
+    def __init__(self, harmless: Sequence[str], settings: EvalSettings):
+        self.metrics = [cls(harmless, settings) for cls in METRICS if cls.wanted(settings)]
+
+    def measure(self, m: LlamaModel, good: Sequence[Answer] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for metric in self.metrics:
+            out |= metric.measure(m, good)
+        return out
+
+    def measure_file(self, path: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for metric in self.metrics:
+            out |= metric.measure_file(path)
+        return out
+
+
+def shown(reports: Sequence[object]) -> list[type[Metric]]:
+    """The metrics a table of these reports shows: those any of them measured."""
+    return [cls for cls in METRICS if cls.always or any(getattr(r, cls.field) is not None for r in reports)]
