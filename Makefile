@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[llama,torch,optimise,report,test]"
+	$(PY) -m pip install -q -e ".[llama,torch,optimise,report,test,docs]"
 	touch $@
 
 test: $(VENV)/.installed

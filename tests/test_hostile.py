@@ -209,7 +209,7 @@ def test_a_model_name_with_escape_codes_is_shown_not_obeyed(tmp_path: Path) -> N
     (["M", "OUT", "--direction", "D", "--scale", "nan"], "not a finite number"),
     (["M", "OUT", "--direction", "D", "--scale", "1e308"], "not in the range"),
     (["M", "OUT", "--direction", "D", "--steer", "1e308"], "not in the range"),
-    (["M", "OUT", "--direction", "D", "-j", "100000"], "not in the range"),
+    (["M", "OUT", "--direction", "D", "-j", "100000"], "4 per core"),
     (["eval", "M", "--kl-tokens", "0"], "not in the range"),
 ])
 def test_values_that_once_passed(args: list[str], needle: str, tmp_path: Path) -> None:

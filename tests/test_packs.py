@@ -280,7 +280,7 @@ def test_layers_tested_by_steering_when_the_behaviour_is_rare(tiny: dict[str, Pa
 
 def test_reverse_amplifies_the_lean_whatever_the_sign(tiny: dict[str, Path], tmp_path: Path) -> None:
     """W + s u u^T W does not change when u flips: a reverse edit strengthens whichever side of
-    the axis the model's activations already lean to, not the positive set's side (README)."""
+    the axis the model's activations already lean to, not the positive set's side (docs/packs.md)."""
     from gguf_abliterate.formats.direction_file import save_direction
 
     r = np.random.default_rng(3).normal(size=256).astype(np.float32)

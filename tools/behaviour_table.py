@@ -1,4 +1,4 @@
-"""What each behaviour pack's edit buys and costs, on one model: the README's behaviour table.
+"""What each behaviour pack's edit buys and costs, on one model: the behaviour table of docs/results.md.
 
 For every pack: `direction --behaviour PACK` (layer auto), then for each scale the abliterated
 and the reversed model and for each strength the steered one (`--steer`), baked into the

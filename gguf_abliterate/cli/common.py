@@ -96,6 +96,22 @@ MAX_STRENGTH = 1000.0
 MAX_JOBS = 4 * max(available_cores(), 1)
 
 
+class Jobs(click.IntRange):
+    """A worker count, 1 to `MAX_JOBS`; its help names the rule, not this machine's number."""
+
+    def __init__(self) -> None:
+        super().__init__(min=1, max=MAX_JOBS)
+
+    def _describe_range(self) -> str:
+        return "1<=x<=4 per core"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        n = click.INT.convert(value, param, ctx)
+        if not 1 <= n <= MAX_JOBS:
+            self.fail(f"{n} is not in 1 to {MAX_JOBS} (4 per core on this machine)", param, ctx)
+        return n
+
+
 class InputPath(click.Path):
     """A file the command reads. `Command` refuses to write any output over it."""
 

@@ -41,7 +41,7 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
 @click.option("-o", "--output", "output_path", required=True, type=OutputPath(),
               help=".safetensors (all layers, statistics, metadata) or .npy (the chosen layer's vector).")
 @click.option("--behaviour", metavar="NAME|PACK.json", type=InputName(),
-              help="The behaviour pack: refusal (the default), reasoning, concise, or a pack file (see the README).")
+              help="The behaviour pack: refusal (the default), reasoning, concise, or a pack file (docs/packs.md).")
 @click.option("--positive", type=InputPath(),
               help="Prompts that show the behaviour: .txt (one per line), .json or .jsonl.")
 @click.option("--negative", type=InputPath(),

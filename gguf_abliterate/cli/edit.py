@@ -8,7 +8,7 @@ import click
 from gguf import GGMLQuantizationType
 
 from gguf_abliterate.cli.common import (
-    MAX_JOBS,
+    Jobs,
     MAX_STRENGTH,
     WRITABLE,
     Command,
@@ -71,7 +71,7 @@ own type; every other tensor is copied byte for byte. OUTPUT appears only when c
               help="The input statistics gptq rounding weighs by (a .statistics.safetensors file `direction` "
                    "wrote). Default: those the direction file names, if any.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new file is complete).")
-@click.option("-j", "--jobs", type=click.IntRange(min=1, max=MAX_JOBS), default=None,
+@click.option("-j", "--jobs", type=Jobs(), default=None,
               help="Worker processes for the edit. Default: all cores for large edits, 1 for small ones.")
 @click.option("--merge", is_flag=True, help="Write a split input as one OUTPUT file instead of parts like it.")
 @click.option("--format", "out_format", type=click.Choice([f.value for f in OutFormat]), default=OutFormat.GGUF.value,

@@ -103,7 +103,7 @@ def _cost_cells(r: ModelReport | BehaviourReport, reports: Sequence[ModelReport 
 @click.option("--task-seed", type=int, default=0, show_default=True, help="Seed of the generated questions.")
 @click.option("--judge", type=InputPath(),
               help="A local instruct GGUF that labels every harmful answer: refusal, complies, partial, evades "
-                   "or degenerate (see the README for how well which model judges).")
+                   "or degenerate (docs/evaluation.md says how well which model judges).")
 @click.option("--report", type=OutputPath(), metavar="FILE.html",
               help="Also write an HTML report (one file, opens offline): the table, the requantization each "
                    "edited model recorded, and every answer side by side with its label.")

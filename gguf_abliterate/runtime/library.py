@@ -32,7 +32,7 @@ def load_llama_cpp() -> Any:
         import llama_cpp
     except ImportError:
         raise UserError("running models needs llama-cpp-python: pip install 'gguf-abliterate[llama]' "
-                        "(see the README's Platforms section for each platform's build)") from None
+                        "(see docs/platforms/ for each platform's build)") from None
     silence_logs(llama_cpp)
     return llama_cpp
 

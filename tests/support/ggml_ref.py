@@ -1,7 +1,7 @@
 """ggml's own C quantizers, called through ctypes: the oracle our numpy engine is checked against.
 
 Uses the `libggml-base` shared library that llama-cpp-python ships (built with
-CMAKE_ARGS=-DGGML_NATIVE=OFF here; see the README). `ggml_quantize_chunk(..., imatrix=NULL)`
+CMAKE_ARGS=-DGGML_NATIVE=OFF here; see docs/platforms/linux.md). `ggml_quantize_chunk(..., imatrix=NULL)`
 is what llama-quantize runs when it has no importance matrix; `to_float` is ggml's dequantizer.
 """
 
