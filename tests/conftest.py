@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # user's cache, and (fixture below) per test, so no test's edit depends on another's run
 os.environ["GGUF_ABLITERATE_MOMENTS"] = tempfile.mkdtemp(prefix="moments-")
 
+import click
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -101,11 +103,36 @@ class Run:
     stderr: str
 
 
+# Commands of the file branch, which never run a model: `cli` runs them in this process
+# (click's runner), a new Python per call costing more than most edits of a tiny model.
+IN_PROCESS = frozenset({"edit", "inspect", "cvector"})
+
+
 def cli(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> Run:
-    """Run the real command line in a subprocess, as a user would (`env` adds variables)."""
-    p = subprocess.run([sys.executable, "-m", "gguf_abliterate", *map(str, args)],
-                       capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})})
-    return Run(p.returncode, p.stdout, p.stderr)
+    """Run the real command line as a user would (`env` adds variables): the edit, `inspect`
+    and `cvector` in this process, every other command (and any run in another folder) in a
+    new one."""
+    from gguf_abliterate.cli import cli as group
+
+    argv = [str(a) for a in args]
+    command = argv[0] if argv and argv[0] in group.commands else "edit"
+    if cwd is not None or command not in IN_PROCESS:
+        p = subprocess.run([sys.executable, "-m", "gguf_abliterate", *argv],
+                           capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})})
+        return Run(p.returncode, p.stdout, p.stderr)
+    return _in_process(group, argv, env)
+
+
+def _in_process(group: click.Group, argv: list[str], env: dict[str, str] | None) -> Run:
+    """click's runner, made as exact as a new process: an exception the command let escape is
+    printed as Python would print it (a test that looks for a traceback finds it)."""
+    from click.testing import CliRunner
+
+    run = CliRunner().invoke(group, argv, prog_name="gguf-abliterate", env=env)
+    stderr = run.stderr
+    if run.exc_info is not None and not isinstance(run.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*run.exc_info))
+    return Run(run.exit_code, run.stdout, stderr)
 
 
 def generate(path: Path, prompt: str = "Hello, how are you?", n: int = 8) -> str:

@@ -144,3 +144,22 @@ def test_the_demo_shows_what_the_edits_changed() -> None:
     assert "a harmless prompt the original answered and the reverse model refused: poem" in text
     none = Evaluated(evaluated.reports[:1] * 4, ["napalm", "lockpick", "malware"], ["bread", "poem"])
     assert "no harmful prompt the original refused" in "\n".join(changed_answers(none, ("a", "b", "c", "d")))
+
+
+def test_every_cost_fills_a_report_field() -> None:
+    """A registered metric's field is a key of both reports' JSON, and its header and cell
+    are what the tables print."""
+    from dataclasses import fields
+
+    from gguf_abliterate.evaluate.costs import METRICS, EvalSettings, shown
+    from gguf_abliterate.evaluate.report import BehaviourReport, ModelReport
+
+    for cls in METRICS:
+        assert cls.field in {f.name for f in fields(ModelReport)} & {f.name for f in fields(BehaviourReport)}
+    base = ModelReport("a", 1, 2, 0, 2, task_accuracy=0.5)
+    edited = ModelReport("b", 0, 2, 0, 2, kl_vs_base=0.0123, task_accuracy=0.25)
+    columns = shown([base, edited])
+    assert [m.field for m in columns] == ["kl_vs_base", "task_accuracy"]
+    assert [m.header(4) for m in columns] == ["KL vs base", "tasks"]
+    assert [m.cell(getattr(edited, m.field)) for m in columns] == ["0.0123", "25%"]
+    assert [cls.field for cls in METRICS if cls.wanted(EvalSettings(kl_tokens=4))] == ["kl_vs_base", "kl_multi_vs_base"]

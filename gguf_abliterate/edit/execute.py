@@ -180,9 +180,9 @@ def output_tensors(model: Model, plan: EditPlan, direction: Direction, runner: U
     """Every tensor of the output, in input order: copied verbatim, or produced by the edit.
 
     The pieces of all edited tensors are computed ahead by `runner`, and handed to each
-    tensor as the writer reaches it.
+    tensor as the writer reaches it. `direction` fits the model: the edit job checks each
+    direction where it is made (the file's when loaded, a searched trial's when resolved).
     """
-    direction.check_fits(model.n_layer, model.n_embd, model.arch)
     planned: dict[str, list[Piece]] = {}
     for name in model.tensors:
         edit = plan.edits.get(name)

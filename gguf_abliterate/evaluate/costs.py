@@ -37,6 +37,8 @@ class Metric:
 
     field: ClassVar[str]  # the report field it fills
     width: ClassVar[int]  # of its terminal column
+    title: ClassVar[str]  # its column's header ({k}: the KL tokens)
+    explains: ClassVar[str]  # the note under the HTML table
     always: ClassVar[bool] = False  # a column even when no model has a value
 
     def __init__(self, harmless: Sequence[str], settings: EvalSettings):
@@ -56,21 +58,22 @@ class Metric:
         """Report fields that need the file itself, measured once the model is freed."""
         return {}
 
-    @staticmethod
-    def header(kl_tokens: int) -> str:
-        raise NotImplementedError
+    @classmethod
+    def header(cls, kl_tokens: int) -> str:
+        return cls.title.format(k=kl_tokens)
+
+    @classmethod
+    def note(cls, kl_tokens: int) -> str:
+        return cls.explains.format(k=kl_tokens)
 
     @staticmethod
     def cell(value: float | None) -> str:
         return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
-    @staticmethod
-    def note(kl_tokens: int) -> str:
-        raise NotImplementedError
-
 
 class FirstTokenKL(Metric):
     field, width, always = "kl_vs_base", 11, True
+    title, explains = "KL vs base", "KL = first-token KL(base ‖ model) on the harmless prompts"
 
     def measure(self, m: LlamaModel, good: Sequence[Answer] | None) -> dict[str, Any]:
         lp = m.next_token_logprobs(self.harmless)
@@ -79,19 +82,12 @@ class FirstTokenKL(Metric):
             return {self.field: None}
         return {self.field: kl_divergence(self.base, lp)}
 
-    @staticmethod
-    def header(kl_tokens: int) -> str:
-        return "KL vs base"
-
-    @staticmethod
-    def note(kl_tokens: int) -> str:
-        return "KL = first-token KL(base ‖ model) on the harmless prompts"
-
 
 class AnswerKL(Metric):
     """KL along the base's first K greedy answer tokens, each model teacher-forced on them."""
 
     field, width = "kl_multi_vs_base", 8
+    title, explains = "KL@{k}", "KL@{k} the same averaged over the base's first {k} answer tokens"
 
     @staticmethod
     def wanted(settings: EvalSettings) -> bool:
@@ -107,19 +103,12 @@ class AnswerKL(Metric):
         multi = m.forced_logprobs(self.harmless, self.continuations)
         return {self.field: float(np.mean([kl_divergence(b, n) for b, n in zip(self.base, multi)]))}
 
-    @staticmethod
-    def header(kl_tokens: int) -> str:
-        return f"KL@{kl_tokens}"
-
-    @staticmethod
-    def note(kl_tokens: int) -> str:
-        return f"KL@{kl_tokens} the same averaged over the base's first {kl_tokens} answer tokens"
-
 
 class TaskAccuracy(Metric):
     """The share of exact-answer questions answered right: a measure of capability."""
 
     field, width = "task_accuracy", 6
+    title, explains = "tasks", "tasks = exact-answer questions answered right"
 
     @staticmethod
     def wanted(settings: EvalSettings) -> bool:
@@ -132,20 +121,13 @@ class TaskAccuracy(Metric):
                 "task_answers": answers}
 
     @staticmethod
-    def header(kl_tokens: int) -> str:
-        return "tasks"
-
-    @staticmethod
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.0%}"
-
-    @staticmethod
-    def note(kl_tokens: int) -> str:
-        return "tasks = exact-answer questions answered right"
 
 
 class Perplexity(Metric):
     field, width = "perplexity", 11
+    title, explains = "perplexity", "perplexity on the given text"
 
     @staticmethod
     def wanted(settings: EvalSettings) -> bool:
@@ -156,16 +138,8 @@ class Perplexity(Metric):
         return {self.field: perplexity(path, self.settings.ppl_text)}
 
     @staticmethod
-    def header(kl_tokens: int) -> str:
-        return "perplexity"
-
-    @staticmethod
     def cell(value: float | None) -> str:
         return "-" if value is None or math.isnan(value) else f"{value:.3f}"
-
-    @staticmethod
-    def note(kl_tokens: int) -> str:
-        return "perplexity on the given text"
 
 
 METRICS: tuple[type[Metric], ...] = (FirstTokenKL, AnswerKL, TaskAccuracy, Perplexity)
