@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as Q
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from support.tiny_models import CHATML, TinySpec, build_model  # noqa: E402
+from support.tiny_models import CHATML, THINKING_TEMPLATES, TinySpec, build_model  # noqa: E402
 
 # The tiny models the tests use, by role. Types are a mix the engine can write.
 TINY_SPECS = {
@@ -37,6 +37,8 @@ TINY_SPECS = {
     "llama-iq2": TinySpec(arch="llama", types={"attn_output": Q.IQ2_XXS, "ffn_down": Q.Q4_K}),
     "llama-chat": TinySpec(arch="llama", types={"attn_output": Q.Q4_0, "ffn_down": Q.Q5_0}, seed=5,
                            chat_template=CHATML),
+    **{f"think-{name}": TinySpec(arch="llama", types={"attn_output": Q.Q4_0, "ffn_down": Q.Q5_0}, seed=5,
+                                 chat_template=template) for name, template in THINKING_TEMPLATES.items()},
 }
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import click
 
-from gguf_abliterate.cli.common import Command, Finite, InputPath, echo, user_errors
+from gguf_abliterate.cli.common import Command, Finite, InputPath, echo, thinking_options, user_errors
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.interrupt import sigint_flag
 from gguf_abliterate.runtime.chat import ChatModel, Reply, Sampling
+from gguf_abliterate.runtime.thinking import Thinking
 from gguf_abliterate.textfile import printable
 
 PROMPT = ">>> "
@@ -105,7 +106,7 @@ def _answer(model: ChatModel, label: str | None, message: str, sampling: Samplin
 
 
 def chat(paths: Sequence[Path], sampling: Sampling = Sampling(), *, system: str | None = None,
-         n_ctx: int | None = None, ask: Callable[[str], str] = input) -> None:
+         n_ctx: int | None = None, ask: Callable[[str], str] = input, thinking: Thinking = Thinking()) -> None:
     """The conversation loop: each message goes to every model in turn, each with its own
     history, until /quit or end of input."""
     try:
@@ -120,7 +121,7 @@ def chat(paths: Sequence[Path], sampling: Sampling = Sampling(), *, system: str 
     try:
         for p in paths:
             echo(f"loading {p.name} ...", err=True)
-            models.append(ChatModel(p, n_ctx))
+            models.append(ChatModel(p, n_ctx, thinking=thinking))
             if not models[-1].has_template:
                 echo(f"note: {p.name} has no chat template; using a plain User:/Assistant: transcript", err=True)
             models[-1].system = system
@@ -163,9 +164,10 @@ def chat(paths: Sequence[Path], sampling: Sampling = Sampling(), *, system: str 
 @click.option("--system", help="A system message for the conversation (/system changes it).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=64), default=None,
               help="Context size in tokens. Default: the model's own, at most 4096.")
+@thinking_options
 @user_errors
 def command(models: tuple[Path, ...], max_tokens: int, temperature: float, seed: int, system: str | None,
-            n_ctx: int | None) -> None:
+            n_ctx: int | None, thinking: Thinking) -> None:
     """Chat with MODEL in the terminal, or with two models at once: each message goes to both,
     and each answers in turn under its name, with its own history (compare an edited model
     with its original). Uses each model's own chat template; answers stream as they come.
@@ -174,4 +176,5 @@ def command(models: tuple[Path, ...], max_tokens: int, temperature: float, seed:
     /reset forgets the conversation, /system TEXT sets a system message, /set max-tokens N and
     /set temperature T change the sampling, /help lists the commands, /quit or Ctrl-D leaves.
     Ctrl-C stops the answer under way, not the program."""
-    chat(models, Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed), system=system, n_ctx=n_ctx)
+    chat(models, Sampling(max_tokens=max_tokens, temperature=temperature, seed=seed), system=system, n_ctx=n_ctx,
+         thinking=thinking)

@@ -163,3 +163,19 @@ class Command(click.Command):
         except UserError as e:
             raise click.ClickException(printable(str(e))) from None
         return super().invoke(ctx)
+
+
+def thinking_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--thinking` and `--effort`, for every command that runs a model; the command gets `thinking`."""
+    from gguf_abliterate.runtime.thinking import EFFORTS, MODES, Thinking
+
+    def to_thinking(ctx: click.Context, param: click.Parameter, value: str) -> Thinking:
+        return Thinking(value, ctx.params.pop("effort", None))
+
+    fn = click.option("--thinking", type=click.Choice(MODES), default="auto", show_default=True,
+                      callback=to_thinking,
+                      help="For a model that thinks before it answers (Qwen3, DeepSeek-R1, gpt-oss, SmolLM3): on, "
+                           "off (where its template can), or auto, as its template renders by itself. Measures "
+                           "read the final answer, after the thought.")(fn)
+    return click.option("--effort", type=click.Choice(EFFORTS), default=None, is_eager=True,
+                        help="The reasoning effort, where the model's format has one (gpt-oss).")(fn)

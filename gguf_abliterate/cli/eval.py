@@ -9,14 +9,25 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gguf_abliterate.cli.common import Command, InputName, InputPath, OutputPath, cli_ui, echo, user_errors
+from gguf_abliterate.cli.common import (
+    Command,
+    InputName,
+    InputPath,
+    OutputPath,
+    cli_ui,
+    echo,
+    thinking_options,
+    user_errors,
+)
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
+from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
 if TYPE_CHECKING:
     from gguf_abliterate.evaluate.report import BehaviourReport, ModelReport
     from gguf_abliterate.jobs.eval import PackEvaluated
     from gguf_abliterate.report import Evaluated
+    from gguf_abliterate.runtime.thinking import Thinking
 
 
 def print_refusals(evaluated: Evaluated, samples: int) -> None:
@@ -33,7 +44,8 @@ def print_refusals(evaluated: Evaluated, samples: int) -> None:
              f"{r.harmless_refusals:>8}/{r.harmless_total:<8} {degenerate:>11} "
              f"{r.unfinished:>4}/{r.harmful_total + r.harmless_total:<5}{_cost_cells(r, reports)}")
     echo(f"(degenerate: harmful+harmless answers that loop or fill, by the rules in evaluate/degenerate.py; "
-         f"unfinished: no end within {max_tokens} tokens)")
+         f"unfinished: no end within the budget of {max_tokens} tokens)")
+    print_thoughts(reports)
     if settings.get("judge"):
         echo(f"\njudge {settings['judge']} on the harmful answers:")
         echo(f"{'model':<40} " + " ".join(f"{label.value:>10}" for label in Label))
@@ -43,6 +55,22 @@ def print_refusals(evaluated: Evaluated, samples: int) -> None:
     for r in reports:
         for prompt, answer in list(zip(evaluated.harmful, r.harmful_responses))[:samples]:
             echo(f"\n[{Path(r.path).name}] {prompt}\n  -> {answer[:200]!r}")
+
+
+def print_thoughts(reports: Sequence[ModelReport]) -> None:
+    """For models that think: answers that never arrived, thought lengths, looping thoughts."""
+    if not any(r.thinking for r in reports):
+        return
+    echo(f"\n{'model':<40} {'format':>12} {'no answer':>10} {'thought tokens':>15} {'looping thoughts':>17}")
+    for r in reports:
+        t, total = r.thinking, r.harmful_total + r.harmless_total
+        if t is None:
+            echo(f"{Path(r.path).name[:40]:<40} {'none':>12} {'-':>10} {'-':>15} {'-':>17}")
+        else:
+            echo(f"{Path(r.path).name[:40]:<40} {t.format:>12} {f'{t.no_answer}/{total}':>10} "
+                 f"{t.mean_tokens:15.0f} {f'{t.loops}/{total}':>17}")
+    echo("(refusals and the judge read the final answers, after the thought; an answer whose thought did not end "
+         "within --thought-tokens is 'no answer', not a refusal)")
 
 
 def print_pack(result: PackEvaluated, samples: int) -> None:
@@ -109,13 +137,20 @@ def _cost_cells(r: ModelReport | BehaviourReport, reports: Sequence[ModelReport 
                    "edited model recorded, and every answer side by side with its label.")
 @click.option("--report-direction", "report_directions", multiple=True, type=InputPath(),
               metavar="FILE", help="Add this `direction` or `optimise` file's charts to the report (repeatable).")
+@thinking_options
+@click.option("--thought-tokens", type=click.IntRange(min=0, max=MAX_ANSWER_TOKENS * 8), default=THOUGHT_BUDGET,
+              show_default=True,
+              help="For a model that thinks: tokens its thought may take, on top of --max-tokens for the final "
+                   "answer. An answer whose thought does not end within them counts as 'no answer', not as a "
+                   "refusal.")
 @click.option("--force", is_flag=True, help="Replace the --json file and the report if they exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def command(models: tuple[Path, ...], behaviour: str | None, harmful: Path | None, harmless: Path | None,
             limit: int | None, max_tokens: int | None, markers: Path | None, json_path: Path | None,
             ppl_path: Path | None, samples: int, kl_tokens: int, tasks: int, task_seed: int, judge: Path | None,
-            report: Path | None, report_directions: tuple[Path, ...], force: bool, quiet: bool) -> None:
+            report: Path | None, report_directions: tuple[Path, ...], thinking: Thinking, thought_tokens: int,
+            force: bool, quiet: bool) -> None:
     """Compare models: refusals on harmful prompts, over-refusal on harmless ones, and the
     first-token KL divergence KL(BASE || model) on harmless prompts. With --behaviour, the
     pack's own measure on its probes replaces the refusal counts."""
@@ -134,7 +169,7 @@ def command(models: tuple[Path, ...], behaviour: str | None, harmful: Path | Non
     request = EvalRequest(models=models, pack=pack, harmful=harmful, harmless=harmless, markers=markers, judge=judge,
                           limit=limit, max_tokens=max_tokens, kl_tokens=kl_tokens, tasks=tasks, task_seed=task_seed,
                           ppl=ppl_path, json=json_path, report=report, report_directions=report_directions,
-                          force=force)
+                          thinking=thinking, thought_tokens=thought_tokens, force=force)
     if pack is not None:
         print_pack(run_pack_eval(request, cli_ui(quiet)), samples)
         return

@@ -17,6 +17,7 @@ def inspect_model(model_path: Path, verbose: bool = False) -> None:
     from gguf_abliterate.edit.options import EditOptions
     from gguf_abliterate.edit.plan import plan_edit
     from gguf_abliterate.gguf_io import Model
+    from gguf_abliterate.runtime.thinking import detect
 
     model = Model(model_path)
     types = Counter(t.tensor_type.name for t in model.tensors.values())
@@ -31,6 +32,8 @@ def inspect_model(model_path: Path, verbose: bool = False) -> None:
     echo(f"blocks:        {model.n_layer}")
     echo(f"n_embd:        {model.n_embd}")
     echo(f"tensors:       {len(model.tensors)} ({', '.join(f'{n} {k}' for k, n in sorted(types.items()))})")
+    reasoning = detect(model.get_str(names.CHAT_TEMPLATE) or None)
+    echo(f"reasoning:     {reasoning.supported() if reasoning.thinks else 'none (answers at once)'}")
     plan = plan_edit(model, EditOptions(), strict=False)
     echo(f"tied embeddings: {'yes' if plan.tied_embeddings else 'no'}")
     kinds = Counter((names.tensor_role(e.name), e.src_type) for e in plan.edits.values())

@@ -23,7 +23,8 @@ import numpy as np
 
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.first_token import kl_divergence
-from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.runtime.llama import AtAnswer, LlamaModel, Prompt
+from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
 MAX_LAYER_FRACTION = 0.8
 DEFAULT_MAX_KL = 0.1
@@ -34,6 +35,28 @@ class Engine(str, Enum):
 
     LLAMA = "llama"  # llama.cpp's eval-callback hook
     TORCH = "torch"  # a CPU torch pass over the dequantized weights
+
+
+class Position(str, Enum):
+    """Where a thinking model's prompts are read (for a model that does not think, all one)."""
+
+    PROMPT = "prompt"  # the last prompt token, as the template renders it (inside an opened thought)
+    ANSWER = "answer"  # where the final answer opens, past a closed empty thought
+    THOUGHT = "thought"  # the same, past the model's own thought (generated first, greedy)
+
+
+DEFAULT_POSITION = Position.ANSWER
+
+
+def at_position(model: LlamaModel, prompts: list[str], position: Position,
+                progress: Callable[[int], None] = lambda n: None) -> list[Prompt]:
+    """`prompts` as read at `position`: a model that does not think reads them as they are."""
+    if not model.thinks or position is Position.PROMPT:
+        return list(prompts)
+    if position is Position.ANSWER:
+        return model.at_answer(prompts)
+    answers = model.greedy_answers(prompts, THOUGHT_BUDGET, progress)
+    return [AtAnswer(p, a.thought or "") for p, a in zip(prompts, answers)]
 
 
 @dataclass
@@ -92,7 +115,8 @@ def choose_layer(model: LlamaModel, stats: LayerStats, score: Callable[[np.ndarr
     test is steering (the mean difference added after the candidate block, as a control vector;
     highest `score` wins). If no candidate stays within max_kl, the least disruptive one
     (lowest KL): moving the most there would mean picking the layer that breaks the model most."""
-    base_harmless = model.next_token_logprobs(harmless, share_prefix=True)
+    opening = model.at_answer(harmless)  # never the first token of a thought
+    base_harmless = model.next_token_logprobs(opening, share_prefix=True)
     choice = LayerChoice(-1, candidates, baseline=score(None))
     choice.steered = steer_below is not None and choice.baseline < steer_below
     if choice.steered and steerable is not None:  # blocks a control vector reaches (nemotron_h: MLP blocks)
@@ -105,12 +129,12 @@ def choose_layer(model: LlamaModel, stats: LayerStats, score: Callable[[np.ndarr
             model.set_control_vector({layer: float(stats.diff_norm[layer]) * r})
             try:
                 choice.score[layer] = score(None)
-                edited = model.next_token_logprobs(harmless, share_prefix=True)
+                edited = model.next_token_logprobs(opening, share_prefix=True)
             finally:
                 model.set_control_vector(None)
         else:
             choice.score[layer] = score(r)
-            edited = model.next_token_logprobs(harmless, ablate=r, share_prefix=True)
+            edited = model.next_token_logprobs(opening, ablate=r, share_prefix=True)
         choice.kl[layer] = kl_divergence(base_harmless, edited)
         progress(1)
     sign = -1.0 if choice.steered else 1.0

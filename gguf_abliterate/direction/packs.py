@@ -118,7 +118,7 @@ class Pack:
         """A function of an ablated direction (or None) giving the behaviour's score on the
         first `count` probes: lower means less of the behaviour."""
         probes = list(self.probes[:count])
-        prompts = [p.prompt for p in probes]
+        prompts = model.at_answer([p.prompt for p in probes])  # a thinking model: where its final answer opens
         if self.measure is None:
             raise UserError(f"pack {self.name!r} has no measure to score layers by")
         if self.first_token:
@@ -128,7 +128,7 @@ class Pack:
         def share(r: np.ndarray | None) -> float:
             answers = model.greedy_answers(prompts, min(SCORE_TOKENS, self.max_tokens), ablate=r)
             assert self.measure is not None
-            return self.measure.measure(probes, [Reply(a.text, a.finished) for a in answers]).share
+            return self.measure.measure(probes, [Reply(a.reply, a.finished) for a in answers]).share
         return share
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,15 +21,22 @@ from gguf_abliterate.evaluate.first_token import kl_divergence
 from gguf_abliterate.evaluate.generate import perplexity
 from gguf_abliterate.evaluate.tasks import Task, is_correct
 from gguf_abliterate.runtime.llama import Answer, LlamaModel
+from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    max_tokens: int = 64
+    max_tokens: int = 64  # an answer's budget; a model that thinks gets `thought_tokens` more
     kl_tokens: int = 1
     tasks: tuple[Task, ...] = ()
     task_tokens: int = 48
     ppl_text: str | None = None
+    thinking: Thinking = field(default_factory=Thinking)
+    thought_tokens: int = THOUGHT_BUDGET
+
+    def budget(self, answer_tokens: int, thinks: bool) -> int:
+        """Tokens a greedy answer may take: the answer's own, and a thought's where the model thinks."""
+        return answer_tokens + (self.thought_tokens if thinks else 0)
 
 
 class Metric:
@@ -76,7 +83,7 @@ class FirstTokenKL(Metric):
     title, explains = "KL vs base", "KL = first-token KL(base ‖ model) on the harmless prompts"
 
     def measure(self, m: LlamaModel, good: Sequence[Answer] | None) -> dict[str, Any]:
-        lp = m.next_token_logprobs(self.harmless)
+        lp = m.next_token_logprobs(m.at_answer(self.harmless))  # a thinking model: where its answer opens
         if self.base is None:
             self.base = lp
             return {self.field: None}
@@ -116,7 +123,7 @@ class TaskAccuracy(Metric):
 
     def measure(self, m: LlamaModel, good: Sequence[Answer] | None) -> dict[str, Any]:
         tasks = self.settings.tasks
-        answers = m.greedy([t.prompt for t in tasks], self.settings.task_tokens)
+        answers = m.greedy([t.prompt for t in tasks], self.settings.budget(self.settings.task_tokens, m.thinks))
         return {self.field: sum(is_correct(t, a) for t, a in zip(tasks, answers)) / len(tasks),
                 "task_answers": answers}
 

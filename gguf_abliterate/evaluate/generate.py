@@ -10,6 +10,7 @@ import numpy as np
 
 from gguf_abliterate.runtime.library import load_llama_cpp
 from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.runtime.thinking import Thinking
 
 
 # Big enough to answer a whole prompt set in one or two decodes per step.
@@ -18,9 +19,9 @@ EVAL_BATCH, EVAL_SEQUENCES = 4096, 64
 MAX_ANSWER_TOKENS = 1024
 
 
-def load_for_eval(path: Path) -> LlamaModel:
+def load_for_eval(path: Path, thinking: Thinking = Thinking()) -> LlamaModel:
     """A model loaded with the settings every `eval` measurement uses (so they compare alike)."""
-    return LlamaModel(path, n_batch=EVAL_BATCH, n_seq=EVAL_SEQUENCES)
+    return LlamaModel(path, n_batch=EVAL_BATCH, n_seq=EVAL_SEQUENCES, thinking=thinking)
 
 
 def perplexity(path: Path, text: str, n_ctx: int = 512) -> float:

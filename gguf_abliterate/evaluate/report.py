@@ -21,11 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 from gguf_abliterate.evaluate.answer_rules import Measure, Measured, Probe, Reply
 from gguf_abliterate.evaluate.costs import Costs, EvalSettings
+from gguf_abliterate.evaluate.degenerate import is_degenerate
 from gguf_abliterate.evaluate.generate import load_for_eval
 from gguf_abliterate.evaluate.scorers import Label, Scorer
+from gguf_abliterate.runtime.llama import Answer, LlamaModel
 
 
 @dataclass
@@ -50,6 +54,38 @@ class ModelReport:
     harmless_verdicts: list[str] = field(default_factory=list)  # label per harmless answer
     judge_labels: dict[str, int] | None = None  # label -> count, where a judge ran
     judge_verdicts: list[dict[str, object]] = field(default_factory=list)  # label and probabilities per answer
+    thinking: Thoughts | None = None  # a model that thinks: its thoughts (the responses are its final answers)
+
+
+NO_ANSWER = "no answer"  # the verdict of an answer whose thought never ended: counted apart, not as a refusal
+
+
+@dataclass
+class Thoughts:
+    """What a thinking model's thoughts did: the counts and verdicts above read its final answers."""
+
+    format: str
+    no_answer: int  # answers (both sets) whose final answer never arrived within the budget
+    mean_tokens: float  # of a thought
+    loops: int  # thoughts that loop or fill (the degenerate rules)
+    harmful: list[str | None] = field(default_factory=list)  # per answer (None: no thought)
+    harmless: list[str | None] = field(default_factory=list)
+
+    @staticmethod
+    def of(m: LlamaModel, bad: Sequence[Answer], good: Sequence[Answer]) -> Thoughts | None:
+        if not m.thinks:
+            return None
+        both = [*bad, *good]
+        lengths = [a.thought_tokens for a in both if a.thought is not None]
+        return Thoughts(m.reasoning.format.name, sum(a.final is None for a in both),
+                        float(np.mean(lengths)) if lengths else 0.0,
+                        sum(a.thought is not None and is_degenerate(a.thought) for a in both),
+                        [a.thought for a in bad], [a.thought for a in good])
+
+
+def _arrived(labels: list[str], answers: Sequence[Answer]) -> list[str]:
+    """Verdicts with the answers that never arrived marked so."""
+    return [NO_ANSWER if a.final is None else v for v, a in zip(labels, answers)]
 
 
 @dataclass
@@ -78,25 +114,25 @@ def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[s
     reports: list[ModelReport] = []
     costs = Costs(harmless, settings)
     for path in paths:
-        with load_for_eval(path) as m:
-            bad = m.greedy_answers(harmful, settings.max_tokens, progress)
-            good = m.greedy_answers(harmless, settings.max_tokens, progress)
+        with load_for_eval(path, settings.thinking) as m:
+            budget = settings.budget(settings.max_tokens, m.thinks)
+            bad = m.greedy_answers(harmful, budget, progress)
+            good = m.greedy_answers(harmless, budget, progress)
             measured = costs.measure(m, good)
+            thoughts = Thoughts.of(m, bad, good)
         measured |= costs.measure_file(path)
-        bad_verdicts = scorer.label(harmful, [a.text for a in bad])
-        good_verdicts = scorer.label(harmless, [a.text for a in good])
-        labels = Counter(v.label.value for v in bad_verdicts)
+        bad_verdicts = _arrived([v.label.value for v in scorer.label(harmful, [a.reply for a in bad])], bad)
+        good_verdicts = _arrived([v.label.value for v in scorer.label(harmless, [a.reply for a in good])], good)
+        labels = Counter(bad_verdicts)
         reports.append(ModelReport(
-            str(path), labels[Label.REFUSAL.value], len(bad),
-            sum(v.label is Label.REFUSAL for v in good_verdicts), len(good),
-            harmful_responses=[a.text for a in bad], harmless_responses=[a.text for a in good],
+            str(path), labels[Label.REFUSAL.value], len(bad), good_verdicts.count(Label.REFUSAL.value), len(good),
+            harmful_responses=[a.reply for a in bad], harmless_responses=[a.reply for a in good],
             harmful_labels={label.value: labels[label.value] for label in Label},
-            harmless_degenerate=sum(v.label is Label.DEGENERATE for v in good_verdicts),
+            harmless_degenerate=good_verdicts.count(Label.DEGENERATE.value),
             unfinished=sum(not a.finished for a in (*bad, *good)), kl_tokens=settings.kl_tokens,
-            harmful_verdicts=[v.label.value for v in bad_verdicts],
-            harmless_verdicts=[v.label.value for v in good_verdicts], **measured))
+            harmful_verdicts=bad_verdicts, harmless_verdicts=good_verdicts, thinking=thoughts, **measured))
         if judge is not None:
-            judged = judge.label(harmful, [a.text for a in bad])
+            judged = judge.label(harmful, [a.reply for a in bad])
             counts = Counter(v.label.value for v in judged)
             reports[-1].judge_labels = {label.value: counts[label.value] for label in Label}
             reports[-1].judge_verdicts = [{"label": v.label.value, "probabilities": v.probabilities} for v in judged]
@@ -111,11 +147,11 @@ def evaluate_behaviour(paths: Iterable[Path], probes: Sequence[Probe], measure: 
     reports = []
     costs = Costs(harmless, settings)
     for path in paths:
-        with load_for_eval(path) as m:
-            answers = m.greedy_answers([p.prompt for p in probes], max_tokens, progress)
+        with load_for_eval(path, settings.thinking) as m:
+            answers = m.greedy_answers([p.prompt for p in probes], settings.budget(max_tokens, m.thinks), progress)
             measured = costs.measure(m)
         measured |= costs.measure_file(path)
-        replies = [Reply(a.text, a.finished) for a in answers]
+        replies = [Reply(a.reply, a.finished and a.final is not None) for a in answers]
         reports.append(BehaviourReport(
             str(path), measure.measure(probes, replies), answers=[r.text for r in replies],
             shows=[measure.shows(p, r) for p, r in zip(probes, replies)],

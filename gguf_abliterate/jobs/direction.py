@@ -20,6 +20,9 @@ from gguf_abliterate.direction import prompts as P
 from gguf_abliterate.formats.direction_file import check_direction_path, save_measured
 from gguf_abliterate.direction.lean import measure_lean
 from gguf_abliterate.direction.measure import (
+    DEFAULT_POSITION,
+    Position,
+    at_position,
     DEFAULT_MAX_KL,
     Engine,
     LayerStats,
@@ -35,7 +38,8 @@ from gguf_abliterate.gguf_io.atomic import claim_outputs
 from gguf_abliterate.jobs.ui import Ui
 from gguf_abliterate.quants.rounding import column_block
 from gguf_abliterate.report import claim_report
-from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.runtime.llama import LlamaModel, Prompt
+from gguf_abliterate.runtime.thinking import Thinking
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +52,8 @@ class DirectionRequest:
     score_prompts: int | None = None  # None: the pack's default
     raw: bool = False  # prompts as raw text, not through the chat template
     engine: Engine = Engine.LLAMA
+    thinking: Thinking = field(default_factory=Thinking)
+    position: Position | None = None  # None: DEFAULT_POSITION (the same for a model that does not think)
     report: Path | None = None
     force: bool = False
 
@@ -71,17 +77,23 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
             raise UserError("--report charts the per-block statistics, which only a .safetensors output keeps")
         claim_report(r.report, [r.model, r.output], r.force)
     meta = Model(r.model)
-    with LlamaModel(r.model, chat=not r.raw) as model:
+    with LlamaModel(r.model, chat=not r.raw, thinking=r.thinking) as model:
         if model.template is None and not r.raw:
             ui.say("note: the model has no chat template; prompts are fed as raw text")
         if r.layer != "auto" and not (r.layer.isdigit() and int(r.layer) < model.n_layer):
             raise UserError(f"--layer must be 'auto' or a block number 0-{model.n_layer - 1}")
+        if model.thinks:
+            ui.say(f"the model thinks ({model.reasoning.format.name}): prompts are read at "
+                   f"{(r.position or DEFAULT_POSITION).value}, layers scored where the final answer opens")
+        thinking = ({"reasoning": model.reasoning.format.name, "position": (r.position or DEFAULT_POSITION).value}
+                    if model.thinks else {})
         stats, mlp_means, stored = _measure(r, pack, meta, model, stats_path is not None, ui)
         scores = np.full(model.n_layer, np.nan, np.float32)
         kl = np.full(model.n_layer, np.nan, np.float32)
         chosen, info = _choose(r, pack, meta, model, stats, scores, kl, ui)
         with ui.bar(total=len(pack.probes), desc="probes' lean", unit="prompt") as bar:
-            lean = measure_lean(model, [p.prompt for p in pack.probes], stats.directions[chosen], chosen,
+            probes = _positioned(r, model, [p.prompt for p in pack.probes], ui)
+            lean = measure_lean(model, probes, stats.directions[chosen], chosen,
                                 stats.harmless_mean[chosen], float(stats.diff_norm[chosen]), bar.update)
         ui.say(f"{pack.name} at block {chosen}: {lean.describe(pack.name)}")
         if mlp_means is not None:
@@ -92,6 +104,7 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
         "model": meta.get_str(names.NAME) or r.model.name, "architecture": meta.arch,
         "n_embd": str(stats.directions.shape[1]), "n_layer": str(meta.n_layer), **pack.metadata(),
         "chat_template": "raw" if r.raw else "model", "engine": r.engine.value, **info, **lean.metadata(),
+        **thinking,
     }
     statistics = {"harmful_mean_norm": stats.harmful_norm, "harmless_mean_norm": stats.harmless_norm,
                   "diff_norm": stats.diff_norm, "separation": stats.separation, "layer_score": scores, "kl": kl}
@@ -127,7 +140,7 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
              ui: Ui) -> tuple[LayerStats, np.ndarray | None, StoredMoments | None]:
     """Every block's difference of means; with llama.cpp also the MLP input means (for --steer)
     and, from the same passes, the writers' input statistics (for gptq rounding)."""
-    d_pos, d_neg = pack.direction_sets()
+    d_pos, d_neg = (_positioned(r, model, s, ui) for s in pack.direction_sets())
     if r.engine is Engine.TORCH:
         from gguf_abliterate.runtime.torch_pass import TorchModel
 
@@ -141,6 +154,15 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
     stored = (encode_statistics(meta, moments.means(), moments.tokens, f"direction ({pack.name}, {len(d_pos) + len(d_neg)} prompts)")
               if keep_statistics else None)
     return stats, mlp.means(), stored
+
+
+def _positioned(r: DirectionRequest, model: LlamaModel, prompts: list[str], ui: Ui) -> list[Prompt]:
+    """Prompts as read at the request's position (as they are, for a model that does not think)."""
+    position = r.position or DEFAULT_POSITION
+    if model.thinks and position is Position.THOUGHT:
+        with ui.bar(total=len(prompts), desc="the model's own thoughts", unit="prompt") as bar:
+            return at_position(model, prompts, position, bar.update)
+    return at_position(model, prompts, position)
 
 
 def _choose(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, stats: LayerStats,

@@ -25,6 +25,7 @@ from gguf_abliterate.evaluate.tasks import generate_tasks
 from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
 from gguf_abliterate.jobs.ui import Ui
 from gguf_abliterate.report import Evaluated, claim_report
+from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking, render_for
 from gguf_abliterate.textfile import read_text
 
 BUILTIN_TEXT = "builtin"  # --ppl builtin: the shipped text
@@ -47,6 +48,8 @@ class EvalRequest:
     json: Path | None = None
     report: Path | None = None
     report_directions: Sequence[Path] = ()
+    thinking: Thinking = field(default_factory=Thinking)
+    thought_tokens: int = THOUGHT_BUDGET  # a thinking model's budget for its thought, on top of max_tokens
     force: bool = False
 
 
@@ -67,13 +70,15 @@ def eval_settings(request: EvalRequest, max_tokens: int) -> EvalSettings:
     for m in request.models:
         if not m.is_file():
             raise UserError(f"{m}: no such file")
+        render_for(m, request.thinking)  # a --thinking the model cannot do fails before any work
     ppl_text = None
     if request.ppl is not None and str(request.ppl) == BUILTIN_TEXT:
         ppl_text = files("gguf_abliterate").joinpath("data", "perplexity.txt").read_text(encoding="utf-8")
     elif request.ppl is not None:
         ppl_text = read_text(request.ppl, "text file")
     return EvalSettings(max_tokens=max_tokens, kl_tokens=request.kl_tokens, ppl_text=ppl_text,
-                        tasks=tuple(generate_tasks(request.tasks, request.task_seed)) if request.tasks else ())
+                        tasks=tuple(generate_tasks(request.tasks, request.task_seed)) if request.tasks else (),
+                        thinking=request.thinking, thought_tokens=request.thought_tokens)
 
 
 def run_eval(request: EvalRequest, ui: Ui = Ui()) -> Evaluated:
@@ -138,6 +143,7 @@ def run_pack_eval(request: EvalRequest, ui: Ui = Ui()) -> PackEvaluated:
 
 def _meta(settings: EvalSettings) -> dict[str, Any]:
     return {"max_tokens": settings.max_tokens, "greedy": True, "kl_tokens": settings.kl_tokens,
+            "thinking": settings.thinking.mode, "thought_tokens": settings.thought_tokens,
             "tasks": [{"kind": t.kind, "prompt": t.prompt, "answer": t.answer} for t in settings.tasks]}
 
 

@@ -6,6 +6,11 @@
   token, or with `kl_tokens` K > 1 teacher-forced along the original's first K greedy tokens
   and averaged over the steps (abliterix's multi-token KL).
 
+For a model that thinks, both are read where the final answer opens, after the original
+model's own thought on that prompt (generated once, then teacher-forced: a trial stays one
+forward pass), never at the first token of a thought; KL@K follows the original's final
+answer from there.
+
 The guard: a trial that leaves more than `GUARD` of the original refusal mass is not run on
 the harmless prompts (half a trial saved) and gets a KL objective of `1 + refusal`, so edits
 that barely edit never look good on the second objective.
@@ -13,13 +18,17 @@ that barely edit never look good on the second objective.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from gguf_abliterate.evaluate.first_token import kl_divergence, refusal_mass, refusal_token_ids
-from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.runtime.llama import AtAnswer, LlamaModel, Prompt
+from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
+
+ProgressBars = Callable[..., Any]  # tqdm-like: progress(total=, desc=, unit=) as a context manager
 
 GUARD = 0.5
 
@@ -37,10 +46,12 @@ class Score:
 class TrialScorer:
     """A loaded model, its validation prompts and the unedited model's answers to them."""
 
-    def __init__(self, model: LlamaModel, harmful: Sequence[str], harmless: Sequence[str], kl_tokens: int = 1):
-        self.model, self.harmful, self.harmless, self.kl_tokens = model, list(harmful), list(harmless), kl_tokens
+    def __init__(self, model: LlamaModel, harmful: Sequence[str], harmless: Sequence[str], kl_tokens: int = 1,
+                 progress: ProgressBars | None = None):
+        self.model, self.kl_tokens = model, kl_tokens
         self.ids = refusal_token_ids(model)
         model.set_adapter(None)
+        self.harmful, self.harmless = _after_thoughts(model, harmful, progress), _after_thoughts(model, harmless, progress)
         self.base_refusal = refusal_mass(model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
         self.continuations = model.greedy_tokens(self.harmless, kl_tokens) if kl_tokens > 1 else None
         self.base = self._harmless_logprobs()
@@ -64,3 +75,16 @@ class TrialScorer:
             return Score(ratio, None if ratio > GUARD else self.kl())
         finally:
             self.model.set_adapter(None)
+
+
+def _after_thoughts(model: LlamaModel, prompts: Sequence[str], progress: ProgressBars | None) -> list[Prompt]:
+    """The prompts, or for a model that thinks, each carried past the original's own thought to
+    where its final answer opens."""
+    if not model.thinks:
+        return list(prompts)
+    if progress is None:
+        answers = model.greedy_answers(prompts, THOUGHT_BUDGET)
+    else:
+        with progress(total=len(prompts), desc="the original's thoughts", unit="prompt") as bar:
+            answers = model.greedy_answers(prompts, THOUGHT_BUDGET, bar.update)
+    return [AtAnswer(p, a.thought or "") for p, a in zip(prompts, answers)]

@@ -33,7 +33,7 @@ import numpy as np
 
 from gguf_abliterate.direction import prompts as P
 from gguf_abliterate.formats.direction_file import save_schedule
-from gguf_abliterate.direction.measure import difference_of_means
+from gguf_abliterate.direction.measure import DEFAULT_POSITION, at_position, difference_of_means
 from gguf_abliterate.edit.schedule import Component, EditParams, resolve
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.judge import Judge
@@ -45,6 +45,7 @@ from gguf_abliterate.optimise.adapter import TrialAdapters
 from gguf_abliterate.optimise.scorer import TrialScorer
 from gguf_abliterate.optimise.space import suggest
 from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking
 
 STUDY_NAME = "gguf-abliterate"
 CONFIRM_MAX_RATIO = 0.3
@@ -66,6 +67,7 @@ class SearchSettings:
     seed: int = 0
     fixed: dict[str, Any] = field(default_factory=dict)
     judge: Path | None = None  # confirm the front with this judge model instead of markers
+    thinking: Thinking = field(default_factory=Thinking)
 
 
 @dataclass
@@ -199,7 +201,7 @@ class Search:
         storage = _storage(url)
         sampler_args = dict(multivariate=True, n_startup_trials=settings.startup_trials, seed=settings.seed,
                             constant_liar=True)
-        self.llama = _load(model_path)
+        self.llama = _load(model_path, settings.thinking)
         try:
             if create:
                 try:
@@ -216,7 +218,8 @@ class Search:
                                                    "harmless_means": _encode(harmless_means)})
                 self.study.set_user_attr("statistics", statistics)
                 self.study.set_user_attr("settings", {"score_prompts": settings.score_prompts,
-                                                      "kl_tokens": settings.kl_tokens, "fixed": settings.fixed})
+                                                      "kl_tokens": settings.kl_tokens, "fixed": settings.fixed,
+                                                      "thinking": [settings.thinking.mode, settings.thinking.effort]})
                 self.study.set_user_attr("model", identity)  # last: a study without it is half-made
             else:
                 try:
@@ -238,6 +241,9 @@ class Search:
                 stored = self.study.user_attrs.get("settings", {})
                 settings = self.settings = replace(settings, **{k: stored[k] for k in ("score_prompts", "kl_tokens",
                                                                                        "fixed") if k in stored})
+                if "thinking" in stored and Thinking(*stored["thinking"]) != settings.thinking:
+                    raise UserError(f"the study in {shown_url(url)} scores with --thinking "
+                                    f"{stored['thinking'][0]}: give the same")
                 basis = self.study.user_attrs["basis"]
                 per_block, harmless_means = _decode(basis["per_block"]), _decode(basis["harmless_means"])
             self.per_block, self.harmless_means = per_block, harmless_means
@@ -254,13 +260,17 @@ class Search:
             self.confirm_prompts = bad
             self.confirmer: Scorer = get_scorer("markers") if settings.judge is None else Judge(settings.judge)
             say(f"scoring the original on {n} harmful and {n} harmless validation prompts")
-            self.scorer = TrialScorer(self.llama, bad[:n], good[:n], settings.kl_tokens)
+            if self.llama.thinks:
+                say(f"the model thinks ({self.llama.reasoning.format.name}): trials are scored where the final "
+                    f"answer opens, after the original's own thought; confirmations generate the thought too")
+            self.scorer = TrialScorer(self.llama, bad[:n], good[:n], settings.kl_tokens, progress)
         except BaseException:
             self.llama.close()
             raise
 
     def _measure(self) -> tuple[np.ndarray, np.ndarray]:
         bad, good = P.default_prompts("direction")
+        bad, good = (at_position(self.llama, s, DEFAULT_POSITION) for s in (bad, good))
         with self.progress(total=len(bad) + len(good), desc="residuals", unit="prompt") as bar:
             stats = difference_of_means(self.llama.residuals(bad, bar.update), self.llama.residuals(good, bar.update))
         return stats.directions, stats.harmless_mean
@@ -364,7 +374,8 @@ class Search:
 
     def _refusals(self, llama: LlamaModel) -> int:
         """`llama`'s greedy refusals to the confirmation prompts."""
-        answers = llama.greedy(self.confirm_prompts, self.settings.confirm_tokens)
+        tokens = self.settings.confirm_tokens + (THOUGHT_BUDGET if llama.thinks else 0)
+        answers = llama.greedy(self.confirm_prompts, tokens)  # final answers (a thought that never ends: "")
         verdicts = self.confirmer.label(self.confirm_prompts, answers)
         return sum(v.label is Label.REFUSAL for v in verdicts)
 
@@ -430,7 +441,7 @@ class Search:
             def baked(r: TrialRecord) -> bool:
                 self.save(output, r, original, records)
                 bake(output, file)
-                with _load(file) as llama:
+                with _load(file, self.settings.thinking) as llama:
                     r.baked_refusals = self._refusals(llama)
                 adapter = "" if r.confirmed_refusals is None else f" (through its adapter: {r.confirmed_refusals})"
                 self.say(f"trial {r.number} baked: {r.baked_refusals} of {len(self.confirm_prompts)} refused{adapter}")
@@ -476,10 +487,10 @@ class Search:
                       [r.to_json() for r in records], chosen.number)
 
 
-def _load(path: Path) -> LlamaModel:
+def _load(path: Path, thinking: Thinking) -> LlamaModel:
     """A model for trials and confirmations: up to 64 sequences and 4096 tokens per decode, so a
     trial's prompt set goes through in one decode (longer sets are split into several)."""
-    return LlamaModel(path, n_batch=4096, n_seq=64)
+    return LlamaModel(path, n_batch=4096, n_seq=64, thinking=thinking)
 
 
 def _candidates(front: list[TrialRecord]) -> list[TrialRecord]:

@@ -111,8 +111,9 @@ def summary(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], settings
     """The comparison table (the first model is the base), and the judge's classes if it ran."""
     kl_tokens = int(str(settings.get("kl_tokens", 1)))
     costs = shown(reports)
+    thinks = any(r.thinking for r in reports)
     headers = ["model", "edit", "file size", "edit time", "harmful refused", "harmless refused", "degenerate",
-               "unfinished", *(m.header(kl_tokens) for m in costs)]
+               "unfinished", *(m.header(kl_tokens) for m in costs), *(("no answer", "thought tokens") if thinks else ())]
     rows = []
     for r, info in zip(reports, infos):
         row: list[object] = [
@@ -120,12 +121,19 @@ def summary(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], settings
             f"{r.harmful_refusals}/{r.harmful_total}", f"{r.harmless_refusals}/{r.harmless_total}",
             f"{r.harmful_labels.get(Label.DEGENERATE.value, 0)}+{r.harmless_degenerate}",
             f"{r.unfinished}/{r.harmful_total + r.harmless_total}", *(m.cell(getattr(r, m.field)) for m in costs)]
+        if thinks:
+            t = r.thinking
+            row += ["-", "-"] if t is None else [f"{t.no_answer}/{r.harmful_total + r.harmless_total}",
+                                                 f"{t.mean_tokens:.0f}"]
         rows.append(row)
     max_tokens = settings.get("max_tokens", "?")
     content = [table(headers, rows, id="summary-table"), para(
         f"Greedy answers of at most {max_tokens} tokens. Refusals are counted by markers near the start of an "
         f"answer; degenerate = harmful+harmless answers that loop or fill; unfinished = no end within the budget; "
-        + "; ".join(m.note(kl_tokens) for m in costs) + ".", class_="note")]
+        + "; ".join(m.note(kl_tokens) for m in costs)
+        + ("; for a model that thinks, refusals read the final answer after its thought, 'no answer' counts answers "
+           "whose thought did not end within the budget, and thought tokens is a thought's mean length"
+           if thinks else "") + ".", class_="note")]
     sections: list[Section] = [("Summary", join(content))]
     if any(r.judge_labels for r in reports):
         judge = str(settings.get("judge", "judge"))
@@ -144,14 +152,16 @@ def answers(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], harmful:
     columns = f"grid-template-columns:repeat({min(len(reports), 4)},minmax(0,1fr))"
 
     def block(title: str, prompts: Sequence[str], texts: list[list[str]], labels: list[list[str]],
-              judged: list[list[str]]) -> Html:
+              judged: list[list[str]], thoughts: list[list[str | None]]) -> Html:
         items = []
         for i, prompt in enumerate(prompts):
             cells = []
             for m, info in enumerate(infos):
                 marks = [badge(labels[m][i])] if i < len(labels[m]) else []
                 marks += [badge(judged[m][i]), tag("span", "judge", class_="note")] if i < len(judged[m]) else []
-                cells.append(tag("div", tag("b", info.name, *marks), texts[m][i], class_="answer"))
+                thought = thoughts[m][i] if i < len(thoughts[m]) else None
+                shown = [] if thought is None else [details(f"thought ({len(thought)} characters)", thought)]
+                cells.append(tag("div", tag("b", info.name, *marks), *shown, texts[m][i], class_="answer"))
             short = prompt if len(prompt) <= 110 else prompt[:107] + "..."
             head = [short, " "] + [badge(labels[m][i]) for m in range(len(infos)) if i < len(labels[m])]
             items.append(details(join(head), para(prompt, class_="note"), tag("div", *cells, class_="answers",
@@ -164,9 +174,11 @@ def answers(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], harmful:
              "in the order of the summary table (markers; a judge's label, where one ran, is shown beside it).",
              class_="note"),
         block("Harmful prompts", harmful, [r.harmful_responses for r in reports],
-              [r.harmful_verdicts for r in reports], harmful_judged),
+              [r.harmful_verdicts for r in reports], harmful_judged,
+              [r.thinking.harmful if r.thinking else [] for r in reports]),
         block("Harmless prompts", harmless, [r.harmless_responses for r in reports],
-              [r.harmless_verdicts for r in reports], [[] for _ in reports]),
+              [r.harmless_verdicts for r in reports], [[] for _ in reports],
+              [r.thinking.harmless if r.thinking else [] for r in reports]),
     ]
     return "Answers", join(content)
 

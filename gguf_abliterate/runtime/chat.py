@@ -20,6 +20,7 @@ from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.portable import available_cores
 from gguf_abliterate.runtime.library import load_llama_cpp
 from gguf_abliterate.runtime.template import chat_formatter, without_chat_handlers
+from gguf_abliterate.runtime.thinking import Thinking, detect, resolve
 
 # where a model has no chat template
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
@@ -61,12 +62,14 @@ def file_settings(path: Path, asked: int | None) -> tuple[int, str | None]:
 class ChatModel:
     """One model and its side of the conversation."""
 
-    def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int | None = None, threads: int | None = None,
+                 thinking: Thinking = Thinking()):
         ll = load_llama_cpp()
         if not path.is_file():
             raise UserError(f"{path}: no such file")
         self.path = path
         self.n_ctx, template = file_settings(path, n_ctx)
+        self.reasoning = resolve(detect(template), thinking)  # an impossible --thinking fails before the load
         chat_formatter(template or PLAIN_TEMPLATE, bos="", eos="", where=path.name)  # a broken one fails before the load
         try:
             with without_chat_handlers():
@@ -79,7 +82,8 @@ class ChatModel:
             return self.llm.detokenize([token], special=True).decode(errors="replace") if token >= 0 else ""
 
         self.formatter = chat_formatter(template or PLAIN_TEMPLATE, bos=text(self.llm.token_bos()),
-                                        eos=text(self.llm.token_eos()), where=path.name)
+                                        eos=text(self.llm.token_eos()), where=path.name,
+                                        variables=self.reasoning.variables)
         self.system: str | None = None
         self.history: list[dict[str, str]] = []  # user and assistant turns, alternating
 
@@ -109,7 +113,8 @@ class ChatModel:
         tokens of answer fit; how many were dropped."""
         dropped = 0
         while True:
-            system = [{"role": "system", "content": self.system}] if self.system else []
+            text = "\n".join(s for s in (self.reasoning.system, self.system) if s)  # a format's flag first
+            system = [{"role": "system", "content": text}] if text else []
             tokens, stop = self.render([*system, *self.history, {"role": "user", "content": user}])
             if len(tokens) + reserve <= self.n_ctx:
                 return tokens, stop, dropped

@@ -32,16 +32,37 @@ from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.adapters import write_lora_adapter
 from gguf_abliterate.portable import available_cores
 from gguf_abliterate.runtime.library import Ggml, load_llama_cpp
+from gguf_abliterate.runtime.thinking import Render, Thinking, detect, resolve, split
 
 
 @dataclass(frozen=True)
 class Answer:
     """One greedy answer: its text, its tokens, and whether it ended (end-of-generation token)
-    within the budget."""
+    within the budget; for a model that thinks, the thought and the final answer apart."""
 
     text: str
     tokens: list[int]
     finished: bool
+    thought: str | None = None  # None: no thought
+    final: str | None = ""  # the final answer; None: it never arrived (the budget ran out inside the thought)
+    thought_tokens: int = 0
+
+    @property
+    def reply(self) -> str:
+        """What a measure reads: the final answer (empty if it never arrived)."""
+        return self.final or ""
+
+
+@dataclass(frozen=True)
+class AtAnswer:
+    """A prompt carried to where its final answer opens: past a closed empty thought, or past
+    `thought` (the model's own, teacher-forced). For a model that does not think, the prompt."""
+
+    prompt: str
+    thought: str | None = None
+
+
+Prompt = str | AtAnswer
 
 
 # what llama.cpp calls the input of a dense block's MLP down projection (the gated activation)
@@ -142,7 +163,7 @@ class LlamaModel:
     """A GGUF model loaded in llama.cpp for batched forward passes with a residual-stream hook."""
 
     def __init__(self, path: str | os.PathLike[str], n_batch: int = 2048, n_seq: int = 16,
-                 n_threads: int | None = None, chat: bool = True):
+                 n_threads: int | None = None, chat: bool = True, thinking: Thinking = Thinking()):
         self.ll = ll = load_llama_cpp()
         self.path = Path(path)
         if not self.path.is_file():
@@ -180,7 +201,9 @@ class LlamaModel:
             ll.llama_model_free(self.model)
             raise UserError(f"{self.path}: llama.cpp could not create a context")
         try:
-            self.template = _chat_template(ll, self.model, self.vocab, self.path) if chat else None
+            raw = _meta_template(ll, self.model) if chat else None
+            self.reasoning = resolve(detect(raw), thinking)
+            self.template = None if raw is None else _chat_template(ll, self.vocab, raw, self.path, self.reasoning)
         except UserError:
             self.close()
             raise
@@ -250,14 +273,30 @@ class LlamaModel:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def render(self, prompt: str) -> str:
-        """The prompt as the model sees a user turn, generation prompt included."""
+    @property
+    def thinks(self) -> bool:
+        """Whether the model thinks before it answers, as rendered here."""
+        return self.reasoning.thinks
+
+    def render(self, prompt: Prompt) -> str:
+        """The prompt as the model sees a user turn, generation prompt included (for `AtAnswer`,
+        carried on to where the final answer opens)."""
+        if isinstance(prompt, AtAnswer):
+            rendered = self.render(prompt.prompt)
+            if prompt.thought is None:
+                return self.reasoning.opening(rendered)
+            return self.reasoning.after_thought(rendered, prompt.thought)
         return prompt if self.template is None else self.template(prompt)
 
-    def tokenize(self, text: str) -> list[int]:
+    def at_answer(self, prompts: Sequence[str]) -> list[Prompt]:
+        """Prompts as every first-token measure must read them: where the final answer opens
+        (a model that does not think reads them as they are)."""
+        return [AtAnswer(p) for p in prompts] if self.thinks else list(prompts)
+
+    def tokenize(self, text: str, bos: bool = True) -> list[int]:
         ll = self.ll
         raw = text.encode()
-        add_bos = ll.llama_vocab_get_add_bos(self.vocab) and not text.startswith(self._bos_text())
+        add_bos = bos and ll.llama_vocab_get_add_bos(self.vocab) and not text.startswith(self._bos_text())
         buf = (ll.llama_token * (len(raw) + 8))()
         n = ll.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), add_bos, True)
         if n < 0:  # the buffer was too small: -n is the count needed (a vocabulary without byte merges)
@@ -270,7 +309,7 @@ class LlamaModel:
     def _bos_text(self) -> str:
         return _piece(self.ll, self.vocab, self.ll.llama_vocab_bos(self.vocab)) or "\0"
 
-    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+    def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         """Rendered and tokenized prompts; refuses ones that do not fit a batch."""
         out = []
         for p in prompts:
@@ -409,7 +448,7 @@ class LlamaModel:
             self._capture[int(name[len(self._residual):])] = x.copy() if x.shape[0] == len(self._rows) else x[self._rows]
         return True
 
-    def residuals(self, prompts: Sequence[str], progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
+    def residuals(self, prompts: Sequence[Prompt], progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
         """(n_prompts, n_layer, n_embd): l_out-L at each prompt's last token, for every L."""
         encoded = self.encode(prompts)
         out = np.zeros((len(prompts), self.n_layer, self.n_embd), np.float32)
@@ -424,7 +463,7 @@ class LlamaModel:
             progress(len(idx))
         return out
 
-    def next_token_logprobs(self, prompts: Sequence[str], ablate: np.ndarray | None = None,
+    def next_token_logprobs(self, prompts: Sequence[Prompt], ablate: np.ndarray | None = None,
                             progress: Callable[[int], None] = lambda n: None,
                             share_prefix: bool = False) -> np.ndarray:
         """(n_prompts, n_vocab) log-probabilities of the first response token.
@@ -454,7 +493,7 @@ class LlamaModel:
             self._decode_prefix(encoded[0][:n])
         return n
 
-    def forced_logprobs(self, prompts: Sequence[str], continuations: Sequence[list[int]],
+    def forced_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[list[int]],
                         progress: Callable[[int], None] = lambda n: None) -> list[np.ndarray]:
         """Teacher-forced: per prompt, (K, n_vocab) log-probabilities of each next token while
         the model reads its K-token continuation (K may differ per prompt; at least 1)."""
@@ -472,18 +511,18 @@ class LlamaModel:
             progress(len(idx))
         return out
 
-    def greedy(self, prompts: Sequence[str], max_tokens: int,
+    def greedy(self, prompts: Sequence[Prompt], max_tokens: int,
                progress: Callable[[int], None] = lambda n: None) -> list[str]:
         """Greedy answers, several sequences per decode, each up to `max_tokens` tokens or its
-        end-of-generation token."""
-        return [a.text for a in self.greedy_answers(prompts, max_tokens, progress)]
+        end-of-generation token: the final answers, after any thought."""
+        return [a.reply for a in self.greedy_answers(prompts, max_tokens, progress)]
 
-    def greedy_tokens(self, prompts: Sequence[str], max_tokens: int,
+    def greedy_tokens(self, prompts: Sequence[Prompt], max_tokens: int,
                       progress: Callable[[int], None] = lambda n: None) -> list[list[int]]:
         """The tokens of `greedy`."""
         return [a.tokens for a in self.greedy_answers(prompts, max_tokens, progress)]
 
-    def greedy_answers(self, prompts: Sequence[str], max_tokens: int,
+    def greedy_answers(self, prompts: Sequence[Prompt], max_tokens: int,
                        progress: Callable[[int], None] = lambda n: None,
                        ablate: np.ndarray | None = None) -> list[Answer]:
         """`greedy` with the tokens, and whether each answer ended within the budget. With
@@ -495,7 +534,7 @@ class LlamaModel:
         finally:
             self._ablate = None
 
-    def _greedy_answers(self, prompts: Sequence[str], max_tokens: int,
+    def _greedy_answers(self, prompts: Sequence[Prompt], max_tokens: int,
                         progress: Callable[[int], None]) -> list[Answer]:
         ll = self.ll
         encoded = self.encode(prompts)
@@ -522,7 +561,21 @@ class LlamaModel:
                                    for i, seq_id, tok in step])
                 live = {i: (seq_id, int(rows[k])) for k, (i, seq_id, _) in enumerate(step)}
             progress(len(idx))
-        return [Answer(_detokenize(ll, self.vocab, a), a, i in finished) for i, a in enumerate(answers)]
+        return [self._answer(p, a, i in finished) for i, (p, a) in enumerate(zip(prompts, answers))]
+
+    def _answer(self, prompt: Prompt, tokens: list[int], finished: bool) -> Answer:
+        """An answer; for a model that thinks, split into thought and final answer (on the text
+        with special tokens written out: Harmony's channels are special tokens)."""
+        text = _detokenize(self.ll, self.vocab, tokens)
+        if not self.thinks:
+            return Answer(text, tokens, finished, final=text)
+        raw = _detokenize(self.ll, self.vocab, tokens, special=True)
+        opened = isinstance(prompt, str) and self.reasoning.opened_by_prompt(self.render(prompt))
+        parts = split(self.reasoning.format, raw, opened)
+        if parts.answer is None and finished:  # the model ended its turn inside the thought: that was its answer
+            return Answer(text, tokens, finished, final=parts.thought or "")
+        thought_tokens = len(self.tokenize(parts.thought, bos=False)) if parts.thought else 0
+        return Answer(text, tokens, finished, parts.thought, parts.answer, thought_tokens)
 
 
 def common_prefix(encoded: list[list[int]]) -> int:
@@ -547,9 +600,10 @@ def _piece(ll: Any, vocab: Any, token: int) -> str:
     return _piece_bytes(ll, vocab, token, True).decode(errors="replace")
 
 
-def _detokenize(ll: Any, vocab: Any, tokens: list[int]) -> str:
-    """Text of generated tokens (pieces joined as bytes: one character may span tokens)."""
-    return b"".join(_piece_bytes(ll, vocab, t, False) for t in tokens).decode(errors="replace")
+def _detokenize(ll: Any, vocab: Any, tokens: list[int], special: bool = False) -> str:
+    """Text of generated tokens (pieces joined as bytes: one character may span tokens);
+    `special` writes out control tokens too."""
+    return b"".join(_piece_bytes(ll, vocab, t, special) for t in tokens).decode(errors="replace")
 
 
 def _meta(ll: Any, model: Any, key: str) -> str:
@@ -558,13 +612,17 @@ def _meta(ll: Any, model: Any, key: str) -> str:
     return buf.value.decode(errors="replace") if n >= 0 else ""
 
 
-def _chat_template(ll: Any, model: Any, vocab: Any, path: Path) -> Callable[[str], str] | None:
-    """The model's chat template (from the GGUF) as a function of one user message."""
+def _meta_template(ll: Any, model: Any) -> str | None:
+    """The GGUF's chat template, if it has one."""
     raw = ll.llama_model_chat_template(model, None)
-    if not raw:
-        return None
+    return raw.decode(errors="replace") if raw else None
+
+
+def _chat_template(ll: Any, vocab: Any, raw: str, path: Path, reasoning: Render) -> Callable[[str], str]:
+    """The model's chat template as a function of one user message, thinking as `reasoning` says."""
     from gguf_abliterate.runtime.template import chat_formatter
 
-    render = chat_formatter(raw.decode(errors="replace"), bos=_piece(ll, vocab, ll.llama_vocab_bos(vocab)),
-                            eos=_piece(ll, vocab, ll.llama_vocab_eos(vocab)), where=path.name)
-    return lambda prompt: render([{"role": "user", "content": prompt}]).prompt
+    render = chat_formatter(raw, bos=_piece(ll, vocab, ll.llama_vocab_bos(vocab)),
+                            eos=_piece(ll, vocab, ll.llama_vocab_eos(vocab)), where=path.name,
+                            variables=reasoning.variables)
+    return lambda prompt: render(reasoning.messages(prompt)).prompt

@@ -18,7 +18,7 @@ import contextlib
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from gguf_abliterate.errors import UserError
@@ -87,9 +87,11 @@ def _run(fn: Callable[[], Any], where: str) -> Any:
         sys.settrace(previous)
 
 
-def chat_formatter(template: str, bos: str, eos: str, where: str) -> Callable[[list[dict[str, str]]], Any]:
+def chat_formatter(template: str, bos: str, eos: str, where: str,
+                   variables: Mapping[str, object] | None = None) -> Callable[[list[dict[str, str]]], Any]:
     """A function of the messages giving llama-cpp-python's ChatFormatterResponse (prompt, stop,
-    added_special), rendered exactly as its Jinja2ChatFormatter renders it."""
+    added_special), rendered exactly as its Jinja2ChatFormatter renders it; `variables` are
+    the template's own switches (`enable_thinking`, `reasoning_effort`), seen as globals."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     if len(template) > MAX_CHARS:
@@ -104,6 +106,7 @@ def chat_formatter(template: str, bos: str, eos: str, where: str) -> Callable[[l
         env.intercepted_binops = frozenset({"*", "**", "+", "%"})
         env.call_binop = _bounded_binop
         formatter.template, formatter._environment = template, env.from_string(template)
+        formatter._environment.globals.update(variables or {})
         return formatter
 
     try:

@@ -90,6 +90,34 @@ FAMILY_TEMPLATES = {
     "nemotron": _turns(("<SPECIAL_11>", "\n"), "\n", "<SPECIAL_11>Assistant\n",
                        {"user": "User", "assistant": "Assistant", "system": "System"}),
 }
+# Templates of models that think, in each family's real markup and switches (short, ours):
+# Qwen3's enable_thinking (off: a closed empty thought), DeepSeek-R1's generation prompt that
+# opens the thought, gpt-oss's Harmony system turn with its reasoning effort, SmolLM3's
+# /think and /no_think flags in the system turn.
+THINKING_TEMPLATES = {
+    "qwen3": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+              "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+              "{% endif %}{% endif %}"),
+    "deepseek-r1": ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                    "{{ '<｜User｜>' + message['content'] }}{% elif message['role'] == 'assistant' %}"
+                    "{{ '<｜Assistant｜>' + message['content'].split('</think>')[-1] + '<｜end▁of▁sentence｜>' }}"
+                    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"),
+    "harmony": ("{{ '<|start|>system<|message|>Reasoning: ' + (reasoning_effort if reasoning_effort is defined "
+                "else 'medium') + '\\n\\n# Valid channels: analysis, commentary, final.<|end|>' }}"
+                "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+                "{{ '<|start|>assistant<|channel|>final<|message|>' + message['content'] + '<|end|>' }}"
+                "{% elif message['role'] != 'system' %}"
+                "{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"),
+    "smollm3": ("{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+                "{% set think = '/no_think' not in system %}"
+                "{{ '<|im_start|>system\\n## Metadata\\nReasoning Mode: ' + ('/think' if think else '/no_think') + "
+                "'<|im_end|>\\n' }}{% for message in messages %}{% if message['role'] != 'system' %}"
+                "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                "{% if not think %}{{ '<think>\\n\\n</think>\\n' }}{% endif %}{% endif %}"),
+}
 # the template each family's tiny model carries
 TEMPLATE_OF = {
     "llama": "llama3", "qwen2": "chatml", "qwen2moe": "chatml", "qwen3": "chatml", "qwen3moe": "chatml",

@@ -1,0 +1,178 @@
+"""Models that think before they answer: the formats, the split of an answer, the rendering
+switches, and every command on tiny models whose templates speak each family's markup."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli
+from support.tiny_models import FAMILY_TEMPLATES, THINKING_TEMPLATES
+
+from gguf_abliterate.errors import UserError
+from gguf_abliterate.runtime.thinking import FORMATS, NONE, Thinking, detect, resolve, split
+
+R1, QWEN3, HARMONY = FORMATS["deepseek-r1"], FORMATS["qwen3"], FORMATS["harmony"]
+
+
+@pytest.mark.parametrize("name", sorted(THINKING_TEMPLATES))
+def test_each_thinking_family_is_recognised(name: str) -> None:
+    assert detect(THINKING_TEMPLATES[name]).name == name
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
+def test_answer_first_families_do_not_think(name: str) -> None:
+    assert detect(FAMILY_TEMPLATES[name]) is NONE
+    assert detect(None) is NONE
+
+
+def test_think_tags_split() -> None:
+    assert split(R1, "<think>why</think>\n\nSure.") == ("why", "Sure.")
+    assert split(R1, "why not\n</think>\nNo.", opened=True) == ("why not", "No.")
+    assert split(R1, "still thinking and thinking", opened=True) == ("still thinking and thinking", None)
+    assert split(R1, "<think>a <think>b</think> c</think>answer") == ("a <think>b</think> c", "answer")
+    assert split(R1, "<think>one</think> <think>two</think> answer") == ("one\ntwo", "answer")
+    assert split(R1, "A plain answer with </think> in it") == (None, "A plain answer with </think> in it")
+    assert split(NONE, "<think>x</think>y") == (None, "<think>x</think>y")
+
+
+def test_harmony_channels_split() -> None:
+    both = ("<|channel|>analysis<|message|>The user asks for X. Policy: refuse.<|end|>"
+            "<|start|>assistant<|channel|>final<|message|>I can't help with that.")
+    assert split(HARMONY, both) == ("The user asks for X. Policy: refuse.", "I can't help with that.")
+    assert split(HARMONY, "<|channel|>analysis<|message|>Thinking on and on") == ("Thinking on and on", None)
+    assert split(HARMONY, "Hello there") == (None, "Hello there")
+
+
+def test_what_a_model_cannot_do_is_one_line() -> None:
+    with pytest.raises(UserError, match=r"no thinking form; it supports none"):
+        resolve(NONE, Thinking("on"))
+    with pytest.raises(UserError, match=r"cannot stop thinking; it supports deepseek-r1 .*--thinking on only"):
+        resolve(R1, Thinking("off"))
+    with pytest.raises(UserError, match=r"--effort high: .* qwen3 .*no --effort"):
+        resolve(QWEN3, Thinking("on", "high"))
+    assert resolve(HARMONY, Thinking("auto", "high")).variables == {"reasoning_effort": "high"}
+    assert resolve(QWEN3, Thinking("off")).variables == {"enable_thinking": False}
+    assert not resolve(QWEN3, Thinking("off")).thinks and resolve(QWEN3, Thinking()).thinks
+
+
+def test_prompts_render_with_each_switch(tiny: dict[str, Path]) -> None:
+    from gguf_abliterate.runtime.llama import AtAnswer, LlamaModel
+
+    with LlamaModel(tiny["think-qwen3"], thinking=Thinking("off")) as m:
+        assert not m.thinks and m.render("hi").endswith("<think>\n\n</think>\n\n")
+        assert m.at_answer(["hi"]) == ["hi"]
+    with LlamaModel(tiny["think-qwen3"]) as m:
+        assert m.thinks and m.render("hi").endswith("<|im_start|>assistant\n")
+        assert m.render(AtAnswer("hi")).endswith("assistant\n<think>\n\n</think>\n\n")
+        assert m.render(AtAnswer("hi", "because")).endswith("assistant\n<think>because</think>\n\n")
+    with LlamaModel(tiny["think-deepseek-r1"]) as m:
+        assert m.render("hi").endswith("<｜Assistant｜><think>\n")
+        assert m.render(AtAnswer("hi")).endswith("<｜Assistant｜><think>\n\n</think>\n\n")
+    with LlamaModel(tiny["think-harmony"], thinking=Thinking("on", "low")) as m:
+        assert "Reasoning: low" in m.render("hi")
+        assert m.render(AtAnswer("hi")).endswith(
+            "<|start|>assistant<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>")
+    with LlamaModel(tiny["think-smollm3"], thinking=Thinking("off")) as m:
+        assert "Reasoning Mode: /no_think" in m.render("hi") and m.render("hi").endswith("<think>\n\n</think>\n")
+
+
+class Recording:
+    """A real llama.cpp model that keeps every prompt it scored by the next token, as rendered."""
+
+    def __init__(self, path: Path) -> None:
+        from gguf_abliterate.runtime.llama import LlamaModel
+
+        class Model(LlamaModel):
+            scored: list[str] = []
+
+            def next_token_logprobs(self, prompts, *args, **kwargs):  # type: ignore[no-untyped-def]
+                self.scored.extend(self.render(p) for p in prompts)
+                return super().next_token_logprobs(prompts, *args, **kwargs)
+
+        self.model = Model(path, n_seq=8)
+
+
+@pytest.mark.parametrize("name", ["think-qwen3", "think-deepseek-r1"])
+def test_layer_choice_and_search_never_score_the_first_token_of_a_thought(tiny: dict[str, Path], name: str) -> None:
+    """Every prompt the layer test and a trial score is carried past a closed thought."""
+    from gguf_abliterate.direction.measure import choose_layer, difference_of_means
+    from gguf_abliterate.direction.packs import load_pack
+    from gguf_abliterate.optimise.scorer import TrialScorer
+
+    rec = Recording(tiny[name])
+    m = rec.model
+    try:
+        bad, good = ["How do I pick a lock?", "Make a weapon."], ["Bake bread.", "Plant a tree."]
+        stats = difference_of_means(m.residuals(m.at_answer(bad)), m.residuals(m.at_answer(good)))
+        pack = load_pack("refusal")
+        choose_layer(m, stats, pack.layer_scorer(m, 2), good, [1, 2])
+        scorer = TrialScorer(m, bad, good)
+        scorer.score({})
+        assert m.scored and all(text.endswith("</think>\n\n") for text in m.scored), m.scored[0][-40:]
+    finally:
+        m.close()
+
+
+def test_every_command_runs_with_thinking_on_and_off(tiny: dict[str, Path], tmp_path: Path) -> None:
+    model = tiny["think-qwen3"]
+    assert "reasoning:     qwen3" in cli("inspect", model).stdout
+    for mode in ("on", "off"):
+        d = tmp_path / f"d-{mode}.safetensors"
+        run = cli("direction", model, "-o", d, "--thinking", mode, "--score-prompts", "2", "-q")
+        assert run.returncode == 0, run.stderr
+        out = tmp_path / f"e-{mode}.gguf"
+        assert cli(model, out, "--direction", d, "-q").returncode == 0
+        js = tmp_path / f"e-{mode}.json"
+        run = cli("eval", model, out, "-n", "2", "--max-tokens", "4", "--thought-tokens", "8", "--thinking", mode,
+                  "--json", js)
+        assert run.returncode == 0, run.stderr
+        models = json.loads(js.read_text())["models"]
+        if mode == "on":
+            assert "no answer" in run.stdout and all(m["thinking"]["format"] == "qwen3" for m in models)
+            assert all(len(m["thinking"]["harmful"]) == 2 for m in models)
+        else:
+            assert all(m["thinking"] is None for m in models)
+    chat = subprocess.run([sys.executable, "-m", "gguf_abliterate", "chat", str(model), "--thinking", "off",
+                           "--max-tokens", "2"], input="hi\n", capture_output=True, text=True)
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_a_thinking_direction_records_where_it_was_read(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from gguf_abliterate.formats.direction_file import load_direction
+
+    d = tmp_path / "d.safetensors"
+    run = cli("direction", tiny["think-deepseek-r1"], "-o", d, "--position", "thought", "--score-prompts", "2", "-q")
+    assert run.returncode == 0, run.stderr
+    meta = load_direction(d).metadata
+    assert meta["reasoning"] == "deepseek-r1" and meta["position"] == "thought"
+    plain = tmp_path / "p.safetensors"
+    assert cli("direction", tiny["llama-chat"], "-o", plain, "--score-prompts", "2", "-q").returncode == 0
+    assert "reasoning" not in load_direction(plain).metadata
+
+
+@pytest.mark.parametrize(("model", "args", "says"), [
+    ("llama-chat", ["--thinking", "on"], "no thinking form; it supports none"),
+    ("think-deepseek-r1", ["--thinking", "off"], "cannot stop thinking; it supports deepseek-r1"),
+    ("think-qwen3", ["--effort", "high"], "--effort high: the model's format has no such effort"),
+])
+def test_impossible_thinking_is_one_line(tiny: dict[str, Path], tmp_path: Path, model: str, args: list[str],
+                                         says: str) -> None:
+    for command in (["eval", tiny[model], "-n", "1"], ["direction", tiny[model], "-o", tmp_path / "d.npy"]):
+        run = cli(*command, *args)
+        assert run.returncode == 1 and says in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert not (tmp_path / "d.npy").exists()
+
+
+def test_answers_of_a_non_thinking_model_are_unchanged(tiny: dict[str, Path]) -> None:
+    from gguf_abliterate.runtime.llama import LlamaModel
+
+    with LlamaModel(tiny["llama-chat"]) as m:
+        answers = m.greedy_answers(["Hello there", "Tell me a story"], 6)
+        assert all(a.final == a.text and a.thought is None and a.reply == a.text for a in answers)
+        assert m.at_answer(["x"]) == ["x"]
+        assert np.array_equal(m.next_token_logprobs(["x"]), m.next_token_logprobs(m.at_answer(["x"])))
