@@ -8,17 +8,8 @@ from pathlib import Path
 
 import click
 
-from gguf_abliterate.cli.common import (
-    Command,
-    Finite,
-    InputPath,
-    OutputFolder,
-    cli_ui,
-    echo,
-    sayer,
-    thinking_options,
-    user_errors,
-)
+from gguf_abliterate.cli.common import (Command, Finite, InputPath, OutputFolder, cli_ui, echo, sayer,
+    thinking_options, user_errors)
 from gguf_abliterate.cli.eval import print_refusals
 from gguf_abliterate.formats.statistics_file import statistics_path
 from gguf_abliterate.errors import UserError

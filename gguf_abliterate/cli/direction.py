@@ -7,17 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gguf_abliterate.cli.common import (
-    Command,
-    Finite,
-    InputName,
-    InputPath,
-    OutputPath,
-    cli_ui,
-    sayer,
-    thinking_options,
-    user_errors,
-)
+from gguf_abliterate.cli.common import (Command, Finite, InputName, InputPath, OutputPath, cli_ui, sayer,
+    thinking_options, user_errors)
 from gguf_abliterate.direction.measure import DEFAULT_MAX_KL, Engine, Position
 from gguf_abliterate.errors import UserError
 

@@ -9,16 +9,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gguf_abliterate.cli.common import (
-    Command,
-    InputName,
-    InputPath,
-    OutputPath,
-    cli_ui,
-    echo,
-    thinking_options,
-    user_errors,
-)
+from gguf_abliterate.cli.common import (Command, InputName, InputPath, OutputPath, cli_ui, echo,
+    thinking_options, user_errors)
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
 from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET

@@ -6,16 +6,8 @@ from pathlib import Path
 
 import click
 
-from gguf_abliterate.cli.common import (
-    Command,
-    Finite,
-    InputPath,
-    OutputPath,
-    cli_ui,
-    sayer,
-    thinking_options,
-    user_errors,
-)
+from gguf_abliterate.cli.common import (Command, Finite, InputPath, OutputPath, cli_ui, sayer,
+    thinking_options, user_errors)
 from gguf_abliterate.errors import Interrupted
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
 from gguf_abliterate.optimise.study import SearchSettings

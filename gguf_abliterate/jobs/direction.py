@@ -39,7 +39,7 @@ from gguf_abliterate.jobs.ui import Ui
 from gguf_abliterate.quants.rounding import column_block
 from gguf_abliterate.report import claim_report
 from gguf_abliterate.runtime.llama import LlamaModel, Prompt
-from gguf_abliterate.runtime.thinking import Thinking
+from gguf_abliterate.runtime.thinking import THINKING_BATCH, Thinking, render_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +77,9 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
             raise UserError("--report charts the per-block statistics, which only a .safetensors output keeps")
         claim_report(r.report, [r.model, r.output], r.force)
     meta = Model(r.model)
-    with LlamaModel(r.model, chat=not r.raw, thinking=r.thinking) as model:
+    thinks = not r.raw and render_for(r.model, r.thinking).thinks  # room for thoughts, where they are generated
+    with LlamaModel(r.model, chat=not r.raw, thinking=r.thinking, n_batch=2048 * (THINKING_BATCH if thinks else 1),
+                    n_seq=16 * (THINKING_BATCH if thinks else 1)) as model:
         if model.template is None and not r.raw:
             ui.say("note: the model has no chat template; prompts are fed as raw text")
         if r.layer != "auto" and not (r.layer.isdigit() and int(r.layer) < model.n_layer):

@@ -45,7 +45,7 @@ from gguf_abliterate.optimise.adapter import TrialAdapters
 from gguf_abliterate.optimise.scorer import TrialScorer
 from gguf_abliterate.optimise.space import suggest
 from gguf_abliterate.runtime.llama import LlamaModel
-from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking
+from gguf_abliterate.runtime.thinking import THINKING_BATCH, THOUGHT_BUDGET, Thinking, render_for
 
 STUDY_NAME = "gguf-abliterate"
 CONFIRM_MAX_RATIO = 0.3
@@ -373,9 +373,12 @@ class Search:
             self.llama.set_adapter(None)
 
     def _refusals(self, llama: LlamaModel) -> int:
-        """`llama`'s greedy refusals to the confirmation prompts."""
+        """`llama`'s greedy refusals to the confirmation prompts. For a model that thinks, the
+        thought is generated too, and an answer that never arrives (the thought ran past
+        THOUGHT_BUDGET: "" to the markers) counts with the refusals, so an edit that makes the
+        model think without end fails the pick rule."""
         tokens = self.settings.confirm_tokens + (THOUGHT_BUDGET if llama.thinks else 0)
-        answers = llama.greedy(self.confirm_prompts, tokens)  # final answers (a thought that never ends: "")
+        answers = llama.greedy(self.confirm_prompts, tokens)
         verdicts = self.confirmer.label(self.confirm_prompts, answers)
         return sum(v.label is Label.REFUSAL for v in verdicts)
 
@@ -490,7 +493,8 @@ class Search:
 def _load(path: Path, thinking: Thinking) -> LlamaModel:
     """A model for trials and confirmations: up to 64 sequences and 4096 tokens per decode, so a
     trial's prompt set goes through in one decode (longer sets are split into several)."""
-    return LlamaModel(path, n_batch=4096, n_seq=64, thinking=thinking)
+    grow = THINKING_BATCH if render_for(path, thinking).thinks else 1  # room for the thoughts confirmations generate
+    return LlamaModel(path, n_batch=4096 * grow, n_seq=64, thinking=thinking)
 
 
 def _candidates(front: list[TrialRecord]) -> list[TrialRecord]:

@@ -34,6 +34,9 @@ MODES = ("auto", "on", "off")  # auto: as the template renders without being ask
 EFFORTS = ("low", "medium", "high")
 # tokens a thought may take before the final answer must have opened; on top of an answer's own budget
 THOUGHT_BUDGET = 512
+# a model that thinks generates hundreds of tokens per answer: its context (and decode) is this
+# many times larger, so a batch still holds many answers (about 40 MB of cache per 1k tokens on a 1.5B)
+THINKING_BATCH = 4
 
 
 @dataclass(frozen=True)
