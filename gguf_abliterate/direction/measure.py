@@ -15,9 +15,10 @@ there damages the output most).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -46,16 +47,23 @@ class Position(str, Enum):
 
 
 DEFAULT_POSITION = Position.ANSWER
+ProgressBars = Callable[..., Any]  # tqdm-like: bars(total=, desc=, unit=) as a context manager
 
 
-def at_position(model: LlamaModel, prompts: list[str], position: Position,
-                progress: Callable[[int], None] = lambda n: None) -> list[Prompt]:
-    """`prompts` as read at `position`: a model that does not think reads them as they are."""
+def at_position(model: LlamaModel, prompts: Sequence[str], position: Position,
+                bars: ProgressBars | None = None) -> list[Prompt]:
+    """`prompts` as read at `position`: a model that does not think reads them as they are.
+    At THOUGHT the model's own thoughts are generated first (with a bar from `bars`, a
+    tqdm-like factory, where given)."""
     if not model.thinks or position is Position.PROMPT:
         return list(prompts)
     if position is Position.ANSWER:
         return model.at_answer(prompts)
-    answers = model.greedy_answers(prompts, THOUGHT_BUDGET, progress)
+    if bars is None:
+        answers = model.greedy_answers(prompts, THOUGHT_BUDGET)
+    else:
+        with bars(total=len(prompts), desc="the model's own thoughts", unit="prompt") as bar:
+            answers = model.greedy_answers(prompts, THOUGHT_BUDGET, bar.update)
     return [AtAnswer(p, a.thought or "") for p, a in zip(prompts, answers)]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from gguf_abliterate.runtime.library import load_llama_cpp
 from gguf_abliterate.runtime.llama import LlamaModel
-from gguf_abliterate.runtime.thinking import THINKING_BATCH, Thinking, render_for
+from gguf_abliterate.runtime.thinking import Thinking
 
 
 # Big enough to answer a whole prompt set in one or two decodes per step.
@@ -21,8 +21,7 @@ MAX_ANSWER_TOKENS = 1024
 
 def load_for_eval(path: Path, thinking: Thinking = Thinking()) -> LlamaModel:
     """A model loaded with the settings every `eval` measurement uses (so they compare alike)."""
-    return LlamaModel(path, n_batch=EVAL_BATCH * (THINKING_BATCH if render_for(path, thinking).thinks else 1),
-                      n_seq=EVAL_SEQUENCES, thinking=thinking)
+    return LlamaModel(path, n_batch=EVAL_BATCH, n_seq=EVAL_SEQUENCES, thinking=thinking, room_for_thoughts=True)
 
 
 def perplexity(path: Path, text: str, n_ctx: int = 512) -> float:

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-
 from gguf_abliterate.evaluate.answer_rules import Measure, Measured, Probe, Reply
 from gguf_abliterate.evaluate.costs import Costs, EvalSettings
 from gguf_abliterate.evaluate.degenerate import is_degenerate

@@ -38,8 +38,8 @@ from gguf_abliterate.gguf_io.atomic import claim_outputs
 from gguf_abliterate.jobs.ui import Ui
 from gguf_abliterate.quants.rounding import column_block
 from gguf_abliterate.report import claim_report
-from gguf_abliterate.runtime.llama import LlamaModel, Prompt
-from gguf_abliterate.runtime.thinking import THINKING_BATCH, Thinking, render_for
+from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.runtime.thinking import Thinking
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,24 +77,22 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
             raise UserError("--report charts the per-block statistics, which only a .safetensors output keeps")
         claim_report(r.report, [r.model, r.output], r.force)
     meta = Model(r.model)
-    thinks = not r.raw and render_for(r.model, r.thinking).thinks  # room for thoughts, where they are generated
-    with LlamaModel(r.model, chat=not r.raw, thinking=r.thinking, n_batch=2048 * (THINKING_BATCH if thinks else 1),
-                    n_seq=16 * (THINKING_BATCH if thinks else 1)) as model:
+    with LlamaModel(r.model, chat=not r.raw, thinking=r.thinking, room_for_thoughts=True) as model:
         if model.template is None and not r.raw:
             ui.say("note: the model has no chat template; prompts are fed as raw text")
         if r.layer != "auto" and not (r.layer.isdigit() and int(r.layer) < model.n_layer):
             raise UserError(f"--layer must be 'auto' or a block number 0-{model.n_layer - 1}")
+        position = r.position or DEFAULT_POSITION
         if model.thinks:
-            ui.say(f"the model thinks ({model.reasoning.format.name}): prompts are read at "
-                   f"{(r.position or DEFAULT_POSITION).value}, layers scored where the final answer opens")
-        thinking = ({"reasoning": model.reasoning.format.name, "position": (r.position or DEFAULT_POSITION).value}
-                    if model.thinks else {})
+            ui.say(f"the model thinks ({model.reasoning.format.name}): prompts are read at {position.value}, "
+                   f"layers scored where the final answer opens")
+        read_at = {"reasoning": model.reasoning.format.name, "position": position.value} if model.thinks else {}
         stats, mlp_means, stored = _measure(r, pack, meta, model, stats_path is not None, ui)
         scores = np.full(model.n_layer, np.nan, np.float32)
         kl = np.full(model.n_layer, np.nan, np.float32)
         chosen, info = _choose(r, pack, meta, model, stats, scores, kl, ui)
         with ui.bar(total=len(pack.probes), desc="probes' lean", unit="prompt") as bar:
-            probes = _positioned(r, model, [p.prompt for p in pack.probes], ui)
+            probes = at_position(model, [p.prompt for p in pack.probes], position, ui.bar)
             lean = measure_lean(model, probes, stats.directions[chosen], chosen,
                                 stats.harmless_mean[chosen], float(stats.diff_norm[chosen]), bar.update)
         ui.say(f"{pack.name} at block {chosen}: {lean.describe(pack.name)}")
@@ -106,7 +104,7 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
         "model": meta.get_str(names.NAME) or r.model.name, "architecture": meta.arch,
         "n_embd": str(stats.directions.shape[1]), "n_layer": str(meta.n_layer), **pack.metadata(),
         "chat_template": "raw" if r.raw else "model", "engine": r.engine.value, **info, **lean.metadata(),
-        **thinking,
+        **read_at,
     }
     statistics = {"harmful_mean_norm": stats.harmful_norm, "harmless_mean_norm": stats.harmless_norm,
                   "diff_norm": stats.diff_norm, "separation": stats.separation, "layer_score": scores, "kl": kl}
@@ -142,7 +140,7 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
              ui: Ui) -> tuple[LayerStats, np.ndarray | None, StoredMoments | None]:
     """Every block's difference of means; with llama.cpp also the MLP input means (for --steer)
     and, from the same passes, the writers' input statistics (for gptq rounding)."""
-    d_pos, d_neg = (_positioned(r, model, s, ui) for s in pack.direction_sets())
+    d_pos, d_neg = (at_position(model, s, r.position or DEFAULT_POSITION, ui.bar) for s in pack.direction_sets())
     if r.engine is Engine.TORCH:
         from gguf_abliterate.runtime.torch_pass import TorchModel
 
@@ -156,15 +154,6 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
     stored = (encode_statistics(meta, moments.means(), moments.tokens, f"direction ({pack.name}, {len(d_pos) + len(d_neg)} prompts)")
               if keep_statistics else None)
     return stats, mlp.means(), stored
-
-
-def _positioned(r: DirectionRequest, model: LlamaModel, prompts: list[str], ui: Ui) -> list[Prompt]:
-    """Prompts as read at the request's position (as they are, for a model that does not think)."""
-    position = r.position or DEFAULT_POSITION
-    if model.thinks and position is Position.THOUGHT:
-        with ui.bar(total=len(prompts), desc="the model's own thoughts", unit="prompt") as bar:
-            return at_position(model, prompts, position, bar.update)
-    return at_position(model, prompts, position)
 
 
 def _choose(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, stats: LayerStats,

@@ -18,17 +18,14 @@ that barely edit never look good on the second objective.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from gguf_abliterate.evaluate.first_token import kl_divergence, refusal_mass, refusal_token_ids
-from gguf_abliterate.runtime.llama import AtAnswer, LlamaModel, Prompt
-from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
-
-ProgressBars = Callable[..., Any]  # tqdm-like: progress(total=, desc=, unit=) as a context manager
+from gguf_abliterate.direction.measure import Position, ProgressBars, at_position
+from gguf_abliterate.runtime.llama import LlamaModel
 
 GUARD = 0.5
 
@@ -51,7 +48,8 @@ class TrialScorer:
         self.model, self.kl_tokens = model, kl_tokens
         self.ids = refusal_token_ids(model)
         model.set_adapter(None)
-        self.harmful, self.harmless = _after_thoughts(model, harmful, progress), _after_thoughts(model, harmless, progress)
+        # a model that thinks: each prompt carried past the original's own thought, to where its answer opens
+        self.harmful, self.harmless = (at_position(model, s, Position.THOUGHT, progress) for s in (harmful, harmless))
         self.base_refusal = refusal_mass(model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
         self.continuations = model.greedy_tokens(self.harmless, kl_tokens) if kl_tokens > 1 else None
         self.base = self._harmless_logprobs()
@@ -76,15 +74,3 @@ class TrialScorer:
         finally:
             self.model.set_adapter(None)
 
-
-def _after_thoughts(model: LlamaModel, prompts: Sequence[str], progress: ProgressBars | None) -> list[Prompt]:
-    """The prompts, or for a model that thinks, each carried past the original's own thought to
-    where its final answer opens."""
-    if not model.thinks:
-        return list(prompts)
-    if progress is None:
-        answers = model.greedy_answers(prompts, THOUGHT_BUDGET)
-    else:
-        with progress(total=len(prompts), desc="the original's thoughts", unit="prompt") as bar:
-            answers = model.greedy_answers(prompts, THOUGHT_BUDGET, bar.update)
-    return [AtAnswer(p, a.thought or "") for p, a in zip(prompts, answers)]

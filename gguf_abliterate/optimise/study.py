@@ -45,7 +45,7 @@ from gguf_abliterate.optimise.adapter import TrialAdapters
 from gguf_abliterate.optimise.scorer import TrialScorer
 from gguf_abliterate.optimise.space import suggest
 from gguf_abliterate.runtime.llama import LlamaModel
-from gguf_abliterate.runtime.thinking import THINKING_BATCH, THOUGHT_BUDGET, Thinking, render_for
+from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking
 
 STUDY_NAME = "gguf-abliterate"
 CONFIRM_MAX_RATIO = 0.3
@@ -493,8 +493,7 @@ class Search:
 def _load(path: Path, thinking: Thinking) -> LlamaModel:
     """A model for trials and confirmations: up to 64 sequences and 4096 tokens per decode, so a
     trial's prompt set goes through in one decode (longer sets are split into several)."""
-    grow = THINKING_BATCH if render_for(path, thinking).thinks else 1  # room for the thoughts confirmations generate
-    return LlamaModel(path, n_batch=4096 * grow, n_seq=64, thinking=thinking)
+    return LlamaModel(path, n_batch=4096, n_seq=64, thinking=thinking, room_for_thoughts=True)
 
 
 def _candidates(front: list[TrialRecord]) -> list[TrialRecord]:

@@ -32,7 +32,7 @@ from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.adapters import write_lora_adapter
 from gguf_abliterate.portable import available_cores
 from gguf_abliterate.runtime.library import Ggml, load_llama_cpp
-from gguf_abliterate.runtime.thinking import Render, Thinking, detect, resolve, split
+from gguf_abliterate.runtime.thinking import THINKING_BATCH, Render, Thinking, detect, resolve, split
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,11 @@ class LlamaModel:
     """A GGUF model loaded in llama.cpp for batched forward passes with a residual-stream hook."""
 
     def __init__(self, path: str | os.PathLike[str], n_batch: int = 2048, n_seq: int = 16,
-                 n_threads: int | None = None, chat: bool = True, thinking: Thinking = Thinking()):
+                 n_threads: int | None = None, chat: bool = True, thinking: Thinking = Thinking(),
+                 room_for_thoughts: bool = False):
+        """`room_for_thoughts`: where a caller generates thoughts, a model that thinks gets
+        THINKING_BATCH times the context, so a decode still holds many answers of hundreds of
+        tokens (a model that does not think is loaded as asked)."""
         self.ll = ll = load_llama_cpp()
         self.path = Path(path)
         if not self.path.is_file():
@@ -186,6 +190,14 @@ class LlamaModel:
         # one by one, not the rows of the whole batch: decode one prompt at a time there.
         if ll.llama_model_is_recurrent(self.model) or ll.llama_model_is_hybrid(self.model):
             n_seq = 1
+        try:
+            raw = _meta_template(ll, self.model) if chat else None
+            self.reasoning = resolve(detect(raw), thinking)
+        except UserError:
+            ll.llama_model_free(self.model)
+            raise
+        if room_for_thoughts and self.reasoning.thinks:
+            n_batch *= THINKING_BATCH
         self.n_batch, self.n_seq = n_batch, n_seq
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_batch
@@ -201,8 +213,6 @@ class LlamaModel:
             ll.llama_model_free(self.model)
             raise UserError(f"{self.path}: llama.cpp could not create a context")
         try:
-            raw = _meta_template(ll, self.model) if chat else None
-            self.reasoning = resolve(detect(raw), thinking)
             self.template = None if raw is None else _chat_template(ll, self.vocab, raw, self.path, self.reasoning)
         except UserError:
             self.close()
