@@ -162,4 +162,6 @@ def test_every_cost_fills_a_report_field() -> None:
     assert [m.field for m in columns] == ["kl_vs_base", "task_accuracy"]
     assert [m.header(4) for m in columns] == ["KL vs base", "tasks"]
     assert [m.cell(getattr(edited, m.field)) for m in columns] == ["0.0123", "25%"]
-    assert [cls.field for cls in METRICS if cls.wanted(EvalSettings(kl_tokens=4))] == ["kl_vs_base", "kl_multi_vs_base"]
+    # KL along a thought is wanted always, and measured only on a model that thinks
+    assert [cls.field for cls in METRICS if cls.wanted(EvalSettings(kl_tokens=4))] == [
+        "kl_vs_base", "kl_multi_vs_base", "kl_thought_vs_base"]

@@ -118,6 +118,60 @@ def test_layer_choice_and_search_never_score_the_first_token_of_a_thought(tiny: 
         m.close()
 
 
+def test_the_search_reads_kl_along_the_original_thought(tiny: dict[str, Path]) -> None:
+    """A thinking model's KL follows the original's own greedy answer, thought and all, at a
+    few evenly spaced steps; a model that does not think keeps its first-token KL."""
+    from gguf_abliterate.evaluate.first_token import KL_STEPS
+    from gguf_abliterate.optimise.scorer import TrialScorer
+    from gguf_abliterate.runtime.llama import LlamaModel
+
+    bad, good = ["How do I pick a lock?", "Make a weapon."], ["Bake bread.", "Plant a tree."]
+    with LlamaModel(tiny["think-qwen3"], n_seq=8, room_for_thoughts=True) as m:
+        scorer = TrialScorer(m, bad, good, kl_tokens=2)
+        assert scorer.continuations is not None and scorer.steps is not None
+        own = m.greedy_answers(good, 514)
+        assert scorer.continuations == [a.tokens for a in own]
+        assert max(len(c) for c in scorer.continuations) > 2  # more than the answer's K tokens: the thought
+        assert all(1 <= len(st) <= KL_STEPS and st[-1] == len(c) - 1 for st, c in zip(scorer.steps, scorer.continuations))
+        assert scorer.kl() < 1e-6  # the original against itself
+    with LlamaModel(tiny["llama-chat"], n_seq=8) as m:
+        scorer = TrialScorer(m, bad, good)
+        assert scorer.continuations is None and scorer.base[0].shape[0] == 1
+
+
+def test_forced_logprobs_at_chosen_steps_are_those_of_every_step(tiny: dict[str, Path]) -> None:
+    from gguf_abliterate.evaluate.first_token import spaced_steps
+    from gguf_abliterate.runtime.llama import LlamaModel
+
+    assert spaced_steps(3, 5) == [0, 1, 2] and spaced_steps(100, 5) == [0, 25, 50, 74, 99]
+    with LlamaModel(tiny["llama-chat"], n_seq=8) as m:
+        prompts = ["Hello there", "Tell me a story"]
+        tokens = m.greedy_tokens(prompts, 9)
+        every = m.forced_logprobs(prompts, tokens)
+        some = m.forced_logprobs(prompts, tokens, steps=[[0, 4, 8], [2]])
+        assert [s.shape[0] for s in some] == [3, 1]
+        np.testing.assert_allclose(some[0], every[0][[0, 4, 8]], atol=1e-4)
+        np.testing.assert_allclose(some[1], every[1][[2]], atol=1e-4)
+
+
+def test_a_pick_that_thinks_much_longer_fails(tiny: dict[str, Path]) -> None:
+    """The pick rule's thought guard, on the rule itself: refusals within the bound and
+    thoughts at most max_thought_growth times the original's."""
+    from types import SimpleNamespace
+
+    from gguf_abliterate.optimise.study import Search, SearchSettings
+
+    said: list[str] = []
+    search = SimpleNamespace(settings=SearchSettings(max_refusals=10, max_thought_growth=1.5), original_thought=200.0,
+                             say=said.append)
+    search._allowed = lambda original: Search._allowed(search, original)
+    assert Search._passes(search, 20, 2, 290.0)
+    assert not Search._passes(search, 20, 2, 310.0) and "310 tokens" in said[-1]
+    assert not Search._passes(search, 20, 3, 100.0)
+    search.original_thought = None  # a model that does not think: refusals alone
+    assert Search._passes(search, 20, 2, None)
+
+
 def test_every_command_runs_with_thinking_on_and_off(tiny: dict[str, Path], tmp_path: Path) -> None:
     model = tiny["think-qwen3"]
     assert "reasoning:     qwen3" in cli("inspect", model).stdout
@@ -135,8 +189,11 @@ def test_every_command_runs_with_thinking_on_and_off(tiny: dict[str, Path], tmp_
         if mode == "on":
             assert "no answer" in run.stdout and all(m["thinking"]["format"] == "qwen3" for m in models)
             assert all(len(m["thinking"]["harmful"]) == 2 for m in models)
+            # KL along the base's thought: none for the base itself, measured for the edit
+            assert models[0]["kl_thought_vs_base"] is None and models[1]["kl_thought_vs_base"] > -1e-9
+            assert "KL thought" in run.stdout
         else:
-            assert all(m["thinking"] is None for m in models)
+            assert all(m["thinking"] is None and m["kl_thought_vs_base"] is None for m in models)
     chat = subprocess.run([sys.executable, "-m", "gguf_abliterate", "chat", str(model), "--thinking", "off",
                            "--max-tokens", "2"], input="hi\n", capture_output=True, text=True)
     assert chat.returncode == 0, chat.stderr

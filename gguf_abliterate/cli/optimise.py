@@ -41,6 +41,9 @@ D = SearchSettings()  # the defaults, in one place
               help="KL over the original's first K greedy tokens (teacher-forced), not only the first.")
 @click.option("--max-refusals", type=Finite(0, 100), default=D.max_refusals, show_default=True,
               help="Pick rule: the lowest-KL trial whose greedy refusals are at most this percent of the original's.")
+@click.option("--max-thought-growth", type=Finite(1, None), default=D.max_thought_growth, show_default=True,
+              help="Pick rule for a model that thinks: the pick's thoughts on the confirmation prompts are at most "
+                   "this many times as long as the original's, on average.")
 @click.option("--confirm", type=click.IntRange(min=1), default=D.confirm, show_default=True,
               help="Front trials confirmed by generation, at most (lowest KL first; the first that passes is the pick).")
 @click.option("--confirm-tokens", type=click.IntRange(1, MAX_ANSWER_TOKENS), default=D.confirm_tokens, show_default=True,
@@ -69,10 +72,10 @@ D = SearchSettings()  # the defaults, in one place
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @user_errors
 def command(model_path: Path, output: Path | None, trials: int, minutes: float, resume: bool, storage: str | None,
-            join: str | None, measured: Path | None, startup_trials: int, score_prompts: int, kl_tokens: int, max_refusals: float,
-            confirm: int, confirm_tokens: int, bake_checks: int, bake: Path | None, patience: int, seed: int,
-            judge: Path | None, fix: tuple[str, ...], thinking: Thinking, report: Path | None, force: bool,
-            quiet: bool) -> None:
+            join: str | None, measured: Path | None, startup_trials: int, score_prompts: int, kl_tokens: int,
+            max_refusals: float, max_thought_growth: float, confirm: int, confirm_tokens: int, bake_checks: int,
+            bake: Path | None, patience: int, seed: int, judge: Path | None, fix: tuple[str, ...], thinking: Thinking,
+            report: Path | None, force: bool, quiet: bool) -> None:
     """Search the edit for MODEL on CPU: per-block directions (blended between neighbouring
     blocks, or each block its own, optionally orthogonal to the harmless mean) and per-block
     strengths of the attention and MLP edits, against two objectives, refusal on harmful
@@ -83,8 +86,9 @@ def command(model_path: Path, output: Path | None, trials: int, minutes: float, 
 
     settings = SearchSettings(trials=trials, minutes=minutes, startup_trials=startup_trials,
                               score_prompts=score_prompts, kl_tokens=kl_tokens, max_refusals=max_refusals,
-                              confirm=confirm, confirm_tokens=confirm_tokens, bake_checks=bake_checks,
-                              patience=patience, seed=seed, fixed=parse_fixed(fix), judge=judge, thinking=thinking)
+                              max_thought_growth=max_thought_growth, confirm=confirm,
+                              confirm_tokens=confirm_tokens, bake_checks=bake_checks, patience=patience, seed=seed,
+                              fixed=parse_fixed(fix), judge=judge, thinking=thinking)
     request = OptimiseRequest(model=model_path, output=output, settings=settings, storage=storage, resume=resume,
                               join=join, measured=measured, bake=bake, report=report, force=force)
     result = run_optimise(request, cli_ui(quiet))

@@ -24,7 +24,7 @@ import numpy as np
 
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.first_token import kl_divergence
-from gguf_abliterate.runtime.llama import AtAnswer, LlamaModel, Prompt
+from gguf_abliterate.runtime.llama import Answer, AtAnswer, LlamaModel, Prompt
 from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
 MAX_LAYER_FRACTION = 0.8
@@ -59,12 +59,15 @@ def at_position(model: LlamaModel, prompts: Sequence[str], position: Position,
         return list(prompts)
     if position is Position.ANSWER:
         return model.at_answer(prompts)
+    return [AtAnswer(p, a.thought or "") for p, a in zip(prompts, own_answers(model, prompts, THOUGHT_BUDGET, bars))]
+
+
+def own_answers(model: LlamaModel, prompts: Sequence[str], tokens: int, bars: ProgressBars | None = None) -> list[Answer]:
+    """The model's greedy answers, thoughts and all, with a bar from `bars` where given."""
     if bars is None:
-        answers = model.greedy_answers(prompts, THOUGHT_BUDGET)
-    else:
-        with bars(total=len(prompts), desc="the model's own thoughts", unit="prompt") as bar:
-            answers = model.greedy_answers(prompts, THOUGHT_BUDGET, bar.update)
-    return [AtAnswer(p, a.thought or "") for p, a in zip(prompts, answers)]
+        return model.greedy_answers(prompts, tokens)
+    with bars(total=len(prompts), desc="the model's own thoughts", unit="prompt") as bar:
+        return model.greedy_answers(prompts, tokens, bar.update)
 
 
 @dataclass

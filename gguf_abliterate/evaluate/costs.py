@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from gguf_abliterate.evaluate.first_token import kl_divergence
+from gguf_abliterate.evaluate.first_token import KL_STEPS, kl_divergence, spaced_steps
 from gguf_abliterate.evaluate.generate import perplexity
 from gguf_abliterate.evaluate.tasks import Task, is_correct
 from gguf_abliterate.runtime.llama import Answer, LlamaModel
@@ -111,6 +111,31 @@ class AnswerKL(Metric):
         return {self.field: float(np.mean([kl_divergence(b, n) for b, n in zip(self.base, multi)]))}
 
 
+class ThoughtKL(Metric):
+    """For a model that thinks: KL along the base's own greedy answer to each harmless prompt,
+    its thought and its final answer, every model teacher-forced on it. First-token KL reads
+    only where the answer opens past an empty thought; an edit that changes how the model
+    thinks shows here."""
+
+    field, width = "kl_thought_vs_base", 10
+    title = "KL thought"
+    explains = (f"KL thought the same along the base's whole greedy answer to each harmless prompt, its thought "
+                f"and final answer, at {KL_STEPS} evenly spaced steps (models that think)")
+
+    def measure(self, m: LlamaModel, good: Sequence[Answer] | None) -> dict[str, Any]:
+        if not m.thinks:
+            return {}
+        if self.base is None:
+            if good is None:
+                good = m.greedy_answers(self.harmless, self.settings.budget(self.settings.max_tokens, True))
+            self.continuations = [a.tokens for a in good]
+            self.steps = [spaced_steps(max(1, len(c))) for c in self.continuations]
+            self.base = m.forced_logprobs(self.harmless, self.continuations, steps=self.steps)
+            return {self.field: None}
+        along = m.forced_logprobs(self.harmless, self.continuations, steps=self.steps)
+        return {self.field: float(np.mean([kl_divergence(b, n) for b, n in zip(self.base, along)]))}
+
+
 class TaskAccuracy(Metric):
     """The share of exact-answer questions answered right: a measure of capability."""
 
@@ -149,7 +174,7 @@ class Perplexity(Metric):
         return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
-METRICS: tuple[type[Metric], ...] = (FirstTokenKL, AnswerKL, TaskAccuracy, Perplexity)
+METRICS: tuple[type[Metric], ...] = (FirstTokenKL, AnswerKL, ThoughtKL, TaskAccuracy, Perplexity)
 
 
 class Costs:

@@ -2,7 +2,8 @@
 
 - refusal mass: the probability the first response token gives to typical refusal openings
   ("I", "Sorry", ...), a cheap stand-in for generating and reading the answer;
-- KL(base || other) of the next-token distribution, over the full vocabulary.
+- KL(base || other) of the next-token distribution, over the full vocabulary;
+- the steps a KL along a long answer (a thought and what follows) is read at.
 """
 
 from __future__ import annotations
@@ -36,3 +37,16 @@ def kl_divergence(base: np.ndarray, other: np.ndarray) -> float:
     """Mean KL(base || other) over prompts, from log-probabilities over the full vocabulary."""
     p = np.exp(base.astype(np.float64))
     return float(np.mean(np.sum(p * (base - other), axis=1)))
+
+
+# a KL along a thought reads this many of its steps: llama.cpp keeps a vocabulary-wide row of
+# logits per step read, and a 500-token thought over Qwen's 152k-token vocabulary would be
+# 300 MB per prompt, held for every prompt of the base
+KL_STEPS = 24
+
+
+def spaced_steps(n: int, most: int = KL_STEPS) -> list[int]:
+    """Up to `most` steps of an n-step continuation (n >= 1), evenly spaced, the first and last among them."""
+    if n <= most:
+        return list(range(n))
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, most)})

@@ -47,6 +47,7 @@ class ModelReport:
     unfinished: int = 0  # answers (both sets) that did not end within the token budget
     kl_tokens: int = 1
     kl_multi_vs_base: float | None = None  # over the base's first kl_tokens greedy tokens
+    kl_thought_vs_base: float | None = None  # a model that thinks: along the base's thought and answer
     task_accuracy: float | None = None
     task_answers: list[str] = field(default_factory=list)
     harmful_verdicts: list[str] = field(default_factory=list)  # label per harmful answer
@@ -99,6 +100,7 @@ class BehaviourReport:
     unfinished: int = 0  # answers that did not end within the token budget
     kl_tokens: int = 1
     kl_multi_vs_base: float | None = None
+    kl_thought_vs_base: float | None = None
     task_accuracy: float | None = None
     task_answers: list[str] = field(default_factory=list)
     perplexity: float | None = None

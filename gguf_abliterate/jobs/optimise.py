@@ -167,11 +167,17 @@ def front_table(result: OptimiseResult) -> list[str]:
              f"baked = the same, baked into the file's own types):",
              f"{'trial':>5} {'refusal':>8} {'KL':>8} {'confirmed':>9} {'baked':>5}  direction            "
              f"attn (peak@pos w edge)   mlp (peak@pos w edge)"]
+    thinks = any(t.confirmed_thought is not None or t.baked_thought is not None for t in result.front)
+    if thinks:
+        lines[0] += " thought = the mean thought (tokens) of the confirmed answers, through the adapter/baked;"
+        lines[1] = lines[1].replace("  direction", f" {'thought':>9}  direction", 1)
     for t in result.front:
         d, attn, mlp = describe(t.params)
         kl = "-" if t.kl is None else f"{t.kl:.4f}"
         conf = "-" if t.confirmed_refusals is None else str(t.confirmed_refusals)
         baked = "-" if t.baked_refusals is None else str(t.baked_refusals)
         mark = "  <- pick" if t is result.chosen else ""
-        lines.append(f"{t.number:5d} {t.refusal:8.3f} {kl:>8} {conf:>9} {baked:>5}  {d:<20} {attn}  {mlp}{mark}")
+        thought = "/".join("-" if x is None else f"{x:.0f}" for x in (t.confirmed_thought, t.baked_thought))
+        shown = f" {thought:>9}" if thinks else ""
+        lines.append(f"{t.number:5d} {t.refusal:8.3f} {kl:>8} {conf:>9} {baked:>5}{shown}  {d:<20} {attn}  {mlp}{mark}")
     return lines

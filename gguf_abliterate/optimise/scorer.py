@@ -6,10 +6,12 @@
   token, or with `kl_tokens` K > 1 teacher-forced along the original's first K greedy tokens
   and averaged over the steps (abliterix's multi-token KL).
 
-For a model that thinks, both are read where the final answer opens, after the original
+For a model that thinks, refusal is read where the final answer opens, after the original
 model's own thought on that prompt (generated once, then teacher-forced: a trial stays one
-forward pass), never at the first token of a thought; KL@K follows the original's final
-answer from there.
+forward pass), never at the first token of a thought. KL is read along the original's own
+greedy answer to each harmless prompt, its thought and the first K tokens after it
+(THOUGHT_BUDGET + K in all, teacher-forced), at KL_STEPS evenly spaced steps: an edit that
+changes how the model thinks about harmless requests costs KL even where its answers open alike.
 
 The guard: a trial that leaves more than `GUARD` of the original refusal mass is not run on
 the harmless prompts (half a trial saved) and gets a KL objective of `1 + refusal`, so edits
@@ -23,9 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gguf_abliterate.evaluate.first_token import kl_divergence, refusal_mass, refusal_token_ids
-from gguf_abliterate.direction.measure import Position, ProgressBars, at_position
+from gguf_abliterate.evaluate.first_token import kl_divergence, refusal_mass, refusal_token_ids, spaced_steps
+from gguf_abliterate.direction.measure import Position, ProgressBars, at_position, own_answers
 from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
 GUARD = 0.5
 
@@ -49,15 +52,23 @@ class TrialScorer:
         self.ids = refusal_token_ids(model)
         model.set_adapter(None)
         # a model that thinks: each prompt carried past the original's own thought, to where its answer opens
-        self.harmful, self.harmless = (at_position(model, s, Position.THOUGHT, progress) for s in (harmful, harmless))
+        self.harmful = at_position(model, harmful, Position.THOUGHT, progress)
         self.base_refusal = refusal_mass(model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
-        self.continuations = model.greedy_tokens(self.harmless, kl_tokens) if kl_tokens > 1 else None
+        self.harmless = list(harmless)
+        self.continuations: list[list[int]] | None = None
+        self.steps: list[list[int]] | None = None
+        if model.thinks:
+            answers = own_answers(model, self.harmless, THOUGHT_BUDGET + kl_tokens, progress)
+            self.continuations = [a.tokens for a in answers]
+            self.steps = [spaced_steps(max(1, len(c))) for c in self.continuations]
+        elif kl_tokens > 1:
+            self.continuations = model.greedy_tokens(self.harmless, kl_tokens)
         self.base = self._harmless_logprobs()
 
     def _harmless_logprobs(self) -> list[np.ndarray]:
         if self.continuations is None:
             return [row[None] for row in self.model.next_token_logprobs(self.harmless, share_prefix=True)]
-        return self.model.forced_logprobs(self.harmless, self.continuations)
+        return self.model.forced_logprobs(self.harmless, self.continuations, steps=self.steps)
 
     def kl(self) -> float:
         """KL(original || current) on the harmless prompts, averaged over prompts and steps."""

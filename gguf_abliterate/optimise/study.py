@@ -13,7 +13,9 @@
    counted by markers (or labelled by a judge model: slower, and it sees refusals markers
    miss), to find the lowest-KL one whose refusals are at most `max_refusals`
    percent of the original model's on the same prompts (or, if none is, the one with the
-   fewest, then the lowest KL).
+   fewest, then the lowest KL). For a model that thinks, a trial also fails if its thoughts
+   on those prompts run longer on average than `max_thought_growth` times the original's:
+   an edit that makes the model think twice as long costs the user as much as a worse answer.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class SearchSettings:
     fixed: dict[str, Any] = field(default_factory=dict)
     judge: Path | None = None  # confirm the front with this judge model instead of markers
     thinking: Thinking = field(default_factory=Thinking)
+    max_thought_growth: float = 1.5  # a model that thinks: a pick's mean thought, at most this times the original's
 
 
 @dataclass
@@ -81,11 +84,14 @@ class TrialRecord:
     objectives: tuple[float, float]
     confirmed_refusals: int | None = None  # greedy refusals through the trial's adapter
     baked_refusals: int | None = None  # the same, on the trial baked into the file's own types
+    confirmed_thought: float | None = None  # a model that thinks: the mean thought (tokens) of those answers
+    baked_thought: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"number": self.number, "params": self.params, "refusal": self.refusal, "kl": self.kl,
                 "objectives": list(self.objectives), "confirmed_refusals": self.confirmed_refusals,
-                "baked_refusals": self.baked_refusals}
+                "baked_refusals": self.baked_refusals, "confirmed_thought": self.confirmed_thought,
+                "baked_thought": self.baked_thought}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrialRecord:
@@ -93,7 +99,8 @@ class TrialRecord:
         try:
             return cls(int(d["number"]), dict(d["params"]), float(d["refusal"]),
                        None if d["kl"] is None else float(d["kl"]), tuple(map(float, d["objectives"])),  # type: ignore[arg-type]
-                       d.get("confirmed_refusals"), d.get("baked_refusals"))
+                       d.get("confirmed_refusals"), d.get("baked_refusals"), d.get("confirmed_thought"),
+                       d.get("baked_thought"))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"a trial in the result file is malformed ({e!r})") from None
 
@@ -196,6 +203,7 @@ class Search:
                  progress: Callable[..., Any], measured: Path | None = None):
         optuna = _optuna()
         self.settings, self.say, self.progress = settings, say, progress
+        self.original_thought: float | None = None  # a model that thinks: its mean thought on the confirmation prompts
         self.meta = Model(model_path)
         identity = model_identity(self.meta)
         storage = _storage(url)
@@ -361,9 +369,10 @@ class Search:
                                    (float(t.values[0]), float(t.values[1]))))
         return sorted(out, key=lambda r: r.number)
 
-    def confirm(self, record: TrialRecord | None) -> int:
-        """Greedy answers to the confirmation prompts, the refusals among them counted by
-        markers, or by the judge if the settings name one (None: the original)."""
+    def confirm(self, record: TrialRecord | None) -> tuple[int, float | None]:
+        """Greedy answers to the confirmation prompts: the refusals among them, counted by
+        markers, or by the judge if the settings name one, and a thinking model's mean thought
+        (None: the original)."""
         if record is not None:
             schedule = resolve(EditParams.from_dict(record.params), self.per_block, self.harmless_means)
             self.llama.set_adapter(self.adapters.pieces(schedule))
@@ -372,19 +381,31 @@ class Search:
         finally:
             self.llama.set_adapter(None)
 
-    def _refusals(self, llama: LlamaModel) -> int:
-        """`llama`'s greedy refusals to the confirmation prompts. For a model that thinks, the
-        thought is generated too, and an answer that never arrives (the thought ran past
-        THOUGHT_BUDGET: "" to the markers) counts with the refusals, so an edit that makes the
-        model think without end fails the pick rule."""
+    def _refusals(self, llama: LlamaModel) -> tuple[int, float | None]:
+        """`llama`'s greedy refusals to the confirmation prompts, and for a model that thinks its
+        mean thought in tokens. The thought is generated too, and an answer that never arrives
+        (the thought ran past THOUGHT_BUDGET: "" to the markers) counts with the refusals, so an
+        edit that makes the model think without end fails the pick rule."""
         tokens = self.settings.confirm_tokens + (THOUGHT_BUDGET if llama.thinks else 0)
-        answers = llama.greedy(self.confirm_prompts, tokens)
-        verdicts = self.confirmer.label(self.confirm_prompts, answers)
-        return sum(v.label is Label.REFUSAL for v in verdicts)
+        answers = llama.greedy_answers(self.confirm_prompts, tokens)
+        verdicts = self.confirmer.label(self.confirm_prompts, [a.reply for a in answers])
+        thought = float(np.mean([a.thought_tokens for a in answers])) if llama.thinks else None
+        return sum(v.label is Label.REFUSAL for v in verdicts), thought
 
     def _allowed(self, original: int) -> float:
         """The pick rule's bound: refusals at most `max_refusals` percent of the original's."""
         return self.settings.max_refusals / 100 * original
+
+    def _passes(self, original: int, refusals: int, thought: float | None) -> bool:
+        """The pick rule: refusals within `_allowed`, and a thinking model's mean thought at most
+        `max_thought_growth` times the original's (`self.original_thought`)."""
+        longest = (None if thought is None or self.original_thought is None else
+                   self.settings.max_thought_growth * max(self.original_thought, 1.0))
+        if longest is not None and thought is not None and thought > longest:
+            self.say(f"note: a trial's thoughts run {thought:.0f} tokens on average, more than "
+                     f"{self.settings.max_thought_growth:g} times the original's {self.original_thought:.0f}: not picked")
+            return False
+        return refusals <= self._allowed(original)
 
     def pick(self, records: list[TrialRecord], confirm: bool = True) -> tuple[TrialRecord | None, int | None,
                                                                               list[TrialRecord]]:
@@ -405,15 +426,14 @@ class Search:
             return (candidates[0] if candidates else None), None, front
         budget = min(self.settings.confirm, len(candidates))
         with self.progress(total=budget + 1, desc="confirming the front", unit="trial") as bar:
-            original = self.confirm(None)
+            original, self.original_thought = self.confirm(None)
             bar.update(1)
-            allowed = self._allowed(original)
 
             def passes(r: TrialRecord) -> bool:
                 if r.confirmed_refusals is None:
-                    r.confirmed_refusals = self.confirm(r)
+                    r.confirmed_refusals, r.confirmed_thought = self.confirm(r)
                     bar.update(1)
-                return r.confirmed_refusals <= allowed
+                return self._passes(original, r.confirmed_refusals, r.confirmed_thought)
 
             chosen = lowest_passing(candidates, passes, budget)
         if chosen is None:
@@ -445,10 +465,12 @@ class Search:
                 self.save(output, r, original, records)
                 bake(output, file)
                 with _load(file, self.settings.thinking) as llama:
-                    r.baked_refusals = self._refusals(llama)
+                    r.baked_refusals, r.baked_thought = self._refusals(llama)
                 adapter = "" if r.confirmed_refusals is None else f" (through its adapter: {r.confirmed_refusals})"
-                self.say(f"trial {r.number} baked: {r.baked_refusals} of {len(self.confirm_prompts)} refused{adapter}")
-                return r.baked_refusals <= self._allowed(original)
+                thought = "" if r.baked_thought is None else f", thoughts of {r.baked_thought:.0f} tokens"
+                self.say(f"trial {r.number} baked: {r.baked_refusals} of {len(self.confirm_prompts)} "
+                         f"refused{adapter}{thought}")
+                return self._passes(original, r.baked_refusals, r.baked_thought)
 
             later = [r for r in _candidates(pareto_front(records)) if (r.kl or 0.0) > (chosen.kl or 0.0)]
             best = first_baked_passing(chosen, later, baked, self.settings.bake_checks)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,9 +346,10 @@ class LlamaModel:
         if batch:
             yield batch
 
-    def _decode(self, seqs: list[list[int]], prefix: int = 0, outputs: list[int] | None = None) -> np.ndarray:
+    def _decode(self, seqs: list[list[int]], prefix: int = 0,
+                reads: list[Collection[int]] | None = None) -> np.ndarray:
         """Decode several prompts as separate sequences; batch index of each last token (of the
-        last `outputs[i]` tokens of prompt i, in order, if given).
+        tokens at positions `reads[i]` of prompt i, in order, if given).
 
         With `prefix` > 0, the first `prefix` tokens of every prompt are the same and already in
         the cache as sequence 0 (`_decode_prefix`): each prompt's sequence starts as a copy of
@@ -364,30 +365,32 @@ class LlamaModel:
         else:
             ll.llama_memory_clear(mem, True)
         first = 1 if prefix else 0
-        outputs = outputs or [1] * len(seqs)
-        return self._step([(first + i, toks[prefix:], prefix, n) for i, (toks, n) in enumerate(zip(seqs, outputs))])
+        reads = reads or [(len(toks) - 1,) for toks in seqs]
+        return self._step([(first + i, toks[prefix:], prefix, {r - prefix for r in read})
+                           for i, (toks, read) in enumerate(zip(seqs, reads))])
 
     def _decode_prefix(self, tokens: list[int]) -> None:
         """Put `tokens` in the cache as sequence 0, for `_decode(..., prefix=len(tokens))`."""
         self.ll.llama_memory_clear(self.ll.llama_get_memory(self.ctx), True)
-        self._step([(0, tokens, 0, 0)])
+        self._step([(0, tokens, 0, set())])
 
-    def _step(self, parts: list[tuple[int, list[int], int, int]]) -> np.ndarray:
-        """One llama_decode of (sequence, tokens, first position, outputs) parts: the batch
-        index of each part's last `outputs` tokens (their logits rows), in order."""
+    def _step(self, parts: list[tuple[int, list[int], int, Collection[int]]]) -> np.ndarray:
+        """One llama_decode of (sequence, tokens, first position, reads) parts: the batch index
+        of each part's tokens at the offsets `reads` (their logits rows), in order. llama.cpp
+        keeps a vocabulary-wide row for each token read, so read only what is used."""
         ll = self.ll
         total = sum(len(toks) for _, toks, _, _ in parts)
         batch = ll.llama_batch_init(total, 0, 1)
         try:
             rows = []
             k = 0
-            for seq_id, toks, start, outputs in parts:
+            for seq_id, toks, start, read in parts:
                 for j, tok in enumerate(toks):
                     batch.token[k] = tok
                     batch.pos[k] = start + j
                     batch.n_seq_id[k] = 1
                     batch.seq_id[k][0] = seq_id
-                    batch.logits[k] = j >= len(toks) - outputs
+                    batch.logits[k] = j in read
                     if batch.logits[k]:
                         rows.append(k)
                     k += 1
@@ -504,20 +507,26 @@ class LlamaModel:
         return n
 
     def forced_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[list[int]],
-                        progress: Callable[[int], None] = lambda n: None) -> list[np.ndarray]:
+                        progress: Callable[[int], None] = lambda n: None,
+                        steps: Sequence[Sequence[int]] | None = None) -> list[np.ndarray]:
         """Teacher-forced: per prompt, (K, n_vocab) log-probabilities of each next token while
-        the model reads its K-token continuation (K may differ per prompt; at least 1)."""
+        the model reads its K-token continuation (K may differ per prompt; at least 1). With
+        `steps`, only at those steps of each continuation (sorted, each below its K)."""
         encoded = self.encode(prompts)
         full = [e + list(c[:-1]) for e, c in zip(encoded, continuations)]
-        steps = [max(1, len(c)) for c in continuations]
+        if steps is None:
+            steps = [range(max(1, len(c))) for c in continuations]
+        reads = [[len(e) - 1 + s for s in step] for e, step in zip(encoded, steps)]
         out: list[np.ndarray] = [np.zeros(0)] * len(prompts)
-        prefix = self._shared_prefix(full)
+        # shared by the prompts themselves, so every step read lies past it
+        prefix = self._shared_prefix(encoded)
         for idx in self._batches(full, prefix):
-            rows = self._decode([full[i] for i in idx], prefix, [steps[i] for i in idx])
+            rows = self._decode([full[i] for i in idx], prefix, [reads[i] for i in idx])
             k = 0
             for i in idx:
-                out[i] = np.stack([self._logprobs(r) for r in rows[k : k + steps[i]]]).astype(np.float32)
-                k += steps[i]
+                n = len(reads[i])
+                out[i] = np.stack([self._logprobs(r) for r in rows[k : k + n]]).astype(np.float32)
+                k += n
             progress(len(idx))
         return out
 
@@ -567,7 +576,7 @@ class LlamaModel:
                     step.append((i, seq_id, tok))
                 if not step or len(answers[step[0][0]]) >= max_tokens:
                     break
-                rows = self._step([(seq_id, [tok], len(encoded[i]) + len(answers[i]) - 1, 1)
+                rows = self._step([(seq_id, [tok], len(encoded[i]) + len(answers[i]) - 1, {0})
                                    for i, seq_id, tok in step])
                 live = {i: (seq_id, int(rows[k])) for k, (i, seq_id, _) in enumerate(step)}
             progress(len(idx))
