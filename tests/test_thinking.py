@@ -172,6 +172,26 @@ def test_a_pick_that_thinks_much_longer_fails(tiny: dict[str, Path]) -> None:
     assert Search._passes(search, 20, 2, None)
 
 
+def test_a_search_on_a_thinking_model_records_its_thoughts(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """optimise end to end on a model that thinks: the confirmations' mean thoughts are kept
+    with the trials, shown in the front table and the report, and the result says so."""
+    from gguf_abliterate.formats.direction_file import load_direction
+    from test_report import parse
+
+    out, page = tmp_path / "s.safetensors", tmp_path / "s.html"
+    run = cli("optimise", tiny["think-qwen3"], "-o", out, "--trials", "3", "--startup-trials", "3",
+              "--score-prompts", "2", "--confirm-tokens", "2", "--confirm", "1", "--bake-checks", "0",
+              "--thought-tokens", "12", "--report", page)
+    assert run.returncode == 0, run.stderr
+    result = load_direction(out)
+    assert result.metadata["reasoning"] == "qwen3" and result.metadata["max_thought_growth"] == "1.5"
+    confirmed = [t for t in json.loads(result.metadata["trials"]) if t["confirmed_refusals"] is not None]
+    assert confirmed and all(t["confirmed_thought"] is not None for t in confirmed)
+    assert "thought" in run.stderr.split("Pareto front")[1].splitlines()[1]
+    front = parse(page.read_text(encoding="utf-8")).tables["front-table"]
+    assert "thought" in front[0]
+
+
 def test_every_command_runs_with_thinking_on_and_off(tiny: dict[str, Path], tmp_path: Path) -> None:
     model = tiny["think-qwen3"]
     assert "reasoning:     qwen3" in cli("inspect", model).stdout

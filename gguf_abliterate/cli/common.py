@@ -179,3 +179,15 @@ def thinking_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                            "read the final answer, after the thought.")(fn)
     return click.option("--effort", type=click.Choice(EFFORTS), default=None, is_eager=True,
                         help="The reasoning effort, where the model's format has one (gpt-oss).")(fn)
+
+
+def thought_tokens_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--thought-tokens`, for the commands that generate a thinking model's answers in bulk."""
+    from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
+    from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
+
+    return click.option("--thought-tokens", type=click.IntRange(min=0, max=MAX_ANSWER_TOKENS * 8), default=THOUGHT_BUDGET,
+                        show_default=True,
+                        help="For a model that thinks: tokens its thought may take, on top of the final answer's. "
+                             "An answer whose thought does not end within them counts as 'no answer', not as a "
+                             "refusal.")(fn)

@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 import click
 
 from gguf_abliterate.cli.common import (Command, InputName, InputPath, OutputPath, cli_ui, echo,
-    thinking_options, user_errors)
+    thinking_options, thought_tokens_option, user_errors)
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
-from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
 if TYPE_CHECKING:
     from gguf_abliterate.evaluate.report import BehaviourReport, ModelReport
@@ -130,11 +129,7 @@ def _cost_cells(r: ModelReport | BehaviourReport, reports: Sequence[ModelReport 
 @click.option("--report-direction", "report_directions", multiple=True, type=InputPath(),
               metavar="FILE", help="Add this `direction` or `optimise` file's charts to the report (repeatable).")
 @thinking_options
-@click.option("--thought-tokens", type=click.IntRange(min=0, max=MAX_ANSWER_TOKENS * 8), default=THOUGHT_BUDGET,
-              show_default=True,
-              help="For a model that thinks: tokens its thought may take, on top of --max-tokens for the final "
-                   "answer. An answer whose thought does not end within them counts as 'no answer', not as a "
-                   "refusal.")
+@thought_tokens_option
 @click.option("--force", is_flag=True, help="Replace the --json file and the report if they exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors

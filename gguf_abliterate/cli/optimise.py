@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from gguf_abliterate.cli.common import (Command, Finite, InputPath, OutputPath, cli_ui, sayer,
-    thinking_options, user_errors)
+    thinking_options, thought_tokens_option, user_errors)
 from gguf_abliterate.errors import Interrupted
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
 from gguf_abliterate.optimise.study import SearchSettings
@@ -66,6 +66,7 @@ D = SearchSettings()  # the defaults, in one place
                    "orthogonal=true, attn.peak=1, attn.position, attn.edge, attn.width, mlp.* (mlp.peak=0 "
                    "switches the MLP edit off).")
 @thinking_options
+@thought_tokens_option
 @click.option("--report", type=OutputPath(), metavar="FILE.html",
               help="Also write an HTML report: every trial, the Pareto front with the pick, its strengths per block.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT, the --bake file and the report if they exist.")
@@ -75,7 +76,7 @@ def command(model_path: Path, output: Path | None, trials: int, minutes: float, 
             join: str | None, measured: Path | None, startup_trials: int, score_prompts: int, kl_tokens: int,
             max_refusals: float, max_thought_growth: float, confirm: int, confirm_tokens: int, bake_checks: int,
             bake: Path | None, patience: int, seed: int, judge: Path | None, fix: tuple[str, ...], thinking: Thinking,
-            report: Path | None, force: bool, quiet: bool) -> None:
+            thought_tokens: int, report: Path | None, force: bool, quiet: bool) -> None:
     """Search the edit for MODEL on CPU: per-block directions (blended between neighbouring
     blocks, or each block its own, optionally orthogonal to the harmless mean) and per-block
     strengths of the attention and MLP edits, against two objectives, refusal on harmful
@@ -88,7 +89,7 @@ def command(model_path: Path, output: Path | None, trials: int, minutes: float, 
                               score_prompts=score_prompts, kl_tokens=kl_tokens, max_refusals=max_refusals,
                               max_thought_growth=max_thought_growth, confirm=confirm,
                               confirm_tokens=confirm_tokens, bake_checks=bake_checks, patience=patience, seed=seed,
-                              fixed=parse_fixed(fix), judge=judge, thinking=thinking)
+                              fixed=parse_fixed(fix), judge=judge, thinking=thinking, thought_tokens=thought_tokens)
     request = OptimiseRequest(model=model_path, output=output, settings=settings, storage=storage, resume=resume,
                               join=join, measured=measured, bake=bake, report=report, force=force)
     result = run_optimise(request, cli_ui(quiet))

@@ -51,7 +51,7 @@ ProgressBars = Callable[..., Any]  # tqdm-like: bars(total=, desc=, unit=) as a 
 
 
 def at_position(model: LlamaModel, prompts: Sequence[str], position: Position,
-                bars: ProgressBars | None = None) -> list[Prompt]:
+                bars: ProgressBars | None = None, thought_tokens: int = THOUGHT_BUDGET) -> list[Prompt]:
     """`prompts` as read at `position`: a model that does not think reads them as they are.
     At THOUGHT the model's own thoughts are generated first (with a bar from `bars`, a
     tqdm-like factory, where given)."""
@@ -59,7 +59,8 @@ def at_position(model: LlamaModel, prompts: Sequence[str], position: Position,
         return list(prompts)
     if position is Position.ANSWER:
         return model.at_answer(prompts)
-    return [AtAnswer(p, a.thought or "") for p, a in zip(prompts, own_answers(model, prompts, THOUGHT_BUDGET, bars))]
+    answers = own_answers(model, prompts, thought_tokens, bars)
+    return [AtAnswer(p, a.thought or "") for p, a in zip(prompts, answers)]
 
 
 def own_answers(model: LlamaModel, prompts: Sequence[str], tokens: int, bars: ProgressBars | None = None) -> list[Answer]:

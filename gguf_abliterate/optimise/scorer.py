@@ -10,7 +10,7 @@ For a model that thinks, refusal is read where the final answer opens, after the
 model's own thought on that prompt (generated once, then teacher-forced: a trial stays one
 forward pass), never at the first token of a thought. KL is read along the original's own
 greedy answer to each harmless prompt, its thought and the first K tokens after it
-(THOUGHT_BUDGET + K in all, teacher-forced), at KL_STEPS evenly spaced steps: an edit that
+(`thought_tokens` + K in all, teacher-forced), at KL_STEPS evenly spaced steps: an edit that
 changes how the model thinks about harmless requests costs KL even where its answers open alike.
 
 The guard: a trial that leaves more than `GUARD` of the original refusal mass is not run on
@@ -47,18 +47,18 @@ class TrialScorer:
     """A loaded model, its validation prompts and the unedited model's answers to them."""
 
     def __init__(self, model: LlamaModel, harmful: Sequence[str], harmless: Sequence[str], kl_tokens: int = 1,
-                 progress: ProgressBars | None = None):
+                 progress: ProgressBars | None = None, thought_tokens: int = THOUGHT_BUDGET):
         self.model, self.kl_tokens = model, kl_tokens
         self.ids = refusal_token_ids(model)
         model.set_adapter(None)
         # a model that thinks: each prompt carried past the original's own thought, to where its answer opens
-        self.harmful = at_position(model, harmful, Position.THOUGHT, progress)
+        self.harmful = at_position(model, harmful, Position.THOUGHT, progress, thought_tokens)
         self.base_refusal = refusal_mass(model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
         self.harmless = list(harmless)
         self.continuations: list[list[int]] | None = None
         self.steps: list[list[int]] | None = None
         if model.thinks:
-            answers = own_answers(model, self.harmless, THOUGHT_BUDGET + kl_tokens, progress)
+            answers = own_answers(model, self.harmless, thought_tokens + kl_tokens, progress)
             self.continuations = [a.tokens for a in answers]
             self.steps = [spaced_steps(max(1, len(c))) for c in self.continuations]
         elif kl_tokens > 1:

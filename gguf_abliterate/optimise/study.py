@@ -71,6 +71,7 @@ class SearchSettings:
     judge: Path | None = None  # confirm the front with this judge model instead of markers
     thinking: Thinking = field(default_factory=Thinking)
     max_thought_growth: float = 1.5  # a model that thinks: a pick's mean thought, at most this times the original's
+    thought_tokens: int = THOUGHT_BUDGET  # a model that thinks: its thought's budget, scoring and confirming
 
 
 @dataclass
@@ -227,6 +228,7 @@ class Search:
                 self.study.set_user_attr("statistics", statistics)
                 self.study.set_user_attr("settings", {"score_prompts": settings.score_prompts,
                                                       "kl_tokens": settings.kl_tokens, "fixed": settings.fixed,
+                                                      "thought_tokens": settings.thought_tokens,
                                                       "thinking": [settings.thinking.mode, settings.thinking.effort]})
                 self.study.set_user_attr("model", identity)  # last: a study without it is half-made
             else:
@@ -247,8 +249,8 @@ class Search:
                                     f"guide a search of another")
                 # every worker scores alike: the study's own settings win over this command line's
                 stored = self.study.user_attrs.get("settings", {})
-                settings = self.settings = replace(settings, **{k: stored[k] for k in ("score_prompts", "kl_tokens",
-                                                                                       "fixed") if k in stored})
+                settings = self.settings = replace(settings, **{k: stored[k] for k in (
+                    "score_prompts", "kl_tokens", "fixed", "thought_tokens") if k in stored})
                 if "thinking" in stored and Thinking(*stored["thinking"]) != settings.thinking:
                     raise UserError(f"the study in {shown_url(url)} scores with --thinking "
                                     f"{stored['thinking'][0]}: give the same")
@@ -271,7 +273,8 @@ class Search:
             if self.llama.thinks:
                 say(f"the model thinks ({self.llama.reasoning.format.name}): trials are scored where the final "
                     f"answer opens, after the original's own thought; confirmations generate the thought too")
-            self.scorer = TrialScorer(self.llama, bad[:n], good[:n], settings.kl_tokens, progress)
+            self.scorer = TrialScorer(self.llama, bad[:n], good[:n], settings.kl_tokens, progress,
+                                      settings.thought_tokens)
         except BaseException:
             self.llama.close()
             raise
@@ -384,9 +387,9 @@ class Search:
     def _refusals(self, llama: LlamaModel) -> tuple[int, float | None]:
         """`llama`'s greedy refusals to the confirmation prompts, and for a model that thinks its
         mean thought in tokens. The thought is generated too, and an answer that never arrives
-        (the thought ran past THOUGHT_BUDGET: "" to the markers) counts with the refusals, so an
+        (the thought ran past `thought_tokens`: "" to the markers) counts with the refusals, so an
         edit that makes the model think without end fails the pick rule."""
-        tokens = self.settings.confirm_tokens + (THOUGHT_BUDGET if llama.thinks else 0)
+        tokens = self.settings.confirm_tokens + (self.settings.thought_tokens if llama.thinks else 0)
         answers = llama.greedy_answers(self.confirm_prompts, tokens)
         verdicts = self.confirmer.label(self.confirm_prompts, [a.reply for a in answers])
         thought = float(np.mean([a.thought_tokens for a in answers])) if llama.thinks else None
@@ -504,6 +507,9 @@ class Search:
                     "original_refusals": "" if original is None else str(original),
                     "confirm_prompts": str(len(self.confirm_prompts)),
                     "score_prompts": str(self.settings.score_prompts), "kl_tokens": str(self.settings.kl_tokens)}
+        if self.llama.thinks:  # KL along the original's thought, refusal after it, the pick's thoughts bounded
+            metadata |= {"reasoning": self.llama.reasoning.format.name,
+                         "max_thought_growth": f"{self.settings.max_thought_growth:g}"}
         if self.statistics is not None:  # named relative to the result, as a direction names them
             metadata |= {"statistics": os.path.relpath(self.statistics["path"], output.resolve().parent),
                          "statistics_sha256": self.statistics["sha256"]}

@@ -263,6 +263,7 @@ def search(d: Direction, title: str) -> Section:
     front = pareto_front(records)
     on_front = {r.number for r in front}
     scored = [r for r in records if r.kl is not None]
+    thinks = "reasoning" in meta  # searched on a model that thinks
     content: list[object] = [para(
         f"{len(records)} trials; {len(front)} on the Pareto front; pick: trial {chosen if chosen is not None else '-'} "
         f"({meta.get('pick_rule', 'no pick rule recorded')}).")]
@@ -270,7 +271,9 @@ def search(d: Direction, title: str) -> Section:
         points = [charts.Point(max(r.kl or 0.0, 1e-6), r.refusal, r.number in on_front, r.number == chosen)
                   for r in scored]
         content.append(figure(
-            charts.front_chart(points, "first-token KL on harmless prompts (log)", "refusal ratio (vs original)"),
+            charts.front_chart(points, ("KL along the original's thought and answer on harmless prompts (log)"
+                                        if thinks else "first-token KL on harmless prompts (log)"),
+                               "refusal ratio (vs original)"),
             f"Each trial's two objectives, both minimised: the first-token refusal probability on harmful "
             f"prompts as a ratio to the original's, and the KL on harmless prompts. "
             f"{len(records) - len(scored)} trials kept more than half the refusal and were not run on the harmless "
@@ -287,14 +290,19 @@ def search(d: Direction, title: str) -> Section:
     rows = []
     for r in front:
         dirn, attn, mlp = describe(r.params)
+        thought = ["/".join("-" if x is None else f"{x:.0f}" for x in (r.confirmed_thought, r.baked_thought))]
         rows.append([r.number, f"{r.refusal:.3f}", _f(r.kl), "-" if r.confirmed_refusals is None else r.confirmed_refusals,
-                     "-" if r.baked_refusals is None else r.baked_refusals, dirn, attn, mlp,
-                     "pick" if r.number == chosen else ""])
-    content.append(table(["trial", "refusal", "KL", "confirmed", "baked", "direction", "attn peak@pos w edge",
-                          "mlp peak@pos w edge", ""], rows, id="front-table"))
+                     "-" if r.baked_refusals is None else r.baked_refusals, *(thought if thinks else []), dirn, attn,
+                     mlp, "pick" if r.number == chosen else ""])
+    content.append(table(["trial", "refusal", "KL", "confirmed", "baked", *(["thought"] if thinks else []),
+                          "direction", "attn peak@pos w edge", "mlp peak@pos w edge", ""], rows, id="front-table"))
     content.append(para(f"confirmed / baked: greedy refusals on {meta.get('confirm_prompts', '?')} harmful "
                         f"prompts through the trial's adapter / baked into the file's own types (original: "
-                        f"{meta.get('original_refusals') or '-'}).", class_="note"))
+                        f"{meta.get('original_refusals') or '-'})."
+                        + (f" The model thinks ({meta['reasoning']}): refusal is read where the final answer opens, "
+                           f"after the original's own thought; thought: the mean thought in tokens of those answers "
+                           f"(the pick's at most {meta.get('max_thought_growth', '?')} times the original's)."
+                           if thinks else ""), class_="note"))
     return title, join(content)
 
 
