@@ -99,10 +99,14 @@ class Recording:
 
 @pytest.mark.parametrize("name", ["think-qwen3", "think-deepseek-r1"])
 def test_layer_choice_and_search_never_score_the_first_token_of_a_thought(tiny: dict[str, Path], name: str) -> None:
-    """Every prompt the layer test and a trial score is carried past a closed thought."""
+    """Every prompt the layer test and a trial score is carried past a closed thought, or, in a
+    trial, to where the model's own answer began: past the thought it wrote, or at the prompt's
+    end only where the model ended its turn inside the thought the template opened (that text
+    was its answer)."""
     from gguf_abliterate.direction.measure import choose_layer, difference_of_means
     from gguf_abliterate.direction.packs import load_pack
     from gguf_abliterate.optimise.scorer import TrialScorer
+    from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
     rec = Recording(tiny[name])
     m = rec.model
@@ -111,9 +115,21 @@ def test_layer_choice_and_search_never_score_the_first_token_of_a_thought(tiny: 
         stats = difference_of_means(m.residuals(m.at_answer(bad)), m.residuals(m.at_answer(good)))
         pack = load_pack("refusal")
         choose_layer(m, stats, pack.layer_scorer(m, 2), good, [1, 2])
+        assert m.scored and all(text.endswith("</think>\n\n") for text in m.scored), m.scored[0][-40:]
+        m.scored.clear()
+        own = dict(zip((m.render(p) for p in bad), m.greedy_answers(bad, THOUGHT_BUDGET)))
         scorer = TrialScorer(m, bad, good)
         scorer.score({})
-        assert m.scored and all(text.endswith("</think>\n\n") for text in m.scored), m.scored[0][-40:]
+        assert len(m.scored) == 2 * len(bad)  # the original's refusal mass, then the trial's
+        for text in m.scored:
+            prompt = next(p for p in own if text.startswith(p))
+            answer = own[prompt]
+            if text == prompt:
+                assert answer.thought is None and answer.final is not None and answer.opening == ""
+            else:
+                # past the thought the model closed, as it wrote it (one it never closed is closed for it)
+                assert "</think>" in text[len(prompt):]
+                assert answer.opening is None or text == prompt + answer.opening
     finally:
         m.close()
 

@@ -60,7 +60,9 @@ def at_position(model: LlamaModel, prompts: Sequence[str], position: Position,
     if position is Position.ANSWER:
         return model.at_answer(prompts)
     answers = own_answers(model, prompts, thought_tokens, bars)
-    return [AtAnswer(p, a.thought or "") for p, a in zip(prompts, answers)]
+    # where the model's own answer opened, as it wrote the way there; a thought that never
+    # ended within the budget is closed for it
+    return [AtAnswer(p, a.thought or "", a.opening) for p, a in zip(prompts, answers)]
 
 
 def own_answers(model: LlamaModel, prompts: Sequence[str], tokens: int, bars: ProgressBars | None = None) -> list[Answer]:

@@ -46,6 +46,9 @@ class Answer:
     thought: str | None = None  # None: no thought
     final: str | None = ""  # the final answer; None: it never arrived (the budget ran out inside the thought)
     thought_tokens: int = 0
+    # a model that thinks: what it wrote before its final answer (thought, markers, spacing;
+    # special tokens written out), "" if the answer began at once; None: no final answer
+    opening: str | None = None
 
     @property
     def reply(self) -> str:
@@ -56,10 +59,13 @@ class Answer:
 @dataclass(frozen=True)
 class AtAnswer:
     """A prompt carried to where its final answer opens: past a closed empty thought, or past
-    `thought` (the model's own, teacher-forced). For a model that does not think, the prompt."""
+    `thought` (the model's own, teacher-forced), or past `written`, the model's own text before
+    its answer exactly as it wrote it (an `Answer.opening`). For a model that does not think,
+    the prompt."""
 
     prompt: str
     thought: str | None = None
+    written: str | None = None
 
 
 Prompt = str | AtAnswer
@@ -293,6 +299,8 @@ class LlamaModel:
         carried on to where the final answer opens)."""
         if isinstance(prompt, AtAnswer):
             rendered = self.render(prompt.prompt)
+            if prompt.written is not None:
+                return rendered + prompt.written
             if prompt.thought is None:
                 return self.reasoning.opening(rendered)
             return self.reasoning.after_thought(rendered, prompt.thought)
@@ -592,9 +600,18 @@ class LlamaModel:
         opened = isinstance(prompt, str) and self.reasoning.opened_by_prompt(self.render(prompt))
         parts = split(self.reasoning.format, raw, opened)
         if parts.answer is None and finished:  # the model ended its turn inside the thought: that was its answer
-            return Answer(text, tokens, finished, final=parts.thought or "")
+            final = parts.thought or ""
+            return Answer(text, tokens, finished, final=final, opening=_before(raw, final))
         thought_tokens = len(self.tokenize(parts.thought, bos=False)) if parts.thought else 0
-        return Answer(text, tokens, finished, parts.thought, parts.answer, thought_tokens)
+        opening = None if parts.answer is None else _before(raw, parts.answer)
+        return Answer(text, tokens, finished, parts.thought, parts.answer, thought_tokens, opening)
+
+
+def _before(raw: str, answer: str) -> str:
+    """What `raw` holds before its final `answer` (the split keeps the answer as written, up to
+    surrounding space): the whole of it where the answer is empty."""
+    at = raw.rfind(answer) if answer else -1
+    return raw if at < 0 else raw[:at]
 
 
 def common_prefix(encoded: list[list[int]]) -> int:
