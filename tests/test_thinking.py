@@ -150,6 +150,7 @@ def test_the_search_reads_kl_along_the_original_thought(tiny: dict[str, Path]) -
         assert max(len(c) for c in scorer.continuations) > 2  # more than the answer's K tokens: the thought
         assert all(1 <= len(st) <= KL_STEPS and st[-1] == len(c) - 1 for st, c in zip(scorer.steps, scorer.continuations))
         assert scorer.kl() < 1e-6  # the original against itself
+        assert scorer.tokens > sum(len(c) for c in scorer.continuations)  # the prompts, and the thoughts
     with LlamaModel(tiny["llama-chat"], n_seq=8) as m:
         scorer = TrialScorer(m, bad, good)
         assert scorer.continuations is None and scorer.base[0].shape[0] == 1
@@ -204,6 +205,7 @@ def test_a_search_on_a_thinking_model_records_its_thoughts(tiny: dict[str, Path]
     confirmed = [t for t in json.loads(result.metadata["trials"]) if t["confirmed_refusals"] is not None]
     assert confirmed and all(t["confirmed_thought"] is not None for t in confirmed)
     assert "thought" in run.stderr.split("Pareto front")[1].splitlines()[1]
+    assert "a trial forwards up to" in run.stderr
     front = parse(page.read_text(encoding="utf-8")).tables["front-table"]
     assert "thought" in front[0]
 

@@ -64,6 +64,11 @@ class TrialScorer:
         elif kl_tokens > 1:
             self.continuations = model.greedy_tokens(self.harmless, kl_tokens)
         self.base = self._harmless_logprobs()
+        # what a trial forwards at most (the harmful prompts, then the harmless ones): on a model
+        # that thinks, the thoughts make it most of a trial's cost
+        harmless_tokens = sum(len(t) for t in model.encode(self.harmless))
+        self.tokens = sum(len(t) for t in model.encode(self.harmful)) + harmless_tokens + sum(
+            len(c) for c in self.continuations or [])
 
     def _harmless_logprobs(self) -> list[np.ndarray]:
         if self.continuations is None:

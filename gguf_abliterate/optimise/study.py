@@ -275,6 +275,9 @@ class Search:
                     f"answer opens, after the original's own thought; confirmations generate the thought too")
             self.scorer = TrialScorer(self.llama, bad[:n], good[:n], settings.kl_tokens, progress,
                                       settings.thought_tokens)
+            if self.llama.thinks:
+                say(f"a trial forwards up to {self.scorer.tokens} tokens (the scoring prompts with the original's "
+                    f"thoughts; --score-prompts and --thought-tokens set it)")
         except BaseException:
             self.llama.close()
             raise
