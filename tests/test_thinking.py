@@ -150,7 +150,7 @@ def test_the_search_reads_kl_along_the_original_thought(tiny: dict[str, Path]) -
         assert max(len(c) for c in scorer.continuations) > 2  # more than the answer's K tokens: the thought
         assert all(1 <= len(st) <= KL_STEPS and st[-1] == len(c) - 1 for st, c in zip(scorer.steps, scorer.continuations))
         assert scorer.kl() < 1e-6  # the original against itself
-        assert scorer.tokens > sum(len(c) for c in scorer.continuations)  # the prompts, and the thoughts
+        assert scorer.forwarded_tokens() > sum(len(c) for c in scorer.continuations)  # the prompts, and the thoughts
     with LlamaModel(tiny["llama-chat"], n_seq=8) as m:
         scorer = TrialScorer(m, bad, good)
         assert scorer.continuations is None and scorer.base[0].shape[0] == 1

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from gguf_abliterate.evaluate.first_token import KL_STEPS, kl_divergence, spaced_steps
+from gguf_abliterate.evaluate.first_token import KL_STEPS, kl_divergence, kl_steps
 from gguf_abliterate.evaluate.generate import perplexity
 from gguf_abliterate.evaluate.tasks import Task, is_correct
 from gguf_abliterate.runtime.llama import Answer, LlamaModel
@@ -129,7 +129,7 @@ class ThoughtKL(Metric):
             if good is None:
                 good = m.greedy_answers(self.harmless, self.settings.budget(self.settings.max_tokens, True))
             self.continuations = [a.tokens for a in good]
-            self.steps = [spaced_steps(max(1, len(c))) for c in self.continuations]
+            self.steps = kl_steps(self.continuations)
             self.base = m.forced_logprobs(self.harmless, self.continuations, steps=self.steps)
             return {self.field: None}
         along = m.forced_logprobs(self.harmless, self.continuations, steps=self.steps)

@@ -50,3 +50,8 @@ def spaced_steps(n: int, most: int = KL_STEPS) -> list[int]:
     if n <= most:
         return list(range(n))
     return sorted({int(round(x)) for x in np.linspace(0, n - 1, most)})
+
+
+def kl_steps(continuations: list[list[int]]) -> list[list[int]]:
+    """The steps a KL along each continuation reads (an empty one still has its first step)."""
+    return [spaced_steps(max(1, len(c))) for c in continuations]

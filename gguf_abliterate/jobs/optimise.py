@@ -178,7 +178,6 @@ def front_table(result: OptimiseResult) -> list[str]:
         conf = "-" if t.confirmed_refusals is None else str(t.confirmed_refusals)
         baked = "-" if t.baked_refusals is None else str(t.baked_refusals)
         mark = "  <- pick" if t is result.chosen else ""
-        thought = "/".join("-" if x is None else f"{x:.0f}" for x in (t.confirmed_thought, t.baked_thought))
-        shown = f" {thought:>9}" if thinks else ""
+        shown = f" {t.thought_cell():>9}" if thinks else ""
         lines.append(f"{t.number:5d} {t.refusal:8.3f} {kl:>8} {conf:>9} {baked:>5}{shown}  {d:<20} {attn}  {mlp}{mark}")
     return lines

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gguf_abliterate.evaluate.first_token import kl_divergence, refusal_mass, refusal_token_ids, spaced_steps
+from gguf_abliterate.evaluate.first_token import kl_divergence, kl_steps, refusal_mass, refusal_token_ids
 from gguf_abliterate.direction.measure import Position, ProgressBars, at_position, own_answers
 from gguf_abliterate.runtime.llama import LlamaModel
 from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
@@ -60,15 +60,16 @@ class TrialScorer:
         if model.thinks:
             answers = own_answers(model, self.harmless, thought_tokens + kl_tokens, progress)
             self.continuations = [a.tokens for a in answers]
-            self.steps = [spaced_steps(max(1, len(c))) for c in self.continuations]
+            self.steps = kl_steps(self.continuations)
         elif kl_tokens > 1:
             self.continuations = model.greedy_tokens(self.harmless, kl_tokens)
         self.base = self._harmless_logprobs()
-        # what a trial forwards at most (the harmful prompts, then the harmless ones): on a model
-        # that thinks, the thoughts make it most of a trial's cost
-        harmless_tokens = sum(len(t) for t in model.encode(self.harmless))
-        self.tokens = sum(len(t) for t in model.encode(self.harmful)) + harmless_tokens + sum(
-            len(c) for c in self.continuations or [])
+
+    def forwarded_tokens(self) -> int:
+        """What a trial forwards at most (the harmful prompts, then the harmless ones): on a model
+        that thinks, the thoughts make most of a trial's cost."""
+        prompts = sum(len(t) for t in self.model.encode([*self.harmful, *self.harmless]))
+        return prompts + sum(len(c) for c in self.continuations or [])
 
     def _harmless_logprobs(self) -> list[np.ndarray]:
         if self.continuations is None:

@@ -88,6 +88,10 @@ class TrialRecord:
     confirmed_thought: float | None = None  # a model that thinks: the mean thought (tokens) of those answers
     baked_thought: float | None = None
 
+    def thought_cell(self) -> str:
+        """The mean thoughts through the adapter / baked, as the front tables show them."""
+        return "/".join("-" if x is None else f"{x:.0f}" for x in (self.confirmed_thought, self.baked_thought))
+
     def to_json(self) -> dict[str, Any]:
         return {"number": self.number, "params": self.params, "refusal": self.refusal, "kl": self.kl,
                 "objectives": list(self.objectives), "confirmed_refusals": self.confirmed_refusals,
@@ -276,7 +280,7 @@ class Search:
             self.scorer = TrialScorer(self.llama, bad[:n], good[:n], settings.kl_tokens, progress,
                                       settings.thought_tokens)
             if self.llama.thinks:
-                say(f"a trial forwards up to {self.scorer.tokens} tokens (the scoring prompts with the original's "
+                say(f"a trial forwards up to {self.scorer.forwarded_tokens()} tokens (the scoring prompts with the original's "
                     f"thoughts; --score-prompts and --thought-tokens set it)")
         except BaseException:
             self.llama.close()

@@ -290,9 +290,8 @@ def search(d: Direction, title: str) -> Section:
     rows = []
     for r in front:
         dirn, attn, mlp = describe(r.params)
-        thought = ["/".join("-" if x is None else f"{x:.0f}" for x in (r.confirmed_thought, r.baked_thought))]
         rows.append([r.number, f"{r.refusal:.3f}", _f(r.kl), "-" if r.confirmed_refusals is None else r.confirmed_refusals,
-                     "-" if r.baked_refusals is None else r.baked_refusals, *(thought if thinks else []), dirn, attn,
+                     "-" if r.baked_refusals is None else r.baked_refusals, *([r.thought_cell()] if thinks else []), dirn, attn,
                      mlp, "pick" if r.number == chosen else ""])
     content.append(table(["trial", "refusal", "KL", "confirmed", "baked", *(["thought"] if thinks else []),
                           "direction", "attn peak@pos w edge", "mlp peak@pos w edge", ""], rows, id="front-table"))
