@@ -60,6 +60,11 @@ class Arch:
     steered_with: tuple[MODEL_TENSOR, ...] = ()
     # tensor roles (blk.N.<role>.weight) that mean a variant the entry does not cover, and why
     refuses: tuple[tuple[str, str], ...] = ()
+    # the norm llama.cpp applies to the last residual before the output head, and whether it
+    # centres the vector (LayerNorm) as well as scaling it (RMSNorm): how `explain` reads a
+    # direction as words
+    head_norm: MODEL_TENSOR = T.OUTPUT_NORM
+    head_norm_centres: bool = False
 
     def norm_chain(self, block: int, writer: Writer, present: Container[str]) -> tuple[str, ...]:
         """Names of the norm weights between this writer's output and the residual add, in
@@ -122,7 +127,8 @@ ARCHITECTURES: dict[str, Arch] = {
              "post-norms after attention and MLP; the NextN (MTP) block is not run and not edited"),
         Arch("glm4moe", "glm4-moe",
              note="post_attention_norm is the MLP's input norm; the NextN (MTP) block is not edited"),
-        Arch("cohere2", "cohere2", note="attention and MLP in parallel on one LayerNorm"),
+        Arch("cohere2", "cohere2", note="attention and MLP in parallel on one LayerNorm",
+             head_norm_centres=True),
         Arch("gpt-oss", "openai-moe", (ATTN, Writer(T.FFN_DOWN_EXP, False)),
              "attention sinks and biases (attn_output.bias, ffn_down_exps.bias per expert); "
              "post_attention_norm is the MLP's input norm"),
@@ -133,7 +139,8 @@ ARCHITECTURES: dict[str, Arch] = {
              residual="nemotron_h_block_out", steered_with=(T.FFN_DOWN, T.FFN_DOWN_EXP),
              refuses=(("ffn_latent_up", "a latent MoE: its experts write a smaller space that ffn_latent_up maps "
                                         "into the residual stream, and that writer is not supported yet"),)),
-        Arch("lfm2", "lfm2", (ATTN, CONV, *MLP), "short-convolution layers write through shortconv.out_proj"),
+        Arch("lfm2", "lfm2", (ATTN, CONV, *MLP), "short-convolution layers write through shortconv.out_proj; "
+             "its final norm is token_embd_norm", head_norm=T.TOKEN_EMBD_NORM),
         Arch("deepseek2", "deepseek2",
              note="multi-head latent attention writes through attn_output; the NextN (MTP) block is not edited"),
     )

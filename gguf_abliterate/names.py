@@ -25,6 +25,8 @@ HEAD_COUNT = Keys.Attention.HEAD_COUNT
 HEAD_COUNT_KV = Keys.Attention.HEAD_COUNT_KV
 KEY_LENGTH = Keys.Attention.KEY_LENGTH
 RMS_EPS = Keys.Attention.LAYERNORM_RMS_EPS
+LAYERNORM_EPS = Keys.Attention.LAYERNORM_EPS
+RESIDUAL_SCALE = Keys.LLM.RESIDUAL_SCALE  # Granite: each writer's output times this scalar
 SLIDING_WINDOW = Keys.Attention.SLIDING_WINDOW
 ROPE_FREQ_BASE = Keys.Rope.FREQ_BASE
 ROPE_FREQ_BASE_SWA = Keys.Rope.FREQ_BASE_SWA
@@ -52,6 +54,11 @@ def arch_key(template: str, arch: str) -> str:
 TOKEN_EMBD = TENSOR_NAMES[MODEL_TENSOR.TOKEN_EMBD] + ".weight"
 OUTPUT = TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"  # absent when tied to token_embd
 BLOCK_PREFIX = "blk."
+
+
+def model_tensor(kind: MODEL_TENSOR, suffix: str = "weight") -> str:
+    """A tensor outside the blocks: `output_norm.weight`."""
+    return f"{TENSOR_NAMES[kind]}.{suffix}"
 
 
 def block_tensor(kind: MODEL_TENSOR, block: int, suffix: str = "weight") -> str:

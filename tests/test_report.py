@@ -158,14 +158,15 @@ def test_report_front_table_matches_the_result_file(tiny_demo: tuple[Path, Any])
 
 
 def test_each_command_writes_its_report(tiny: dict[str, Path], tiny_demo: tuple[Path, Any], tmp_path: Path) -> None:
-    """`direction --report` charts the blocks; `eval --report` the comparison (plus any
-    `--report-direction`); each page stands alone."""
+    """`direction --report` charts the blocks and reads the direction as `explain` does; `eval
+    --report` the comparison (plus any `--report-direction`); each page stands alone."""
     model = tiny["llama-nobias"]
     d, d_html = tmp_path / "d.safetensors", tmp_path / "d.html"
     run = cli("direction", model, "-o", d, "--score-prompts", "2", "--report", d_html, "-q")
     assert run.returncode == 0, run.stderr
     page = parse(d_html.read_text(encoding="utf-8"))
-    assert page.svgs == 2 and "layer-table" in page.tables and "summary-table" not in page.tables
+    assert page.svgs == 2 + 4 and "layer-table" in page.tables and "summary-table" not in page.tables
+    assert "What it says" in d_html.read_text(encoding="utf-8")  # explain's sections
 
     edited = tmp_path / "e.gguf"
     assert cli(model, edited, "--direction", d, "-q").returncode == 0

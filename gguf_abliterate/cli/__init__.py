@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from gguf_abliterate import __version__
-from gguf_abliterate.cli import chat, cvector, demo, direction, edit, eval, inspect, judge, optimise
+from gguf_abliterate.cli import chat, cvector, demo, direction, edit, eval, explain, inspect, judge, optimise
 
 
 class _DefaultEdit(click.Group):
@@ -31,7 +31,7 @@ def cli() -> None:
     pass
 
 
-for _module in (edit, inspect, direction, optimise, eval, judge, chat, demo, cvector):
+for _module in (edit, inspect, direction, explain, optimise, eval, judge, chat, demo, cvector):
     cli.add_command(_module.command)
 
 

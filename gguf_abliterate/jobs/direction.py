@@ -9,6 +9,7 @@ rounds by.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import numpy as np
 from gguf_abliterate import names
 from gguf_abliterate.arch import steerable_blocks
 from gguf_abliterate.direction import prompts as P
-from gguf_abliterate.formats.direction_file import check_direction_path, save_measured
+from gguf_abliterate.direction.explain import TOP_TOKENS, Captured, asked_tokens, explain
+from gguf_abliterate.formats.direction_file import Direction, check_direction_path, save_measured
 from gguf_abliterate.direction.lean import measure_lean
 from gguf_abliterate.direction.measure import (
     DEFAULT_POSITION,
@@ -87,7 +89,7 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
             ui.say(f"the model thinks ({model.reasoning.format.name}): prompts are read at {position.value}, "
                    f"layers scored where the final answer opens")
         read_at = {"reasoning": model.reasoning.format.name, "position": position.value} if model.thinks else {}
-        stats, mlp_means, stored = _measure(r, pack, meta, model, stats_path is not None, ui)
+        stats, mlp_means, stored, seen = _measure(r, pack, meta, model, stats_path is not None, ui)
         scores = np.full(model.n_layer, np.nan, np.float32)
         kl = np.full(model.n_layer, np.nan, np.float32)
         chosen, info = _choose(r, pack, meta, model, stats, scores, kl, ui)
@@ -96,6 +98,10 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
             lean = measure_lean(model, probes, stats.directions[chosen], chosen,
                                 stats.harmless_mean[chosen], float(stats.diff_norm[chosen]), bar.update)
         ui.say(f"{pack.name} at block {chosen}: {lean.describe(pack.name)}")
+        # what the file will hold, read as `explain` reads it, for the report
+        explained = None if seen is None else explain(
+            meta, model.piece, Direction(stats.directions[chosen], "", {}, stats.directions), [chosen], seen,
+            TOP_TOKENS, ui.bar, pack.name, asked_tokens(model, (), pack.name))
         if mlp_means is not None:
             ui.say(f"--steer S adds S mean differences at block {chosen} instead, towards more {pack.name} whatever "
                    f"the lean (negative S: less)")
@@ -130,16 +136,18 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
     if r.report is not None:
         from gguf_abliterate.report import write_report
 
-        write_report(r.report, f"gguf-abliterate direction: {r.model.name}", direction_files=[r.output])
+        write_report(r.report, f"gguf-abliterate direction: {r.model.name}", direction_files=[r.output],
+                     explained=explained)
         result.written.append(r.report)
         result.summary.append(f"wrote {r.report}")
     return result
 
 
 def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, keep_statistics: bool,
-             ui: Ui) -> tuple[LayerStats, np.ndarray | None, StoredMoments | None]:
+             ui: Ui) -> tuple[LayerStats, np.ndarray | None, StoredMoments | None, Captured | None]:
     """Every block's difference of means; with llama.cpp also the MLP input means (for --steer)
-    and, from the same passes, the writers' input statistics (for gptq rounding)."""
+    and, from the same passes, the writers' input statistics (for gptq rounding) and, for the
+    report, what `explain` reads."""
     d_pos, d_neg = (at_position(model, s, r.position or DEFAULT_POSITION, ui.bar) for s in pack.direction_sets())
     if r.engine is Engine.TORCH:
         from gguf_abliterate.runtime.torch_pass import TorchModel
@@ -147,13 +155,16 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
         tm = TorchModel(meta)
         ui.say("computing residuals with the torch engine")
         return difference_of_means(tm.last_token_residuals(model.encode(d_pos)),
-                                   tm.last_token_residuals(model.encode(d_neg))), None, None
+                                   tm.last_token_residuals(model.encode(d_neg))), None, None, None
     with (ui.bar(total=len(d_pos) + len(d_neg), desc="residuals", unit="prompt") as bar, model.mlp_inputs() as mlp,
           model.input_moments(column_block) as moments):
-        stats = difference_of_means(model.residuals(d_pos, bar.update), model.residuals(d_neg, bar.update))
+        with model.last_inputs() if r.report else nullcontext() as inputs:  # for the report's reading (explain)
+            pos = model.residuals(d_pos, bar.update)
+        neg = model.residuals(d_neg, bar.update)
     stored = (encode_statistics(meta, moments.means(), moments.tokens, f"direction ({pack.name}, {len(d_pos) + len(d_neg)} prompts)")
               if keep_statistics else None)
-    return stats, mlp.means(), stored
+    seen = Captured(*(list(s) for s in pack.direction_sets()), pos, neg, inputs.get) if inputs else None
+    return difference_of_means(pos, neg), mlp.means(), stored, seen
 
 
 def _choose(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, stats: LayerStats,

@@ -1,4 +1,4 @@
-"""Reports: one self-contained HTML file of what `eval`, `direction` and `optimise` measured.
+"""Reports: one self-contained HTML file of what `eval`, `direction`, `optimise` and `explain` measured.
 
 The page (`page`) is plain HTML with inline CSS and the charts (`charts`) inline SVG drawn by
 matplotlib, so it opens from disk offline; `sections` turns each source into page content.
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gguf_abliterate import __version__
+from gguf_abliterate.direction.explain import Explanation
 from gguf_abliterate.evaluate.report import ModelReport
 
 
@@ -27,9 +28,10 @@ class Evaluated:
 
 def write_report(path: Path, title: str, *, evaluated: Evaluated | None = None,
                  direction_files: Sequence[Path] = (), stage_times: Sequence[tuple[str, float]] = (),
-                 edit_seconds: Mapping[str, float] | None = None) -> None:
+                 edit_seconds: Mapping[str, float] | None = None, explained: Explanation | None = None) -> None:
     """Write the report with every section its sources allow, in reading order: the summary,
-    the judge, requantization, the search, the direction, stage times, then every answer."""
+    the judge, requantization, what a direction means, the search, the direction, stage
+    times, then every answer."""
     from gguf_abliterate.formats.direction_file import load_direction
     from gguf_abliterate.report import sections as S
     from gguf_abliterate.report.page import Page
@@ -44,6 +46,11 @@ def write_report(path: Path, title: str, *, evaluated: Evaluated | None = None,
         if requant is not None:
             page.add(*requant)
         answers = S.answers(evaluated.reports, infos, evaluated.harmful, evaluated.harmless)
+    if explained is not None:
+        from gguf_abliterate.report.explained import explained as explained_sections
+
+        for t, c in explained_sections(explained):
+            page.add(t, c)
     for f in direction_files:
         for t, c in S.direction_sections(load_direction(f), f.name):
             page.add(t, c)

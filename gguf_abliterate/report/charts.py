@@ -159,3 +159,17 @@ def grouped_bars(groups: Sequence[str], bars: Mapping[str, Sequence[float]], yla
     _legend_above(ax)
     ax.grid(alpha=0.25, axis="y")
     return _svg(fig)
+
+
+def heat_map(values: np.ndarray, xlabel: str, ylabel: str, label: str, lo: float | None = None,
+             hi: float | None = None, square: bool = True) -> str:
+    """A matrix as colours (rows on y, from the top), with a colour bar; NaN left blank."""
+    fig, ax = _figure(5.2 if square else HEIGHT)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r" if lo is not None and lo < 0 else "viridis",
+                      vmin=lo, vmax=hi, aspect="equal" if square else "auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=label, shrink=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(_integer_ticks())
+    ax.yaxis.set_major_locator(_integer_ticks())
+    return _svg(fig)

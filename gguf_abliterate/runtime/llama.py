@@ -128,6 +128,26 @@ class WriterInputs:
         return np.concatenate(have) if have else None
 
 
+class LastInputs:
+    """Per block, the attention output projection's (`attn`) and the dense MLP down
+    projection's (`mlp`) input at each prompt's last token, in prompt order: what splits a
+    block's write into its writers' (`explain`)."""
+
+    prefixes = WriterInputs.prefixes
+    last_token = True  # the model hands it the rows of each prompt's last token only
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, int], list[np.ndarray]] = {}
+
+    def add(self, name: str, rows: np.ndarray) -> None:
+        self.rows.setdefault(writer_key(name), []).append(rows.copy())
+
+    def get(self, kind: str, block: int) -> np.ndarray | None:
+        """(prompts, n_in) float32, or None if llama.cpp never showed that input."""
+        have = self.rows.get((kind, block))
+        return np.concatenate(have) if have else None
+
+
 class InputMoments:
     """Per block and writer (`attn`, `mlp` as in `WriterInputs`), the diagonal blocks of the
     inputs' second moments E[x x^T] over every token seen, in column blocks of
@@ -227,7 +247,7 @@ class LlamaModel:
         self._capture: dict[int, np.ndarray] | None = None
         self._rows: np.ndarray = np.zeros(0, np.int64)
         self._ablate: np.ndarray | None = None
-        self._inputs: list[MlpInputs | WriterInputs | InputMoments] = []  # listeners for writer inputs
+        self._inputs: list[MlpInputs | WriterInputs | InputMoments | LastInputs] = []  # listeners for writer inputs
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -323,6 +343,10 @@ class LlamaModel:
         if n < 0:
             raise UserError("prompt could not be tokenized")
         return list(buf[:n])
+
+    def piece(self, token: int) -> str:
+        """A token's text as the model writes it (control tokens spelt out)."""
+        return _piece(self.ll, self.vocab, token)
 
     def _bos_text(self) -> str:
         return _piece(self.ll, self.vocab, self.ll.llama_vocab_bos(self.vocab)) or "\0"
@@ -431,6 +455,13 @@ class LlamaModel:
             yield inputs
 
     @contextmanager
+    def last_inputs(self) -> Iterator[LastInputs]:
+        """Within the block, every pass also keeps each block's writer inputs at each prompt's
+        last token."""
+        with self._listening(LastInputs()) as inputs:
+            yield inputs
+
+    @contextmanager
     def input_moments(self, block: Callable[[int], int]) -> Iterator[InputMoments]:
         """Within the block, every pass also sums each writer input's second moments in
         diagonal blocks of width block(n_in)."""
@@ -452,8 +483,10 @@ class LlamaModel:
         if listeners:
             if not ask:
                 rows = self.ggml.read(t, self.ggml.width(t))
+                # the last block's MLP sees only the output rows already; other nodes, every token
+                last = rows if rows.shape[0] == len(self._rows) else rows[self._rows]
                 for listener in listeners:
-                    listener.add(name, rows)
+                    listener.add(name, last if getattr(listener, "last_token", False) else rows)
             return True
         if not name.startswith(self._residual):
             return not ask  # ask: we do not need it; otherwise: go on computing
