@@ -18,6 +18,7 @@ from support.tiny_models import FAMILY_TEMPLATES, TEMPLATE_OF, TinySpec, build_m
 from gguf_abliterate.arch import ARCHITECTURES, get_arch
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.runtime.llama import LlamaModel
 
 PROMPTS = ["how to bake a bread", "the sky is blue today", "I is of the how"]
 
@@ -63,8 +64,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def stream_along(path: Path, r: np.ndarray) -> np.ndarray:
     """(prompts, blocks): the residual stream after each block, along r, inside llama.cpp."""
-    from gguf_abliterate.runtime.llama import LlamaModel
-
     with LlamaModel(path, chat=False) as m:
         return m.residuals(PROMPTS).astype(np.float64) @ r
 
@@ -228,3 +227,32 @@ def test_steered_layer_choice_keeps_to_blocks_a_control_vector_reaches(built: di
     assert "candidates tested by steering" in run.stderr
     table = [line.split()[0] for line in run.stderr.splitlines() if line.strip()[:1].isdigit()]
     assert table == ["2"] and load_direction(out).metadata["layer"] == "2"
+
+
+# families whose every block writes through attention and a dense MLP only (one post-norm at most)
+DENSE = {"llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "smollm3", "mistral3", "granite", "olmo2",
+         "glm4", "cohere2"}
+
+
+@pytest.mark.parametrize("arch", sorted(SPECS))
+def test_explain_splits_every_familys_blocks(arch: str, built: dict[str, Path]) -> None:
+    """explain's writers on every family: in the dense ones attention and the MLP are the whole
+    block's write along the direction (post-norms, Granite's residual scale, Cohere's parallel
+    block); elsewhere the rest (experts, SSM, convolution) is what is left, and the shares add up."""
+    from gguf_abliterate.direction.explain import capture, explain
+    from gguf_abliterate.formats.direction_file import load_direction, save_direction
+    from gguf_abliterate.jobs.ui import Ui
+
+    meta = Model(built[arch])
+    path = built[arch].with_suffix(".npy")
+    save_direction(path, random_direction(meta.n_embd, seed=7))
+    with LlamaModel(built[arch], chat=False) as m:
+        seen = capture(m, PROMPTS * 2, [p.upper() for p in PROMPTS] * 2, [], Ui().bar)
+        x = explain(meta, m.piece, load_direction(path), [1], seen, 3, Ui().bar, "test")
+    by = x.writes.by
+    assert len(x.lenses[1].promoted) == 3 and np.isfinite(x.split_half).all()
+    assert sum(np.nansum(v) for v in x.writes.shares().values()) == pytest.approx(1.0)
+    assert np.isfinite(by["rest"][:, 1:]).all()
+    if arch in DENSE:
+        written = np.abs(by["attn"][:, 1:]).mean() + np.abs(by["mlp"][:, 1:]).mean()
+        assert np.abs(by["rest"][:, 1:]).mean() < 0.05 * written, {k: np.abs(v).mean(0) for k, v in by.items()}

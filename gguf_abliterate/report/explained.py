@@ -29,6 +29,9 @@ def explained(x: Explanation) -> list[Section]:
     for b, lens in x.lenses.items():
         words += [para(f"Block {b}:"), _tokens(lens)]
         if lens.asked:
+            words.append(para(f"Where the tokens asked about rank among all {lens.vocabulary} (1: promoted most)"
+                              + (": the refusal openings the layer test scores first, then those given with --token."
+                                 if x.behaviour == "refusal" else ".")))
             words.append(table(["token", "id", "logit", f"rank of {lens.vocabulary}"],
                                [[repr(t.text), t.id, f"{t.logit:+.3f}", rank] for t, rank in lens.asked]))
     prompts = [[p.group, f"{p.load:+.2f}", f"{x.share(p.load):.0%}", p.text] for p in x.prompts]
