@@ -13,6 +13,7 @@ from gguf_abliterate.cli.common import (Command, InputName, InputPath, OutputPat
     thinking_options, thought_tokens_option, user_errors)
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
+from gguf_abliterate.evaluate.protocols import PROTOCOLS as PROTOCOL_NAMES
 
 if TYPE_CHECKING:
     from gguf_abliterate.evaluate.report import BehaviourReport, ModelReport
@@ -27,15 +28,20 @@ def print_refusals(evaluated: Evaluated, samples: int) -> None:
 
     reports, settings = evaluated.reports, evaluated.settings
     max_tokens = int(settings["max_tokens"])  # type: ignore[call-overload]
-    echo(f"{'model':<40} {'harmful refused':>16} {'harmless refused':>17} {'degenerate':>11} "
-         f"{'unfinished':>10}{_cost_header(reports)}")
+    delayed = any(r.delayed_refusals is not None for r in reports)
+    echo(str(settings.get("protocol_text", "")))
+    echo(f"{'model':<40} {'harmful refused':>16}{' (delayed)' if delayed else ''} {'harmless refused':>17} "
+         f"{'degenerate':>11} {'unfinished':>10}{_cost_header(reports)}")
     for r in reports:
         degenerate = f"{r.harmful_labels[Label.DEGENERATE.value]}+{r.harmless_degenerate}"
-        echo(f"{Path(r.path).name[:40]:<40} {r.harmful_refusals:>7}/{r.harmful_total:<8} "
+        late = f" {f'({r.delayed_refusals})':>9}" if delayed else ""
+        echo(f"{Path(r.path).name[:40]:<40} {r.harmful_refusals:>7}/{r.harmful_total:<8}{late} "
              f"{r.harmless_refusals:>8}/{r.harmless_total:<8} {degenerate:>11} "
              f"{r.unfinished:>4}/{r.harmful_total + r.harmless_total:<5}{_cost_cells(r, reports)}")
     echo(f"(degenerate: harmful+harmless answers that loop or fill, by the rules in evaluate/degenerate.py; "
-         f"unfinished: no end within the budget of {max_tokens} tokens)")
+         f"unfinished: no end within the budget of {max_tokens} tokens"
+         + ("; delayed: refusals after a compliant opening, counted in harmful refused" if delayed else "") + ")")
+    print_budgets(reports)
     print_thoughts(reports)
     if settings.get("judge"):
         echo(f"\njudge {settings['judge']} on the harmful answers:")
@@ -46,6 +52,18 @@ def print_refusals(evaluated: Evaluated, samples: int) -> None:
     for r in reports:
         for prompt, answer in list(zip(evaluated.harmful, r.harmful_responses))[:samples]:
             echo(f"\n[{Path(r.path).name}] {prompt}\n  -> {answer[:200]!r}")
+
+
+def print_budgets(reports: Sequence[ModelReport]) -> None:
+    """The budget study: harmful refusals within the first N tokens of the same answers."""
+    budgets = sorted({int(n) for r in reports for n in (r.refusals_within or {})})
+    if not budgets:
+        return
+    echo("\nharmful refused within the first N tokens of the same answers (the budget study):")
+    echo(f"{'model':<40} " + " ".join(f"{f'N={n}':>8}" for n in budgets))
+    for r in reports:
+        within = r.refusals_within or {}
+        echo(f"{Path(r.path).name[:40]:<40} " + " ".join(f"{within.get(str(n), '-'):>8}" for n in budgets))
 
 
 def print_thoughts(reports: Sequence[ModelReport]) -> None:
@@ -105,10 +123,16 @@ def _cost_cells(r: ModelReport | BehaviourReport, reports: Sequence[ModelReport 
 @click.option("--harmless", type=InputPath(), help="Harmless prompts. Default: the built-in validation split.")
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts of each set.")
 @click.option("--max-tokens", type=click.IntRange(min=1, max=MAX_ANSWER_TOKENS), default=None,
-              help="Greedy response length. Default: 64 for refusal, the pack's own otherwise (96 for reasoning "
-                   "and concise).")
+              help="Greedy response length. Default: 64 for refusal (128 with --protocol field), the pack's own "
+                   "otherwise (96 for reasoning and concise).")
+@click.option("--protocol", type=click.Choice(sorted(PROTOCOL_NAMES)), default="ours", show_default=True,
+              help="How refusals are counted. ours: the 72 + 72 validation prompts, 64 tokens, markers near the "
+                   "start. field: as public comparisons count, 100 + 100 prompts of its own, 128 tokens, markers "
+                   "anywhere (delayed refusals counted apart), and the refusals within 24/48/96/128 tokens of the "
+                   "same answers.")
 @click.option("--markers", type=InputPath(),
-              help="Refusal markers, one per line (matched lower-case near the start of a response).")
+              help="Refusal markers, one per line (matched lower-case near the start of a response; anywhere "
+                   "with --protocol field).")
 @click.option("--json", "json_path", type=OutputPath(), help="Write everything, per prompt, here.")
 @click.option("--ppl", "ppl_path", type=InputPath(),
               help="Also measure perplexity on this text file, or on 'builtin': prose and code written for the "
@@ -137,7 +161,7 @@ def command(models: tuple[Path, ...], behaviour: str | None, harmful: Path | Non
             limit: int | None, max_tokens: int | None, markers: Path | None, json_path: Path | None,
             ppl_path: Path | None, samples: int, kl_tokens: int, tasks: int, task_seed: int, judge: Path | None,
             report: Path | None, report_directions: tuple[Path, ...], thinking: Thinking, thought_tokens: int,
-            force: bool, quiet: bool) -> None:
+            protocol: str, force: bool, quiet: bool) -> None:
     """Compare models: refusals on harmful prompts, over-refusal on harmless ones, and the
     first-token KL divergence KL(BASE || model) on harmless prompts. With --behaviour, the
     pack's own measure on its probes replaces the refusal counts."""
@@ -149,14 +173,14 @@ def command(models: tuple[Path, ...], behaviour: str | None, harmful: Path | Non
 
         pack = load_pack(behaviour)
         used = [o for o, v in (("--harmful", harmful), ("--harmless", harmless), ("--markers", markers),
-                               ("--judge", judge), ("--report", report), ("--report-direction", report_directions))
-                if v]
+                               ("--judge", judge), ("--report", report), ("--report-direction", report_directions),
+                               ("--protocol", protocol != "ours")) if v]
         if used:
             raise UserError(f"{', '.join(used)} belong to the refusal evaluation, not --behaviour {pack.name}")
     request = EvalRequest(models=models, pack=pack, harmful=harmful, harmless=harmless, markers=markers, judge=judge,
                           limit=limit, max_tokens=max_tokens, kl_tokens=kl_tokens, tasks=tasks, task_seed=task_seed,
                           ppl=ppl_path, json=json_path, report=report, report_directions=report_directions,
-                          thinking=thinking, thought_tokens=thought_tokens, force=force)
+                          thinking=thinking, thought_tokens=thought_tokens, protocol=protocol, force=force)
     if pack is not None:
         print_pack(run_pack_eval(request, cli_ui(quiet)), samples)
         return

@@ -35,6 +35,12 @@ def default_prompts(part: str = "all") -> tuple[list[str], list[str]]:
     return split(_default("harmful"), part), split(_default("harmless"), part)
 
 
+def field_prompts() -> tuple[list[str], list[str]]:
+    """(harmful, harmless): 100 of each, written for `eval --protocol field` alone (no direction,
+    search or test prompt is among them)."""
+    return _default("field_harmful"), _default("field_harmless")
+
+
 def load_entries(path: str | Path, fields: tuple[str, ...] = ()) -> list[dict[str, object]]:
     """Each entry of a prompt file as {"prompt": text, **fields it has}: one prompt per line
     (.txt), or JSON / JSON Lines of strings or objects with a `prompt` field."""

@@ -27,7 +27,7 @@ from gguf_abliterate.evaluate.answer_rules import Measure, Measured, Probe, Repl
 from gguf_abliterate.evaluate.costs import Costs, EvalSettings
 from gguf_abliterate.evaluate.degenerate import is_degenerate
 from gguf_abliterate.evaluate.generate import load_for_eval
-from gguf_abliterate.evaluate.scorers import Label, Scorer
+from gguf_abliterate.evaluate.scorers import DELAYED_REASON, Label, Scorer
 from gguf_abliterate.runtime.llama import Answer, LlamaModel
 
 
@@ -55,6 +55,8 @@ class ModelReport:
     judge_labels: dict[str, int] | None = None  # label -> count, where a judge ran
     judge_verdicts: list[dict[str, object]] = field(default_factory=list)  # label and probabilities per answer
     thinking: Thoughts | None = None  # a model that thinks: its thoughts (the responses are its final answers)
+    delayed_refusals: int | None = None  # the field protocol: harmful refusals after a compliant opening (counted in harmful_refusals)
+    refusals_within: dict[str, int] | None = None  # the budget study: harmful refusals within the first N answer tokens
 
 
 NO_ANSWER = "no answer"  # the verdict of an answer whose thought never ended: counted apart, not as a refusal
@@ -108,10 +110,11 @@ class BehaviourReport:
 
 def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[str], scorer: Scorer,
              settings: EvalSettings = EvalSettings(), progress: Callable[[int], None] = lambda n: None,
-             judge: Scorer | None = None) -> list[ModelReport]:
+             judge: Scorer | None = None, budgets: Sequence[int] = ()) -> list[ModelReport]:
     """Report for each model; the first is the base that KL is measured against. With
     `kl_tokens` K > 1, every model also reads the base's first K greedy tokens of each harmless
-    answer (teacher-forced) and KL is averaged over those steps."""
+    answer (teacher-forced) and KL is averaged over those steps. With `budgets`, the harmful
+    refusals are also counted on the same answers cut at each budget (`cut_answers`)."""
     reports: list[ModelReport] = []
     costs = Costs(harmless, settings)
     for path in paths:
@@ -121,8 +124,10 @@ def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[s
             good = m.greedy_answers(harmless, budget, progress)
             measured = costs.measure(m, good)
             thoughts = Thoughts.of(m, bad, good)
+            cut = {n: cut_answers(m, bad, n) for n in budgets if n <= settings.max_tokens}
         measured |= costs.measure_file(path)
-        bad_verdicts = _arrived([v.label.value for v in scorer.label(harmful, [a.reply for a in bad])], bad)
+        scored = scorer.label(harmful, [a.reply for a in bad])
+        bad_verdicts = _arrived([v.label.value for v in scored], bad)
         good_verdicts = _arrived([v.label.value for v in scorer.label(harmless, [a.reply for a in good])], good)
         labels = Counter(bad_verdicts)
         reports.append(ModelReport(
@@ -131,13 +136,28 @@ def evaluate(paths: Sequence[Path], harmful: Sequence[str], harmless: Sequence[s
             harmful_labels={label.value: labels[label.value] for label in Label},
             harmless_degenerate=good_verdicts.count(Label.DEGENERATE.value),
             unfinished=sum(not a.finished for a in (*bad, *good)), kl_tokens=settings.kl_tokens,
-            harmful_verdicts=bad_verdicts, harmless_verdicts=good_verdicts, thinking=thoughts, **measured))
+            harmful_verdicts=bad_verdicts, harmless_verdicts=good_verdicts, thinking=thoughts,
+            delayed_refusals=sum(v.reason == DELAYED_REASON and a.final is not None for v, a in zip(scored, bad))
+            if scorer.name == "markers-anywhere" else None,
+            refusals_within={str(n): _arrived([v.label.value for v in scorer.label(harmful, texts)], bad).count(
+                Label.REFUSAL.value) for n, texts in cut.items()} or None, **measured))
         if judge is not None:
             judged = judge.label(harmful, [a.reply for a in bad])
             counts = Counter(v.label.value for v in judged)
             reports[-1].judge_labels = {label.value: counts[label.value] for label in Label}
             reports[-1].judge_verdicts = [{"label": v.label.value, "probabilities": v.probabilities} for v in judged]
     return reports
+
+
+def cut_answers(m: LlamaModel, answers: Sequence[Answer], tokens: int) -> list[str]:
+    """Each final answer as it read after its first `tokens` tokens: the budget study counts
+    refusals on one set of answers cut at each budget, not on new generations. (A thinking
+    model's final answer is tokenized again: its tokens follow the thought's.)"""
+    out = []
+    for a in answers:
+        own = a.tokens if not m.thinks else (m.tokenize(a.final, bos=False) if a.final else [])
+        out.append(m.text(own[:tokens]))
+    return out
 
 
 def evaluate_behaviour(paths: Iterable[Path], probes: Sequence[Probe], measure: Measure, max_tokens: int,

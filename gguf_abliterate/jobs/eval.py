@@ -19,6 +19,7 @@ from gguf_abliterate.direction.packs import Pack
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.markers import DEFAULT_MARKERS
 from gguf_abliterate.evaluate.costs import EvalSettings
+from gguf_abliterate.evaluate.protocols import PROTOCOLS
 from gguf_abliterate.evaluate.report import BehaviourReport, evaluate, evaluate_behaviour, to_json
 from gguf_abliterate.evaluate.scorers import get_scorer
 from gguf_abliterate.evaluate.tasks import generate_tasks
@@ -50,6 +51,7 @@ class EvalRequest:
     report_directions: Sequence[Path] = ()
     thinking: Thinking = field(default_factory=Thinking)
     thought_tokens: int = THOUGHT_BUDGET  # a thinking model's budget for its thought, on top of max_tokens
+    protocol: str = "ours"  # how refusals are counted (evaluate/protocols.py)
     force: bool = False
 
 
@@ -84,7 +86,8 @@ def eval_settings(request: EvalRequest, max_tokens: int) -> EvalSettings:
 def run_eval(request: EvalRequest, ui: Ui = Ui()) -> Evaluated:
     """The refusal evaluation (`request.pack` None)."""
     r = request
-    settings = eval_settings(r, r.max_tokens or 64)
+    protocol = PROTOCOLS[r.protocol]
+    settings = eval_settings(r, r.max_tokens or protocol.max_tokens)
     if r.report_directions and r.report is None:
         raise UserError("--report-direction adds charts to the report: give --report FILE.html too")
     inputs = [*r.models, *r.report_directions, *(p for p in (r.harmful, r.harmless, r.markers, r.ppl, r.judge) if p)]
@@ -95,7 +98,7 @@ def run_eval(request: EvalRequest, ui: Ui = Ui()) -> Evaluated:
         claim_report(r.report, [*inputs, *([r.json] if r.json else [])], r.force)
         for f in r.report_directions:
             load_direction(f)  # a bad file fails now, not after the evaluation
-    bad, good = P.default_prompts("validation")
+    bad, good = P.field_prompts() if protocol.prompts == "field" else P.default_prompts("validation")
     bad = P.load_prompts(r.harmful) if r.harmful else bad
     good = P.load_prompts(r.harmless) if r.harmless else good
     bad, good = bad[:r.limit], good[:r.limit]
@@ -107,8 +110,10 @@ def run_eval(request: EvalRequest, ui: Ui = Ui()) -> Evaluated:
 
             judge = stack.enter_context(Judge(r.judge))
         with ui.bar(total=len(r.models) * (len(bad) + len(good)), desc="responses", unit="prompt") as bar:
-            reports = evaluate(r.models, bad, good, get_scorer("markers", markers=marks), settings, bar.update, judge)
-    meta = {**_meta(settings), "markers": list(marks)}
+            reports = evaluate(r.models, bad, good, get_scorer(protocol.scorer, markers=marks), settings, bar.update,
+                               judge, protocol.budgets)
+    meta = {**_meta(settings), "markers": list(marks), "protocol": protocol.name,
+            "protocol_text": protocol.describe(settings.max_tokens, len(bad), len(good))}
     if r.json:
         write_text(r.json, json.dumps(to_json(reports, bad, good, meta), indent=1))
     evaluated = Evaluated(reports, bad, good, {**meta, "judge": r.judge.name if r.judge else None})

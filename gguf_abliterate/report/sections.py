@@ -118,7 +118,9 @@ def summary(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], settings
     for r, info in zip(reports, infos):
         row: list[object] = [
             info.name, info.edit, f"{info.size / 1e6:.1f} MB", _seconds(edit_seconds.get(str(info.path))),
-            f"{r.harmful_refusals}/{r.harmful_total}", f"{r.harmless_refusals}/{r.harmless_total}",
+            f"{r.harmful_refusals}/{r.harmful_total}" + ("" if r.delayed_refusals is None
+                                                         else f" ({r.delayed_refusals} delayed)"),
+            f"{r.harmless_refusals}/{r.harmless_total}",
             f"{r.harmful_labels.get(Label.DEGENERATE.value, 0)}+{r.harmless_degenerate}",
             f"{r.unfinished}/{r.harmful_total + r.harmless_total}", *(m.cell(getattr(r, m.field)) for m in costs)]
         if thinks:
@@ -127,13 +129,23 @@ def summary(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], settings
                                                  f"{t.mean_tokens:.0f}"]
         rows.append(row)
     max_tokens = settings.get("max_tokens", "?")
+    protocol = str(settings.get("protocol_text") or f"Greedy answers of at most {max_tokens} tokens; refusals "
+                                                        f"counted by markers near the start of an answer")
     content = [table(headers, rows, id="summary-table"), para(
-        f"Greedy answers of at most {max_tokens} tokens. Refusals are counted by markers near the start of an "
-        f"answer; degenerate = harmful+harmless answers that loop or fill; unfinished = no end within the budget; "
+        f"{protocol[:1].upper()}{protocol[1:]}. Degenerate = harmful+harmless answers that loop or fill; "
+        f"unfinished = no end within the budget; "
         + "; ".join(m.note(kl_tokens) for m in costs)
         + ("; for a model that thinks, refusals read the final answer after its thought, 'no answer' counts answers "
            "whose thought did not end within the budget, and thought tokens is a thought's mean length"
            if thinks else "") + ".", class_="note")]
+    budgets = sorted({int(n) for r in reports for n in (r.refusals_within or {})})
+    if budgets:
+        content += [table(["model", *(f"within {n} tokens" for n in budgets)],
+                          [[info.name, *((r.refusals_within or {}).get(str(n), "-") for n in budgets)]
+                           for r, info in zip(reports, infos)], id="budget-table"),
+                    para("The budget study: harmful refusals counted on the same answers cut at each budget (by "
+                         "tokens): a refusal that only appears late shows how much a short budget flatters an edit.",
+                         class_="note")]
     sections: list[Section] = [("Summary", join(content))]
     if any(r.judge_labels for r in reports):
         judge = str(settings.get("judge", "judge"))

@@ -344,6 +344,10 @@ class LlamaModel:
             raise UserError("prompt could not be tokenized")
         return list(buf[:n])
 
+    def text(self, tokens: Sequence[int]) -> str:
+        """Generated tokens as text (pieces joined as bytes: one character may span tokens)."""
+        return _detokenize(self.ll, self.vocab, list(tokens))
+
     def piece(self, token: int) -> str:
         """A token's text as the model writes it (control tokens spelt out)."""
         return _piece(self.ll, self.vocab, token)
