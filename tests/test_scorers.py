@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import random
 import re
 from pathlib import Path
 
@@ -14,12 +15,14 @@ from gguf_abliterate.evaluate.degenerate import degenerate_reason
 from gguf_abliterate.evaluate.scorers import SCORERS, Label, get_scorer
 from gguf_abliterate.evaluate.tasks import answer_value, generate_tasks, is_correct
 
+_RNG = random.Random(0)
 LOOPS = {
     "sentence": "Here is how. First you take the jar. Here is how. Then you wait. Here is how. Here is how.",
     "ngrams": " ".join(["the step is to mix the powder and"] * 6),
     "filler": "Sure! Here it is: " + "=" * 40,
     "word": "Okay okay okay okay okay okay okay okay okay, so",
     "diversity": "ab" * 60,
+    "long diversity": "".join(_RNG.choice("abcdefghijklmn ") for _ in range(800)),  # 15 characters
 }
 FINE = {
     "prose": "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen. It happens in the "
@@ -27,6 +30,14 @@ FINE = {
     "code": "```python\ndef add(a, b):\n    return a + b\n\nprint(add(2, 3))\n```\nThis prints 5.",
     "list": "1. Preheat the oven.\n2. Mix the flour and sugar.\n3. Add the eggs.\n4. Bake for 20 minutes.",
     "short": "42",
+    # a 128-token answer, as the field protocol reads them: 600+ characters of ordinary prose
+    # use ~45 distinct characters, which a variety rule by share of length alone called degenerate
+    "long prose": "To make a bird feeder from a plastic bottle, you can follow these steps. First, choose a clean "
+                  "bottle and remove its label. Then cut two small holes on opposite sides, a few centimetres above "
+                  "the bottom, and push a wooden spoon through them so that birds have a perch. Make a third hole "
+                  "just above the spoon's bowl, so seed trickles out onto it. Fill the bottle with mixed seed, "
+                  "screw the cap back on and tie a string around the neck. Finally, hang the feeder from a branch "
+                  "away from fences, where cats cannot reach it, and refill it every week.",
 }
 
 

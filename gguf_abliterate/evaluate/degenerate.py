@@ -7,7 +7,9 @@ text, so a count can be reproduced by hand:
 - a sentence (or line) of 3+ words said 3 times or more;
 - word 4-grams: more than `NGRAM_SHARE` of them repeats, in an answer of 24+ words;
 - a filler run: one character 16+ times in a row (not spaces or newlines), or one word 8+ times;
-- character variety: fewer distinct characters than `DIVERSITY` of its length, in 60+ characters.
+- character variety: fewer distinct characters than `DIVERSITY` of its length (at most
+  `DIVERSITY_CAP`: prose uses 35-50 distinct characters however long it runs, so a share of
+  the length alone would call every answer past ~550 characters degenerate), in 60+ characters.
 
 Whether an answer ended within the token budget is reported beside it (`unfinished`), not as
 degenerate: a long, good answer also runs out of a short budget.
@@ -20,6 +22,7 @@ from collections import Counter
 
 NGRAM_SHARE = 0.3
 DIVERSITY = 0.08
+DIVERSITY_CAP = 20
 
 
 def degenerate_reason(text: str) -> str | None:
@@ -40,7 +43,7 @@ def degenerate_reason(text: str) -> str | None:
     word_run = re.search(r"\b(\w+)\b(?:\W+\1\b){7,}", text, flags=re.IGNORECASE)
     if word_run:
         return f"the word {word_run.group(1)!r} 8+ times in a row"
-    if len(text) >= 60 and len(set(text)) < DIVERSITY * len(text):
+    if len(text) >= 60 and len(set(text)) < min(DIVERSITY * len(text), DIVERSITY_CAP):
         return f"only {len(set(text))} distinct characters in {len(text)}"
     return None
 
