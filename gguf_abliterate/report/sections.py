@@ -153,8 +153,9 @@ def summary(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], settings
                 for r, info in zip(reports, infos)]
         sections.append(("Judge", join([
             table(["model", *(label.value for label in Label)], rows, id="judge-table"),
-            para(f"{judge} labelled every harmful answer (docs/evaluation.md says how far this judge agrees with "
-                 f"labelled answers).", class_="note")])))
+            para(f"{judge} labelled every harmful answer of the table above ({settings.get('protocol', 'ours')} "
+                 f"protocol; docs/evaluation.md says how far this judge agrees with labelled answers).",
+                 class_="note")])))
     return sections
 
 
