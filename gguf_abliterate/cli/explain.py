@@ -22,7 +22,7 @@ if TYPE_CHECKING:
               help="The GGUF the direction was measured on (its output head and prompts are read).")
 @click.option("--block", "blocks", type=click.IntRange(min=0), multiple=True,
               help="Read the direction at this block (repeat for several). Default: the block the file was "
-                   "measured at (a searched file: its strongest block).")
+                   "measured at (a searched file: its strongest block; a bare vector: the middle block).")
 @click.option("--top", type=click.IntRange(1, 200), default=TOP_TOKENS, show_default=True,
               help="Tokens shown on each side (promoted, suppressed).")
 @click.option("--token", "tokens", multiple=True,
