@@ -10,7 +10,7 @@ from conftest import cli, random_direction
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
-from gguf_abliterate.direction.explain import capture, explain, head_logits, lens, lens_vector, split_half
+from gguf_abliterate.direction.explain import capture, explain, growth, head_logits, lens, lens_vector, split_half
 from gguf_abliterate.formats.direction_file import load_direction, save_direction
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.jobs.ui import Ui
@@ -95,6 +95,11 @@ def test_split_half_of_the_same_prompts_twice_is_one(tiny: dict[str, Path]) -> N
     np.testing.assert_allclose(split_half(twice, negative), 1.0, atol=1e-5)
     # other prompts in the two halves: the check can fail
     assert split_half(different[:4], different[4:]).min() < 0.99
+    # as the prompts grow: 2, 4, ... a half-set, the last point the whole split-half at that block
+    grown = growth(twice, negative, 2)
+    assert [n for n, _ in grown] == [2, 4] and np.allclose([c for _, c in grown], 1.0, atol=1e-5)
+    mixed = np.concatenate([different, different[::-1]])
+    assert growth(mixed, mixed[::-1], 1)[-1][1] == pytest.approx(split_half(mixed, mixed[::-1])[1])
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])  # writers straight into the stream; through post-norms
@@ -128,6 +133,7 @@ def test_explain_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
     out = run.stdout
     assert "direction at block 2, through the output head" in out and "promotes:" in out and "suppresses:" in out
     assert "measured again here: 1.000 with the file's" in out  # the same prompts, the same model
+    assert "as the prompts grow (a half-set's prompts: cosine): 1: " in out  # 2 + 2 direction prompts
     assert "yours:" in out and "writes along it" in out
     html = (tmp_path / "x.html").read_text()
     for heading in ("What it says", "The prompts that carry it", "Where it lives", "How sure it is"):

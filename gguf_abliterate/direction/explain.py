@@ -16,7 +16,8 @@
   the registry lists one; the rest of the block's write (experts, SSM and convolution layers,
   scales) is the residual's change over the block less those two.
 - **How sure it is** (`split_half`): the direction measured from alternate prompts of each
-  set, the cosine per block.
+  set, the cosine per block; and at the block read, that cosine as the prompts grow
+  (`growth`), which says how many prompts the direction needed.
 """
 
 from __future__ import annotations
@@ -128,6 +129,18 @@ def split_half(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
     first = difference_of_means(positive[0::2], negative[0::2]).directions
     second = difference_of_means(positive[1::2], negative[1::2]).directions
     return cosines(first, second)
+
+
+def growth(positive: np.ndarray, negative: np.ndarray, block: int) -> list[tuple[int, float]]:
+    """How the split-half cosine at `block` grows with the prompts: (prompts a half-set holds,
+    cosine) for 2, 4, 8, ... of each set's even and odd prompts, ending with every pair. Where
+    it has flattened near 1, more prompts would not have changed the direction."""
+    half = min(len(positive), len(negative)) // 2
+    if half < 1:
+        raise UserError("a split-half check needs at least two prompts in each set")
+    counts = sorted({*(2 ** k for k in range(1, half.bit_length()) if 2 ** k < half), half})
+    pos, neg = positive[:, block:block + 1], negative[:, block:block + 1]
+    return [(n, float(split_half(pos[:2 * n], neg[:2 * n])[0])) for n in counts]
 
 
 def loads(residuals: np.ndarray, direction: np.ndarray) -> np.ndarray:
@@ -254,6 +267,7 @@ class Explanation:
     blocks: list[int]  # the blocks read through the head; the prompts are read at the first
     lenses: dict[int, Lens]
     split_half: np.ndarray  # (n_layer,)
+    growth: list[tuple[int, float]]  # the split-half cosine at blocks[0] as the prompts grow (`growth`)
     agreement: np.ndarray  # (n_layer,): the direction measured again here vs the file's, per block
     neighbours: np.ndarray  # (n_layer, n_layer): cosine between blocks' directions
     prompts: list[Loaded]  # the pack's direction prompts, highest load first
@@ -316,7 +330,8 @@ def explain(meta: Model, piece: Callable[[int], str], direction: Direction, bloc
         (Loaded(t, "yours", float(v)) for t, v in zip(seen.yours, loads(seen.own[:, at], d))), key=lambda x: -x.load)
     dirs = direction.per_block if direction.per_block is not None else measured
     unit = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
-    return Explanation(behaviour, blocks, lenses, split_half(pos, neg), cosines(measured, stored), unit @ unit.T,
+    return Explanation(behaviour, blocks, lenses, split_half(pos, neg), growth(pos, neg, at), cosines(measured, stored),
+                       unit @ unit.T,
                        prompts, mine, writes(meta, pos, seen.inputs, direction.for_block),
                        float(loads(pos[:, at], d).mean()), float(loads(neg[:, at], d).mean()))
 

@@ -129,6 +129,8 @@ def _summary(x: Explanation, d: Direction, name: str) -> list[str]:
     lines.append(f"split-half cosine at block {at}: {x.split_half[at]:.3f} (blocks {candidates[0]}-{candidates[-1]}, "
                  f"where `direction` chooses: {np.nanmin(halves):.3f} to {np.nanmax(halves):.3f}); measured again "
                  f"here: {x.agreement[at]:.3f} with the file's")
+    lines.append("  as the prompts grow (a half-set's prompts: cosine): "
+                 + ", ".join(f"{n}: {c:.3f}" for n, c in x.growth))
     if x.agreement[at] < AGREES:
         lines.append(f"note: the direction measured here differs from {name}'s at block {at}: it was made on another "
                      f"model, from other prompts or at another position, and what follows reads this model")

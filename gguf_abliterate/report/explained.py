@@ -68,6 +68,10 @@ def explained(x: Explanation) -> list[Section]:
                    "Split-half: the direction measured from alternate prompts of each set, the two halves' "
                    "cosine (near 1: the prompts agree, more would not change it). Measured here vs the file's: the "
                    "same prompts measured on this model again, against the direction the file holds (below 0.9: "
-                   "the file came from another model, other prompts or another position).")]
+                   "the file came from another model, other prompts or another position)."),
+            table(["prompts in each half-set", f"split-half cosine at block {at}"],
+                  [[n, f"{c:.3f}"] for n, c in x.growth]),
+            para("The same cosine at the block read, from the first 2, 4, 8, ... prompts of each half: where it has "
+                 "flattened near 1, the direction did not need more prompts.", class_="note")]
     return [("What it says", join(words)), ("The prompts that carry it", join(carried)),
             ("Where it lives", join(lives)), ("How sure it is", join(sure))]
