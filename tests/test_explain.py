@@ -162,6 +162,14 @@ def test_a_direction_from_another_model_is_one_line(tiny: dict[str, Path], tmp_p
     one_line_failure(cli("explain", tmp_path / "a.safetensors", "--model", tiny["llama"]), "gemma3")
 
 
+def test_a_token_that_is_no_token_is_one_line(tiny: dict[str, Path], tmp_path: Path) -> None:
+    save_direction(tmp_path / "d.npy", random_direction(256))
+    run = cli("explain", tmp_path / "d.npy", "--model", tiny["llama"], "--behaviour", "refusal", "--token", "",
+              "--report", tmp_path / "x.html")
+    one_line_failure(run, "--token")
+    assert not (tmp_path / "x.html").exists()
+
+
 def test_a_model_without_an_output_head_is_one_line(tiny: dict[str, Path], tmp_path: Path) -> None:
     """token_embd renamed: llama.cpp could not load it either, and explain says why before trying."""
     src = tiny["llama"]

@@ -67,11 +67,12 @@ def run_explain(request: ExplainRequest, ui: Ui = Ui()) -> ExplainResult:
         ui.say(f"note: {r.direction.name} was measured from other prompts than the {pack.name} pack's: the prompts "
                f"below are the pack's")
     with LlamaModel(r.model, thinking=r.thinking, room_for_thoughts=True) as model:
+        asked = asked_tokens(model, r.tokens, pack.name)  # a --token that is no token fails before the passes
         position = Position(d.metadata.get("position", DEFAULT_POSITION.value))
         sets = [at_position(model, s, position, ui.bar) for s in pack.direction_sets()]
         mine = list(zip(yours, at_position(model, yours, position, ui.bar)))
         seen = capture(model, sets[0], sets[1], mine, ui.bar)
-        x = explain(meta, model.piece, d, blocks, seen, r.top, ui.bar, pack.name, asked_tokens(model, r.tokens, pack.name))
+        x = explain(meta, model.piece, d, blocks, seen, r.top, ui.bar, pack.name, asked)
     result = ExplainResult(x, _summary(x, d, r.direction.name))
     if r.report is not None:
         from gguf_abliterate.report import write_report
