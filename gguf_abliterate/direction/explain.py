@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gguf_abliterate import names
-from gguf_abliterate.arch import ATTN, MLP, Arch, get_arch
+from gguf_abliterate.arch import ATTN, MLP, Arch, Writer, get_arch
 from gguf_abliterate.direction.measure import ProgressBars, difference_of_means
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.first_token import refusal_token_ids
@@ -135,9 +135,7 @@ def growth(positive: np.ndarray, negative: np.ndarray, block: int) -> list[tuple
     """How the split-half cosine at `block` grows with the prompts: (prompts a half-set holds,
     cosine) for 2, 4, 8, ... of each set's even and odd prompts, ending with every pair. Where
     it has flattened near 1, more prompts would not have changed the direction."""
-    half = min(len(positive), len(negative)) // 2
-    if half < 1:
-        raise UserError("a split-half check needs at least two prompts in each set")
+    half = min(len(positive), len(negative)) // 2  # split_half refuses fewer than two prompts a set
     counts = sorted({*(2 ** k for k in range(1, half.bit_length()) if 2 ** k < half), half})
     pos, neg = positive[:, block:block + 1], negative[:, block:block + 1]
     return [(n, float(split_half(pos[:2 * n], neg[:2 * n])[0])) for n in counts]
@@ -232,10 +230,10 @@ def _arch(meta: Model) -> Arch:
     return get_arch(meta.arch)
 
 
-def _writer_norms(arch: Arch, writer: object, block: int, meta: Model) -> np.ndarray | None:
+def _writer_norms(arch: Arch, writer: Writer, block: int, meta: Model) -> np.ndarray | None:
     """The one post-norm's weight between a writer and the residual add (empty if none), or
     None where there are several (their product is not a per-writer scale)."""
-    own = next((w for w in arch.writers if w.tensor == getattr(writer, "tensor", None)), None)
+    own = next((w for w in arch.writers if w.tensor == writer.tensor), None)  # the family's entry holds its norms
     chain = arch.norm_chain(block, own, meta.tensors) if own else ()
     if len(chain) > 1:
         return None

@@ -63,7 +63,8 @@ def run_explain(request: ExplainRequest, ui: Ui = Ui()) -> ExplainResult:
     yours = P.load_prompts(r.prompts) if r.prompts else []
     if r.report is not None:
         claim_report(r.report, [r.model, r.direction], r.force)
-    if pack.metadata()["positive_sha256"] != d.metadata.get("positive_sha256", pack.metadata()["positive_sha256"]):
+    ours = pack.metadata()["positive_sha256"]
+    if d.metadata.get("positive_sha256", ours) != ours:
         ui.say(f"note: {r.direction.name} was measured from other prompts than the {pack.name} pack's: the prompts "
                f"below are the pack's")
     with LlamaModel(r.model, thinking=r.thinking, room_for_thoughts=True) as model:

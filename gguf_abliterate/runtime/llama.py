@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -128,24 +129,14 @@ class WriterInputs:
         return np.concatenate(have) if have else None
 
 
-class LastInputs:
-    """Per block, the attention output projection's (`attn`) and the dense MLP down
-    projection's (`mlp`) input at each prompt's last token, in prompt order: what splits a
-    block's write into its writers' (`explain`)."""
+class LastInputs(WriterInputs):
+    """`WriterInputs` at each prompt's last token only, every prompt kept, in prompt order: what
+    splits a block's write into its writers' (`explain`)."""
 
-    prefixes = WriterInputs.prefixes
     last_token = True  # the model hands it the rows of each prompt's last token only
 
     def __init__(self) -> None:
-        self.rows: dict[tuple[str, int], list[np.ndarray]] = {}
-
-    def add(self, name: str, rows: np.ndarray) -> None:
-        self.rows.setdefault(writer_key(name), []).append(rows.copy())
-
-    def get(self, kind: str, block: int) -> np.ndarray | None:
-        """(prompts, n_in) float32, or None if llama.cpp never showed that input."""
-        have = self.rows.get((kind, block))
-        return np.concatenate(have) if have else None
+        super().__init__(limit=sys.maxsize)
 
 
 class InputMoments:
@@ -247,7 +238,7 @@ class LlamaModel:
         self._capture: dict[int, np.ndarray] | None = None
         self._rows: np.ndarray = np.zeros(0, np.int64)
         self._ablate: np.ndarray | None = None
-        self._inputs: list[MlpInputs | WriterInputs | InputMoments | LastInputs] = []  # listeners for writer inputs
+        self._inputs: list[MlpInputs | WriterInputs | InputMoments] = []  # listeners for writer inputs
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -487,10 +478,14 @@ class LlamaModel:
         if listeners:
             if not ask:
                 rows = self.ggml.read(t, self.ggml.width(t))
-                # the last block's MLP sees only the output rows already; other nodes, every token
-                last = rows if rows.shape[0] == len(self._rows) else rows[self._rows]
+                last = None
                 for listener in listeners:
-                    listener.add(name, last if getattr(listener, "last_token", False) else rows)
+                    if getattr(listener, "last_token", False):
+                        if last is None:  # the last block's MLP sees only the output rows already; others, every token
+                            last = rows if rows.shape[0] == len(self._rows) else rows[self._rows]
+                        listener.add(name, last)
+                    else:
+                        listener.add(name, rows)
             return True
         if not name.startswith(self._residual):
             return not ask  # ask: we do not need it; otherwise: go on computing
