@@ -55,20 +55,39 @@ def _tree_rss_kib(root: int) -> int:
 
 
 def measure(py_args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB of the whole process tree) of `python *py_args`.
+    """(wall seconds, peak RSS MiB of the whole process tree) of `python *py_args`."""
+    return measure_command([sys.executable, *py_args])
+
+
+def measure_command(cmd: list[str], *, log: Path | None = None, stdin: str | None = None,
+                    env: dict[str, str] | None = None, cwd: Path | None = None,
+                    check: bool = True) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB of the whole process tree) of `cmd`, its output to `log`
+    (`check`: a non-zero exit stops this script).
 
     RSS is sampled every 20 ms over the process and its workers; a child's ru_maxrss would
     not do: Linux carries the parent's peak over fork and exec, and workers are separate.
     """
+    out = open(log, "w") if log else subprocess.DEVNULL
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *py_args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _tree_rss_kib(proc.pid))
-        time.sleep(0.02)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE,
+                                env=None if env is None else {**os.environ, **env}, cwd=cwd)
+        if stdin is not None and proc.stdin:
+            proc.stdin.write(stdin.encode())
+            proc.stdin.close()
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss_kib(proc.pid))
+            time.sleep(0.02)
+    finally:
+        if log:
+            out.close()
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(py_args)}\n{proc.stderr.read().decode() if proc.stderr else ''}")
+    if check and proc.returncode != 0:
+        detail = f"(see {log})" if log else (proc.stderr.read().decode() if proc.stderr else "")
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{detail}")
     return wall, peak / 1024
 
 
