@@ -194,13 +194,14 @@ def main() -> None:
              us + ["eval", *map(str, files), "--protocol", "field", "--kl-tokens", "16", "--tasks", "32",
                    "--samples", "0", "--json", str(d / "eval.json")])
 
-    work.run("snapback-float", d / "heretic-q4-float" / "config.json",
-             [str(hpy), str(HERE / "float_copy.py"), str(d / "heretic-q4_k_m.gguf"), str(d / "heretic-q4-float")])
-    heretic_config(d / "snapback" / "config.toml", d / "float", args.trials, args.startup_trials, d / "prompts",
-                   evaluate=d / "heretic-q4-float")
-    work.run("heretic-snapback", d / "heretic-snapback.log", [str(hpy.parent / "heretic")],
-             env=HERETIC_ENV, cwd=d / "snapback")
-    shutil.rmtree(d / "heretic-q4-float")  # 2.5 GB of float weights, read once
+    if "heretic-snapback" not in work.steps:  # its float copy is deleted once read
+        work.run("snapback-float", d / "heretic-q4-float" / "config.json",
+                 [str(hpy), str(HERE / "float_copy.py"), str(d / "heretic-q4_k_m.gguf"), str(d / "heretic-q4-float")])
+        heretic_config(d / "snapback" / "config.toml", d / "float", args.trials, args.startup_trials,
+                       d / "prompts", evaluate=d / "heretic-q4-float")
+        work.run("heretic-snapback", d / "heretic-snapback.log", [str(hpy.parent / "heretic")],
+                 env=HERETIC_ENV, cwd=d / "snapback")
+        shutil.rmtree(d / "heretic-q4-float")  # 2.5 GB of float weights, read once
     table = side_by_side(work, files)
     (d / "table.md").write_text(table)
     print(table)
