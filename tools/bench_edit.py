@@ -68,11 +68,11 @@ def measure_command(cmd: list[str], *, log: Path | None = None, stdin: str | Non
     RSS is sampled every 20 ms over the process and its workers; a child's ru_maxrss would
     not do: Linux carries the parent's peak over fork and exec, and workers are separate.
     """
-    out = open(log, "w") if log else subprocess.DEVNULL
+    out = open(log, "w+") if log else tempfile.TemporaryFile("w+")  # read on failure; a pipe unread could fill
     t0 = time.perf_counter()
-    try:
+    with out:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE,
+                                stdout=out if log else subprocess.DEVNULL, stderr=out,
                                 env=None if env is None else {**os.environ, **env}, cwd=cwd)
         if stdin is not None and proc.stdin:
             proc.stdin.write(stdin.encode())
@@ -81,13 +81,10 @@ def measure_command(cmd: list[str], *, log: Path | None = None, stdin: str | Non
         while proc.poll() is None:
             peak = max(peak, _tree_rss_kib(proc.pid))
             time.sleep(0.02)
-    finally:
-        if log:
-            out.close()
-    wall = time.perf_counter() - t0
-    if check and proc.returncode != 0:
-        detail = f"(see {log})" if log else (proc.stderr.read().decode() if proc.stderr else "")
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{detail}")
+        wall = time.perf_counter() - t0
+        if check and proc.returncode != 0:
+            out.seek(0)
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{f'(see {log})' if log else out.read()}")
     return wall, peak / 1024
 
 

@@ -68,14 +68,16 @@ class Work:
                                                    if self.record.exists() else {})
 
     def run(self, name: str, done: Path, cmd: list[str], **kw: object) -> None:
-        """Run one step unless `done` exists; keep its wall time and peak memory."""
+        """Run one step unless an earlier run finished it (recorded, and `done` is there); keep
+        its wall time and peak memory, its output in DIR/NAME.log."""
         if name in self.steps and done.exists():
             print(f"{name}: done before ({done})")
             return
         print(f"{name}: {' '.join(cmd)}", flush=True)
-        wall, peak = measure_command(cmd, log=self.root / f"{name}.log", **kw)  # type: ignore[arg-type]
+        log = self.root / f"{name}.log"
+        wall, peak = measure_command(cmd, log=log, **kw)  # type: ignore[arg-type]
         if not done.exists():
-            raise SystemExit(f"{name}: finished without writing {done} (see {self.root / f'{name}.log'})")
+            raise SystemExit(f"{name}: finished without writing {done} (see {log})")
         self.steps[name] = {"wall_s": round(wall, 1), "peak_mib": round(peak)}
         self.record.write_text(json.dumps(self.steps, indent=1))
         print(f"{name}: {wall:.0f} s, peak {peak:.0f} MiB", flush=True)
