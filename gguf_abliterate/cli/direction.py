@@ -72,15 +72,27 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
                    "answer: where the final answer opens, past a closed empty thought; thought: the same, past "
                    "the model's own thought (generated first). Default: answer (prompt for a model that does "
                    "not think, where all three are the same).")
+@click.option("--capability", metavar="FAMILY|FILE.jsonl", type=InputName(),
+              help="Instead of two prompt sets: a capability direction from the model's own right and wrong answers "
+                   "to generated problems (arithmetic, percent, code; or your problems, one JSON object with a "
+                   "question and an integer answer a line). Per block, the residual stream averaged over the "
+                   "answers' tokens, right minus wrong; the file names the attention heads that write most along "
+                   "the failure side, and the edit then changes only those (docs/capability.md).")
+@click.option("--problems", type=click.IntRange(min=16), default=256, show_default=True,
+              help="With --capability: problems the model answers (from the direction split, never evaluated on).")
+@click.option("--heads", "n_heads", type=click.IntRange(min=1), default=20, show_default=True,
+              help="With --capability: how many attention heads the file names for the edit.")
 @click.option("--report", type=OutputPath(), metavar="FILE.html",
               help="Also write an HTML report: per-block statistics and the candidate layers' scores, charted.")
 @click.option("--force", is_flag=True, help="Replace the output file and the report if they exist.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.pass_context
 @user_errors
-def command(model_path: Path, output_path: Path, behaviour: str | None, positive: Path | None,
+def command(ctx: click.Context, model_path: Path, output_path: Path, behaviour: str | None, positive: Path | None,
             negative: Path | None, name: str | None, harmful: Path | None, harmless: Path | None, layer: str,
             max_kl: float | None, score_prompts: int | None, raw: bool, engine: str, thinking: Thinking,
-            position: str | None, report: Path | None, force: bool, quiet: bool) -> None:
+            position: str | None, capability: str | None, problems: int, n_heads: int, report: Path | None,
+            force: bool, quiet: bool) -> None:
     """Compute a behaviour's direction in MODEL itself, on CPU (llama.cpp hooks).
 
     Difference of means of the residual stream after each block at the last prompt token,
@@ -95,6 +107,9 @@ def command(model_path: Path, output_path: Path, behaviour: str | None, positive
     """
     from gguf_abliterate.jobs.direction import DirectionRequest, run_direction
 
+    if capability is not None:
+        capability_direction(ctx, model_path, output_path, capability, problems, n_heads, force, quiet)
+        return
     request = DirectionRequest(model=model_path, output=output_path,
                                pack=choose_pack(behaviour, harmful, harmless, positive, negative, name), layer=layer,
                                max_kl=max_kl, score_prompts=score_prompts, raw=raw, engine=Engine(engine),
@@ -103,3 +118,23 @@ def command(model_path: Path, output_path: Path, behaviour: str | None, positive
     say = sayer(quiet)
     for line in run_direction(request, cli_ui(quiet)).summary:
         say(line)
+
+
+def capability_direction(ctx: click.Context, model_path: Path, output_path: Path, capability: str, problems: int,
+                         n_heads: int, force: bool, quiet: bool) -> None:
+    """`direction --capability`: refuse the prompt-set options, run the job, say what it found."""
+    from gguf_abliterate.jobs.capability import CapabilityDirectionRequest, run_capability_direction
+
+    given = [f"--{p.replace('_', '-')}" for p in ("behaviour", "positive", "negative", "name", "harmful", "harmless",
+                                                  "layer", "max_kl", "score_prompts", "raw", "engine", "thinking",
+                                                  "position", "report")
+             if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        raise UserError(f"--capability reads the model's own answers to problems: drop {', '.join(given)}")
+    result = run_capability_direction(CapabilityDirectionRequest(
+        model=model_path, output=output_path, capability=capability, problems=problems, heads=n_heads, force=force),
+        cli_ui(quiet))
+    say = sayer(quiet)
+    say(f"heads (block.head, write along the failure side): {result.measured.describe_heads()}")
+    say(f"wrote {result.written}: edit with `gguf-abliterate MODEL OUT.gguf --direction {result.written}` "
+        f"(those heads only; --reverse amplifies instead)")

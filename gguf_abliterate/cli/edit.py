@@ -88,13 +88,18 @@ own type; every other tensor is copied byte for byte. OUTPUT appears only when c
 @click.option("--method", type=click.Choice(method_choices()), default=None, help=method_help())
 @click.option("--trial", type=click.IntRange(min=0), default=None,
               help="With a direction file from optimise: bake this trial instead of the chosen one.")
+@click.option("--heads", default=None, metavar="B.H,...",
+              help="Edit only these attention heads (block.head, 0-based, e.g. 12.3,12.7): each one's columns of "
+                   "its block's attention output projection, what that head writes into the residual stream; "
+                   "nothing else changes. Default: the heads a capability direction file names, else every "
+                   "writer; 'all' edits every writer whatever the file names.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="List every edited tensor.")
 @user_errors
 def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale: float | None, steer: float | None,
             layers: str | None, embeddings: bool | None, requant_type: GGMLQuantizationType | None, rounding: str,
             force: bool, jobs: int | None, merge: bool, out_format: str, verify: bool, ollama_name: str | None,
-            lmstudio: bool, method: str | None, trial: int | None, size_budget: str | None,
+            lmstudio: bool, method: str | None, trial: int | None, heads: str | None, size_budget: str | None,
             statistics: Path | None, quiet: bool, verbose: bool) -> None:
     from gguf_abliterate.jobs.edit import EditRequest, run_edit
 
@@ -109,7 +114,7 @@ def command(paths: tuple[Path, ...], direction_path: Path, reverse: bool, scale:
     request = EditRequest(input=input_path, output=output_path, direction=direction_path, reverse=reverse,
                           scale=scale, steer=steer, layers=layers, embeddings=embeddings, requant_type=requant_type,
                           rounding=Rounding(rounding), statistics=statistics, size_budget=size_budget, method=method,
-                          trial=trial, out_format=OutFormat(out_format), merge=merge, jobs=jobs, verify=verify,
+                          trial=trial, heads=heads, out_format=OutFormat(out_format), merge=merge, jobs=jobs, verify=verify,
                           ollama=ollama_name, lmstudio=lmstudio, force=force, verbose=verbose)
     say = sayer(quiet)
     for line in run_edit(request, cli_ui(quiet)).summary:

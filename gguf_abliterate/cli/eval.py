@@ -124,7 +124,7 @@ def _cost_cells(r: ModelReport | BehaviourReport, reports: Sequence[ModelReport 
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts of each set.")
 @click.option("--max-tokens", type=click.IntRange(min=1, max=MAX_ANSWER_TOKENS), default=None,
               help="Greedy response length. Default: 64 for refusal (128 with --protocol field), the pack's own "
-                   "otherwise (96 for reasoning and concise).")
+                   "otherwise (96 for reasoning and concise); 256 with --capability.")
 @click.option("--protocol", type=click.Choice(sorted(PROTOCOL_NAMES)), default="ours", show_default=True,
               help="How refusals are counted. ours: the 72 + 72 validation prompts, 64 tokens, markers near the "
                    "start. field: as public comparisons count, 100 + 100 prompts of its own, 128 tokens, markers "
@@ -143,7 +143,7 @@ def _cost_cells(r: ModelReport | BehaviourReport, reports: Sequence[ModelReport 
               help="Also KL averaged over the base's first K greedy tokens of each harmless answer (teacher-forced).")
 @click.option("--tasks", type=click.IntRange(0, 10000), default=0, show_default=True,
               help="Also ask this many generated exact-answer questions (arithmetic, code tracing) and score them.")
-@click.option("--task-seed", type=int, default=0, show_default=True, help="Seed of the generated questions.")
+@click.option("--task-seed", type=int, default=0, show_default=True, help="Seed of the generated questions (--tasks) and problems (--capability).")
 @click.option("--judge", type=InputPath(),
               help="A local instruct GGUF that labels every harmful answer: refusal, complies, partial, evades "
                    "or degenerate (docs/evaluation.md says how well which model judges).")
@@ -152,21 +152,31 @@ def _cost_cells(r: ModelReport | BehaviourReport, reports: Sequence[ModelReport 
                    "edited model recorded, and every answer side by side with its label.")
 @click.option("--report-direction", "report_directions", multiple=True, type=InputPath(),
               metavar="FILE", help="Add this `direction` or `optimise` file's charts to the report (repeatable).")
+@click.option("--capability", metavar="FAMILY|FILE.jsonl", type=InputName(),
+              help="Instead of refusals: accuracy on held-out problems (arithmetic, percent, code, or a problems "
+                   ".jsonl file), each model's with its 95% interval, paired with the base's on the same problems "
+                   "(an exact McNemar test), answer length and first-token KL.")
+@click.option("--problems", type=click.IntRange(min=1), default=500, show_default=True,
+              help="With --capability: held-out problems to answer.")
 @thinking_options
 @thought_tokens_option
 @click.option("--force", is_flag=True, help="Replace the --json file and the report if they exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
 @user_errors
-def command(models: tuple[Path, ...], behaviour: str | None, harmful: Path | None, harmless: Path | None,
+def command(ctx: click.Context, models: tuple[Path, ...], behaviour: str | None, harmful: Path | None, harmless: Path | None,
             limit: int | None, max_tokens: int | None, markers: Path | None, json_path: Path | None,
             ppl_path: Path | None, samples: int, kl_tokens: int, tasks: int, task_seed: int, judge: Path | None,
             report: Path | None, report_directions: tuple[Path, ...], thinking: Thinking, thought_tokens: int,
-            protocol: str, force: bool, quiet: bool) -> None:
+            protocol: str, capability: str | None, problems: int, force: bool, quiet: bool) -> None:
     """Compare models: refusals on harmful prompts, over-refusal on harmless ones, and the
     first-token KL divergence KL(BASE || model) on harmless prompts. With --behaviour, the
     pack's own measure on its probes replaces the refusal counts."""
     from gguf_abliterate.jobs.eval import EvalRequest, run_eval, run_pack_eval
 
+    if capability is not None:
+        capability_eval(ctx, models, capability, problems, task_seed, max_tokens, json_path, samples, force, quiet)
+        return
     pack = None
     if behaviour is not None and behaviour != "refusal":
         from gguf_abliterate.direction.packs import load_pack
@@ -187,3 +197,23 @@ def command(models: tuple[Path, ...], behaviour: str | None, harmful: Path | Non
     print_refusals(run_eval(request, cli_ui(quiet)), samples)
     if report is not None:
         echo(f"\nreport: {report}")
+
+
+def capability_eval(ctx: click.Context, models: tuple[Path, ...], capability: str, problems: int, seed: int,
+                    max_tokens: int | None, json_path: Path | None, samples: int, force: bool, quiet: bool) -> None:
+    """`eval --capability`: refuse the refusal evaluation's options, run the job, print the table."""
+    from gguf_abliterate.jobs.capability import ANSWER_TOKENS, CapabilityEvalRequest, run_capability_eval, table
+
+    kept = {"models", "capability", "problems", "task_seed", "max_tokens", "json_path", "samples", "force", "quiet"}
+    given = [f"--{p.replace('_', '-')}" for p, v in ctx.params.items()
+             if p not in kept and ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        raise UserError(f"--capability measures accuracy on problems: drop {', '.join(given)}")
+    reports = run_capability_eval(CapabilityEvalRequest(
+        models=models, capability=capability, problems=problems, seed=seed, max_tokens=max_tokens or ANSWER_TOKENS,
+        json=json_path, force=force), cli_ui(quiet))
+    for line in table(reports):
+        echo(line)
+    for r in reports:
+        for answer, value in list(zip(r.answers, r.values))[:samples]:
+            echo(f"\n[{Path(r.path).name}] read {value}: {answer[-200:]!r}")

@@ -74,7 +74,7 @@ def edit_piece(model: Model, piece: Piece) -> PieceResult:
     edit, u = piece.edit, piece.u
     values = _dequantized(model, edit, piece.first, piece.count)
     before = component(values, u, edit.kind)
-    project(values, u, edit.coef, edit.kind, edit.method, edit.reads)
+    project(values, u, edit.coef, edit.kind, edit.method, edit.reads, edit.columns)
     if not edit.aware:
         data = _requantized(values, edit)
     elif edit.moments is not None and rounding.compensates(edit.out_type, values.shape[1]):

@@ -68,6 +68,28 @@ def parse_layers(spec: str | None, n_layer: int) -> frozenset[int] | None:
     return frozenset(blocks)
 
 
+def parse_heads(spec: str | None) -> dict[int, tuple[int, ...]] | None:
+    """Parse `12.3,12.7,14.0` (block.head, 0-based) into block -> heads; None or "all": no restriction."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return None
+    heads: dict[int, set[int]] = {}
+    for part in spec.replace(" ", ",").split(","):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d+)", part)
+        if not m:
+            raise UserError(f"heads {spec!r}: expected block.head pairs like 12.3,12.7")
+        heads.setdefault(int(m[1]), set()).add(int(m[2]))
+    if not heads:
+        raise UserError(f"heads {spec!r}: no head given")
+    return {b: tuple(sorted(h)) for b, h in sorted(heads.items())}
+
+
+def format_heads(heads: dict[int, tuple[int, ...]]) -> str:
+    """The inverse of parse_heads."""
+    return ",".join(f"{b}.{h}" for b, hs in sorted(heads.items()) for h in hs)
+
+
 def format_layers(blocks: frozenset[int]) -> str:
     """The inverse of parse_layers, compact: {0,1,2,5} -> '0-2,5'."""
     out, run = [], []

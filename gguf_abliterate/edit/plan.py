@@ -6,13 +6,13 @@ stream where it should, that its output type can be written, that the post-norms
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 
-from gguf import GGMLQuantizationType
+from gguf import MODEL_TENSOR, GGMLQuantizationType
 
 from gguf_abliterate import names, quants
 from gguf_abliterate.arch import Arch, get_arch
@@ -57,6 +57,17 @@ class TensorEdit:
     reads: np.ndarray | None = field(default=None, compare=False)  # STEER: the input-side vector w
     # --rounding gptq: the diagonal blocks of the second moments of what the matrix reads
     moments: np.ndarray | None = field(default=None, compare=False)
+    # a head-restricted edit: the input columns (start, stop) of the heads it changes; None: all
+    columns: tuple[tuple[int, int], ...] | None = None
+
+    def only_columns(self, c: np.ndarray) -> np.ndarray:
+        """A row over the matrix's inputs (u^T W), zero outside the edited heads' columns."""
+        if self.columns is None:
+            return c
+        kept = np.zeros_like(c)
+        for start, stop in self.columns:
+            kept[..., start:stop] = c[..., start:stop]
+        return kept
 
 
 @dataclass
@@ -89,13 +100,18 @@ def output_type(name: str, src: GGMLQuantizationType, opts: EditOptions, n_per_r
 
 
 def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
-              strengths: Mapping[Component, np.ndarray] | None = None, method: Method = Method.PLAIN) -> EditPlan:
+              strengths: Mapping[Component, np.ndarray] | None = None, method: Method = Method.PLAIN,
+              heads: Mapping[int, Sequence[int]] | None = None) -> EditPlan:
     """Decide which tensors change and how, checking everything before anything is written.
 
     `strict=False` skips the check that each output type can be written (for `inspect`).
     `strengths` (a schedule: per component, a factor per block) scales each writer's edit;
     blocks where it is 0 are left alone, and token_embd is not edited (no search saw it).
+    `heads` (block -> head indices) edits only those heads' columns of the attention output
+    projections, and nothing else.
     """
+    if heads is not None:
+        return _head_plan(model, opts, heads, strict, method)
     arch = get_arch(model.arch)
     for role, why in arch.refuses:
         if any(names.tensor_role(name) == role for name in model.tensors):
@@ -150,4 +166,41 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
                     add(name, kind, block, norms, factor)
     if not plan.edits:
         raise UserError("nothing to edit: no residual-stream writers in the selected blocks")
+    return plan
+
+
+def _head_plan(model: Model, opts: EditOptions, heads: Mapping[int, Sequence[int]], strict: bool,
+               method: Method) -> EditPlan:
+    """Only the chosen heads' column blocks of `attn_output`: what each head writes into the
+    residual stream, projected; every other column, and every other tensor, left as it was."""
+    if method is not Method.PLAIN:
+        raise UserError(f"a head-restricted edit projects each head's columns plainly; drop --method {method.value}")
+    if opts.embeddings:
+        raise UserError("a head-restricted edit changes attention output projections only; drop --embeddings")
+    arch = get_arch(model.arch)
+    plan = EditPlan(arch, names.OUTPUT not in model.tensors, frozenset(heads), {})
+    attn = next((w for w in arch.writers if w.tensor == MODEL_TENSOR.ATTN_OUT), None)
+    if attn is None:
+        raise UserError(f"{arch.name} models have no attention output projection to restrict to heads")
+    for block, chosen in sorted(heads.items()):
+        if not 0 <= block < model.n_layer:
+            raise UserError(f"head {block}.{chosen[0]}: the model has blocks 0-{model.n_layer - 1}")
+        if opts.layers is not None and block not in opts.layers:
+            continue
+        count, width = model.attention_heads(block)
+        bad = [h for h in chosen if not 0 <= h < count]
+        if bad:
+            raise UserError(f"head {block}.{bad[0]}: block {block} has heads 0-{count - 1}")
+        name = names.block_tensor(attn.tensor, block, "weight")
+        t = model.tensors[name]
+        if len(t.shape) != 2 or t.shape[1] != model.n_embd:
+            raise UserError(f"tensor {name} has shape {list(t.shape)}, expected n_embd={model.n_embd} along "
+                            f"ggml dimension 1")
+        out = output_type(name, t.tensor_type, opts, int(t.shape[0]), False, strict)
+        aware = opts.rounding is not Rounding.NEAREST and rounding.supports(out)
+        plan.edits[name] = TensorEdit(name, TensorKind.MATRIX, block, opts.coef, t.tensor_type, out,
+                                      arch.norm_chain(block, attn, model.tensors), aware,
+                                      columns=tuple((h * width, (h + 1) * width) for h in sorted(set(chosen))))
+    if not plan.edits:
+        raise UserError("nothing to edit: no chosen head lies in the selected blocks")
     return plan

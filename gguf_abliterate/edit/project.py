@@ -55,10 +55,17 @@ def component(values: np.ndarray, u: np.ndarray, kind: TensorKind) -> np.ndarray
 
 
 def project(values: np.ndarray, u: np.ndarray, coef: float, kind: TensorKind,
-            method: Method = Method.PLAIN, reads: np.ndarray | None = None) -> None:
+            method: Method = Method.PLAIN, reads: np.ndarray | None = None,
+            columns: tuple[tuple[int, int], ...] | None = None) -> None:
     """In place: add coef times the component along u, back along u (a writer matrix by its
-    edit method; STEER: coef u reads^T)."""
-    if kind is TensorKind.MATRIX:
+    edit method; STEER: coef u reads^T). With `columns`, only those input columns of a writer
+    (its chosen heads) change."""
+    if kind is TensorKind.MATRIX and columns is not None:
+        for start, stop in columns:
+            part = np.ascontiguousarray(values[:, start:stop])
+            METHODS[method].project(part, u, coef, reads)
+            values[:, start:stop] = part
+    elif kind is TensorKind.MATRIX:
         METHODS[method].project(values, u, coef, reads)
     elif kind is TensorKind.EMBEDDING:
         project_residual_cols(values, u, coef)

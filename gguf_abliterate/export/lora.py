@@ -32,7 +32,7 @@ def lora_pieces(model: Model, plan: EditPlan,
             skipped.append(name)
             continue
         u = axis_vector(model, edit, direction).astype(np.float32)
-        reads = edit.reads if edit.method is Method.STEER else u @ model.values(name)
+        reads = edit.reads if edit.method is Method.STEER else edit.only_columns(u @ model.values(name))
         a = np.asarray(reads, np.float32)[None, :]
         pieces[name] = (a, (edit.coef * u)[:, None].astype(np.float32))
     return pieces, skipped

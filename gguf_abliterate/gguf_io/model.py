@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from gguf import MODEL_TENSOR
+
 from gguf_abliterate import names, pip_models
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io.reader import GGUFFile, TensorInfo
@@ -117,6 +119,21 @@ class Model:
     @property
     def n_embd(self) -> int:
         return self.arch_int(names.EMBEDDING_LENGTH)
+
+    def attention_heads(self, block: int) -> tuple[int, int]:
+        """(heads, input columns per head) of a block's attention output projection: head h
+        reads columns h*width .. (h+1)*width (ggml's kqv_out lays the heads side by side)."""
+        name = names.block_tensor(MODEL_TENSOR.ATTN_OUT, block, "weight")
+        if name not in self.tensors:
+            raise UserError(f"block {block} has no {name}: a head-restricted edit needs an attention output "
+                            f"projection")
+        count = self.arch_get(names.HEAD_COUNT)
+        count = count[block] if isinstance(count, list) and block < len(count) else count
+        n_in = int(self.tensors[name].shape[0])
+        if not isinstance(count, int) or isinstance(count, bool) or count <= 0 or n_in % count:
+            raise UserError(f"{self.path}: the head count of block {block} does not divide its attention output "
+                            f"({n_in} inputs)")
+        return count, n_in // count
 
     def file_of(self, name: str) -> GGUFFile:
         return self.parts[self.tensors[name].part]

@@ -21,7 +21,8 @@ from gguf_abliterate.edit.execute import apply_edit, default_jobs, output_nbytes
 from gguf_abliterate.direction.statistics import measure_and_store
 from gguf_abliterate.edit.moments import attach_moments, resolve_rounding
 from gguf_abliterate.formats.statistics_file import PROMPTS, StoredMoments, given_statistics
-from gguf_abliterate.edit.options import EditOptions, OutFormat, Rounding, format_layers, parse_layers
+from gguf_abliterate.edit.options import (EditOptions, OutFormat, Rounding, format_heads, format_layers, parse_heads,
+    parse_layers)
 from gguf_abliterate.edit.plan import EditPlan, plan_edit
 from gguf_abliterate.edit.project import METHODS
 from gguf_abliterate.edit.provenance import provenance
@@ -55,6 +56,7 @@ class EditRequest:
     size_budget: str | None = None  # "+5%"
     method: str | None = None  # plain or norm-preserving (a scheduled direction brings its own)
     trial: int | None = None  # with a search result: bake this trial instead of the chosen one
+    heads: str | None = None  # "12.3,12.7": only these heads' attn_output columns; "all": lift the file's choice
     out_format: OutFormat = OutFormat.GGUF
     merge: bool = False
     jobs: int | None = None
@@ -146,7 +148,8 @@ def _refuse_combinations(r: EditRequest, budget: float | None) -> None:
     if r.steer is not None:
         given = [flag for flag, on in (("--reverse", r.reverse), ("--scale", r.scale is not None),
                                         ("--layers", r.layers), ("--embeddings/--no-embeddings", r.embeddings is not None),
-                                        ("--method", r.method), ("--trial", r.trial is not None)) if on]
+                                        ("--method", r.method), ("--trial", r.trial is not None),
+                                        ("--heads", r.heads is not None)) if on]
         if given:
             raise UserError(f"--steer adds one vector at the direction's block, in its MLP down projection: "
                             f"drop {', '.join(given)}")
@@ -171,7 +174,16 @@ def _plan(r: EditRequest, model: Model, direction: Direction, opts: EditOptions,
     if r.steer is not None:
         return steer_plan(model, direction, r.steer, opts), direction, None
     if sched is None:
-        return plan_edit(model, opts, method=Method(r.method or Method.PLAIN.value)), direction, None
+        spec = r.heads if r.heads is not None else direction.metadata.get("heads")
+        try:
+            heads = parse_heads(spec)
+        except UserError as e:
+            raise UserError(f"{'--heads' if r.heads is not None else r.direction}: {e}") from None
+        plan = plan_edit(model, opts, method=Method(r.method or Method.PLAIN.value), heads=heads)
+        if heads is not None:
+            ui.say(f"head-restricted edit: only the attention output columns of heads {format_heads(heads)}"
+                   + ("" if r.heads is not None else " (chosen by the direction file; --heads all edits every writer)"))
+        return plan, direction, None
     sched.direction.check_fits(model.n_layer, model.n_embd, model.arch)
     ui.say(f"scheduled edit: trial {sched.trial if sched.trial is not None else '-'}, {sched.method.value} "
            f"projection, per-block strengths attn {_strengths(sched.strengths['attn'])} "

@@ -176,6 +176,31 @@ class InputMoments:
         return max(self.counts.values(), default=0)
 
 
+class SpanMeans:
+    """Per prompt and block, the mean over the tokens of one span (an answer) of the residual
+    stream after the block and of the attention output projection's input (every head's output,
+    `kqv_out`). llama.cpp computes the last block's residual only at the tokens whose logits are
+    read, so there the mean is that of the span's last token."""
+
+    def __init__(self, residual: str, n_prompts: int, n_layer: int):
+        self.prefixes = (residual, *ATTN_INPUT_NAMES)
+        self._residual = residual
+        self.residual: list[dict[int, np.ndarray]] = [{} for _ in range(n_prompts)]
+        self.attention: list[dict[int, np.ndarray]] = [{} for _ in range(n_prompts)]
+        self.spans: list[tuple[int, int, int]] = []  # (prompt, first row, end row) in the decode now running
+
+    def add(self, name: str, rows: np.ndarray) -> None:
+        block = int(name.rpartition("-")[2])
+        into = self.residual if name.startswith(self._residual) else self.attention
+        whole = rows.shape[0] >= self.spans[-1][2]
+        for j, (i, start, stop) in enumerate(self.spans):
+            into[i][block] = rows[start:stop].mean(axis=0) if whole else rows[j].copy()
+
+    def stacked(self, which: list[dict[int, np.ndarray]]) -> np.ndarray:
+        """(n_prompts, n_layer, width) float32."""
+        return np.stack([np.stack([d[b] for b in sorted(d)]) for d in which]).astype(np.float32)
+
+
 class LlamaModel:
     """A GGUF model loaded in llama.cpp for batched forward passes with a residual-stream hook."""
 
@@ -569,6 +594,27 @@ class LlamaModel:
                 k += n
             progress(len(idx))
         return out
+
+    def answer_means(self, prompts: Sequence[Prompt], continuations: Sequence[list[int]],
+                     progress: Callable[[int], None] = lambda n: None) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced on each prompt's continuation (an answer's tokens): per prompt and
+        block, the mean over the continuation's tokens of the residual stream after the block
+        (n, n_layer, n_embd) and of the attention output's input, every head's output side by
+        side (n, n_layer, n_head * head width). An empty continuation reads the last prompt token."""
+        encoded = self.encode(prompts)
+        full = [e + list(c) for e, c in zip(encoded, continuations)]
+        spans = [(len(e) - (1 if not c else 0), len(f)) for e, c, f in zip(encoded, continuations, full)]
+        means = SpanMeans(self._residual, len(prompts), self.n_layer)
+        prefix = self._shared_prefix(encoded)
+        with self._listening(means):
+            for idx in self._batches(full, prefix):
+                offset, means.spans = 0, []
+                for i in idx:
+                    means.spans.append((i, offset + spans[i][0] - prefix, offset + spans[i][1] - prefix))
+                    offset += len(full[i]) - prefix
+                self._decode([full[i] for i in idx], prefix)
+                progress(len(idx))
+        return means.stacked(means.residual), means.stacked(means.attention)
 
     def greedy(self, prompts: Sequence[Prompt], max_tokens: int,
                progress: Callable[[int], None] = lambda n: None) -> list[str]:
