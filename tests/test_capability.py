@@ -300,3 +300,11 @@ def test_capability_commands_on_a_tiny_model(tiny: dict[str, Path], tmp_path: Pa
     assert run.returncode == 1 and "drop --judge" in run.stderr
     run = cli("direction", tiny["qwen2"], "-o", tmp_path / "d.npy", "--capability", "arithmetic")
     assert run.returncode == 1 and "write a .safetensors file" in run.stderr
+
+
+def test_worked_answers() -> None:
+    from gguf_abliterate.direction.capability import worked
+
+    assert worked("12 + 5 = 17\n17 * 2 = 34\nAnswer: 34")
+    assert not worked("The answer is 34.\nAnswer: 34")
+    assert not worked("She has some apples and gives them away.\nThen she buys more.")

@@ -59,9 +59,12 @@ def label(model: LlamaModel, problems: Sequence[Problem], budget: int,
     return Labelled(list(problems), answers, np.array([is_right(p, a.reply) for p, a in zip(problems, answers)], bool))
 
 
+OPERATORS = (" + ", " - ", " × ", " * ", " / ")
+
+
 def worked(answer: str) -> bool:
     """An answer that shows its working: at least two lines with a calculation."""
-    return sum(1 for line in answer.splitlines() if "=" in line or any(op in line for op in " + - × * / ")) >= 2
+    return sum(1 for line in answer.splitlines() if "=" in line or any(op in line for op in OPERATORS)) >= 2
 
 
 @dataclass

@@ -25,8 +25,10 @@ import contextlib
 import os
 import re
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,11 @@ def _optuna() -> Any:
     except ImportError:
         raise UserError("optimise needs Optuna: pip install 'gguf-abliterate[optimise]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # the heartbeat is "experimental" in Optuna's words, and Optuna warns at every ask that it is
+    # meant for Study.optimize: the search asks and tells, and beats itself (`_heartbeat`). A
+    # warning per trial would also fill the pipe of a worker whose stderr nobody reads yet.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     return optuna
 
 
@@ -137,11 +144,21 @@ def shown_url(url: str) -> str:
     return _PASSWORD.sub(r"\1:***@", url)
 
 
+# A worker records a heartbeat for its running trial every HEARTBEAT_S; a trial whose worker
+# has been silent for GRACE_S (killed, its machine gone) is marked failed by the next worker that
+# looks, and run again once (Optuna's RetryHeartbeatStaleTrialCallback), so the study still finishes the
+# trials it was asked for.
+HEARTBEAT_S, GRACE_S = 5, 20
+
+
 def _storage(url: str) -> Any:
     optuna = _optuna()
     try:
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=GRACE_S,
+                                          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                                              max_retry=1))
     except Exception as e:  # sqlalchemy and optuna raise many kinds for a bad URL or file
         why = (str(e).splitlines() or [type(e).__name__])[0][:200]
         password = _PASSWORD.search(url)
@@ -320,22 +337,24 @@ class Search:
             while len(self._alive()) < s.trials and time.monotonic() - start < 60 * s.minutes:
                 if asked():
                     raise KeyboardInterrupt
+                optuna.storages.fail_stale_trials(self.study)
                 trial = self.study.ask()
                 if trial.number not in self._alive()[: s.trials]:  # another worker took the last place
                     trial.set_user_attr("discarded", True)
                     self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     break
                 try:
-                    params = suggest(trial, self.meta.n_layer, s.fixed)
-                    schedule = resolve(params, self.per_block, self.harmless_means)
-                    score = self.scorer.score(self.adapters.pieces(schedule))
+                    with _heartbeat(self.study, trial):
+                        trial.set_user_attr("worker", os.getpid())  # after the first beat: a dead worker's trial says whose it was
+                        params = suggest(trial, self.meta.n_layer, s.fixed)
+                        schedule = resolve(params, self.per_block, self.harmless_means)
+                        score = self.scorer.score(self.adapters.pieces(schedule))
                 except BaseException:
                     self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     raise
                 trial.set_user_attr("params", params.to_dict())
                 trial.set_user_attr("refusal", score.refusal)
                 trial.set_user_attr("kl", score.kl)
-                trial.set_user_attr("worker", os.getpid())
                 self.study.tell(trial, list(score.objectives))
                 done += 1
                 bar.update(1)
@@ -360,10 +379,15 @@ class Search:
         return len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
     def wait_for_others(self, timeout: float = 600) -> None:
-        """Let other workers finish the trials they are running."""
+        """Let other workers finish the trials they are running; a trial whose worker died is
+        failed once its heartbeat is GRACE_S old, and its retry is run here."""
         optuna = _optuna()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            optuna.storages.fail_stale_trials(self.study)
+            if self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+                self.run()
+                continue
             if not self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 return
             time.sleep(2)
@@ -529,6 +553,27 @@ def _load(path: Path, thinking: Thinking) -> LlamaModel:
     """A model for trials and confirmations: up to 64 sequences and 4096 tokens per decode, so a
     trial's prompt set goes through in one decode (longer sets are split into several)."""
     return LlamaModel(path, n_batch=4096, n_seq=64, thinking=thinking, room_for_thoughts=True)
+
+
+@contextlib.contextmanager
+def _heartbeat(study: Any, trial: Any) -> Iterator[None]:
+    """While a trial runs, record its worker's heartbeat every HEARTBEAT_S from a thread (the
+    ask-and-tell interface has none of its own; `Study.optimize` would)."""
+    storage, trial_id = study._storage, trial._trial_id  # Optuna exposes no public trial id
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            storage.record_heartbeat(trial_id)
+
+    storage.record_heartbeat(trial_id)  # before anything else: a trial with no beat is never found stale
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _candidates(front: list[TrialRecord]) -> list[TrialRecord]:
