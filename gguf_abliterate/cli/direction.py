@@ -80,7 +80,7 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
                    "the failure side, and the edit then changes only those (docs/capability.md).")
 @click.option("--problems", type=click.IntRange(min=16), default=256, show_default=True,
               help="With --capability: problems the model answers (from the direction split, never evaluated on).")
-@click.option("--heads", "n_heads", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("--top-heads", "n_heads", type=click.IntRange(min=1), default=20, show_default=True,
               help="With --capability: how many attention heads the file names for the edit.")
 @click.option("--report", type=OutputPath(), metavar="FILE.html",
               help="Also write an HTML report: per-block statistics and the candidate layers' scores, charted.")

@@ -63,8 +63,8 @@ def run_capability_direction(request: CapabilityDirectionRequest, ui: Ui = Ui())
     weights = Model(r.model)
     with load_for_eval(r.model) as m:
         if m.thinks:
-            raise UserError("capability directions read answers that open at once; this model thinks first "
-                            "(issue 40's pipeline does not cover capability edits yet)")
+            raise UserError("this model thinks before it answers; capability directions are read from answers that "
+                            "open at once (models that think are not covered yet)")
         with ui.bar(total=len(problems), desc="answering", unit="problem") as bar:
             labelled = label(m, problems, r.max_tokens, bar.update)
         findable = Findable.of(labelled)
