@@ -110,20 +110,22 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
     `heads` (block -> head indices) edits only those heads' columns of the attention output
     projections, and nothing else.
     """
-    if heads is not None:
-        return _head_plan(model, opts, heads, strict, method)
     arch = get_arch(model.arch)
     for role, why in arch.refuses:
         if any(names.tensor_role(name) == role for name in model.tensors):
             raise UserError(f"this {arch.name} model has {role} tensors, {why}")
     n_layer = model.n_layer
     layers = opts.layers if opts.layers is not None else frozenset(range(n_layer))
+    columns = None if heads is None else _head_columns(model, arch, heads, method, opts)
+    if columns is not None:
+        layers = layers & frozenset(columns)
     tied = names.OUTPUT not in model.tensors
     plan = EditPlan(arch, tied, layers, {})
 
     n_embd = model.n_embd
 
-    def add(name: str, kind: TensorKind, block: int, post_norms: tuple[str, ...] = (), factor: float = 1.0) -> None:
+    def add(name: str, kind: TensorKind, block: int, post_norms: tuple[str, ...] = (), factor: float = 1.0,
+            cols: tuple[tuple[int, int], ...] | None = None) -> None:
         t = model.tensors[name]
         dim = kind.residual_dim
         if len(t.shape) <= dim or t.shape[dim] != n_embd:
@@ -136,14 +138,15 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
                 raise UserError(f"{arch.name} model lacks {norm}, needed to edit {name}")
         aware = opts.rounding is not Rounding.NEAREST and not is_bias and rounding.supports(out)
         plan.edits[name] = TensorEdit(name, kind, block, opts.coef * factor, t.tensor_type, out, post_norms, aware,
-                                      method if kind is TensorKind.MATRIX else Method.PLAIN)
+                                      method if kind is TensorKind.MATRIX else Method.PLAIN, columns=cols)
 
     if strengths is not None:
         if opts.embeddings:
             raise UserError("a scheduled edit (from optimise) leaves token_embd alone; drop --embeddings")
         if any(np.asarray(s).shape != (n_layer,) for s in strengths.values()):
             raise UserError(f"the edit's per-block strengths do not fit the model's {n_layer} blocks")
-    embeddings = opts.embeddings if opts.embeddings is not None else (not tied and strengths is None)
+    embeddings = opts.embeddings if opts.embeddings is not None else (not tied and strengths is None
+                                                                      and columns is None)
     if embeddings:
         if names.TOKEN_EMBD not in model.tensors:
             raise UserError(f"model has no {names.TOKEN_EMBD}")
@@ -152,55 +155,43 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
             plan.notices.append(
                 "token_embd is tied to the output head: editing it changes the output logits too"
             )
-    elif opts.embeddings is None and tied:
+    elif opts.embeddings is None and tied and columns is None:
         plan.notices.append(
             "token_embd is tied to the output head, so it is left unedited (--embeddings to edit it)"
         )
     for block in sorted(layers):
         for writer in arch.writers:
+            if columns is not None and writer.tensor != MODEL_TENSOR.ATTN_OUT:
+                continue  # a head-restricted edit: the chosen heads' columns of attn_output only
             norms = arch.norm_chain(block, writer, model.tensors)
             factor = 1.0 if strengths is None else float(strengths[component_of(writer)][block])
             for suffix, kind in (("weight", TensorKind.MATRIX), ("bias", TensorKind.BIAS)):
                 name = names.block_tensor(writer.tensor, block, suffix)
-                if name in model.tensors:
-                    add(name, kind, block, norms, factor)
+                if name in model.tensors and (columns is None or kind is TensorKind.MATRIX):
+                    add(name, kind, block, norms, factor, None if columns is None else columns[block])
     if not plan.edits:
-        raise UserError("nothing to edit: no residual-stream writers in the selected blocks")
+        raise UserError("nothing to edit: " + ("no residual-stream writers in the selected blocks" if columns is None
+                                               else "no chosen head lies in the selected blocks"))
     return plan
 
 
-def _head_plan(model: Model, opts: EditOptions, heads: Mapping[int, Sequence[int]], strict: bool,
-               method: Method) -> EditPlan:
-    """Only the chosen heads' column blocks of `attn_output`: what each head writes into the
-    residual stream, projected; every other column, and every other tensor, left as it was."""
+def _head_columns(model: Model, arch: Arch, heads: Mapping[int, Sequence[int]], method: Method,
+                  opts: EditOptions) -> dict[int, tuple[tuple[int, int], ...]]:
+    """Per chosen block, the input columns (start, stop) of its chosen heads in `attn_output`,
+    checked: what a head-restricted edit changes, and nothing else."""
     if method is not Method.PLAIN:
         raise UserError(f"a head-restricted edit projects each head's columns plainly; drop --method {method.value}")
     if opts.embeddings:
         raise UserError("a head-restricted edit changes attention output projections only; drop --embeddings")
-    arch = get_arch(model.arch)
-    plan = EditPlan(arch, names.OUTPUT not in model.tensors, frozenset(heads), {})
-    attn = next((w for w in arch.writers if w.tensor == MODEL_TENSOR.ATTN_OUT), None)
-    if attn is None:
+    if not any(w.tensor == MODEL_TENSOR.ATTN_OUT for w in arch.writers):
         raise UserError(f"{arch.name} models have no attention output projection to restrict to heads")
+    columns = {}
     for block, chosen in sorted(heads.items()):
         if not 0 <= block < model.n_layer:
             raise UserError(f"head {block}.{chosen[0]}: the model has blocks 0-{model.n_layer - 1}")
-        if opts.layers is not None and block not in opts.layers:
-            continue
         count, width = model.attention_heads(block)
         bad = [h for h in chosen if not 0 <= h < count]
         if bad:
             raise UserError(f"head {block}.{bad[0]}: block {block} has heads 0-{count - 1}")
-        name = names.block_tensor(attn.tensor, block, "weight")
-        t = model.tensors[name]
-        if len(t.shape) != 2 or t.shape[1] != model.n_embd:
-            raise UserError(f"tensor {name} has shape {list(t.shape)}, expected n_embd={model.n_embd} along "
-                            f"ggml dimension 1")
-        out = output_type(name, t.tensor_type, opts, int(t.shape[0]), False, strict)
-        aware = opts.rounding is not Rounding.NEAREST and rounding.supports(out)
-        plan.edits[name] = TensorEdit(name, TensorKind.MATRIX, block, opts.coef, t.tensor_type, out,
-                                      arch.norm_chain(block, attn, model.tensors), aware,
-                                      columns=tuple((h * width, (h + 1) * width) for h in sorted(set(chosen))))
-    if not plan.edits:
-        raise UserError("nothing to edit: no chosen head lies in the selected blocks")
-    return plan
+        columns[block] = tuple((h * width, (h + 1) * width) for h in sorted(set(chosen)))
+    return columns

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf_abliterate.evaluate.first_token import kl_divergence
+from gguf_abliterate.evaluate.costs import EvalSettings, FirstTokenKL
 from gguf_abliterate.evaluate.generate import load_for_eval
 from gguf_abliterate.evaluate.problems import Problem, answer_value
 
@@ -83,22 +83,19 @@ def evaluate_capability(paths: Sequence[Path], problems: Sequence[Problem], max_
     """Each model's greedy answers to the problems (loaded one at a time), scored, paired with the
     first model's, and its first-token KL against the first model on the harmless prompts."""
     reports: list[CapabilityReport] = []
-    base_lp = None
+    kl = FirstTokenKL(harmless, EvalSettings())  # eval's own first-token KL, against the first model
     for path in paths:
         with load_for_eval(path) as m:
             answers = m.greedy_answers([p.prompt for p in problems], max_tokens, progress)
-            lp = m.next_token_logprobs(m.at_answer(list(harmless))) if harmless else None
+            divergence = kl.measure(m, None)[FirstTokenKL.field]
         values = [answer_value(a.reply) for a in answers]
         correct = [v == p.answer for v, p in zip(values, problems)]
         right = sum(correct)
         report = CapabilityReport(str(path), right, len(problems), wilson(right, len(problems)),
                                   float(np.mean([len(a.tokens) for a in answers])),
-                                  sum(not a.finished for a in answers), correct=correct,
+                                  sum(not a.finished for a in answers), kl_vs_base=divergence, correct=correct,
                                   answers=[a.reply for a in answers], values=values)
         if reports:
             report.paired = Paired.of(reports[0].correct, correct)
-            report.kl_vs_base = None if lp is None or base_lp is None else kl_divergence(base_lp, lp)
-        else:
-            base_lp = lp
         reports.append(report)
     return reports

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.evaluate.tasks import answer_value as last_integer
 from gguf_abliterate.textfile import read_text
 
 INSTRUCTION = ("Solve this problem without writing code. Show short working, one line per step, then give the "
@@ -224,12 +225,10 @@ ANSWER_LINE = re.compile(r"answer\s*[:=]\s*\**\s*\$?(-?\d[\d,]*)", re.IGNORECASE
 
 
 def answer_value(text: str) -> int | None:
-    """The number after the last "Answer:", else the last integer in the text, or None."""
-    found = ANSWER_LINE.findall(text) or re.findall(r"-?\d[\d,]*", text)
-    try:
-        return int(found[-1].replace(",", "")) if found else None
-    except ValueError:
-        return None
+    """The number after the last "Answer:", else the last integer in the text (as the tasks read
+    it), or None."""
+    found = ANSWER_LINE.findall(text)
+    return int(found[-1].replace(",", "")) if found else last_integer(text)
 
 
 def is_right(problem: Problem, text: str) -> bool:

@@ -127,6 +127,8 @@ class Model:
         if name not in self.tensors:
             raise UserError(f"block {block} has no {name}: a head-restricted edit needs an attention output "
                             f"projection")
+        if len(self.tensors[name].shape) != 2:
+            raise UserError(f"{name} has shape {list(self.tensors[name].shape)}: heads need a 2-D projection")
         count = self.arch_get(names.HEAD_COUNT)
         count = count[block] if isinstance(count, list) and block < len(count) else count
         n_in = int(self.tensors[name].shape[0])
