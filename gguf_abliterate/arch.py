@@ -37,12 +37,18 @@ class Writer:
     mixer: bool  # attention or its stand-in (linear attention, SSM, short conv); else the MLP side
     norms: tuple[MODEL_TENSOR, ...] = ()
     if_present: tuple[MODEL_TENSOR, ...] = ()
+    # the llama.cpp graph node that holds this writer's whole output before any norm (its bias
+    # added; for an expert stack the router-weighted sum over the chosen experts): where a search
+    # trial projects the output when no adapter can carry the edit (expert stacks, biases)
+    node: str = ""
 
 
 ATTN = Writer(T.ATTN_OUT, True)
 SSM = Writer(T.SSM_OUT, True)
 CONV = Writer(T.SHORTCONV_OUTPROJ, True)
-MLP = (Writer(T.FFN_DOWN, False), Writer(T.FFN_DOWN_EXP, False), Writer(T.FFN_DOWN_SHEXP, False))
+# build_moe_ffn (src/llama-graph.cpp) names its weighted sum "ffn_moe_out" in every MoE graph
+EXPERTS = Writer(T.FFN_DOWN_EXP, False, node="ffn_moe_out")
+MLP = (Writer(T.FFN_DOWN, False), EXPERTS, Writer(T.FFN_DOWN_SHEXP, False))
 STANDARD = (ATTN, *MLP)
 
 
@@ -94,7 +100,7 @@ _POST_NORMED = (Writer(T.ATTN_OUT, True, (T.ATTN_POST_NORM,)), Writer(T.FFN_DOWN
 _GEMMA4 = (
     Writer(T.ATTN_OUT, True, (T.ATTN_POST_NORM,)),
     Writer(T.FFN_DOWN, False, (T.FFN_POST_NORM,), if_present=(T.FFN_POST_NORM_1,)),
-    Writer(T.FFN_DOWN_EXP, False, (T.FFN_POST_NORM_2, T.FFN_POST_NORM)),
+    Writer(T.FFN_DOWN_EXP, False, (T.FFN_POST_NORM_2, T.FFN_POST_NORM), node="ffn_moe_out"),
     Writer(T.PER_LAYER_PROJ, False, (T.PER_LAYER_POST_NORM,)),
 )
 
@@ -129,7 +135,7 @@ ARCHITECTURES: dict[str, Arch] = {
              note="post_attention_norm is the MLP's input norm; the NextN (MTP) block is not edited"),
         Arch("cohere2", "cohere2", note="attention and MLP in parallel on one LayerNorm",
              head_norm_centres=True),
-        Arch("gpt-oss", "openai-moe", (ATTN, Writer(T.FFN_DOWN_EXP, False)),
+        Arch("gpt-oss", "openai-moe", (Writer(T.ATTN_OUT, True, node="attn_out"), EXPERTS),
              "attention sinks and biases (attn_output.bias, ffn_down_exps.bias per expert); "
              "post_attention_norm is the MLP's input norm"),
         *(Arch(name, name, (ATTN, SSM, *MLP), _DELTANET) for name in ("qwen35", "qwen35moe", "qwen3next")),

@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, cli
+from gguf import GGMLQuantizationType as Q
+from support.tiny_models import TinySpec, build_model
 
 from gguf_abliterate.formats.direction_file import load_direction, save_schedule
 from gguf_abliterate.edit.schedule import Component, EditParams, Kernel, basis, resolve
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.first_token import kl_divergence
 from gguf_abliterate.gguf_io import Model
-from gguf_abliterate.optimise.adapter import TrialAdapters
+from gguf_abliterate.optimise.adapter import TrialAdapters, apply
 from gguf_abliterate.runtime.llama import LlamaModel
 
 PROMPTS = ["Hello, how are you?", "Write a short poem about the sea.", "What is the capital of France?",
@@ -68,24 +70,22 @@ def to_f32(src: Path, dst: Path) -> Path:
 def _schedule_file(path: Path, model: Path, trials: list[EditParams], seed: int = 0) -> Path:
     """A result file like optimise writes, with measured-like directions and the given trials."""
     m = Model(model)
-    rng = np.random.default_rng(seed)
-    per_block = rng.normal(size=(m.n_layer, m.n_embd)).astype(np.float32)
-    means = rng.normal(size=(m.n_layer, m.n_embd)).astype(np.float32)
+    per_block, means = _random_basis(model, seed)
     chosen = resolve(trials[0], per_block, means)
     records = [{"number": i, "params": t.to_dict(), "refusal": 0.1, "kl": 0.01, "objectives": [0.1, 0.01]}
                for i, t in enumerate(trials)]
-    save_schedule(path, chosen.directions, {c.value: chosen.strengths[c] for c in Component}, per_block, means,
+    save_schedule(path, chosen.directions, {c.value: s for c, s in chosen.strengths.items()}, per_block, means,
                   {"architecture": m.arch, "n_layer": str(m.n_layer), "n_embd": str(m.n_embd)}, records, 0)
     return path
 
 
-def random_params(n_layer: int, rng: np.random.Generator) -> EditParams:
+def random_params(n_layer: int, rng: np.random.Generator, experts: bool = False) -> EditParams:
     def kernel() -> Kernel:
         return Kernel(float(rng.uniform(0.5, 1.5)), float(rng.uniform(0, n_layer - 1)), float(rng.uniform(0, 1)),
                       float(rng.uniform(1, n_layer)))
 
     index = None if rng.random() < 0.5 else float(rng.uniform(0, n_layer - 1))
-    return EditParams(index, bool(rng.random() < 0.5), kernel(), kernel())
+    return EditParams(index, bool(rng.random() < 0.5), kernel(), kernel(), experts=kernel() if experts else None)
 
 
 @pytest.mark.parametrize("name", ["llama-nobias", "gemma3", "smollm2"])
@@ -101,10 +101,44 @@ def test_trials_run_exactly_the_edit_a_bake_writes(name: str, tiny: dict[str, Pa
     existing LoRA export against its F32 bake shows the same, at any strength); there the test
     only bounds the gap by what converting the model to F32 changes.
     """
-    model = smollm2 if name == "smollm2" else tiny[name]
+    _trials_match_bakes(smollm2 if name == "smollm2" else tiny[name], tmp_path)
+
+
+MXFP4_EXPERTS = {k: Q.MXFP4 for k in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")}
+MOE = {"qwen3moe": TinySpec(arch="qwen3moe", tied=False),
+       "gpt-oss": TinySpec(arch="gpt-oss", tied=False, types=MXFP4_EXPERTS),  # biases everywhere
+       "gemma4": TinySpec(arch="gemma4"),  # experts through post_ffw_norm_2, then post_ffw_norm
+       "qwen35moe": TinySpec(arch="qwen35moe"),  # and a gated shared expert
+       "glm4moe": TinySpec(arch="glm4moe", n_nextn=1)}
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_trials_run_exactly_the_edit_a_bake_writes(name: str, tmp_path: Path) -> None:
+    """On mixture-of-experts models a trial projects each MoE block's weighted expert sum inside
+    llama.cpp's graph (and gpt-oss's biased attention output), with the experts' own strength:
+    exactly the bake's edit of every expert stack, its biases and the shared expert."""
+    model = build_model(tmp_path / f"{name}.gguf", MOE[name])
+    adapters = TrialAdapters(Model(model), *_random_basis(model))
+    assert adapters.experts and not adapters.biased
+    edit = adapters.edit(resolve(random_params(Model(model).n_layer, np.random.default_rng(1), True),
+                                 *_random_basis(model)))
+    assert any(k.startswith("ffn_moe_out-") for k in edit.projections)
+    assert not any("exps" in k for k in edit.pieces)
+    _trials_match_bakes(model, tmp_path, experts=True)
+
+
+def _random_basis(model: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The measured-like directions and harmless means `_schedule_file` stores."""
+    m = Model(model)
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(m.n_layer, m.n_embd)).astype(np.float32),
+            rng.normal(size=(m.n_layer, m.n_embd)).astype(np.float32))
+
+
+def _trials_match_bakes(model: Path, tmp_path: Path, experts: bool = False) -> None:
     n_layer = Model(model).n_layer
     rng = np.random.default_rng(7)
-    trials = [random_params(n_layer, rng) for _ in range(3)]
+    trials = [random_params(n_layer, rng, experts) for _ in range(3)]
     result = _schedule_file(tmp_path / "edit.safetensors", model, trials)
     d = load_direction(result)
     reference = to_f32(model, tmp_path / "f32.gguf")  # the same weights, every tensor F32
@@ -115,7 +149,7 @@ def test_trials_run_exactly_the_edit_a_bake_writes(name: str, tiny: dict[str, Pa
             base = m.residuals(PROMPTS)
             out = []
             for t in trials:
-                m.set_adapter(adapters.pieces(resolve(t, d.per_block, d.harmless_means)))
+                apply(m, adapters.edit(resolve(t, d.per_block, d.harmless_means)))
                 out.append((m.next_token_logprobs(PROMPTS), m.residuals(PROMPTS)))
         return base, out
 
@@ -390,3 +424,43 @@ def test_blocks_without_a_measured_difference_borrow_a_direction_and_stay_unedit
     assert (blended.strengths[Component.ATTN] > 0).all()
     with pytest.raises(UserError, match="all zero"):
         resolve(EditParams(None, False, flat, flat), np.zeros_like(per_block), means)
+
+
+def test_optimise_on_a_moe_model_bakes_its_experts_in_their_own_type(tmp_path: Path) -> None:
+    """The search runs end to end on gpt-oss with MXFP4 experts: each trial searches the experts'
+    own kernel, --bake keeps the expert stacks MXFP4 with under 1% of the edit undone (the same
+    bound as the plain edit), the kept bake is what the edit command writes, and --trial N bakes
+    any trial."""
+    from test_edit import component_error, expected_values
+
+    model = build_model(tmp_path / "oss.gguf", MOE["gpt-oss"])
+    out, kept = tmp_path / "edit.safetensors", tmp_path / "kept.gguf"
+    run = cli("optimise", model, "-o", out, "--trials", "3", "--bake", kept, *FAST)
+    assert run.returncode == 0, run.stderr
+    d = load_direction(out)
+    assert all(t["params"].get("experts") for t in d.trials) and "experts" in d.strengths
+    assert cli(model, tmp_path / "again.gguf", "--direction", out, "-q").returncode == 0
+    assert kept.read_bytes() == (tmp_path / "again.gguf").read_bytes()
+    source, baked = Model(model), Model(kept)
+    strengths = d.strengths["experts"]
+    assert strengths.max() > 0
+    for block in np.flatnonzero(strengths):
+        name = f"blk.{block}.ffn_down_exps.weight"
+        assert baked.tensors[name].tensor_type == Q.MXFP4
+        r = d.vectors[block].astype(np.float64)
+        target = expected_values(source, name, r, -float(strengths[block]))
+        assert component_error(source, name, baked.values(name).astype(np.float64), target, r) < 0.01
+    for t in d.trials:
+        number = str(t["number"])
+        run = cli(model, tmp_path / f"t{number}.gguf", "--direction", out, "--trial", number, "-q")
+        assert run.returncode == 0, run.stderr
+
+
+def test_a_projection_on_a_node_the_graph_lacks_is_an_error(tiny: dict[str, Path]) -> None:
+    """A registry node name llama.cpp does not use would leave a trial unedited: one clear error."""
+    with LlamaModel(tiny["llama-nobias"]) as m:
+        m.set_projections({"no_such_node-0": (np.ones(m.n_embd, np.float32) / m.n_embd ** 0.5, 1.0)})
+        with pytest.raises(UserError, match="no node no_such_node-0"):
+            m.next_token_logprobs(PROMPTS[:1])
+        m.set_projections(None)
+        assert np.isfinite(m.next_token_logprobs(PROMPTS[:1])).all()

@@ -105,6 +105,7 @@ def test_layer_choice_and_search_never_score_the_first_token_of_a_thought(tiny: 
     was its answer)."""
     from gguf_abliterate.direction.measure import choose_layer, difference_of_means
     from gguf_abliterate.direction.packs import load_pack
+    from gguf_abliterate.optimise.adapter import TrialEdit
     from gguf_abliterate.optimise.scorer import TrialScorer
     from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
@@ -119,7 +120,7 @@ def test_layer_choice_and_search_never_score_the_first_token_of_a_thought(tiny: 
         m.scored.clear()
         own = dict(zip((m.render(p) for p in bad), m.greedy_answers(bad, THOUGHT_BUDGET)))
         scorer = TrialScorer(m, bad, good)
-        scorer.score({})
+        scorer.score(TrialEdit())
         assert len(m.scored) == 2 * len(bad)  # the original's refusal mass, then the trial's
         for text in m.scored:
             prompt = next(p for p in own if text.startswith(p))

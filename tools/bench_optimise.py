@@ -1,10 +1,14 @@
 """How fast the optimiser's trials run, against a plain llama.cpp forward of the same prompts.
 
     python tools/bench_optimise.py [--model qwen2.5-coder-1.5b] [--prompts 24] [--repeats 3]
+    python tools/bench_optimise.py --moe DIR      # a synthetic mixture-of-experts model, built in DIR
 
-A trial = set a rank-1 adapter on every writer, the first-token pass over the harmful and the
-harmless validation prompts (with the shared chat-template prefix computed once), remove the
-adapter. The baselines forward the very same prompts without any adapter: once as `direction`
+A trial = set its edit (a rank-1 adapter on every 2-D writer; on a mixture-of-experts model
+each MoE block's expert sum projected inside llama.cpp's graph as well), the first-token pass
+over the harmful and the harmless validation prompts (with the shared chat-template prefix
+computed once), remove the edit. `--moe` builds (once) a random Qwen3-MoE-architecture model
+of a realistic shape: 24 blocks, n_embd 1024, 32 experts of 768 of which 4 are active per
+token, Q8_0. The baselines forward the very same prompts without any adapter: once as `direction`
 does (every prompt whole) and once with the shared prefix, so the table shows what sharing
 saves and what the adapter costs. Runs alternate (best of --repeats each), since these
 machines are noisy; the ratios are what to read.
@@ -26,8 +30,23 @@ from gguf_abliterate import pip_models  # noqa: E402
 from gguf_abliterate.direction import prompts as P  # noqa: E402
 from gguf_abliterate.edit.schedule import EditParams, Kernel, resolve  # noqa: E402
 from gguf_abliterate.gguf_io import Model  # noqa: E402
-from gguf_abliterate.optimise.adapter import TrialAdapters  # noqa: E402
+from gguf_abliterate.optimise.adapter import TrialAdapters, apply  # noqa: E402
 from gguf_abliterate.runtime.llama import LlamaModel, common_prefix  # noqa: E402
+from tests.support.tiny_models import TinySpec, build_model  # noqa: E402
+
+# a mixture-of-experts model of a laptop favourite's proportions (Qwen3-30B-A3B: 128 experts of
+# 768, 8 active; gpt-oss-20b: 32 of 2880, 4 active), small enough to build in a minute
+MOE = TinySpec(arch="qwen3moe", n_layer=24, n_embd=1024, n_head=16, n_head_kv=4, head_dim=64, n_ff=2048,
+               n_expert=32, n_expert_used=4, n_ff_expert=768, tied=False, name="synthetic-qwen3moe-24x32x768")
+
+
+def moe_model(directory: Path) -> Path:
+    """The synthetic MoE model in `directory`, built the first time."""
+    path = directory / "synthetic-qwen3moe.gguf"
+    if not path.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        build_model(path.with_suffix(".part"), MOE).rename(path)
+    return path
 
 
 def main() -> None:
@@ -35,8 +54,12 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-1.5b", help="pip_models name or GGUF path")
     ap.add_argument("--prompts", type=int, default=24, help="harmful and harmless prompts each")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--moe", type=Path, metavar="DIR", help="bench the synthetic MoE model (built in DIR)")
     args = ap.parse_args()
-    path = pip_models.fetch(args.model) if args.model in pip_models.MODELS else Path(args.model)
+    if args.moe:
+        path = moe_model(args.moe)
+    else:
+        path = pip_models.fetch(args.model) if args.model in pip_models.MODELS else Path(args.model)
     bad, good = P.default_prompts("validation")
     prompts = bad[: args.prompts] + good[: args.prompts]
     meta = Model(path)
@@ -47,8 +70,10 @@ def main() -> None:
     adapters = TrialAdapters(meta, per_block, means)
     setup = time.perf_counter() - t0
     top = meta.n_layer - 1
+    experts = Kernel(0.9, 0.65 * top, 0.5, 0.5 * top) if adapters.experts else None
     schedule = resolve(EditParams(0.6 * top, True, Kernel(1.0, 0.7 * top, 0.3, 0.4 * top),
-                                  Kernel(0.8, 0.6 * top, 0.5, 0.5 * top)), per_block, means)
+                                  Kernel(0.8, 0.6 * top, 0.5, 0.5 * top), experts=experts), per_block, means)
+    edit = adapters.edit(schedule)
     with LlamaModel(path, n_batch=4096, n_seq=64) as m:
         encoded = m.encode(prompts)
         whole = sum(len(e) for e in encoded)
@@ -64,9 +89,9 @@ def main() -> None:
             m.next_token_logprobs(good[: args.prompts], share_prefix=True)
 
         def trial() -> None:
-            m.set_adapter(adapters.pieces(schedule))
+            apply(m, edit)
             plain_shared()
-            m.set_adapter(None)
+            apply(m, None)
 
         runs: dict[str, list[float]] = {"plain": [], "plain_shared": [], "trial": []}
         plain_shared()  # warm up
@@ -76,14 +101,15 @@ def main() -> None:
                 fn()
                 runs[name].append(time.perf_counter() - t)
     best = {k: min(v) for k, v in runs.items()}
-    print(f"{path.name}: {2 * args.prompts} prompts, adapters precomputed in {setup:.1f} s")
+    print(f"{path.name}: {2 * args.prompts} prompts, adapters precomputed in {setup:.1f} s; a trial edits "
+          f"{len(edit.pieces)} writers by adapter and projects {len(edit.projections)} graph nodes")
     print(f"{'pass':<34} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'ratio':>6}")
     rows = (("plain forward, prompts whole", "plain", whole), ("plain forward, shared prefix", "plain_shared", shared),
-            ("trial (adapter + shared prefix)", "trial", shared))
+            ("trial (its edit + shared prefix)", "trial", shared))
     for label, key, tokens in rows:
         print(f"{label:<34} {tokens:7d} {best[key]:8.2f} {tokens / best[key]:9.0f} "
               f"{best[key] / best['plain_shared']:6.2f}")
-    print(f"trials per minute: {60 / best['trial']:.1f} (the adapter's cost: "
+    print(f"trials per minute: {60 / best['trial']:.1f} (the edit's cost: "
           f"{best['trial'] / best['plain_shared'] - 1:+.0%} of the same forward without it; "
           f"sharing the prefix: {best['plain'] / best['plain_shared']:.2f}x)")
 

@@ -64,7 +64,7 @@ D = SearchSettings()  # the defaults, in one place
 @click.option("--fix", multiple=True, metavar="NAME=VALUE",
               help="Fix a parameter instead of searching it (repeatable): direction_index=12.5 or per-block, "
                    "orthogonal=true, attn.peak=1, attn.position, attn.edge, attn.width, mlp.* (mlp.peak=0 "
-                   "switches the MLP edit off).")
+                   "switches the MLP edit off), experts.* on mixture-of-experts models.")
 @thinking_options
 @thought_tokens_option
 @click.option("--report", type=OutputPath(), metavar="FILE.html",

@@ -17,7 +17,7 @@ from gguf import MODEL_TENSOR, GGMLQuantizationType
 from gguf_abliterate import names, quants
 from gguf_abliterate.arch import Arch, get_arch
 from gguf_abliterate.edit.options import EditOptions, Rounding
-from gguf_abliterate.edit.schedule import Component, Method, component_of
+from gguf_abliterate.edit.schedule import Component, Method, strength_of
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.quants import rounding
@@ -164,7 +164,7 @@ def plan_edit(model: Model, opts: EditOptions, strict: bool = True,
             if columns is not None and writer.tensor != MODEL_TENSOR.ATTN_OUT:
                 continue  # a head-restricted edit: the chosen heads' columns of attn_output only
             norms = arch.norm_chain(block, writer, model.tensors)
-            factor = 1.0 if strengths is None else float(strengths[component_of(writer)][block])
+            factor = 1.0 if strengths is None else float(strength_of(strengths, writer)[block])
             for suffix, kind in (("weight", TensorKind.MATRIX), ("bias", TensorKind.BIAS)):
                 name = names.block_tensor(writer.tensor, block, suffix)
                 if name in model.tensors and (columns is None or kind is TensorKind.MATRIX):

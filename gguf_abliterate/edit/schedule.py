@@ -1,5 +1,5 @@
 """An edit that varies over the blocks: which direction each block removes, and how strongly
-each component (attention output, MLP down) does.
+each component (attention output, MLP down, and on mixture-of-experts models the experts) does.
 
 The parameters are those the optimiser searches (`EditParams`); `resolve` turns them into a
 `Schedule`, per block: a unit direction and a strength per component.
@@ -21,10 +21,12 @@ build a trial's adapter from precomputed products `basis @ W` without touching t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
 import numpy as np
+from gguf import MODEL_TENSOR
 
 from gguf_abliterate.arch import Writer
 from gguf_abliterate.formats.direction_file import Direction
@@ -40,16 +42,32 @@ class Method(str, Enum):
 
 
 class Component(str, Enum):
-    """The two kinds of residual writers a strength applies to: the token mixer (attention, or
-    the linear attention, SSM or short convolution standing in for it) and the MLP side."""
+    """The kinds of residual writers a strength applies to: the token mixer (attention, or the
+    linear attention, SSM or short convolution standing in for it), the dense MLP, and the
+    experts (routed stacks and the shared expert). A schedule without its own experts strength
+    gives them the MLP's."""
 
     ATTN = "attn"
     MLP = "mlp"
+    EXPERTS = "experts"
+
+
+_EXPERT_TENSORS = (MODEL_TENSOR.FFN_DOWN_EXP, MODEL_TENSOR.FFN_DOWN_SHEXP)
 
 
 def component_of(writer: Writer) -> Component:
     """Which strength applies to a writer."""
-    return Component.ATTN if writer.mixer else Component.MLP
+    if writer.mixer:
+        return Component.ATTN
+    return Component.EXPERTS if writer.tensor in _EXPERT_TENSORS else Component.MLP
+
+
+def strength_of(strengths: Mapping[Component, np.ndarray], writer: Writer) -> np.ndarray:
+    """A writer's per-block strengths: its component's, the MLP's for experts without their own."""
+    component = component_of(writer)
+    if component is Component.EXPERTS and component not in strengths:
+        component = Component.MLP
+    return strengths[component]
 
 
 @dataclass(frozen=True)
@@ -78,10 +96,13 @@ class EditParams:
     attn: Kernel
     mlp: Kernel
     method: Method = Method.PLAIN
+    experts: Kernel | None = None  # None: the experts follow the MLP kernel (and dense models have none)
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["method"] = self.method.value
+        if self.experts is None:
+            del d["experts"]  # a dense model's parameters read as they always did
         return d
 
     @classmethod
@@ -89,7 +110,8 @@ class EditParams:
         try:
             return cls(None if d["direction_index"] is None else float(d["direction_index"]),  # type: ignore[arg-type]
                        bool(d["orthogonal"]), Kernel(**d["attn"]), Kernel(**d["mlp"]),  # type: ignore[arg-type]
-                       Method(d.get("method", Method.PLAIN.value)))
+                       Method(d.get("method", Method.PLAIN.value)),
+                       Kernel(**d["experts"]) if d.get("experts") else None)  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"unreadable edit parameters {json.dumps(d)[:200]} ({e})") from None
 
@@ -145,6 +167,8 @@ def resolve(params: EditParams, per_block: np.ndarray, harmless_means: np.ndarra
     if not np.all(np.isfinite(directions)) or np.any(np.linalg.norm(directions, axis=1) < 0.5):
         raise UserError("the edit parameters give a zero direction (opposite blocks blended?)")
     strengths = {Component.ATTN: params.attn.weights(n_layer), Component.MLP: params.mlp.weights(n_layer)}
+    if params.experts is not None:
+        strengths[Component.EXPERTS] = params.experts.weights(n_layer)
     if params.direction_index is None:
         for weights in strengths.values():
             weights[unmeasured] = 0

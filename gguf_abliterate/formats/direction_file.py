@@ -39,7 +39,7 @@ TENSOR_NAME = "direction"
 PER_BLOCK = "directions"
 HARMLESS_MEANS = "harmless_means"
 MLP_INPUT_MEANS = "mlp_input_means"  # per block, the mean input of the MLP down projection (for --steer)
-STRENGTHS = {"attn": "attn_strength", "mlp": "mlp_strength"}  # component -> tensor
+STRENGTHS = {"attn": "attn_strength", "mlp": "mlp_strength", "experts": "experts_strength"}  # component -> tensor
 # per-block statistics a measured file holds, one float32 per block (NaN where not measured);
 # harmful/harmless name the positive/negative sets, and `layer_score` is the pack's layer measure
 STATISTICS = ("harmful_mean_norm", "harmless_mean_norm", "diff_norm", "separation", "layer_score", "kl")

@@ -186,8 +186,8 @@ def _plan(r: EditRequest, model: Model, direction: Direction, opts: EditOptions,
         return plan, direction, None
     sched.direction.check_fits(model.n_layer, model.n_embd, model.arch)
     ui.say(f"scheduled edit: trial {sched.trial if sched.trial is not None else '-'}, {sched.method.value} "
-           f"projection, per-block strengths attn {_strengths(sched.strengths['attn'])} "
-           f"mlp {_strengths(sched.strengths['mlp'])}")
+           f"projection, per-block strengths "
+           + " ".join(f"{c.value} {_strengths(s)}" for c, s in sched.strengths.items()))
     plan = plan_edit(model, opts, strengths=sched.strengths, method=sched.method)
     return plan, sched.direction, {"trial": sched.trial, "method": sched.method.value}
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from gguf_abliterate.evaluate.first_token import kl_divergence, kl_steps, refusal_mass, refusal_token_ids
 from gguf_abliterate.direction.measure import Position, ProgressBars, at_position, own_answers
+from gguf_abliterate.optimise.adapter import TrialEdit, apply
 from gguf_abliterate.runtime.llama import LlamaModel
 from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
@@ -50,7 +51,7 @@ class TrialScorer:
                  progress: ProgressBars | None = None, thought_tokens: int = THOUGHT_BUDGET):
         self.model, self.kl_tokens = model, kl_tokens
         self.ids = refusal_token_ids(model)
-        model.set_adapter(None)
+        apply(model, None)
         # a model that thinks: each prompt carried past the original's own thought, to where its answer opens
         self.harmful = at_position(model, harmful, Position.THOUGHT, progress, thought_tokens)
         self.base_refusal = refusal_mass(model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
@@ -81,13 +82,13 @@ class TrialScorer:
         now = self._harmless_logprobs()
         return float(np.mean([kl_divergence(b, n) for b, n in zip(self.base, now)]))
 
-    def score(self, pieces: dict[str, tuple[np.ndarray, np.ndarray]]) -> Score:
-        """The objectives of the edit these adapter pieces make."""
-        self.model.set_adapter(pieces)
+    def score(self, edit: TrialEdit) -> Score:
+        """The objectives of a trial's edit."""
+        apply(self.model, edit)
         try:
             ratio = refusal_mass(self.model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
             ratio /= max(self.base_refusal, 1e-12)
             return Score(ratio, None if ratio > GUARD else self.kl())
         finally:
-            self.model.set_adapter(None)
+            apply(self.model, None)
 

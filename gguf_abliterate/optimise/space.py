@@ -5,7 +5,9 @@ model's depth L: the direction index in [0.4, 0.9] x (L-1) (or each block its ow
 direction), directions orthogonal to the harmless mean or not, and per component a kernel
 with peak strength in [0, 1.5] (0 switches the component off; strengths above 1 over-remove),
 peak position in [0.4, 1.0] x (L-1), edge strength as a fraction [0, 1] of the peak, and
-half-width in [1, 0.6 (L-1)] blocks.
+half-width in [1, 0.6 (L-1)] blocks. The components are attention and MLP, and on a
+mixture-of-experts model the experts too (routed stacks and the shared expert, searched like
+the others: a third kernel).
 
 The projection is the plain one: a trial runs as an exact rank-1 adapter inside llama.cpp, so
 only an edit method whose record says `low_rank` (`edit/project.py`) could be searched; the
@@ -26,7 +28,7 @@ KERNEL_FIELDS = ("peak", "position", "edge", "width")
 FIXABLE: dict[str, type] = {
     "direction_index": str,  # a number, or "per-block"
     "orthogonal": bool,
-    **{f"{c}.{f}": float for c in ("attn", "mlp") for f in KERNEL_FIELDS},
+    **{f"{c}.{f}": float for c in ("attn", "mlp", "experts") for f in KERNEL_FIELDS},
 }
 PER_BLOCK = "per-block"
 
@@ -53,8 +55,9 @@ def parse_fixed(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return out
 
 
-def suggest(trial: Any, n_layer: int, fixed: Mapping[str, Any]) -> EditParams:
-    """The parameters of one Optuna trial: sampled, except where `fixed`."""
+def suggest(trial: Any, n_layer: int, fixed: Mapping[str, Any], experts: bool = False) -> EditParams:
+    """The parameters of one Optuna trial: sampled, except where `fixed`; with `experts`, the
+    experts' kernel too."""
     top = n_layer - 1
 
     def pick(name: str, sample: Any) -> Any:
@@ -77,14 +80,17 @@ def suggest(trial: Any, n_layer: int, fixed: Mapping[str, Any]) -> EditParams:
             width=pick(f"{c}.width", lambda: trial.suggest_float(f"{c}.width", 1.0, max(1.0, 0.6 * top))),
         )
 
-    return EditParams(index, bool(orthogonal), kernel("attn"), kernel("mlp"))
+    return EditParams(index, bool(orthogonal), kernel("attn"), kernel("mlp"),
+                      experts=kernel("experts") if experts else None)
 
 
 def describe(params: Mapping[str, Any]) -> tuple[str, str, str]:
-    """A trial's direction and its two kernels in a few characters each, for tables:
-    ("index 12.50 orth", "1.00@15.0 w4.0 e0.20", ...) with peak@position, half-width, edge."""
+    """A trial's direction and its kernels in a few characters each, for tables:
+    ("index 12.50 orth", "1.00@15.0 w4.0 e0.20", ...) with peak@position, half-width, edge; a
+    trial with an experts kernel shows it after the MLP's ("... / experts ...")."""
     d = PER_BLOCK if params["direction_index"] is None else f"index {params['direction_index']:.2f}"
     d += " orth" if params["orthogonal"] else ""
-    attn, mlp = (f"{params[c]['peak']:.2f}@{params[c]['position']:.1f} w{params[c]['width']:.1f} "
-                 f"e{params[c]['edge']:.2f}" for c in ("attn", "mlp"))
-    return d, attn, mlp
+    attn, mlp, experts = (None if params.get(c) is None else
+                          f"{params[c]['peak']:.2f}@{params[c]['position']:.1f} w{params[c]['width']:.1f} "
+                          f"e{params[c]['edge']:.2f}" for c in ("attn", "mlp", "experts"))
+    return d, str(attn), f"{mlp}" if experts is None else f"{mlp} / experts {experts}"

@@ -38,14 +38,14 @@ import numpy as np
 from gguf_abliterate.direction import prompts as P
 from gguf_abliterate.formats.direction_file import save_schedule
 from gguf_abliterate.direction.measure import DEFAULT_POSITION, at_position, difference_of_means
-from gguf_abliterate.edit.schedule import Component, EditParams, resolve
+from gguf_abliterate.edit.schedule import EditParams, resolve
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.judge import Judge
 from gguf_abliterate.evaluate.scorers import Label, Scorer, get_scorer
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.gguf_io.model import model_digest
 from gguf_abliterate.interrupt import sigint_flag
-from gguf_abliterate.optimise.adapter import TrialAdapters
+from gguf_abliterate.optimise.adapter import TrialAdapters, apply
 from gguf_abliterate.optimise.scorer import TrialScorer
 from gguf_abliterate.optimise.space import suggest
 from gguf_abliterate.runtime.llama import LlamaModel
@@ -346,9 +346,9 @@ class Search:
                 try:
                     with _heartbeat(self.study, trial):
                         trial.set_user_attr("worker", os.getpid())  # after the first beat: a dead worker's trial says whose it was
-                        params = suggest(trial, self.meta.n_layer, s.fixed)
+                        params = suggest(trial, self.meta.n_layer, s.fixed, self.adapters.experts)
                         schedule = resolve(params, self.per_block, self.harmless_means)
-                        score = self.scorer.score(self.adapters.pieces(schedule))
+                        score = self.scorer.score(self.adapters.edit(schedule))
                 except BaseException:
                     self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     raise
@@ -409,11 +409,11 @@ class Search:
         (None: the original)."""
         if record is not None:
             schedule = resolve(EditParams.from_dict(record.params), self.per_block, self.harmless_means)
-            self.llama.set_adapter(self.adapters.pieces(schedule))
+            apply(self.llama, self.adapters.edit(schedule))
         try:
             return self._refusals(self.llama)
         finally:
-            self.llama.set_adapter(None)
+            apply(self.llama, None)
 
     def _refusals(self, llama: LlamaModel) -> tuple[int, float | None]:
         """`llama`'s greedy refusals to the confirmation prompts, and for a model that thinks its
@@ -544,7 +544,7 @@ class Search:
         if self.statistics is not None:  # named relative to the result, as a direction names them
             metadata |= {"statistics": os.path.relpath(self.statistics["path"], output.resolve().parent),
                          "statistics_sha256": self.statistics["sha256"]}
-        strengths = {c.value: schedule.strengths[c] for c in Component}
+        strengths = {c.value: s for c, s in schedule.strengths.items()}
         save_schedule(output, schedule.directions, strengths, self.per_block, self.harmless_means, metadata,
                       [r.to_json() for r in records], chosen.number)
 

@@ -18,7 +18,7 @@ import ctypes
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +264,8 @@ class LlamaModel:
         self._rows: np.ndarray = np.zeros(0, np.int64)
         self._ablate: np.ndarray | None = None
         self._inputs: list[MlpInputs | WriterInputs | InputMoments] = []  # listeners for writer inputs
+        self._project: dict[str, tuple[np.ndarray, float]] = {}  # set_projections
+        self._projected: set[str] = set()  # the nodes projected in the current decode
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -308,6 +310,12 @@ class LlamaModel:
             path = Path(tmp) / "trial.gguf"
             write_lora_adapter(path, self.arch, pieces)
             self.set_lora(path)  # llama.cpp copies the tensors: the file can go
+
+    def set_projections(self, projections: Mapping[str, tuple[np.ndarray, float]] | None) -> None:
+        """From now on, project each named graph node's rows `x - s (x.u) u` as soon as llama.cpp
+        has computed it ({node-L: (unit u, s)}; None or {} stops). A decode that does not meet
+        every named node is an error: the graph is not the one the names were read from."""
+        self._project = {k: (np.asarray(u, np.float32), float(s)) for k, (u, s) in (projections or {}).items()}
 
     def set_control_vector(self, vectors: dict[int, np.ndarray] | None) -> None:
         """Add vectors[L] to the output of block L (llama.cpp's control-vector adapter); None clears."""
@@ -448,9 +456,14 @@ class LlamaModel:
                     k += 1
             batch.n_tokens = total
             self._rows = np.array(rows, np.int64)
+            self._projected.clear()
             rc = ll.llama_decode(self.ctx, batch)
             if rc != 0:
                 raise UserError(f"llama.cpp failed to decode a batch (code {rc})")
+            missing = self._project.keys() - self._projected
+            if missing:
+                raise UserError(f"{self.arch}: llama.cpp's graph has no node {min(missing)} to project "
+                                f"(the registry's node names do not match this llama.cpp)")
             return self._rows
         finally:
             ll.llama_batch_free(batch)
@@ -499,6 +512,14 @@ class LlamaModel:
 
     def _on_tensor(self, t: int, ask: bool, user_data: Any) -> bool:
         name = self.ggml.name(t)
+        if name in self._project:
+            if not ask:
+                u, s = self._project[name]
+                x = self.ggml.read(t, self.ggml.width(t))
+                x -= s * np.outer(x @ u, u)
+                self.ggml.write(t, x)
+                self._projected.add(name)
+            return True
         listeners = [x for x in self._inputs if name.startswith(x.prefixes)]
         if listeners:
             if not ask:

@@ -35,6 +35,7 @@ class TinySpec:
     head_dim: int = 64
     tied: bool = True
     n_expert: int = 4  # mixture-of-experts architectures
+    n_expert_used: int = 2  # experts the router picks per token
     n_ff_expert: int = 256  # qwen2moe's experts (its shared expert uses n_ff), gpt-oss's; granitemoe's shared one
     # trailing multi-token-prediction blocks counted in block_count but not stored (llama.cpp
     # then loads the trunk only, as from a GGUF converted without them)
@@ -178,7 +179,7 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
     if spec.n_nextn:
         keys["nextn_predict_layers"] = spec.n_nextn
     if a == "qwen2moe":
-        keys |= {"expert_count": spec.n_expert, "expert_used_count": 2,
+        keys |= {"expert_count": spec.n_expert, "expert_used_count": spec.n_expert_used,
                  "expert_feed_forward_length": spec.n_ff_expert, "expert_shared_feed_forward_length": spec.n_ff}
     if a == "gemma3":
         keys |= {"attention.key_length": hd, "attention.value_length": hd}
@@ -566,7 +567,7 @@ def _glm4moe(m: Blocks) -> None:  # src/models/glm4-moe.cpp: a dense lead block,
 
 
 def _moe_keys(s: TinySpec) -> dict[str, object]:
-    return {"expert_count": s.n_expert, "expert_used_count": 2, "expert_feed_forward_length": s.n_ff_expert,
+    return {"expert_count": s.n_expert, "expert_used_count": s.n_expert_used, "expert_feed_forward_length": s.n_ff_expert,
             "expert_shared_feed_forward_length": s.n_ff}
 
 
@@ -616,7 +617,7 @@ EXTRA_KEYS: dict[str, Callable[[TinySpec], dict[str, object]]] = {
     "granite": lambda s: {"logit_scale": 2.0, "residual_scale": 0.5, "embedding_scale": 3.0,
                           "attention.scale": 0.125},
     "granitemoe": lambda s: {"logit_scale": 2.0, "residual_scale": 0.5, "embedding_scale": 3.0,
-                             "expert_count": s.n_expert, "expert_used_count": 2,
+                             "expert_count": s.n_expert, "expert_used_count": s.n_expert_used,
                              "expert_shared_feed_forward_length": s.n_ff_expert},
     "cohere2": lambda s: {"attention.layer_norm_epsilon": 1e-5, "attention.sliding_window": 16,
                           "logit_scale": 0.5},
@@ -625,9 +626,9 @@ EXTRA_KEYS: dict[str, Callable[[TinySpec], dict[str, object]]] = {
                             "attention.key_length_mla": NOPE + ROPE, "attention.value_length_mla": s.head_dim,
                             "attention.key_length": KV_RANK + ROPE, "attention.value_length": KV_RANK,
                             "attention.head_count_kv": 1, "rope.dimension_count": ROPE,
-                            "expert_count": s.n_expert, "expert_used_count": 2, "expert_shared_count": 1,
+                            "expert_count": s.n_expert, "expert_used_count": s.n_expert_used, "expert_shared_count": 1,
                             "expert_feed_forward_length": s.n_ff_expert, "leading_dense_block_count": 1},
-    "qwen3moe": lambda s: {"expert_count": s.n_expert, "expert_used_count": 2,
+    "qwen3moe": lambda s: {"expert_count": s.n_expert, "expert_used_count": s.n_expert_used,
                            "expert_feed_forward_length": s.n_ff_expert},
     "gemma2": lambda s: {"attention.sliding_window": 16, "attn_logit_softcapping": 50.0,
                          "final_logit_softcapping": 30.0},
@@ -640,17 +641,17 @@ EXTRA_KEYS: dict[str, Callable[[TinySpec], dict[str, object]]] = {
         "feed_forward_length": [s.n_ff if NEMOTRON_LAYERS[i % 4] == "F" else 0 for i in range(s.n_layer)]},
     "qwen35moe": lambda s: _ssm_keys(s) | _moe_keys(s),
     "qwen3next": lambda s: _ssm_keys(s) | _moe_keys(s),
-    "glm4moe": lambda s: {"expert_count": s.n_expert, "expert_used_count": 2, "expert_shared_count": 1,
+    "glm4moe": lambda s: {"expert_count": s.n_expert, "expert_used_count": s.n_expert_used, "expert_shared_count": 1,
                           "expert_feed_forward_length": s.n_ff_expert, "leading_dense_block_count": 1},
     "gemma4": lambda s: {"attention.sliding_window_pattern": [(i + 1) % 4 != 0 for i in range(s.n_layer)],
                          "attention.sliding_window": 16, "embedding_length_per_layer_input": PER_LAYER,
                          "attention.key_length": s.head_dim, "attention.value_length": s.head_dim,
                          "attention.key_length_swa": s.head_dim, "attention.value_length_swa": s.head_dim,
-                         "expert_count": s.n_expert, "expert_used_count": 2,
+                         "expert_count": s.n_expert, "expert_used_count": s.n_expert_used,
                          "expert_feed_forward_length": s.n_ff_expert},
     "lfm2": lambda s: {"shortconv.l_cache": 3,
                        "attention.head_count_kv": [s.n_head_kv if _lfm2_attends(i) else 0 for i in range(s.n_layer)]},
-    "gpt-oss": lambda s: {"expert_count": s.n_expert, "expert_used_count": 2,
+    "gpt-oss": lambda s: {"expert_count": s.n_expert, "expert_used_count": s.n_expert_used,
                           "expert_feed_forward_length": s.n_ff_expert, "attention.sliding_window": 16},
 }
 
