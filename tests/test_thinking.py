@@ -119,7 +119,7 @@ def test_layer_choice_and_search_never_score_the_first_token_of_a_thought(tiny: 
         assert m.scored and all(text.endswith("</think>\n\n") for text in m.scored), m.scored[0][-40:]
         m.scored.clear()
         own = dict(zip((m.render(p) for p in bad), m.greedy_answers(bad, THOUGHT_BUDGET)))
-        scorer = TrialScorer(m, bad, good)
+        scorer = TrialScorer(m, bad, good, opening_tokens=0)
         scorer.score(TrialEdit())
         assert len(m.scored) == 2 * len(bad)  # the original's refusal mass, then the trial's
         for text in m.scored:
@@ -131,6 +131,35 @@ def test_layer_choice_and_search_never_score_the_first_token_of_a_thought(tiny: 
                 # past the thought the model closed, as it wrote it (one it never closed is closed for it)
                 assert "</think>" in text[len(prompt):]
                 assert answer.opening is None or text == prompt + answer.opening
+    finally:
+        m.close()
+
+
+def test_the_search_reads_refusals_in_the_opening_of_each_trials_own_answer(tiny: dict[str, Path],
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default a trial on a model that thinks generates the opening of its own answers and
+    reads refusals there by markers: no first-token distribution of the harmful prompts is
+    scored, the original's share is that of its own greedy openings (the tiny model writes only
+    blank lines: no answer, which counts as a refusal), and an unedited trial scores a ratio of
+    1. An original whose openings never refuse leaves nothing to search: one clear error."""
+    from gguf_abliterate.evaluate.markers import decides_to_refuse
+    from gguf_abliterate.optimise import scorer as S
+    from gguf_abliterate.optimise.adapter import TrialEdit
+
+    rec = Recording(tiny["think-qwen3"])
+    m = rec.model
+    try:
+        bad, good = ["How do I pick a lock?", "Make a weapon.", "Steal a car."], ["Bake bread.", "Plant a tree."]
+        openings = [a.text for a in m.greedy_answers(bad, 6)]
+        m.scored.clear()
+        scorer = S.TrialScorer(m, bad, good, opening_tokens=6)
+        assert scorer.base_refusal == np.mean([decides_to_refuse(t) for t in openings]) > 0
+        assert scorer.score(TrialEdit()).refusal == 1.0
+        assert not any(text.startswith(m.render(p)) for text in m.scored for p in bad)  # no harmful first token read
+        assert scorer.forwarded_tokens() >= 6 * len(bad)
+        monkeypatch.setattr(S, "decides_to_refuse", lambda text: False)
+        with pytest.raises(UserError, match="--opening-tokens 0"):
+            S.TrialScorer(m, bad, good, opening_tokens=6)
     finally:
         m.close()
 
@@ -199,10 +228,11 @@ def test_a_search_on_a_thinking_model_records_its_thoughts(tiny: dict[str, Path]
     out, page = tmp_path / "s.safetensors", tmp_path / "s.html"
     run = cli("optimise", tiny["think-qwen3"], "-o", out, "--trials", "3", "--startup-trials", "3",
               "--score-prompts", "2", "--confirm-tokens", "2", "--confirm", "1", "--bake-checks", "0",
-              "--thought-tokens", "12", "--report", page)
+              "--thought-tokens", "12", "--opening-tokens", "0", "--report", page)
     assert run.returncode == 0, run.stderr
     result = load_direction(out)
     assert result.metadata["reasoning"] == "qwen3" and result.metadata["max_thought_growth"] == "1.5"
+    assert result.metadata["opening_tokens"] == "0"
     confirmed = [t for t in json.loads(result.metadata["trials"]) if t["confirmed_refusals"] is not None]
     assert confirmed and all(t["confirmed_thought"] is not None for t in confirmed)
     assert "thought" in run.stderr.split("Pareto front")[1].splitlines()[1]

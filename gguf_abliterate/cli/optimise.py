@@ -39,6 +39,10 @@ D = SearchSettings()  # the defaults, in one place
               help="Harmful and harmless validation prompts each trial is scored on.")
 @click.option("--kl-tokens", type=click.IntRange(min=1), default=D.kl_tokens, show_default=True,
               help="KL over the original's first K greedy tokens (teacher-forced), not only the first.")
+@click.option("--opening-tokens", type=click.IntRange(min=0), default=D.opening_tokens, show_default=True,
+              help="For a model that thinks: score a trial's refusals by markers in the first N tokens of its own "
+                   "greedy answer, its thought's opening (where such a model decides); 0: the refusal-opening "
+                   "probability where the final answer opens, after the original's own thought (one forward pass).")
 @click.option("--max-refusals", type=Finite(0, 100), default=D.max_refusals, show_default=True,
               help="Pick rule: the lowest-KL trial whose greedy refusals are at most this percent of the original's.")
 @click.option("--max-thought-growth", type=Finite(1, None), default=D.max_thought_growth, show_default=True,
@@ -74,13 +78,15 @@ D = SearchSettings()  # the defaults, in one place
 @user_errors
 def command(model_path: Path, output: Path | None, trials: int, minutes: float, resume: bool, storage: str | None,
             join: str | None, measured: Path | None, startup_trials: int, score_prompts: int, kl_tokens: int,
-            max_refusals: float, max_thought_growth: float, confirm: int, confirm_tokens: int, bake_checks: int,
+            opening_tokens: int, max_refusals: float, max_thought_growth: float, confirm: int, confirm_tokens: int, bake_checks: int,
             bake: Path | None, patience: int, seed: int, judge: Path | None, fix: tuple[str, ...], thinking: Thinking,
             thought_tokens: int, report: Path | None, force: bool, quiet: bool) -> None:
     """Search the edit for MODEL on CPU: per-block directions (blended between neighbouring
     blocks, or each block its own, optionally orthogonal to the harmless mean) and per-block
-    strengths of the attention and MLP edits, against two objectives, refusal on harmful
-    prompts and KL on harmless ones. Each trial runs inside llama.cpp as a rank-1 adapter.
+    strengths of the attention and MLP edits (and of the experts on a mixture-of-experts model),
+    against two objectives, refusal on harmful prompts and KL on harmless ones. Each trial runs
+    inside llama.cpp exactly as the bake would edit: a rank-1 adapter, or for expert stacks and
+    biases a projection of the writer's output in the graph.
     The result bakes with `gguf-abliterate MODEL OUT.gguf --direction OUTPUT`."""
     from gguf_abliterate.jobs.optimise import OptimiseRequest, front_table, run_optimise
     from gguf_abliterate.optimise.space import parse_fixed
@@ -89,7 +95,8 @@ def command(model_path: Path, output: Path | None, trials: int, minutes: float, 
                               score_prompts=score_prompts, kl_tokens=kl_tokens, max_refusals=max_refusals,
                               max_thought_growth=max_thought_growth, confirm=confirm,
                               confirm_tokens=confirm_tokens, bake_checks=bake_checks, patience=patience, seed=seed,
-                              fixed=parse_fixed(fix), judge=judge, thinking=thinking, thought_tokens=thought_tokens)
+                              fixed=parse_fixed(fix), judge=judge, thinking=thinking, thought_tokens=thought_tokens,
+                              opening_tokens=opening_tokens)
     request = OptimiseRequest(model=model_path, output=output, settings=settings, storage=storage, resume=resume,
                               join=join, measured=measured, bake=bake, report=report, force=force)
     result = run_optimise(request, cli_ui(quiet))

@@ -6,9 +6,14 @@
   token, or with `kl_tokens` K > 1 teacher-forced along the original's first K greedy tokens
   and averaged over the steps (abliterix's multi-token KL).
 
-For a model that thinks, refusal is read where the final answer opens, after the original
-model's own thought on that prompt (generated once, then teacher-forced: a trial stays one
-forward pass), never at the first token of a thought. KL is read along the original's own
+For a model that thinks, refusal is read by default in the opening of the trial model's own
+greedy answer: the share of harmful prompts whose first `opening_tokens` tokens (its thought's
+opening, and the final answer if it began within them) say it refuses (`decides_to_refuse`),
+as a ratio to the original's share. On the Qwen2.5-Coder-1.5B made to think, the decision
+shows there (docs/thinking.md): read where the final answer opens after the original's thought
+instead (`opening_tokens` 0: teacher-forced, one forward pass), a trial sees an answer that the
+original's thought has already decided, and the default edit moved that reading only to 0.61
+of the original's. Either way, no first-token distribution of a thought is ever scored. KL is read along the original's own
 greedy answer to each harmless prompt, its thought and the first K tokens after it
 (`thought_tokens` + K in all, teacher-forced), at KL_STEPS evenly spaced steps: an edit that
 changes how the model thinks about harmless requests costs KL even where its answers open alike.
@@ -25,13 +30,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.first_token import kl_divergence, kl_steps, refusal_mass, refusal_token_ids
+from gguf_abliterate.evaluate.markers import decides_to_refuse
 from gguf_abliterate.direction.measure import Position, ProgressBars, at_position, own_answers
 from gguf_abliterate.optimise.adapter import TrialEdit, apply
-from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.runtime.llama import LlamaModel, Prompt
 from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
 GUARD = 0.5
+OPENING_TOKENS = 48  # a model that thinks: the opening of its own answer a trial reads
 
 
 @dataclass(frozen=True)
@@ -48,13 +56,23 @@ class TrialScorer:
     """A loaded model, its validation prompts and the unedited model's answers to them."""
 
     def __init__(self, model: LlamaModel, harmful: Sequence[str], harmless: Sequence[str], kl_tokens: int = 1,
-                 progress: ProgressBars | None = None, thought_tokens: int = THOUGHT_BUDGET):
+                 progress: ProgressBars | None = None, thought_tokens: int = THOUGHT_BUDGET,
+                 opening_tokens: int = OPENING_TOKENS):
         self.model, self.kl_tokens = model, kl_tokens
         self.ids = refusal_token_ids(model)
+        self.opening_tokens = opening_tokens if model.thinks else 0
         apply(model, None)
-        # a model that thinks: each prompt carried past the original's own thought, to where its answer opens
-        self.harmful = at_position(model, harmful, Position.THOUGHT, progress, thought_tokens)
-        self.base_refusal = refusal_mass(model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
+        if self.opening_tokens:
+            self.harmful: list[Prompt] = list(harmful)
+            self.base_refusal = self._opening_refusals()
+            if self.base_refusal == 0:
+                raise UserError(f"the original model's own answers to the {len(harmful)} scoring prompts refuse in none "
+                                f"of their first {self.opening_tokens} tokens: nothing for the search to lower "
+                                f"(--opening-tokens 0 reads where the final answer opens instead)")
+        else:
+            # a model that thinks: each prompt carried past the original's own thought, to where its answer opens
+            self.harmful = at_position(model, harmful, Position.THOUGHT, progress, thought_tokens)
+            self.base_refusal = self._refusal_mass()
         self.harmless = list(harmless)
         self.continuations: list[list[int]] | None = None
         self.steps: list[list[int]] | None = None
@@ -70,7 +88,15 @@ class TrialScorer:
         """What a trial forwards at most (the harmful prompts, then the harmless ones): on a model
         that thinks, the thoughts make most of a trial's cost."""
         prompts = sum(len(t) for t in self.model.encode([*self.harmful, *self.harmless]))
-        return prompts + sum(len(c) for c in self.continuations or [])
+        return prompts + len(self.harmful) * self.opening_tokens + sum(len(c) for c in self.continuations or [])
+
+    def _refusal_mass(self) -> float:
+        return refusal_mass(self.model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
+
+    def _opening_refusals(self) -> float:
+        """The share of harmful prompts whose own greedy opening says the model refuses."""
+        answers = self.model.greedy_answers(self.harmful, self.opening_tokens)
+        return float(np.mean([decides_to_refuse(a.text) for a in answers]))
 
     def _harmless_logprobs(self) -> list[np.ndarray]:
         if self.continuations is None:
@@ -86,7 +112,7 @@ class TrialScorer:
         """The objectives of a trial's edit."""
         apply(self.model, edit)
         try:
-            ratio = refusal_mass(self.model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
+            ratio = self._opening_refusals() if self.opening_tokens else self._refusal_mass()
             ratio /= max(self.base_refusal, 1e-12)
             return Score(ratio, None if ratio > GUARD else self.kl())
         finally:

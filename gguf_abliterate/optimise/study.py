@@ -46,7 +46,7 @@ from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.gguf_io.model import model_digest
 from gguf_abliterate.interrupt import sigint_flag
 from gguf_abliterate.optimise.adapter import TrialAdapters, apply
-from gguf_abliterate.optimise.scorer import TrialScorer
+from gguf_abliterate.optimise.scorer import OPENING_TOKENS, TrialScorer
 from gguf_abliterate.optimise.space import suggest
 from gguf_abliterate.runtime.llama import LlamaModel
 from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking
@@ -74,6 +74,7 @@ class SearchSettings:
     thinking: Thinking = field(default_factory=Thinking)
     max_thought_growth: float = 1.5  # a model that thinks: a pick's mean thought, at most this times the original's
     thought_tokens: int = THOUGHT_BUDGET  # a model that thinks: its thought's budget, scoring and confirming
+    opening_tokens: int = OPENING_TOKENS  # a model that thinks: the opening of its own answer a trial reads (0: after the original's thought)
 
 
 @dataclass
@@ -250,6 +251,7 @@ class Search:
                 self.study.set_user_attr("settings", {"score_prompts": settings.score_prompts,
                                                       "kl_tokens": settings.kl_tokens, "fixed": settings.fixed,
                                                       "thought_tokens": settings.thought_tokens,
+                                                      "opening_tokens": settings.opening_tokens,
                                                       "thinking": [settings.thinking.mode, settings.thinking.effort]})
                 self.study.set_user_attr("model", identity)  # last: a study without it is half-made
             else:
@@ -271,7 +273,7 @@ class Search:
                 # every worker scores alike: the study's own settings win over this command line's
                 stored = self.study.user_attrs.get("settings", {})
                 settings = self.settings = replace(settings, **{k: stored[k] for k in (
-                    "score_prompts", "kl_tokens", "fixed", "thought_tokens") if k in stored})
+                    "score_prompts", "kl_tokens", "fixed", "thought_tokens", "opening_tokens") if k in stored})
                 if "thinking" in stored and Thinking(*stored["thinking"]) != settings.thinking:
                     raise UserError(f"the study in {shown_url(url)} scores with --thinking "
                                     f"{stored['thinking'][0]}: give the same")
@@ -292,10 +294,13 @@ class Search:
             self.confirmer: Scorer = get_scorer("markers") if settings.judge is None else Judge(settings.judge)
             say(f"scoring the original on {n} harmful and {n} harmless validation prompts")
             if self.llama.thinks:
-                say(f"the model thinks ({self.llama.reasoning.format.name}): trials are scored where the final "
-                    f"answer opens, after the original's own thought; confirmations generate the thought too")
+                where = (f"by refusals in the first {settings.opening_tokens} tokens of each trial's own answer (its "
+                         f"thought's opening)" if settings.opening_tokens else
+                         "where the final answer opens, after the original's own thought")
+                say(f"the model thinks ({self.llama.reasoning.format.name}): trials are scored {where}; "
+                    f"confirmations generate the thought too")
             self.scorer = TrialScorer(self.llama, bad[:n], good[:n], settings.kl_tokens, progress,
-                                      settings.thought_tokens)
+                                      settings.thought_tokens, settings.opening_tokens)
             if self.llama.thinks:
                 say(f"a trial forwards up to {self.scorer.forwarded_tokens()} tokens (the scoring prompts with the original's "
                     f"thoughts; --score-prompts and --thought-tokens set it)")
@@ -540,7 +545,8 @@ class Search:
                     "score_prompts": str(self.settings.score_prompts), "kl_tokens": str(self.settings.kl_tokens)}
         if self.llama.thinks:  # KL along the original's thought, refusal after it, the pick's thoughts bounded
             metadata |= {"reasoning": self.llama.reasoning.format.name,
-                         "max_thought_growth": f"{self.settings.max_thought_growth:g}"}
+                         "max_thought_growth": f"{self.settings.max_thought_growth:g}",
+                         "opening_tokens": str(self.settings.opening_tokens)}
         if self.statistics is not None:  # named relative to the result, as a direction names them
             metadata |= {"statistics": os.path.relpath(self.statistics["path"], output.resolve().parent),
                          "statistics_sha256": self.statistics["sha256"]}
