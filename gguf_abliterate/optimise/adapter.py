@@ -59,6 +59,13 @@ def apply(model: LlamaModel, edit: TrialEdit | None) -> None:
     model.set_projections(None if edit is None else edit.projections)
 
 
+def writers_of(model: Model) -> list[tuple[int, Writer, str]]:
+    """(block, writer, weight name) of every residual writer the file holds."""
+    arch = get_arch(model.arch)
+    return [(block, writer, name) for block in range(model.n_layer) for writer in arch.writers
+            if (name := block_tensor(writer.tensor, block)) in model.tensors]
+
+
 class TrialAdapters:
     """Everything needed to turn a schedule into a trial's edit for this model."""
 
@@ -68,24 +75,20 @@ class TrialAdapters:
         self.basis = basis(per_block, harmless_means).astype(np.float32)
         self.writers: list[_Writer] = []
         self.biased: list[str] = []  # biases no trial edits (an adapter cannot, and no node is known)
-        for block in range(model.n_layer):
-            for writer in arch.writers:
-                name = block_tensor(writer.tensor, block)
-                if name not in model.tensors:
-                    continue
-                bias = block_tensor(writer.tensor, block, "bias")
-                stack = len(model.tensors[name].shape) != 2
-                in_graph = bool(writer.node) and (stack or bias in model.tensors)
-                if stack and not in_graph:
-                    raise UserError(f"{name}: optimise cannot try edits of this expert stack ({model.arch}: "
-                                    f"no graph node known to hold its output)")
-                if bias in model.tensors and not in_graph:
-                    self.biased.append(bias)
-                g = norm_weights(model, arch.norm_chain(block, writer, model.tensors))
-                weighted = self.basis if g is None else self.basis * g
-                products = None if in_graph else weighted @ model.values(name)
-                self.writers.append(_Writer(name, block, writer, weighted, products))
-                progress(1)
+        for block, writer, name in writers_of(model):
+            bias = block_tensor(writer.tensor, block, "bias")
+            stack = len(model.tensors[name].shape) != 2
+            in_graph = bool(writer.node) and (stack or bias in model.tensors)
+            if stack and not in_graph:
+                raise UserError(f"{name}: optimise cannot try edits of this expert stack ({model.arch}: "
+                                f"no graph node known to hold its output)")
+            if bias in model.tensors and not in_graph:
+                self.biased.append(bias)
+            g = norm_weights(model, arch.norm_chain(block, writer, model.tensors))
+            weighted = self.basis if g is None else self.basis * g
+            products = None if in_graph else weighted @ model.values(name)
+            self.writers.append(_Writer(name, block, writer, weighted, products))
+            progress(1)
         # whether the search gives the experts a strength of their own
         self.experts = any(component_of(w.writer) is Component.EXPERTS for w in self.writers)
 

@@ -45,7 +45,7 @@ from gguf_abliterate.evaluate.scorers import Label, Scorer, get_scorer
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.gguf_io.model import model_digest
 from gguf_abliterate.interrupt import sigint_flag
-from gguf_abliterate.optimise.adapter import TrialAdapters, apply
+from gguf_abliterate.optimise.adapter import TrialAdapters, apply, writers_of
 from gguf_abliterate.optimise.scorer import OPENING_TOKENS, TrialScorer
 from gguf_abliterate.optimise.space import suggest
 from gguf_abliterate.runtime.llama import LlamaModel
@@ -282,7 +282,7 @@ class Search:
             self.per_block, self.harmless_means = per_block, harmless_means
             # the input statistics of the --from direction, which the result names for its bakes
             self.statistics: dict[str, str] | None = self.study.user_attrs.get("statistics")
-            with progress(total=self.meta.n_layer * 2, desc="precomputing adapters", unit="tensor") as bar:
+            with progress(total=len(writers_of(self.meta)), desc="precomputing adapters", unit="tensor") as bar:
                 self.adapters = TrialAdapters(self.meta, per_block, harmless_means, bar.update)
             if self.adapters.biased:
                 say(f"note: trials leave the writers' biases ({len(self.adapters.biased)}) unedited; baking edits them")
