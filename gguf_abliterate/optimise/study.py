@@ -302,8 +302,9 @@ class Search:
             self.scorer = TrialScorer(self.llama, bad[:n], good[:n], settings.kl_tokens, progress,
                                       settings.thought_tokens, settings.opening_tokens)
             if self.llama.thinks:
-                say(f"a trial forwards up to {self.scorer.forwarded_tokens()} tokens (the scoring prompts with the original's "
-                    f"thoughts; --score-prompts and --thought-tokens set it)")
+                say(f"a trial forwards up to {self.scorer.forwarded_tokens()} tokens (the scoring prompts, the openings "
+                    f"it writes and the original's thoughts; --score-prompts, --opening-tokens and --thought-tokens "
+                    f"set it)")
         except BaseException:
             self.llama.close()
             raise
