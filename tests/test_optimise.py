@@ -430,15 +430,16 @@ def test_optimise_on_a_moe_model_bakes_its_experts_in_their_own_type(tmp_path: P
     """The search runs end to end on gpt-oss with MXFP4 experts: each trial searches the experts'
     own kernel, --bake keeps the expert stacks MXFP4 with under 1% of the edit undone (the same
     bound as the plain edit), the kept bake is what the edit command writes, and --trial N bakes
-    any trial."""
+    any trial; the report shows each trial's experts kernel."""
     from test_edit import component_error, expected_values
 
     model = build_model(tmp_path / "oss.gguf", MOE["gpt-oss"])
     out, kept = tmp_path / "edit.safetensors", tmp_path / "kept.gguf"
-    run = cli("optimise", model, "-o", out, "--trials", "3", "--bake", kept, *FAST)
+    run = cli("optimise", model, "-o", out, "--trials", "3", "--bake", kept, "--report", tmp_path / "r.html", *FAST)
     assert run.returncode == 0, run.stderr
     d = load_direction(out)
     assert all(t["params"].get("experts") for t in d.trials) and "experts" in d.strengths
+    assert "/ experts " in (tmp_path / "r.html").read_text(encoding="utf-8")  # the report shows the experts' kernel
     assert cli(model, tmp_path / "again.gguf", "--direction", out, "-q").returncode == 0
     assert kept.read_bytes() == (tmp_path / "again.gguf").read_bytes()
     source, baked = Model(model), Model(kept)
