@@ -13,10 +13,12 @@ as a ratio to the original's share. On the Qwen2.5-Coder-1.5B made to think, the
 shows there (docs/thinking.md): read where the final answer opens after the original's thought
 instead (`opening_tokens` 0: teacher-forced, one forward pass), a trial sees an answer that the
 original's thought has already decided, and the default edit moved that reading only to 0.61
-of the original's. Either way, no first-token distribution of a thought is ever scored. KL is read along the original's own
-greedy answer to each harmless prompt, its thought and the first K tokens after it
-(`thought_tokens` + K in all, teacher-forced), at KL_STEPS evenly spaced steps: an edit that
-changes how the model thinks about harmless requests costs KL even where its answers open alike.
+of the original's. Either way, no first-token distribution of a thought is ever scored.
+
+KL is read along the original's own greedy answer to each harmless prompt, its thought and the
+first K tokens after it (`thought_tokens` + K in all, teacher-forced), at KL_STEPS evenly
+spaced steps: an edit that changes how the model thinks about harmless requests costs KL even
+where its answers open alike.
 
 The guard: a trial that leaves more than `GUARD` of the original refusal mass is not run on
 the harmless prompts (half a trial saved) and gets a KL objective of `1 + refusal`, so edits
