@@ -74,7 +74,7 @@ class SearchSettings:
     thinking: Thinking = field(default_factory=Thinking)
     max_thought_growth: float = 1.5  # a model that thinks: a pick's mean thought, at most this times the original's
     thought_tokens: int = THOUGHT_BUDGET  # a model that thinks: its thought's budget, scoring and confirming
-    opening_tokens: int = OPENING_TOKENS  # a model that thinks: the opening of its own answer a trial reads (0: after the original's thought)
+    opening_tokens: int = OPENING_TOKENS  # a model that thinks: tokens of its own answer a trial reads (0: none)
 
 
 @dataclass
