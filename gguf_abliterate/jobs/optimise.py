@@ -53,6 +53,7 @@ class OptimiseResult:
     records: list[TrialRecord] = field(default_factory=list)
     interrupted: bool = False  # Ctrl-C: the best so far was written, unconfirmed
     summary: list[str] = field(default_factory=list)
+    opening_tokens: int = 0  # a model that thinks: refusal was read in this many tokens of each trial's own answer
 
 
 def run_optimise(request: OptimiseRequest, ui: Ui = Ui()) -> OptimiseResult:
@@ -68,6 +69,7 @@ def run_optimise(request: OptimiseRequest, ui: Ui = Ui()) -> OptimiseResult:
     output = r.output
     url = _claim(r, output, ui)
     search = Search(r.model, url, r.settings, create=not r.resume, say=ui.say, progress=ui.bar, measured=r.measured)
+    opening = search.scorer.opening_tokens
     try:
         interrupted = False
         try:
@@ -88,7 +90,7 @@ def run_optimise(request: OptimiseRequest, ui: Ui = Ui()) -> OptimiseResult:
     finally:
         search.close()
     assert chosen is not None
-    result = OptimiseResult(chosen, original, front, records, interrupted)
+    result = OptimiseResult(chosen, original, front, records, interrupted, opening_tokens=opening)
     if r.report is not None:
         from gguf_abliterate.report import write_report
 
@@ -162,7 +164,9 @@ def _baker(model: Path, ui: Ui) -> Any:
 def front_table(result: OptimiseResult) -> list[str]:
     """The Pareto front, by refusal, with the pick marked."""
     original = result.original
-    lines = [f"Pareto front ({len(result.front)} trials; refusal = first-token refusal mass / the original's; "
+    measure = (f"the share of its own {result.opening_tokens}-token openings that refuse" if result.opening_tokens
+               else "first-token refusal mass")
+    lines = [f"Pareto front ({len(result.front)} trials; refusal = {measure} / the original's; "
              f"confirmed = greedy refusals{'' if original is None else f', original {original}'}; "
              f"baked = the same, baked into the file's own types):",
              f"{'trial':>5} {'refusal':>8} {'KL':>8} {'confirmed':>9} {'baked':>5}  direction            "
