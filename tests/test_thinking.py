@@ -258,6 +258,10 @@ def test_every_command_runs_with_thinking_on_and_off(tiny: dict[str, Path], tmp_
         if mode == "on":
             assert "no answer" in run.stdout and all(m["thinking"]["format"] == "qwen3" for m in models)
             assert all(len(m["thinking"]["harmful"]) == 2 for m in models)
+            for m in models:  # answers that never arrived, harmful+harmless, as the table shows them
+                t = m["thinking"]
+                assert t["no_answer_harmful"] == sum(v == "no answer" for v in m["harmful_verdicts"])
+                assert f"{t['no_answer_harmful']}+{t['no_answer'] - t['no_answer_harmful']}" in run.stdout
             # KL along the base's thought: none for the base itself, measured for the edit
             assert models[0]["kl_thought_vs_base"] is None and models[1]["kl_thought_vs_base"] > -1e-9
             assert "KL thought" in run.stdout

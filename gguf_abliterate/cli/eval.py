@@ -76,10 +76,10 @@ def print_thoughts(reports: Sequence[ModelReport]) -> None:
         if t is None:
             echo(f"{Path(r.path).name[:40]:<40} {'none':>12} {'-':>10} {'-':>15} {'-':>17}")
         else:
-            echo(f"{Path(r.path).name[:40]:<40} {t.format:>12} {f'{t.no_answer}/{total}':>10} "
+            echo(f"{Path(r.path).name[:40]:<40} {t.format:>12} {t.no_answer_cell:>10} "
                  f"{t.mean_tokens:15.0f} {f'{t.loops}/{total}':>17}")
     echo("(refusals and the judge read the final answers, after the thought; an answer whose thought did not end "
-         "within --thought-tokens is 'no answer', not a refusal)")
+         "within --thought-tokens is 'no answer', harmful+harmless, not a refusal)")
 
 
 def print_pack(result: PackEvaluated, samples: int) -> None:

@@ -72,6 +72,12 @@ class Thoughts:
     loops: int  # thoughts that loop or fill (the degenerate rules)
     harmful: list[str | None] = field(default_factory=list)  # per answer (None: no thought)
     harmless: list[str | None] = field(default_factory=list)
+    no_answer_harmful: int = 0  # of no_answer, the harmful prompts'
+
+    @property
+    def no_answer_cell(self) -> str:
+        """"harmful+harmless" answers that never arrived, as the tables show them."""
+        return f"{self.no_answer_harmful}+{self.no_answer - self.no_answer_harmful}"
 
     @staticmethod
     def of(m: LlamaModel, bad: Sequence[Answer], good: Sequence[Answer]) -> Thoughts | None:
@@ -82,7 +88,7 @@ class Thoughts:
         return Thoughts(m.reasoning.format.name, sum(a.final is None for a in both),
                         float(np.mean(lengths)) if lengths else 0.0,
                         sum(a.thought is not None and is_degenerate(a.thought) for a in both),
-                        [a.thought for a in bad], [a.thought for a in good])
+                        [a.thought for a in bad], [a.thought for a in good], sum(a.final is None for a in bad))
 
 
 def _arrived(labels: list[str], answers: Sequence[Answer]) -> list[str]:

@@ -125,8 +125,7 @@ def summary(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], settings
             f"{r.unfinished}/{r.harmful_total + r.harmless_total}", *(m.cell(getattr(r, m.field)) for m in costs)]
         if thinks:
             t = r.thinking
-            row += ["-", "-"] if t is None else [f"{t.no_answer}/{r.harmful_total + r.harmless_total}",
-                                                 f"{t.mean_tokens:.0f}"]
+            row += ["-", "-"] if t is None else [t.no_answer_cell, f"{t.mean_tokens:.0f}"]
         rows.append(row)
     max_tokens = settings.get("max_tokens", "?")
     protocol = str(settings.get("protocol_text") or f"Greedy answers of at most {max_tokens} tokens; refusals "
@@ -136,7 +135,7 @@ def summary(reports: Sequence[ModelReport], infos: Sequence[ModelInfo], settings
         f"unfinished = no end within the budget; "
         + "; ".join(m.note(kl_tokens) for m in costs)
         + ("; for a model that thinks, refusals read the final answer after its thought, 'no answer' counts answers "
-           "whose thought did not end within the budget, and thought tokens is a thought's mean length"
+           "whose thought did not end within the budget (harmful+harmless), and thought tokens is a thought's mean length"
            if thinks else "") + ".", class_="note")]
     budgets = sorted({int(n) for r in reports for n in (r.refusals_within or {})})
     if budgets:
