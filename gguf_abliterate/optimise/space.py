@@ -88,9 +88,12 @@ def describe(params: Mapping[str, Any]) -> tuple[str, str, str]:
     """A trial's direction and its kernels in a few characters each, for tables:
     ("index 12.50 orth", "1.00@15.0 w4.0 e0.20", ...) with peak@position, half-width, edge; a
     trial with an experts kernel shows it after the MLP's ("... / experts ...")."""
+    def kernel(k: Mapping[str, float]) -> str:
+        return f"{k['peak']:.2f}@{k['position']:.1f} w{k['width']:.1f} e{k['edge']:.2f}"
+
     d = PER_BLOCK if params["direction_index"] is None else f"index {params['direction_index']:.2f}"
     d += " orth" if params["orthogonal"] else ""
-    attn, mlp, experts = (None if params.get(c) is None else
-                          f"{params[c]['peak']:.2f}@{params[c]['position']:.1f} w{params[c]['width']:.1f} "
-                          f"e{params[c]['edge']:.2f}" for c in ("attn", "mlp", "experts"))
-    return d, str(attn), f"{mlp}" if experts is None else f"{mlp} / experts {experts}"
+    mlp = kernel(params["mlp"])
+    if params.get("experts"):
+        mlp += f" / experts {kernel(params['experts'])}"
+    return d, kernel(params["attn"]), mlp

@@ -514,10 +514,7 @@ class LlamaModel:
         name = self.ggml.name(t)
         if name in self._project:
             if not ask:
-                u, s = self._project[name]
-                x = self.ggml.read(t, self.ggml.width(t))
-                x -= s * np.outer(x @ u, u)
-                self.ggml.write(t, x)
+                self._project_rows(t, self.ggml.width(t), *self._project[name])
                 self._projected.add(name)
             return True
         listeners = [x for x in self._inputs if name.startswith(x.prefixes)]
@@ -537,15 +534,22 @@ class LlamaModel:
             return not ask  # ask: we do not need it; otherwise: go on computing
         if ask:
             return self._capture is not None or self._ablate is not None
-        x = self.ggml.read(t, self.n_embd)
         if self._ablate is not None:
-            r = self._ablate
-            x -= np.outer(x @ r, r)
-            self.ggml.write(t, x)
+            x = self._project_rows(t, self.n_embd, self._ablate)
+        else:
+            x = self.ggml.read(t, self.n_embd)
         if self._capture is not None:
             # what flows on (after any ablation); the last block keeps only the output rows
             self._capture[int(name[len(self._residual):])] = x.copy() if x.shape[0] == len(self._rows) else x[self._rows]
         return True
+
+    def _project_rows(self, t: int, width: int, u: np.ndarray, strength: float = 1.0) -> np.ndarray:
+        """Project a computed node's rows in place, `x - s (x.u) u`, so what flows on is
+        projected; returns the rows written."""
+        x = self.ggml.read(t, width)
+        x -= strength * np.outer(x @ u, u)
+        self.ggml.write(t, x)
+        return x
 
     def residuals(self, prompts: Sequence[Prompt], progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
         """(n_prompts, n_layer, n_embd): l_out-L at each prompt's last token, for every L."""
