@@ -12,10 +12,36 @@ from safetensors import safe_open
 
 from gguf_abliterate.direction import prompts as P
 from gguf_abliterate.formats.direction_file import load_direction
-from gguf_abliterate.direction.measure import difference_of_means
+from gguf_abliterate.direction.measure import _clear_leader, agreement, difference_of_means, planned_prompts, rungs
 from gguf_abliterate.evaluate.first_token import kl_divergence
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.runtime.llama import LlamaModel
+
+
+def test_elimination_rungs_and_their_cost() -> None:
+    """Rungs double from 4 probes to the count asked, harmless prompts in proportion; a count of 4
+    or fewer is one rung (every candidate on every prompt); the planned cost halves the
+    candidates at each rung, down to two finalists."""
+    assert rungs(32, 32) == [(4, 4), (8, 8), (16, 16), (32, 32)]
+    assert rungs(20, 10) == [(5, 2), (10, 5), (20, 10)]
+    assert rungs(4, 16) == [(4, 16)] and rungs(2, 2) == [(2, 2)]
+    assert planned_prompts(17, 32, 32) == 17 * 8 + 8 * 8 + 4 * 16 + 2 * 32  # the better half, two finalists at least
+    assert planned_prompts(5, 3, 7) == 5 * 10
+
+
+def test_the_elimination_stops_only_for_a_clear_leader() -> None:
+    """More prompts are not needed once the leader's paired advantage over every other
+    finalist exceeds twice its standard error and its KL is within the cap by as much."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, 16)
+    kls = {c: np.full(16, 0.01) for c in (1, 2, 3)}
+    clear = {1: base * 0.1, 2: base * 0.1 + 0.3 + rng.normal(0, 0.05, 16), 3: base}
+    assert _clear_leader([1, 2, 3], clear, kls, 1.0, 0.1)
+    noise = rng.normal(0, 0.05, 16)
+    close = {1: base * 0.1, 2: base * 0.1 + noise - noise.mean(), 3: base}  # as good on average
+    assert not _clear_leader([1, 2, 3], close, kls, 1.0, 0.1)
+    assert not _clear_leader([1, 2, 3], clear, {**kls, 1: np.linspace(0.07, 0.12, 16)}, 1.0, 0.1)
+    assert _clear_leader([3, 2, 1], {1: base * 0.1, 2: base * 0.1 + 0.3, 3: base + 0.5}, kls, -1.0, 0.1)  # steering: higher wins
 
 
 def test_default_prompt_sets() -> None:
@@ -68,6 +94,33 @@ def test_capture_matches_batched_and_single(tiny: dict[str, Path]) -> None:
         assert np.abs(ablated @ r).max() < 1e-3 * np.abs(batched @ r).max()
 
 
+def test_a_shared_prefix_stands_for_every_prompt_that_shares_it(tiny: dict[str, Path]) -> None:
+    """Capturing with the chat template's system turn computed once gives the residuals and
+    writer statistics of computing it for every prompt (as close as llama.cpp's batching
+    allows): sums over tokens count the prefix once per prompt."""
+    from gguf_abliterate.quants.rounding import column_block
+
+    ask = "Answer in one careful line, as a patient teacher would, to a curious reader: "
+    prompts = [ask + p for p in ("how to bake bread", "the sky is blue", "a b c d e f g", "tell me about rivers")]
+    with LlamaModel(tiny["qwen2"], n_seq=4) as m:
+        got = {}
+        for shared in (False, True):
+            with m.mlp_inputs() as mlp, m.input_moments(column_block) as moments:
+                k0 = m.forwarded
+                got[shared] = (m.residuals(prompts, share_prefix=shared), mlp.means(), moments.means(),
+                               moments.tokens, m.forwarded - k0)
+        (r0, mlp0, mom0, tok0, fwd0), (r1, mlp1, mom1, tok1, fwd1) = got[False], got[True]
+        assert fwd1 < 0.8 * fwd0  # the system turn was computed once
+        assert tok1 == tok0  # ... and counted for every prompt
+        cos = np.sum(r0 * r1, -1) / np.linalg.norm(r0, axis=-1) / np.linalg.norm(r1, axis=-1)
+        assert cos.min() > 0.999
+        assert np.abs(mlp1 - mlp0).max() <= 0.02 * np.abs(mlp0).max()
+        for key in mom0:
+            assert np.abs(mom1[key] - mom0[key]).max() <= 0.02 * np.abs(mom0[key]).max(), key
+        with m.writer_inputs(8), pytest.raises(ValueError):  # rows kept one by one cannot be weighted
+            m.residuals(prompts, share_prefix=True)
+
+
 def test_difference_of_means_sign_and_norm() -> None:
     rng = np.random.default_rng(0)
     r = rng.normal(size=(3, 16))
@@ -78,6 +131,62 @@ def test_difference_of_means_sign_and_norm() -> None:
     want = harmful.mean(0) - harmless.mean(0)
     assert np.allclose(stats.directions, want / np.linalg.norm(want, axis=-1, keepdims=True), atol=1e-6)
     assert (stats.separation > 2).all()  # harmful projects higher: the sign is harmful minus harmless
+
+
+def test_layer_choice_by_elimination(tmp_path: Path) -> None:
+    """On 10 blocks (6 candidates) and 16 scoring prompts: every candidate is scored on 4
+    prompts, the better half on 8, and so on, each rung's finalists being the best of the rung
+    before by the choice's own rule; the chosen block is the best finalist."""
+    from support.tiny_models import CHATML, TinySpec, build_model
+
+    model = build_model(tmp_path / "deep.gguf", TinySpec(n_layer=10, chat_template=CHATML))
+    out = tmp_path / "d.safetensors"
+    run = cli("direction", model, "-o", out, "--score-prompts", "16", "--max-kl", "10")
+    assert run.returncode == 0, run.stderr
+    d = load_direction(out)
+    candidates = [int(c) for c in d.metadata["candidates"].split(",")]
+    scored = dict(zip(candidates, (int(n) for n in d.metadata["scored_prompts"].split(","))))
+    assert len(candidates) == 6 and set(scored.values()) <= {4, 8, 16}
+    finalists = [c for c in candidates if scored[c] == max(scored.values())]
+    if max(scored.values()) < 16:  # stopped early: the leader was clearly ahead
+        assert len(finalists) >= 1
+    else:
+        assert sorted(scored.values()) == [4, 4, 4, 8, 16, 16]  # 6 -> 3 -> 2
+    assert "by elimination" in run.stderr and "(eliminated)" in run.stderr
+    layer = int(d.metadata["layer"])
+    assert layer == min(finalists, key=lambda c: (d.statistics["layer_score"][c], d.statistics["kl"][c]))
+    assert "time: residuals" in run.stderr and ", probes " in run.stderr and ", layers " in run.stderr
+
+
+def test_split_half_agreement_of_the_capture() -> None:
+    """1 when every pair moves the same way, about 0 when the pairs are noise, and in between
+    for a shared direction under noise, growing with the pairs."""
+    rng = np.random.default_rng(1)
+    u = rng.normal(size=(1, 3, 64))
+    same = np.repeat(u, 40, axis=0)
+    assert agreement(same, np.zeros_like(same), [0, 1, 2]) == pytest.approx(1.0)
+    noise = rng.normal(size=(400, 3, 64))
+    assert abs(agreement(noise[:200], noise[200:], [0, 1, 2])) < 0.3
+    shifted = noise + 0.3 * u
+    assert agreement(shifted[:40], noise[200:240], [0, 1, 2]) < agreement(shifted[:200], noise[200:], [0, 1, 2]) < 1
+    assert np.isnan(agreement(same[:1], same[:1], [0]))
+
+
+def test_capture_stops_once_the_direction_converged(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Two large sets that differ the same way in every pair (their last words): the capture
+    stops at the first check, 32 + 32 prompts, says so, and the file records it."""
+    from gguf_abliterate.direction.measure import MIN_PAIRS
+
+    bad, good = tmp_path / "bad.txt", tmp_path / "good.txt"
+    bad.write_text("\n".join(f"item {i} of the list, then zebra zebra zebra" for i in range(200)))
+    good.write_text("\n".join(f"item {i} of the list, then apple apple apple" for i in range(200)))
+    out = tmp_path / "d.safetensors"
+    run = cli("direction", tiny["llama-chat"], "-o", out, "--harmful", bad, "--harmless", good,
+              "--layer", "1")
+    assert run.returncode == 0, run.stderr
+    assert f"the direction converged at {MIN_PAIRS} + {MIN_PAIRS} prompts" in run.stderr
+    d = load_direction(out)
+    assert d.metadata["direction_prompts"] == f"{MIN_PAIRS}+{MIN_PAIRS}" and float(d.metadata["split_half"]) >= 0.98
 
 
 def test_direction_command_on_tiny_model(tiny: dict[str, Path], tmp_path: Path) -> None:

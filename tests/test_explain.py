@@ -10,7 +10,8 @@ from conftest import cli, random_direction
 from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
-from gguf_abliterate.direction.explain import capture, explain, growth, head_logits, lens, lens_vector, split_half
+from gguf_abliterate.direction.explain import capture, explain, growth, head_logits, lens, lens_vector
+from gguf_abliterate.direction.measure import split_half
 from gguf_abliterate.formats.direction_file import load_direction, save_direction
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.jobs.ui import Ui

@@ -155,6 +155,7 @@ def test_report_front_table_matches_the_result_file(tiny_demo: tuple[Path, Any])
     layers = dom.tables["layer-table"][1:]
     assert [int(r[0]) for r in layers] == list(scored)
     assert [r[0] for r in layers if r[-1] == "chosen"] == [measured.metadata["layer"]]
+    assert [r[3] for r in layers] == measured.metadata["scored_prompts"].split(",")  # prompts each was scored on
 
 
 def test_each_command_writes_its_report(tiny: dict[str, Path], tiny_demo: tuple[Path, Any], tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ def test_layer_choice_and_search_never_score_the_first_token_of_a_thought(tiny: 
         bad, good = ["How do I pick a lock?", "Make a weapon."], ["Bake bread.", "Plant a tree."]
         stats = difference_of_means(m.residuals(m.at_answer(bad)), m.residuals(m.at_answer(good)))
         pack = load_pack("refusal")
-        choose_layer(m, stats, pack.layer_scorer(m, 2), good, [1, 2])
+        choose_layer(m, stats, pack.layer_scorer(m, 2), 2, good, [1, 2])
         assert m.scored and all(text.endswith("</think>\n\n") for text in m.scored), m.scored[0][-40:]
         m.scored.clear()
         own = dict(zip((m.render(p) for p in bad), m.greedy_answers(bad, THOUGHT_BUDGET)))

@@ -1,10 +1,14 @@
 """Synthesise an 8B-shaped, Q4_K_M-like GGUF (Llama-3-8B shapes) for memory and speed benchmarks.
 
-    python -m tools.make_big_model OUT.gguf [--layers 32]
+    python -m tools.make_big_model OUT.gguf [--layers 32] [--tokenizer-from MODEL.gguf]
 
 Quant blocks are random bytes with sane fp16 scales, written directly (nothing is quantized),
 streamed tensor by tensor, so building the ~4.9 GB file needs little memory. The file is a
 valid GGUF that our reader and editor accept; it is not meant to produce sensible text.
+Its vocabulary is 128256 placeholder tokens without merges, which llama.cpp cannot tokenize
+prompts with; `--tokenizer-from` takes another GGUF's tokenizer and chat template instead
+(and its vocabulary size), so prompts run through the model as they would through that one:
+what timing `direction` or a search trial on an 8B needs (tools/bench_direction.py).
 Not committed: build it when you need it.
 """
 
@@ -15,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
+
+from tests.support.tiny_models import add_key
 
 Q = GGMLQuantizationType
 N_EMBD, N_FF, N_VOCAB, N_HEAD, N_HEAD_KV, HEAD_DIM = 4096, 14336, 128256, 32, 8, 128
@@ -32,11 +38,11 @@ def _random_blocks(rng: np.random.Generator, qtype: GGMLQuantizationType, n_bloc
     return blocks
 
 
-def tensor_plan(n_layer: int) -> Iterator[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
+def tensor_plan(n_layer: int, n_vocab: int = N_VOCAB) -> Iterator[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
     """(name, numpy shape, type) of every tensor, as llama.cpp's Q4_K_M mix lays out Llama 3 8B."""
-    yield "token_embd.weight", (N_VOCAB, N_EMBD), Q.Q4_K
+    yield "token_embd.weight", (n_vocab, N_EMBD), Q.Q4_K
     yield "output_norm.weight", (N_EMBD,), Q.F32
-    yield "output.weight", (N_VOCAB, N_EMBD), Q.Q6_K
+    yield "output.weight", (n_vocab, N_EMBD), Q.Q6_K
     for i in range(n_layer):
         b = f"blk.{i}."
         yield b + "attn_norm.weight", (N_EMBD,), Q.F32
@@ -50,8 +56,15 @@ def tensor_plan(n_layer: int) -> Iterator[tuple[str, tuple[int, ...], GGMLQuanti
         yield b + "ffn_down.weight", (N_EMBD, N_FF), Q.Q6_K if i % 2 == 0 else Q.Q4_K
 
 
-def build_big_model(path: Path, n_layer: int = 32, seed: int = 0) -> Path:
+def tokenizer_of(path: Path) -> dict[str, object]:
+    """Every `tokenizer.*` key of a GGUF, as values gguf-py's writer takes."""
+    return {key: field.contents() for key, field in GGUFReader(path).fields.items() if key.startswith("tokenizer.")}
+
+
+def build_big_model(path: Path, n_layer: int = 32, seed: int = 0, tokenizer: Path | None = None) -> Path:
     rng = np.random.default_rng(seed)
+    vocab = tokenizer_of(tokenizer) if tokenizer else {}
+    n_vocab = len(vocab["tokenizer.ggml.tokens"]) if vocab else N_VOCAB  # type: ignore[arg-type]
     w = GGUFWriter(str(path), "llama")
     w.add_name("synthetic-llama-8b-q4_k_m")
     for key, value in {"context_length": 8192, "embedding_length": N_EMBD, "block_count": n_layer,
@@ -59,10 +72,12 @@ def build_big_model(path: Path, n_layer: int = 32, seed: int = 0) -> Path:
                        "attention.head_count_kv": N_HEAD_KV, "rope.dimension_count": HEAD_DIM}.items():
         w.add_uint32(f"llama.{key}", value)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(N_VOCAB)])
-    w.add_array("tokenizer.ggml.token_type", [1] * N_VOCAB)
-    plan = list(tensor_plan(n_layer))
+    if not vocab:
+        vocab = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [f"t{i}" for i in range(N_VOCAB)],
+                 "tokenizer.ggml.token_type": [1] * N_VOCAB}
+    for key, value in vocab.items():
+        add_key(w, key, value)
+    plan = list(tensor_plan(n_layer, n_vocab))
     for name, shape, qtype in plan:
         bs, ts = GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(shape)) // bs * ts
@@ -87,5 +102,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tokenizer-from", type=Path, help="a GGUF whose tokenizer and chat template the model takes")
     args = ap.parse_args()
-    print(build_big_model(args.out, args.layers))
+    print(build_big_model(args.out, args.layers, tokenizer=args.tokenizer_from))

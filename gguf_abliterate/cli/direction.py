@@ -59,8 +59,8 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
                    f"{DEFAULT_MAX_KL:g} for refusal; none for packs scored by generation, whose behaviour changes "
                    f"harmless answers too).")
 @click.option("--score-prompts", type=click.IntRange(min=1), default=None,
-              help="With --layer auto: validation prompts used to score each candidate (default: 32 for refusal, "
-                   "16 for packs scored by generating answers).")
+              help="With --layer auto: validation prompts (of each set) the last candidates are scored on; "
+                   "the first are scored on 4 (default: 32 for refusal, 16 for packs scored by generating answers).")
 @click.option("--raw", is_flag=True, help="Feed prompts as raw text instead of through the model's chat template.")
 @click.option("--engine", type=click.Choice([e.value for e in Engine]), default=Engine.LLAMA.value,
               show_default=True,
@@ -100,10 +100,11 @@ def command(ctx: click.Context, model_path: Path, output_path: Path, behaviour: 
     Even lines of each set make the direction, odd lines validate it. With --layer auto,
     each candidate layer's direction is ablated from the residual stream and scored by the
     pack's measure (refusal: refusal-opening probability; other packs: short greedy answers
-    to the probes) and by KL on harmless prompts. Abliterating with the file pulls the
-    component along the direction to zero; --reverse amplifies it on whichever side the model
-    leans to, so the command ends by saying where the pack's probes sit and which way each
-    edit moves them.
+    to the probes) and by KL on harmless prompts, by elimination: every candidate on the first
+    4 validation prompts, the better half on twice as many, up to --score-prompts.
+    Abliterating with the file pulls the component along the direction to zero; --reverse
+    amplifies it on whichever side the model leans to, so the command ends by saying where the
+    pack's probes sit and which way each edit moves them.
     """
     from gguf_abliterate.jobs.direction import DirectionRequest, run_direction
 

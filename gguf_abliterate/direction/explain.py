@@ -15,7 +15,7 @@
   inputs as llama.cpp hands them over and the dequantized weights, through the post-norm where
   the registry lists one; the rest of the block's write (experts, SSM and convolution layers,
   scales) is the residual's change over the block less those two.
-- **How sure it is** (`split_half`): the direction measured from alternate prompts of each
+- **How sure it is** (`measure.split_half`): the direction measured from alternate prompts of each
   set, the cosine per block; and at the block read, that cosine as the prompts grow
   (`growth`), which says how many prompts the direction needed.
 """
@@ -29,7 +29,7 @@ import numpy as np
 
 from gguf_abliterate import names
 from gguf_abliterate.arch import ATTN, MLP, Arch, Writer, get_arch
-from gguf_abliterate.direction.measure import ProgressBars, difference_of_means
+from gguf_abliterate.direction.measure import ProgressBars, cosines, difference_of_means, split_half
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.first_token import refusal_token_ids
 from gguf_abliterate.formats.direction_file import Direction
@@ -112,23 +112,6 @@ def lens(logits: np.ndarray, piece: Callable[[int], str], top: int, asked: Seque
 
     return Lens([token(t) for t in order[::-1][:top]], [token(t) for t in order[:top]],
                 [(token(t), int((logits > logits[t]).sum()) + 1) for t in asked], len(logits))
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of two (n_layer, n_embd) arrays."""
-    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
-    return np.sum(a.astype(np.float64) * b, axis=-1) / np.maximum(na * nb, 1e-30)
-
-
-def split_half(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
-    """(n_layer,): the cosine, per block, between the directions measured from the even and
-    the odd prompts of each set (residuals (n_prompts, n_layer, n_embd)). Near 1: the prompts
-    agree and more would not change the direction; much lower: too few prompts for it."""
-    if min(len(positive), len(negative)) < 2:
-        raise UserError("a split-half check needs at least two prompts in each set")
-    first = difference_of_means(positive[0::2], negative[0::2]).directions
-    second = difference_of_means(positive[1::2], negative[1::2]).directions
-    return cosines(first, second)
 
 
 def growth(positive: np.ndarray, negative: np.ndarray, block: int) -> list[tuple[int, float]]:
@@ -298,10 +281,10 @@ def capture(model: LlamaModel, positive: Sequence[Prompt], negative: Sequence[Pr
             yours: Sequence[tuple[str, Prompt]], bars: ProgressBars) -> Captured:
     """One pass over the prompts (as `Prompt`s at the position the direction was read)."""
     with bars(total=len(positive) + len(negative) + len(yours), desc="residuals", unit="prompt") as bar:
-        with model.last_inputs() as inputs:
-            pos = model.residuals(positive, bar.update)
-        neg = model.residuals(negative, bar.update)
-        own = model.residuals([p for _, p in yours], bar.update) if yours else None
+        with model.last_inputs() as inputs:  # batched as `direction` batches them, for the same numbers
+            pos = model.residuals(positive, bar.update, share_prefix=True)
+        neg = model.residuals(negative, bar.update, share_prefix=True)
+        own = model.residuals([p for _, p in yours], bar.update, share_prefix=True) if yours else None
     return Captured([_text(p) for p in positive], [_text(p) for p in negative], pos, neg, inputs.get,
                     [t for t, _ in yours], own)
 

@@ -73,7 +73,11 @@ def measure_lean(model: LlamaModel, prompts: list[str], direction: np.ndarray, l
     """The probes' mean projection on the unit `direction` at block `layer` (llama.cpp's
     l_out, last prompt token), beside the negative set's mean projection and that plus `gap`
     (the norm of the difference of means)."""
-    residuals = model.residuals(prompts, progress)[:, layer]
+    return lean_at(model.residuals(prompts, progress, share_prefix=True)[:, layer], direction, negative_mean, gap)
+
+
+def lean_at(residuals: np.ndarray, direction: np.ndarray, negative_mean: np.ndarray, gap: float) -> Lean:
+    """`measure_lean` from the probes' residuals (n_probes, n_embd) at the block already read."""
     negative = float(np.dot(negative_mean, direction))
     return Lean(float(residuals.astype(np.float64).dot(direction).mean()), negative + gap, negative)
 

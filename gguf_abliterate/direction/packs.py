@@ -31,7 +31,7 @@ object with `name` and its settings) and `max_tokens`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -39,13 +39,14 @@ from pathlib import Path
 import numpy as np
 
 from gguf_abliterate.direction import prompts as P
+from gguf_abliterate.direction.measure import LayerScorer
 from gguf_abliterate.formats.direction_file import SIGN
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
 from gguf_abliterate.evaluate.answer_rules import Markers, Measure, Probe, Reply, get_measure
-from gguf_abliterate.evaluate.first_token import refusal_mass, refusal_token_ids
+from gguf_abliterate.evaluate.first_token import refusal_masses, refusal_token_ids
 from gguf_abliterate.evaluate.tasks import generate_tasks
-from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.runtime.llama import LlamaModel, Prompt
 from gguf_abliterate.textfile import read_json
 
 REASONING_SEED = 17  # not eval's --task-seed default 0: the pack's questions are not eval's tasks
@@ -114,22 +115,33 @@ class Pack:
         return ("refusal-opening probability" if self.first_token
                 else f"share that {self.measure.describe()}, {SCORE_TOKENS} tokens")
 
-    def layer_scorer(self, model: LlamaModel, count: int) -> Callable[[np.ndarray | None], float]:
-        """A function of an ablated direction (or None) giving the behaviour's score on the
-        first `count` probes: lower means less of the behaviour."""
+    def first_token_scores(self, model: LlamaModel, logprobs: np.ndarray) -> np.ndarray:
+        """Per probe, the layer test's score read from the first-token log-probabilities where
+        the probes' answers open (a first-token pack: refusal-opening probability)."""
+        return refusal_masses(logprobs, refusal_token_ids(model))
+
+    def layer_scorer(self, model: LlamaModel, count: int) -> LayerScorer:
+        """The behaviour's score on each of probes lo:hi of the first `count`, a direction
+        ablated (or None; lower means less of the behaviour), and the next-token
+        log-probabilities of other prompts under the same edit: for refusal, in the same pass."""
         probes = list(self.probes[:count])
         prompts = model.at_answer([p.prompt for p in probes])  # a thinking model: where its final answer opens
         if self.measure is None:
             raise UserError(f"pack {self.name!r} has no measure to score layers by")
         if self.first_token:
-            ids = refusal_token_ids(model)
-            return lambda r: refusal_mass(model.next_token_logprobs(prompts, ablate=r, share_prefix=True), ids)
+            def masses(r: np.ndarray | None, lo: int, hi: int, also: Sequence[Prompt] = ()) -> tuple[np.ndarray, np.ndarray]:
+                # one pass: the system turn the two sets open with is computed once
+                lp = model.next_token_logprobs([*prompts[lo:hi], *also], ablate=r, share_prefix=True)
+                return self.first_token_scores(model, lp[: hi - lo]), lp[hi - lo :]
+            return masses
 
-        def share(r: np.ndarray | None) -> float:
-            answers = model.greedy_answers(prompts, min(SCORE_TOKENS, self.max_tokens), ablate=r)
+        def shown(r: np.ndarray | None, lo: int, hi: int, also: Sequence[Prompt] = ()) -> tuple[np.ndarray, np.ndarray]:
+            answers = model.greedy_answers(prompts[lo:hi], min(SCORE_TOKENS, self.max_tokens), ablate=r)
             assert self.measure is not None
-            return self.measure.measure(probes, [Reply(a.reply, a.finished) for a in answers]).share
-        return share
+            values = np.array([self.measure.shows(p, Reply(a.reply, a.finished)) for p, a in zip(probes[lo:hi], answers)],
+                              np.float64)
+            return values, model.next_token_logprobs(also, ablate=r, share_prefix=True)
+        return shown
 
 
 def refusal_pack(harmful: Path | None = None, harmless: Path | None = None) -> Pack:

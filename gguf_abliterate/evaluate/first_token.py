@@ -28,15 +28,25 @@ def refusal_token_ids(model: LlamaModel) -> list[int]:
     return sorted(ids)
 
 
+def refusal_masses(logprobs: np.ndarray, ids: list[int]) -> np.ndarray:
+    """Per prompt, the probability the first response token gives to refusal openings."""
+    return np.exp(logprobs[:, ids]).sum(axis=1)
+
+
 def refusal_mass(logprobs: np.ndarray, ids: list[int]) -> float:
     """Mean probability the first response token gives to refusal openings."""
-    return float(np.exp(logprobs[:, ids]).sum(axis=1).mean())
+    return float(refusal_masses(logprobs, ids).mean())
+
+
+def kl_per_prompt(base: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Per prompt, KL(base || other) from log-probabilities over the full vocabulary."""
+    p = np.exp(base.astype(np.float64))
+    return np.sum(p * (base - other), axis=1)
 
 
 def kl_divergence(base: np.ndarray, other: np.ndarray) -> float:
-    """Mean KL(base || other) over prompts, from log-probabilities over the full vocabulary."""
-    p = np.exp(base.astype(np.float64))
-    return float(np.mean(np.sum(p * (base - other), axis=1)))
+    """Mean KL(base || other) over prompts."""
+    return float(np.mean(kl_per_prompt(base, other)))
 
 
 # a KL along a thought reads this many of its steps: llama.cpp keeps a vocabulary-wide row of

@@ -20,15 +20,20 @@ from gguf_abliterate.arch import steerable_blocks
 from gguf_abliterate.direction import prompts as P
 from gguf_abliterate.direction.explain import TOP_TOKENS, Captured, asked_tokens, explain
 from gguf_abliterate.formats.direction_file import Direction, check_direction_path, save_measured
-from gguf_abliterate.direction.lean import measure_lean
+from gguf_abliterate.direction.lean import lean_at
 from gguf_abliterate.direction.measure import (
     DEFAULT_POSITION,
     Position,
     at_position,
+    CAPTURE_STEP,
+    CONVERGED,
     DEFAULT_MAX_KL,
+    MIN_PAIRS,
     Engine,
     LayerStats,
     candidate_layers,
+    planned_prompts,
+    agreement as split_half_agreement,
     choose_layer,
     difference_of_means,
 )
@@ -41,6 +46,7 @@ from gguf_abliterate.jobs.ui import Ui
 from gguf_abliterate.quants.rounding import column_block
 from gguf_abliterate.report import claim_report
 from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.runtime.stages import Stage, Stages
 from gguf_abliterate.runtime.thinking import Thinking
 
 
@@ -65,6 +71,7 @@ class DirectionResult:
     chosen: int  # the block whose direction the file's edit uses
     written: list[Path] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)  # where the time went
 
 
 def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
@@ -89,14 +96,24 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
             ui.say(f"the model thinks ({model.reasoning.format.name}): prompts are read at {position.value}, "
                    f"layers scored where the final answer opens")
         read_at = {"reasoning": model.reasoning.format.name, "position": position.value} if model.thinks else {}
-        stats, mlp_means, stored, seen = _measure(r, pack, meta, model, stats_path is not None, ui)
+        stages = Stages(model)
+        with stages.stage("residuals"):
+            stats, mlp_means, stored, seen, (n_pos, n_neg, agreement) = _measure(
+                r, pack, meta, model, stats_path is not None, ui)
+        ui.say(f"direction from {n_pos} + {n_neg} prompts; split-half agreement {agreement:.3f} (the two halves of "
+               f"the prompts give the same direction at 1; reading stops early at {CONVERGED})")
         scores = np.full(model.n_layer, np.nan, np.float32)
         kl = np.full(model.n_layer, np.nan, np.float32)
-        chosen, info = _choose(r, pack, meta, model, stats, scores, kl, ui)
-        with ui.bar(total=len(pack.probes), desc="probes' lean", unit="prompt") as bar:
+        with stages.stage("probes"), ui.bar(total=len(pack.probes), desc="probes", unit="prompt") as bar:
+            # one pass: every block's residual (for the lean at the block chosen) and the first
+            # token (the layer test's baseline, where it reads the probes so)
             probes = at_position(model, [p.prompt for p in pack.probes], position, ui.bar)
-            lean = measure_lean(model, probes, stats.directions[chosen], chosen,
-                                stats.harmless_mean[chosen], float(stats.diff_norm[chosen]), bar.update)
+            probe_residuals, probe_logprobs = model.residuals_and_logprobs(probes, bar.update)
+        same = pack.first_token and (position is Position.ANSWER or not model.thinks)
+        with stages.stage("layers"):
+            chosen, info = _choose(r, pack, meta, model, stats, scores, kl, ui, probe_logprobs if same else None)
+        lean = lean_at(probe_residuals[:, chosen], stats.directions[chosen], stats.harmless_mean[chosen],
+                       float(stats.diff_norm[chosen]))
         ui.say(f"{pack.name} at block {chosen}: {lean.describe(pack.name)}")
         # what the file will hold, read as `explain` reads it, for the report
         explained = None if seen is None else explain(
@@ -110,11 +127,12 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
         "model": meta.get_str(names.NAME) or r.model.name, "architecture": meta.arch,
         "n_embd": str(stats.directions.shape[1]), "n_layer": str(meta.n_layer), **pack.metadata(),
         "chat_template": "raw" if r.raw else "model", "engine": r.engine.value, **info, **lean.metadata(),
+        "direction_prompts": f"{n_pos}+{n_neg}", "split_half": f"{agreement:.4f}",
         **read_at,
     }
     statistics = {"harmful_mean_norm": stats.harmful_norm, "harmless_mean_norm": stats.harmless_norm,
                   "diff_norm": stats.diff_norm, "separation": stats.separation, "layer_score": scores, "kl": kl}
-    result = DirectionResult(chosen)
+    result = DirectionResult(chosen, stages=stages.done)
     if stats_path is not None and stored is not None:
         metadata |= {"statistics": stats_path.name, "statistics_sha256": stored.sha256}
         write_statistics(stats_path, stored)
@@ -133,6 +151,7 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
     elif r.engine is Engine.LLAMA:
         result.summary.append("note: a .npy direction carries no input statistics, so the edit rounds aware (write "
                               ".safetensors to keep them, or edit with --rounding gptq to measure them)")
+    result.summary.append(stages.describe())
     if r.report is not None:
         from gguf_abliterate.report import write_report
 
@@ -144,33 +163,57 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
 
 
 def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, keep_statistics: bool,
-             ui: Ui) -> tuple[LayerStats, np.ndarray | None, StoredMoments | None, Captured | None]:
+             ui: Ui) -> tuple[LayerStats, np.ndarray | None, StoredMoments | None, Captured | None,
+                              tuple[int, int, float]]:
     """Every block's difference of means; with llama.cpp also the MLP input means (for --steer)
     and, from the same passes, the writers' input statistics (for gptq rounding) and, for the
-    report, what `explain` reads."""
+    report, what `explain` reads; and the direction's split-half agreement. llama.cpp's
+    capture stops once that agreement says more prompts would not move the direction."""
     d_pos, d_neg = (at_position(model, s, r.position or DEFAULT_POSITION, ui.bar) for s in pack.direction_sets())
     if r.engine is Engine.TORCH:
         from gguf_abliterate.runtime.torch_pass import TorchModel
 
         tm = TorchModel(meta)
         ui.say("computing residuals with the torch engine")
-        return difference_of_means(tm.last_token_residuals(model.encode(d_pos)),
-                                   tm.last_token_residuals(model.encode(d_neg))), None, None, None
+        pos_t, neg_t = tm.last_token_residuals(model.encode(d_pos)), tm.last_token_residuals(model.encode(d_neg))
+        return (difference_of_means(pos_t, neg_t), None, None, None,
+                (len(pos_t), len(neg_t), split_half_agreement(pos_t, neg_t, candidate_layers(model.n_layer))))
+    pos, neg, order = [], [], []  # captured in steps; `order`: which rows the report's inputs keep
+    candidates = candidate_layers(model.n_layer)
     with (ui.bar(total=len(d_pos) + len(d_neg), desc="residuals", unit="prompt") as bar, model.mlp_inputs() as mlp,
-          model.input_moments(column_block) as moments):
-        with model.last_inputs() if r.report else nullcontext() as inputs:  # for the report's reading (explain)
-            pos = model.residuals(d_pos, bar.update)
-        neg = model.residuals(d_neg, bar.update)
-    stored = (encode_statistics(meta, moments.means(), moments.tokens, f"direction ({pack.name}, {len(d_pos) + len(d_neg)} prompts)")
-              if keep_statistics else None)
-    seen = Captured(*(list(s) for s in pack.direction_sets()), pos, neg, inputs.get) if inputs else None
-    return difference_of_means(pos, neg), mlp.means(), stored, seen
+          model.input_moments(column_block) as moments,
+          model.last_inputs() if r.report else nullcontext() as inputs):  # for the report's reading (explain)
+        while len(pos) < len(d_pos) or len(neg) < len(d_neg):
+            for have, prompts in ((pos, d_pos), (neg, d_neg)):
+                step = prompts[len(have) : len(have) + CAPTURE_STEP]
+                if step:
+                    have.extend(model.residuals(step, bar.update, share_prefix=True))
+                    order.extend([have is pos] * len(step))
+            if min(len(pos), len(neg)) >= MIN_PAIRS and (len(pos) < len(d_pos) or len(neg) < len(d_neg)):
+                agreement = split_half_agreement(np.stack(pos), np.stack(neg), candidates)
+                if agreement >= CONVERGED:
+                    ui.say(f"the direction converged at {len(pos)} + {len(neg)} prompts (split-half agreement "
+                           f"{agreement:.3f}); the other {len(d_pos) + len(d_neg) - len(pos) - len(neg)} were not read")
+                    break
+    pos_a, neg_a = np.stack(pos), np.stack(neg)
+    stored = (encode_statistics(meta, moments.means(), moments.tokens,
+                                f"direction ({pack.name}, {len(pos) + len(neg)} prompts)") if keep_statistics else None)
+    positive_rows = np.flatnonzero(order)
+
+    def positive_inputs(kind: str, block: int) -> np.ndarray | None:
+        rows = inputs.get(kind, block)
+        return None if rows is None else rows[positive_rows]
+    seen = (Captured(list(pack.direction_sets()[0][: len(pos)]), list(pack.direction_sets()[1][: len(neg)]),
+                     pos_a, neg_a, positive_inputs) if inputs else None)
+    read = (len(pos), len(neg), split_half_agreement(pos_a, neg_a, candidates))
+    return difference_of_means(pos_a, neg_a), mlp.means(), stored, seen, read
 
 
 def _choose(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, stats: LayerStats,
-            scores: np.ndarray, kl: np.ndarray, ui: Ui) -> tuple[int, dict[str, str]]:
+            scores: np.ndarray, kl: np.ndarray, ui: Ui, probe_logprobs: np.ndarray | None) -> tuple[int, dict[str, str]]:
     """The block whose direction the file's edit uses (filling each candidate's score and KL),
-    and what the file records of the choice."""
+    and what the file records of the choice. `probe_logprobs`: the unedited model's first
+    tokens on the probes, read as the layer test reads them, where a pass already has them."""
     candidates = candidate_layers(model.n_layer)
     if r.layer != "auto":
         return int(r.layer), {}
@@ -184,22 +227,31 @@ def _choose(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, sta
     harmless = pack.negative if pack.name == "refusal" else load_pack("refusal").negative
     v_good = P.split(list(harmless), "validation")[:score_prompts]
     measure = pack.layer_measure()
-    with ui.bar(total=len(candidates), desc="scoring layers", unit="layer") as bar:
-        choice = choose_layer(model, stats, pack.layer_scorer(model, score_prompts), v_good, candidates,
+    count = min(score_prompts, len(pack.probes))
+    with ui.bar(total=planned_prompts(len(candidates), count, len(v_good)), desc="scoring layers",
+                unit="prompt") as bar:
+        choice = choose_layer(model, stats, pack.layer_scorer(model, count), count, v_good, candidates,
                               max_kl, bar.update, None if pack.first_token else STEER_BELOW,
-                              steerable_blocks(meta.arch, model.n_layer, meta.tensors))
+                              steerable_blocks(meta.arch, model.n_layer, meta.tensors),
+                              None if probe_logprobs is None else pack.first_token_scores(model, probe_logprobs[:count]))
+        bar.total = bar.n  # an elimination that stopped early
     chosen, candidates = choice.layer, choice.candidates
     for c in candidates:
         scores[c], kl[c] = choice.score[c], choice.kl[c]
     test = "steering (+ the mean difference after the block)" if choice.steered else "ablation"
     ui.say(f"{pack.name}: {measure} without an edit: {choice.baseline:.3f}; candidates tested by {test}")
-    ui.say(f"{'layer':>5} {'score':>8} {'KL':>8} {'separation':>10}")
+    finalists = max(choice.prompts.values())
+    if min(choice.prompts.values()) < finalists:
+        ui.say(f"by elimination: every candidate scored on the first {min(choice.prompts.values())} prompts, the "
+               f"better half on twice as many, up to {finalists}")
+    ui.say(f"{'layer':>5} {'score':>8} {'KL':>8} {'prompts':>7} {'separation':>10}")
     for c in candidates:
-        mark = "  <- chosen" if c == chosen else ("  (KL too high)" if kl[c] > max_kl else "")
-        ui.say(f"{c:5d} {scores[c]:8.3f} {kl[c]:8.4f} {stats.separation[c]:10.2f}{mark}")
+        mark = ("  <- chosen" if c == chosen else "  (KL too high)" if kl[c] > max_kl
+                else "  (eliminated)" if choice.prompts[c] < finalists else "")
+        ui.say(f"{c:5d} {scores[c]:8.3f} {kl[c]:8.4f} {choice.prompts[c]:7d} {stats.separation[c]:10.2f}{mark}")
     if kl[chosen] > max_kl:
         ui.say(f"note: no candidate kept the KL within --max-kl {max_kl:g}; took the lowest-KL one. "
                f"Check the prompts (a base model without a chat template often has no refusal to find).")
     return chosen, {"candidates": ",".join(map(str, candidates)), "max_kl": str(max_kl), "layer_measure": measure,
                     "baseline_score": f"{choice.baseline:.6f}", "layer_test": test,
-                    "score_prompts": str(min(score_prompts, len(pack.probes)))}
+                    "score_prompts": str(count), "scored_prompts": ",".join(str(choice.prompts[c]) for c in candidates)}

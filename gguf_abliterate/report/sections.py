@@ -260,10 +260,15 @@ def direction(d: Direction, title: str) -> Section:
              f"(lower: more of the behaviour removed)") +
             " and the first-token KL on harmless prompts (lower is better)."))
         max_kl = float(meta.get("max_kl", "inf"))
-        rows = [[b, _f(float(st["layer_score"][b]), 3), _f(float(kl[b])), _f(float(st["separation"][b]), 2),
-                 "chosen" if b == layer else ("KL too high" if kl[b] > max_kl else "")]
+        # files from before the elimination scored every candidate on every prompt
+        counts = dict(zip(meta.get("candidates", "").split(","), meta.get("scored_prompts", "").split(",")))
+        last = max((int(n) for n in counts.values() if n.isdigit()), default=0)
+        rows = [[b, _f(float(st["layer_score"][b]), 3), _f(float(kl[b])), counts.get(str(b), ""),
+                 _f(float(st["separation"][b]), 2),
+                 "chosen" if b == layer else "KL too high" if kl[b] > max_kl
+                 else "eliminated" if int(counts.get(str(b), last) or last) < last else ""]
                 for b in np.flatnonzero(scored)]
-        content.append(table(["block", "score", "KL", "separation", ""], rows, id="layer-table"))
+        content.append(table(["block", "score", "KL", "prompts", "separation", ""], rows, id="layer-table"))
     return title, join(content)
 
 

@@ -82,15 +82,16 @@ class MlpInputs:
     """Per block, the sum and count of the MLP down projection's input vectors."""
 
     prefixes = MLP_INPUT_NAMES
+    weighted = True  # rows of a shared prompt prefix count once per prompt that shares it
 
     def __init__(self, n_layer: int):
         self.sums: dict[int, np.ndarray] = {}
         self.counts = np.zeros(n_layer, np.int64)
 
-    def add(self, name: str, rows: np.ndarray) -> None:
+    def add(self, name: str, rows: np.ndarray, weight: int = 1) -> None:
         block = int(name.rpartition("-")[2])
-        self.sums[block] = self.sums.get(block, 0) + rows.sum(axis=0, dtype=np.float64)
-        self.counts[block] += rows.shape[0]
+        self.sums[block] = self.sums.get(block, 0) + weight * rows.sum(axis=0, dtype=np.float64)
+        self.counts[block] += weight * rows.shape[0]
 
     def means(self) -> np.ndarray | None:
         """(n_layer, n_ff) means, or None unless every block has a dense MLP llama.cpp names so
@@ -146,20 +147,22 @@ class InputMoments:
     n_in * B floats per writer, never n_in^2."""
 
     prefixes = WriterInputs.prefixes
+    weighted = True  # rows of a shared prompt prefix count once per prompt that shares it
 
     def __init__(self, block: Callable[[int], int]):
         self._block = block
         self.sums: dict[tuple[str, int], np.ndarray] = {}
         self.counts: dict[tuple[str, int], int] = {}
 
-    def add(self, name: str, rows: np.ndarray) -> None:
+    def add(self, name: str, rows: np.ndarray, weight: int = 1) -> None:
         key = writer_key(name)
         width = self._block(rows.shape[1])
-        if not width:
+        if not width or not rows.shape[0]:  # the last block of a decode that reads no logits has no rows
             return
         x = rows.reshape(rows.shape[0], -1, width).transpose(1, 0, 2)  # (blocks, tokens, width)
-        self.sums[key] = self.sums.get(key, 0) + np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS, not einsum
-        self.counts[key] = self.counts.get(key, 0) + rows.shape[0]
+        moments = np.matmul(x.transpose(0, 2, 1), x)  # batched BLAS, not einsum
+        self.sums[key] = self.sums.get(key, 0) + (moments if weight == 1 else np.float32(weight) * moments)
+        self.counts[key] = self.counts.get(key, 0) + weight * rows.shape[0]
 
     def get(self, kind: str, block: int) -> np.ndarray | None:
         """(n_in / B, B, B) float32, or None if llama.cpp never showed that input."""
@@ -266,6 +269,14 @@ class LlamaModel:
         self._inputs: list[MlpInputs | WriterInputs | InputMoments] = []  # listeners for writer inputs
         self._project: dict[str, tuple[np.ndarray, float]] = {}  # set_projections
         self._projected: set[str] = set()  # the nodes projected in the current decode
+        self._weight = 1  # how many prompts the rows now decoding stand for (a shared prefix: all of them)
+        # numpy's BLAS runs single-threaded inside a decode: its idle threads spin on the cores
+        # llama.cpp's threads compute on (the writer statistics' capture took 1.9x a plain pass
+        # with them, 1.3x without)
+        from threadpoolctl import ThreadpoolController  # with llama-cpp-python, in the llama extra
+
+        self._blas = ThreadpoolController()
+        self.forwarded = 0  # tokens decoded so far: what a stage of a job cost (runtime.stages)
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -455,9 +466,11 @@ class LlamaModel:
                         rows.append(k)
                     k += 1
             batch.n_tokens = total
+            self.forwarded += total
             self._rows = np.array(rows, np.int64)
             self._projected.clear()
-            rc = ll.llama_decode(self.ctx, batch)
+            with self._blas.limit(limits=1, user_api="blas"):  # numpy inside the callback: see __init__
+                rc = ll.llama_decode(self.ctx, batch)
             if rc != 0:
                 raise UserError(f"llama.cpp failed to decode a batch (code {rc})")
             missing = self._project.keys() - self._projected
@@ -523,7 +536,10 @@ class LlamaModel:
                 rows = self.ggml.read(t, self.ggml.width(t))
                 last = None
                 for listener in listeners:
-                    if getattr(listener, "last_token", False):
+                    if self._weight != 1:  # a shared prefix, in place of the prompts that share it
+                        if getattr(listener, "weighted", False):
+                            listener.add(name, rows, self._weight)
+                    elif getattr(listener, "last_token", False):
                         if last is None:  # the last block's MLP sees only the output rows already; others, every token
                             last = rows if rows.shape[0] == len(self._rows) else rows[self._rows]
                         listener.add(name, last)
@@ -551,18 +567,42 @@ class LlamaModel:
         self.ggml.write(t, x)
         return x
 
-    def residuals(self, prompts: Sequence[Prompt], progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
-        """(n_prompts, n_layer, n_embd): l_out-L at each prompt's last token, for every L."""
+    def residuals(self, prompts: Sequence[Prompt], progress: Callable[[int], None] = lambda n: None,
+                  share_prefix: bool = False) -> np.ndarray:
+        """(n_prompts, n_layer, n_embd): l_out-L at each prompt's last token, for every L.
+
+        With `share_prefix`, the tokens all prompts begin with are computed once, and listeners
+        that sum over tokens (`mlp_inputs`, `input_moments`) count them once per prompt, as if
+        every prompt had computed them (on Qwen2.5's prompts with their system turn, half the
+        tokens). llama.cpp's numbers depend on how tokens are batched, so the residuals differ
+        from unshared ones by as much as batching moves them."""
+        return self._residuals(prompts, progress, share_prefix, None)
+
+    def residuals_and_logprobs(self, prompts: Sequence[Prompt], progress: Callable[[int], None] = lambda n: None
+                               ) -> tuple[np.ndarray, np.ndarray]:
+        """`residuals` (prefix shared) and, from the same pass, `next_token_logprobs`."""
+        out = np.zeros((len(prompts), self.n_vocab), np.float32)
+        return self._residuals(prompts, progress, True, out), out
+
+    def _residuals(self, prompts: Sequence[Prompt], progress: Callable[[int], None], share_prefix: bool,
+                   logprobs: np.ndarray | None) -> np.ndarray:
         encoded = self.encode(prompts)
         out = np.zeros((len(prompts), self.n_layer, self.n_embd), np.float32)
-        for idx in self._batches(encoded):
+        if share_prefix and not all(getattr(x, "weighted", False) or getattr(x, "last_token", False)
+                                    for x in self._inputs):
+            raise ValueError("a listener that keeps rows cannot see a shared prefix once for many prompts")
+        prefix = self._shared_prefix(encoded, len(prompts)) if share_prefix else 0
+        for idx in self._batches(encoded, prefix):
             self._capture = {}
             try:
-                self._decode([encoded[i] for i in idx])
+                last = self._decode([encoded[i] for i in idx], prefix)
                 for layer, rows in self._capture.items():
                     out[idx, layer] = rows
             finally:
                 self._capture = None
+            if logprobs is not None:
+                for j, i in enumerate(idx):
+                    logprobs[i] = self._logprobs(last[j])
             progress(len(idx))
         return out
 
@@ -589,11 +629,16 @@ class LlamaModel:
             self._ablate = None
         return out
 
-    def _shared_prefix(self, encoded: list[list[int]]) -> int:
-        """Decode `common_prefix(encoded)` tokens as sequence 0; returns how many."""
+    def _shared_prefix(self, encoded: list[list[int]], weight: int = 1) -> int:
+        """Decode `common_prefix(encoded)` tokens as sequence 0, as `weight` prompts to weighted
+        listeners; returns how many."""
         n = common_prefix(encoded)
         if n > 0:
-            self._decode_prefix(encoded[0][:n])
+            self._weight = weight
+            try:
+                self._decode_prefix(encoded[0][:n])
+            finally:
+                self._weight = 1
         return n
 
     def forced_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[list[int]],
@@ -719,6 +764,8 @@ def _before(raw: str, answer: str) -> str:
 
 def common_prefix(encoded: list[list[int]]) -> int:
     """How many tokens every prompt starts with, keeping at least one of each prompt's own."""
+    if not encoded:
+        return 0
     n = min(len(t) for t in encoded) - 1
     first = encoded[0]
     for toks in encoded[1:]:

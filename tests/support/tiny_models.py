@@ -187,7 +187,7 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
         keys["rope.dimension_count"] = hd
     keys |= EXTRA_KEYS.get(a, lambda s: {})(spec)  # an architecture's own keys win
     for key, value in keys.items():
-        _add_key(w, f"{a}.{key}", value)
+        add_key(w, f"{a}.{key}", value)
     w.add_string("tokenizer.ggml.model", "llama")
     w.add_array("tokenizer.ggml.tokens", tokens)
     w.add_array("tokenizer.ggml.scores", scores)
@@ -260,7 +260,7 @@ def build_model(path: str | Path, spec: TinySpec | None = None) -> Path:
 
 
 
-def _add_key(w: GGUFWriter, key: str, value: object) -> None:
+def add_key(w: GGUFWriter, key: str, value: object) -> None:
     """One metadata value, typed as llama.cpp reads it (bool, uint32, float32, string, array)."""
     if isinstance(value, bool):
         w.add_bool(key, value)
