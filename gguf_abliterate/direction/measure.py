@@ -112,9 +112,6 @@ def difference_of_means(harmful: np.ndarray, harmless: np.ndarray) -> LayerStats
                         f"{', '.join(map(str, bad))} on these prompts: the model file is broken, or overflows")
     diff = mh - ml
     norm = np.linalg.norm(diff, axis=-1)
-    if not norm.any():
-        raise UserError("the two prompt sets give the same residual stream at every block: there is no direction "
-                        "between them (the same prompts twice, or a model whose last token does not read its prompt)")
     directions = (diff / np.where(norm > 0, norm, 1)[:, None]).astype(np.float32)
     ph = np.einsum("pld,ld->pl", harmful, directions)
     pl = np.einsum("pld,ld->pl", harmless, directions)

@@ -100,6 +100,9 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
         with stages.stage("residuals"):
             stats, mlp_means, stored, seen, (n_pos, n_neg, agreement) = _measure(
                 r, pack, meta, model, stats_path is not None, ui)
+        if not stats.diff_norm.any():
+            raise UserError("the two prompt sets give the same residual stream at every block: there is no direction "
+                            "between them (a model whose last token does not read its prompt?)")
         ui.say(f"direction from {n_pos} + {n_neg} prompts; split-half agreement {agreement:.3f} (the two halves of "
                f"the prompts give the same direction at 1; reading stops early at {CONVERGED})")
         scores = np.full(model.n_layer, np.nan, np.float32)
