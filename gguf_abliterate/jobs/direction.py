@@ -172,7 +172,8 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
     and, from the same passes, the writers' input statistics (for gptq rounding) and, for the
     report, what `explain` reads; and the direction's split-half agreement. llama.cpp's
     capture stops once that agreement says more prompts would not move the direction."""
-    d_pos, d_neg = (at_position(model, s, r.position or DEFAULT_POSITION, ui.bar) for s in pack.direction_sets())
+    texts = pack.direction_sets()
+    d_pos, d_neg = (at_position(model, s, r.position or DEFAULT_POSITION, ui.bar) for s in texts)
     if r.engine is Engine.TORCH:
         from gguf_abliterate.runtime.torch_pass import TorchModel
 
@@ -206,7 +207,7 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
     def positive_inputs(kind: str, block: int) -> np.ndarray | None:
         rows = inputs.get(kind, block)
         return None if rows is None else rows[positive_rows]
-    seen = (Captured(list(pack.direction_sets()[0][: len(pos)]), list(pack.direction_sets()[1][: len(neg)]),
+    seen = (Captured(texts[0][: len(pos)], texts[1][: len(neg)],
                      pos_a, neg_a, positive_inputs) if inputs else None)
     read = (len(pos), len(neg), split_half_agreement(pos_a, neg_a, candidates))
     return difference_of_means(pos_a, neg_a), mlp.means(), stored, seen, read
