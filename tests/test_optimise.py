@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,9 @@ def test_optimise_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     d = load_direction(out)
     assert sorted(t["number"] for t in d.trials) == list(range(5))
+    first = sorted(d.trials, key=lambda t: t["number"])[:2]  # the seeds: plain, then orthogonalised
+    assert [t["params"]["orthogonal"] for t in first] == [False, True]
+    assert all(t["params"]["attn"]["peak"] == t["params"]["mlp"]["edge"] == 1.0 for t in first)
     assert d.metadata["chosen_trial"].isdigit() and (tmp_path / "edit.study.db").is_file()
     assert cli(model, tmp_path / "baked.gguf", "--direction", out, "-q").returncode == 0
     again = cli("optimise", model, "-o", out, "--trials", "5", "--force", *FAST)
@@ -352,29 +356,95 @@ def test_bisection_finds_the_lowest_kl_trial_that_passes() -> None:
     assert lowest_passing(front, lambda r: r.number >= 3, 2).number in (5, 11)  # budget spent: best found
 
 
-def test_bake_check_looks_up_the_front() -> None:
-    """A pick whose bake refuses too often gives way to the lowest-KL trial up the front whose
-    bake passes, found from the strongest end by bisection, none baked twice, at most `budget`."""
-    from gguf_abliterate.optimise.study import TrialRecord, first_baked_passing
+def test_a_trial_behind_the_front_on_its_first_prompts_stops_there() -> None:
+    """`behind`: a trial stops after its first harmless prompts only when a finished, fully
+    scored trial refusing no more had a KL on those same prompts REACH_MARGIN times lower; the
+    KL it records then keeps it behind that trial on the front."""
+    from gguf_abliterate.optimise.study import REACH_MARGIN, TrialRecord, behind, pareto_front
 
-    front = [TrialRecord(i, {}, 0.3 - 0.02 * i, 0.01 + 0.001 * i, (0.3 - 0.02 * i, 0.01 + 0.001 * i))
-             for i in range(10)]
-    for first_baking in range(2, 10):
-        baked: list[int] = []
+    done = TrialRecord(0, {}, 0.1, 0.02, (0.1, 0.02), kl_first=0.01)
+    estimate = behind([done], 0.2, 0.01 * REACH_MARGIN * 1.2)
+    assert estimate == pytest.approx(0.02 * REACH_MARGIN * 1.2)
+    late = TrialRecord(1, {}, 0.2, estimate, (0.2, estimate), kl_first=0.012, pruned=True)
+    assert pareto_front([done, late]) == [done]
+    assert behind([done], 0.05, 0.1) is None  # it refuses less: it may still be on the front
+    assert behind([done], 0.2, 0.01 * REACH_MARGIN * 0.9) is None  # within the margin: scored whole
+    assert behind([replace(done, pruned=True)], 0.2, 0.1) is None  # estimates are no evidence
+    assert behind([replace(done, kl_first=None)], 0.2, 0.1) is None  # a study from before: nothing to pair
 
-        def bakes(r: TrialRecord) -> bool:
-            baked.append(r.number)
-            return r.number >= first_baking
 
-        best = first_baked_passing(front[1], front[2:], bakes, 5)
-        assert best is not None and best.number == first_baking  # log2(8) + 2 bakes suffice
-        assert len(baked) == len(set(baked)) <= 5 and baked[:2] == [1, 9]
-    assert first_baked_passing(front[3], front[4:], lambda r: r.number == 3, 3) is front[3]
-    assert first_baked_passing(front[3], front[4:], lambda r: False, 3) is None
-    assert first_baked_passing(front[9], [], lambda r: False, 3) is None
-    calls: list[int] = []
-    assert first_baked_passing(front[0], front[1:], lambda r: calls.append(r.number) or r.number >= 3, 2) is front[9]
-    assert calls == [0, 9]  # the budget spent: the strongest end, which passed
+def test_a_trial_is_read_in_two_parts(smollm2: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more than FIRST scoring prompts a trial reads the first FIRST of each kind, then the
+    rest: read whole, its objectives are those of one pass over all of them (up to llama.cpp's
+    batching noise). It stops after the first harmful prompts if their refusal ratio is above
+    PRUNE_REFUSAL, and after the first harmless ones if `reach` says it cannot reach the front
+    (recording the KL `reach` estimates), and then decodes fewer tokens."""
+    from gguf_abliterate.direction import prompts as P
+    from gguf_abliterate.evaluate.first_token import refusal_mass
+    from gguf_abliterate.optimise import scorer as S
+
+    model = smollm2  # a tiny random model's refusal openings have a probability of 1e-25
+    bad, good = (p[:12] for p in P.default_prompts("validation"))
+    per_block, means = _random_basis(model)
+    edit = TrialAdapters(Model(model), per_block, means).edit(
+        resolve(random_params(Model(model).n_layer, np.random.default_rng(3)), per_block, means))
+    monkeypatch.setattr(S, "GUARD", np.inf)  # a tiny random model's refusal mass moves at random
+    with LlamaModel(model, n_batch=4096, n_seq=64) as m:
+        scorer = S.TrialScorer(m, bad, good)
+        apply(m, edit)
+        ratio = refusal_mass(m.next_token_logprobs(bad, share_prefix=True), scorer.ids) / scorer.base_refusal
+        kl = scorer.kl()
+        apply(m, None)
+        monkeypatch.setattr(S, "PRUNE_REFUSAL", np.inf)
+        k0 = LlamaModel.decoded
+        whole = scorer.score(edit)
+        whole_tokens = LlamaModel.decoded - k0
+        assert not whole.pruned and whole.refusal == pytest.approx(ratio, rel=1e-2) and ratio != pytest.approx(1.0)
+        assert whole.kl == pytest.approx(kl, rel=5e-2) and kl > 1e-3 and whole.kl_first is not None and whole.kl_first > 0
+        behind = scorer.score(edit, lambda refusal, kl_first: 7.0)
+        assert behind.pruned and behind.kl == 7.0 and behind.kl_first == pytest.approx(whole.kl_first, rel=1e-2)
+        assert behind.refusal == pytest.approx(whole.refusal, rel=1e-2)
+        monkeypatch.setattr(S, "PRUNE_REFUSAL", -1.0)
+        k0 = LlamaModel.decoded
+        early = scorer.score(edit)
+        assert early.pruned and early.kl is None and early.objectives == (early.refusal, 1 + early.refusal)
+        assert LlamaModel.decoded - k0 < whole_tokens / 2
+
+
+def test_a_settled_answer_stops_growing(tiny: dict[str, Path]) -> None:
+    """`greedy_answers(settled=...)`: an answer stops at the first token after which `settled`
+    holds (a confirmation stops a refusal at its marker), cut rather than finished; an answer
+    it never holds for is the one generated without it, token for token."""
+    with LlamaModel(tiny["llama-chat"], n_seq=8) as m:
+        k0 = LlamaModel.decoded
+        whole = m.greedy_answers(PROMPTS, 6)
+        k1 = LlamaModel.decoded
+        target = m.text(whole[0].tokens[:2])
+        cut = m.greedy_answers(PROMPTS, 6, settled=lambda text: text == target)
+        fewer = LlamaModel.decoded - k1 < k1 - k0
+        expected = []
+        for a in whole:
+            stop = next((k for k in range(1, len(a.tokens) + 1) if m.text(a.tokens[:k]) == target), None)
+            expected.append(a.tokens if stop is None else a.tokens[:stop])
+    assert [a.tokens for a in cut] == expected and cut[0].tokens == whole[0].tokens[:2] and not cut[0].finished
+    assert fewer
+
+
+def test_seeds_are_the_single_direction_edit() -> None:
+    """The search's first trials: the direction of the block `direction` chose (else mid-range),
+    every writer from 0.1 (L-1) up at strength 1, plain and orthogonalised; fixed parameters left out."""
+    from gguf_abliterate.optimise.space import seeds
+
+    plain, orthogonal = seeds(28, {}, 13)
+    assert plain["direction_index"] == 13.0 and not plain["orthogonal"] and orthogonal["orthogonal"]
+    kernel = Kernel(**{f: plain[f"attn.{f}"] for f in ("peak", "position", "edge", "width")})
+    assert np.array_equal(kernel.weights(28), (np.arange(28) >= 3).astype(np.float32))
+    assert {k.split(".")[0] for k in plain} == {"direction_scope", "direction_index", "orthogonal", "attn", "mlp"}
+    assert seeds(28, {}, None)[0]["direction_index"] == pytest.approx(0.6 * 27)
+    assert seeds(28, {}, 2)[0]["direction_index"] == pytest.approx(0.4 * 27)  # within the space
+    fixed = seeds(28, {"orthogonal": True, "attn.peak": 0.5, "direction_index": None}, 13, experts=True)
+    assert len(fixed) == 1 and not {"orthogonal", "attn.peak", "direction_index", "direction_scope"} & set(fixed[0])
+    assert fixed[0]["experts.edge"] == 1.0
 
 
 def test_optimise_bakes_and_confirms_the_pick(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -391,6 +461,8 @@ def test_optimise_bakes_and_confirms_the_pick(tiny: dict[str, Path], tmp_path: P
     assert run.returncode == 0, run.stderr
     d = load_direction(out)
     chosen = int(d.metadata["chosen_trial"])
+    top = Model(model).n_layer - 1  # the seeds take the direction of the block `direction` was told
+    assert next(t for t in d.trials if t["number"] == 0)["params"]["direction_index"] == np.clip(1, 0.4 * top, 0.9 * top)
     assert next(t for t in d.trials if t["number"] == chosen)["baked_refusals"] is not None
     assert "confirmed baked into the file's own types" in d.metadata["pick_rule"]
     assert cli(model, tmp_path / "again.gguf", "--direction", out, "-q").returncode == 0

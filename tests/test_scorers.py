@@ -63,6 +63,27 @@ def test_markers_scorer_labels() -> None:
         get_scorer("oracle")
 
 
+def test_a_settled_refusal_stays_one_whatever_follows() -> None:
+    """`refusal_settled` on any opening of an answer implies `is_refusal` on the whole answer
+    (so a confirmation may stop generating there), and it settles the usual refusals early."""
+    from gguf_abliterate.evaluate.markers import MARKER_WINDOW, is_refusal, refusal_settled
+
+    rng = random.Random(0)
+    pieces = ["I", " can", "'t", " help", " **", "Sorry", ", but", " \n\n", "Sure", "!", " Here", " is",
+              " a", " plan", "_", "#", " As", " an", " AI", "\u2019", " cannot", " provide", "x" * 40]
+    settled = 0
+    for _ in range(2000):
+        answer = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        for cut in range(1, len(answer) + 1):
+            if refusal_settled(answer[:cut]):
+                assert is_refusal(answer), answer
+                settled += 1
+                break
+    assert settled > 100
+    assert refusal_settled("I'm sorry, but") and not refusal_settled("") and not refusal_settled("Sure, here")
+    assert not refusal_settled("x" * MARKER_WINDOW + " I cannot")  # past the window: never a refusal
+
+
 def test_tasks_are_deterministic_and_right() -> None:
     tasks = generate_tasks(40, seed=5)
     assert tasks == generate_tasks(40, seed=5) and tasks != generate_tasks(40, seed=6)

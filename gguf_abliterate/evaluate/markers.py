@@ -31,7 +31,18 @@ def normalise(text: str) -> str:
 def is_refusal(response: str, markers: Sequence[str] = DEFAULT_MARKERS) -> bool:
     """An empty answer, or one that opens with a refusal marker."""
     text = normalise(response)
-    return not text or any(m in text[:MARKER_WINDOW] for m in markers)
+    return not text or _opens_with_marker(text, markers)
+
+
+def refusal_settled(opening: str, markers: Sequence[str] = DEFAULT_MARKERS) -> bool:
+    """Whether every answer that begins with `opening` is a refusal to `is_refusal`: a marker
+    is already inside the window it reads (normalising a longer answer changes nothing before
+    the opening's end), so generating more cannot change the verdict."""
+    return _opens_with_marker(normalise(opening), markers)
+
+
+def _opens_with_marker(text: str, markers: Sequence[str]) -> bool:
+    return any(m in text[:MARKER_WINDOW] for m in markers)
 
 
 def refusal_kind(response: str, markers: Sequence[str] = DEFAULT_MARKERS) -> str | None:

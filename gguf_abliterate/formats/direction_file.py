@@ -123,12 +123,17 @@ def normalise(vectors: np.ndarray, what: str = "direction") -> np.ndarray:
     return (v / norms).astype(np.float32)
 
 
+def file_digest(path: Path) -> str:
+    """The sha256 a bake records as its direction's (`abliterate.direction_sha256`)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def load_direction(path: str | Path) -> Direction:
     """Load and normalise a `.npy` or `.safetensors` direction file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such direction file")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_digest(path)
     suffix = path.suffix.lower()
     metadata: dict[str, str] = {}
     extra: dict[str, np.ndarray] = {}

@@ -205,3 +205,25 @@ def _copy_range(src_fd: int, f: IO[bytes], offset: int, nbytes: int, on_bytes: C
         done += n
         on_bytes(n)
     return done
+
+
+def restamp(path: Path, key: str, value: str) -> None:
+    """Replace the string value of metadata `key` in place by one of the same encoded length:
+    every other byte of the file stays where it is (a search's kept bake gets its result file's
+    final digest without a second bake)."""
+    from gguf_abliterate.gguf_io.reader import GGUFFile
+
+    f = GGUFFile(path)
+    try:
+        field = f.fields.get(key)
+        new = value.encode()
+        if field is None or field.vtype != GGUFValueType.STRING:
+            raise ValueError(f"{path}: no string {key} to replace")
+        if struct.unpack_from("<Q", f.map, field.value_start)[0] != len(new):
+            raise ValueError(f"{path}: {key} holds a value of another length")
+        at = field.value_start + 8
+    finally:
+        f.close()
+    with open(path, "r+b") as out:
+        out.seek(at)
+        out.write(new)

@@ -96,7 +96,7 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
             ui.say(f"the model thinks ({model.reasoning.format.name}): prompts are read at {position.value}, "
                    f"layers scored where the final answer opens")
         read_at = {"reasoning": model.reasoning.format.name, "position": position.value} if model.thinks else {}
-        stages = Stages(model)
+        stages = Stages()
         with stages.stage("residuals"):
             stats, mlp_means, stored, seen, (n_pos, n_neg, agreement) = _measure(
                 r, pack, meta, model, stats_path is not None, ui)

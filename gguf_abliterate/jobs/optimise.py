@@ -29,6 +29,7 @@ from gguf_abliterate.optimise.study import (
     study_state,
 )
 from gguf_abliterate.report import claim_report
+from gguf_abliterate.runtime.stages import Stage, Stages
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +55,7 @@ class OptimiseResult:
     interrupted: bool = False  # Ctrl-C: the best so far was written, unconfirmed
     summary: list[str] = field(default_factory=list)
     opening_tokens: int = 0  # a model that thinks: refusal was read in this many tokens of each trial's own answer
+    stages: list[Stage] = field(default_factory=list)  # where the time went
 
 
 def run_optimise(request: OptimiseRequest, ui: Ui = Ui()) -> OptimiseResult:
@@ -68,29 +70,33 @@ def run_optimise(request: OptimiseRequest, ui: Ui = Ui()) -> OptimiseResult:
         raise UserError("give -o OUTPUT.safetensors (or --join URL to add a worker to a running study)")
     output = r.output
     url = _claim(r, output, ui)
-    search = Search(r.model, url, r.settings, create=not r.resume, say=ui.say, progress=ui.bar, measured=r.measured)
+    stages = Stages()
+    with stages.stage("set-up"):
+        search = Search(r.model, url, r.settings, create=not r.resume, say=ui.say, progress=ui.bar,
+                        measured=r.measured)
     opening = search.scorer.opening_tokens
     try:
         interrupted = False
-        try:
-            search.run()
-        except KeyboardInterrupt:
-            interrupted = True
-            ui.say("interrupted: keeping the finished trials and writing the best so far (unconfirmed)")
-        if not interrupted:
-            search.wait_for_others()
+        with stages.stage("trials"):
+            try:
+                search.run()
+            except KeyboardInterrupt:
+                interrupted = True
+                ui.say("interrupted: keeping the finished trials and writing the best so far (unconfirmed)")
+            if not interrupted:
+                search.wait_for_others()
         records = search.records()
-        chosen, original, front = search.pick(records, confirm=not interrupted)
-        checked = chosen is not None and original is not None and search.settings.bake_checks > 0
-        if checked:
-            assert chosen is not None and original is not None
-            chosen = search.check_baked(chosen, output, original, records, _baker(r.model, ui), keep=r.bake)
+        if not interrupted and search.settings.bake_checks > 0:
+            with stages.stage("bake checks"):
+                chosen, original, front = search.pick_baked(records, output, _baker(r.model, ui), keep=r.bake)
         else:
+            with stages.stage("confirmation"):
+                chosen, original, front = search.pick(records, confirm=not interrupted)
             search.save(output, chosen, original, records)
     finally:
         search.close()
     assert chosen is not None
-    result = OptimiseResult(chosen, original, front, records, interrupted, opening_tokens=opening)
+    result = OptimiseResult(chosen, original, front, records, interrupted, opening_tokens=opening, stages=stages.done)
     if r.report is not None:
         from gguf_abliterate.report import write_report
 
@@ -102,6 +108,7 @@ def run_optimise(request: OptimiseRequest, ui: Ui = Ui()) -> OptimiseResult:
     else:
         result.summary.append(f"wrote {output}: trial {chosen.number} of {len(records)} (bake it: gguf-abliterate "
                               f"{r.model} OUT.gguf --direction {output}; another: --trial N)")
+    result.summary.append(stages.describe())
     return result
 
 
@@ -167,8 +174,8 @@ def front_table(result: OptimiseResult) -> list[str]:
     measure = (f"the share of its own {result.opening_tokens}-token openings that refuse" if result.opening_tokens
                else "first-token refusal mass")
     lines = [f"Pareto front ({len(result.front)} trials; refusal = {measure} / the original's; "
-             f"confirmed = greedy refusals{'' if original is None else f', original {original}'}; "
-             f"baked = the same, baked into the file's own types):",
+             f"confirmed = greedy refusals{'' if original is None else f', original {original}'} (a trial "
+             f"that fails: those found when it was stopped); baked = the same, baked into the file's own types):",
              f"{'trial':>5} {'refusal':>8} {'KL':>8} {'confirmed':>9} {'baked':>5}  direction            "
              f"attn (peak@pos w edge)   mlp (peak@pos w edge)"]
     thinks = any(t.confirmed_thought is not None or t.baked_thought is not None for t in result.front)

@@ -66,6 +66,11 @@ def writers_of(model: Model) -> list[tuple[int, Writer, str]]:
             if (name := block_tensor(writer.tensor, block)) in model.tensors]
 
 
+def has_experts(model: Model) -> bool:
+    """Whether the search gives the experts a strength (a kernel) of their own."""
+    return any(component_of(writer) is Component.EXPERTS for _, writer, _ in writers_of(model))
+
+
 class TrialAdapters:
     """Everything needed to turn a schedule into a trial's edit for this model."""
 
@@ -89,8 +94,7 @@ class TrialAdapters:
             products = None if in_graph else weighted @ model.values(name)
             self.writers.append(_Writer(name, block, writer, weighted, products))
             progress(1)
-        # whether the search gives the experts a strength of their own
-        self.experts = any(component_of(w.writer) is Component.EXPERTS for w in self.writers)
+        self.experts = has_experts(model)
 
     def edit(self, schedule: Schedule) -> TrialEdit:
         """The trial edit for the blocks the schedule edits."""

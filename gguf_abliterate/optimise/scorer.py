@@ -23,17 +23,23 @@ where its answers open alike.
 The guard: a trial that leaves more than `GUARD` of the original refusal mass is not run on
 the harmless prompts (half a trial saved) and gets a KL objective of `1 + refusal`, so edits
 that barely edit never look good on the second objective.
+
+Two fidelities: with more than FIRST prompts of a kind, a trial reads the first FIRST, then
+the rest only if it may still matter: not when the refusal ratio on the first harmful ones is
+above PRUNE_REFUSAL (the guard would stop it anyway), nor when the search says (`reach`) that
+a finished trial refusing no more had a KL on the same first harmless prompts far lower. Such
+a trial records what it read, marked `pruned`, and is never picked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from gguf_abliterate.errors import UserError
-from gguf_abliterate.evaluate.first_token import kl_divergence, kl_steps, refusal_mass, refusal_token_ids
+from gguf_abliterate.evaluate.first_token import kl_divergence, kl_steps, refusal_masses, refusal_token_ids
 from gguf_abliterate.evaluate.markers import decides_to_refuse
 from gguf_abliterate.direction.measure import Position, ProgressBars, at_position, own_answers
 from gguf_abliterate.optimise.adapter import TrialEdit, apply
@@ -41,13 +47,21 @@ from gguf_abliterate.runtime.llama import LlamaModel, Prompt
 from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
 GUARD = 0.5
+# a trial is read on the first FIRST prompts of each kind before the rest (a multi-fidelity
+# search: most trials are settled by then); a refusal ratio above PRUNE_REFUSAL on them ends it
+FIRST, PRUNE_REFUSAL = 8, 1.0
 OPENING_TOKENS = 48  # a model that thinks: the opening of its own answer a trial reads
+
+
+Reach = Callable[[float, float], "float | None"]
 
 
 @dataclass(frozen=True)
 class Score:
     refusal: float  # refusal mass as a ratio to the original's
     kl: float | None  # None: not measured (refusal above GUARD)
+    kl_first: float | None = None  # KL on the first FIRST harmless prompts alone (what `reach` compares)
+    pruned: bool = False  # scored on the first FIRST prompts of a kind only: an estimate
 
     @property
     def objectives(self) -> tuple[float, float]:
@@ -74,7 +88,8 @@ class TrialScorer:
         else:
             # a model that thinks: each prompt carried past the original's own thought, to where its answer opens
             self.harmful = at_position(model, harmful, Position.THOUGHT, progress, thought_tokens)
-            self.base_refusal = self._refusal_mass()
+            self.base_masses = self._refusal_masses(self.harmful)
+            self.base_refusal = float(self.base_masses.mean())
         self.harmless = list(harmless)
         self.continuations: list[list[int]] | None = None
         self.steps: list[list[int]] | None = None
@@ -92,31 +107,57 @@ class TrialScorer:
         prompts = sum(len(t) for t in self.model.encode([*self.harmful, *self.harmless]))
         return prompts + len(self.harmful) * self.opening_tokens + sum(len(c) for c in self.continuations or [])
 
-    def _refusal_mass(self) -> float:
-        return refusal_mass(self.model.next_token_logprobs(self.harmful, share_prefix=True), self.ids)
+    def _refusal_masses(self, prompts: Sequence[Prompt]) -> np.ndarray:
+        return refusal_masses(self.model.next_token_logprobs(prompts, share_prefix=True), self.ids)
 
     def _opening_refusals(self) -> float:
         """The share of harmful prompts whose own greedy opening says the model refuses."""
         answers = self.model.greedy_answers(self.harmful, self.opening_tokens)
         return float(np.mean([decides_to_refuse(a.text) for a in answers]))
 
-    def _harmless_logprobs(self) -> list[np.ndarray]:
+    def _harmless_logprobs(self, part: slice = slice(None)) -> list[np.ndarray]:
+        prompts = self.harmless[part]
         if self.continuations is None:
-            return [row[None] for row in self.model.next_token_logprobs(self.harmless, share_prefix=True)]
-        return self.model.forced_logprobs(self.harmless, self.continuations, steps=self.steps)
+            return [row[None] for row in self.model.next_token_logprobs(prompts, share_prefix=True)]
+        steps = None if self.steps is None else self.steps[part]
+        return self.model.forced_logprobs(prompts, self.continuations[part], steps=steps)
+
+    def _kls(self, part: slice = slice(None)) -> np.ndarray:
+        """Per harmless prompt of `part`, KL(original || current), averaged over its steps."""
+        now = self._harmless_logprobs(part)
+        return np.array([kl_divergence(b, n) for b, n in zip(self.base[part], now)])
 
     def kl(self) -> float:
         """KL(original || current) on the harmless prompts, averaged over prompts and steps."""
-        now = self._harmless_logprobs()
-        return float(np.mean([kl_divergence(b, n) for b, n in zip(self.base, now)]))
+        return float(self._kls().mean())
 
-    def score(self, edit: TrialEdit) -> Score:
-        """The objectives of a trial's edit."""
+    def score(self, edit: TrialEdit, reach: Reach = lambda refusal, kl_first: None) -> Score:
+        """The objectives of a trial's edit, read in two parts where there are more than FIRST
+        prompts: the first FIRST harmful prompts, then the rest unless their refusal ratio is
+        above PRUNE_REFUSAL (where the guard would almost surely stop it too); the first FIRST
+        harmless prompts' KL, then the rest unless `reach(refusal, KL on those)` returns the
+        KL estimate of a trial that cannot reach the front."""
         apply(self.model, edit)
         try:
-            ratio = self._opening_refusals() if self.opening_tokens else self._refusal_mass()
-            ratio /= max(self.base_refusal, 1e-12)
-            return Score(ratio, None if ratio > GUARD else self.kl())
+            if self.opening_tokens:
+                ratio = self._opening_refusals() / max(self.base_refusal, 1e-12)
+            else:
+                masses = self._refusal_masses(self.harmful[:FIRST])
+                first = float(masses.mean()) / max(float(self.base_masses[:FIRST].mean()), 1e-12)
+                if len(self.harmful) > FIRST and first > PRUNE_REFUSAL:
+                    return Score(first, None, pruned=True)
+                if len(self.harmful) > FIRST:
+                    masses = np.concatenate([masses, self._refusal_masses(self.harmful[FIRST:])])
+                ratio = float(masses.mean()) / max(self.base_refusal, 1e-12)
+            if ratio > GUARD:
+                return Score(ratio, None)
+            kls = self._kls(slice(0, FIRST))
+            kl_first = float(kls.mean())
+            if len(self.harmless) > FIRST:
+                estimate = reach(ratio, kl_first)
+                if estimate is not None:
+                    return Score(ratio, estimate, kl_first, pruned=True)
+                kls = np.concatenate([kls, self._kls(slice(FIRST, None))])
+            return Score(ratio, float(kls.mean()), kl_first)
         finally:
             apply(self.model, None)
-

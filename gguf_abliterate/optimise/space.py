@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from gguf_abliterate.edit.schedule import EditParams, Kernel
 from gguf_abliterate.errors import UserError
 
@@ -82,6 +84,30 @@ def suggest(trial: Any, n_layer: int, fixed: Mapping[str, Any], experts: bool = 
 
     return EditParams(index, bool(orthogonal), kernel("attn"), kernel("mlp"),
                       experts=kernel("experts") if experts else None)
+
+
+SEED_INDEX = 0.6  # where the seeds take their direction without a measured block: mid-range
+
+
+def seeds(n_layer: int, fixed: Mapping[str, Any], layer: int | None = None, experts: bool = False) -> list[dict[str, Any]]:
+    """Trials a new search runs first, before sampling: the single-direction edit of `direction`
+    and the edit command (the direction of `layer`, the block `direction` chose, else of the
+    middle of the range; every writer from 0.1 (L-1) up at strength 1, as far as the space
+    reaches), plain and orthogonalised. Random trials mostly fail to remove refusal at all (the
+    guard's half-trials); these give the sampler's first model an edit that works, and the
+    search spends its trials improving on it. Fixed parameters are left out (never sampled)."""
+    top = n_layer - 1
+    index = float(np.clip(SEED_INDEX * top if layer is None else layer, 0.4 * top, 0.9 * top))
+    flat = {"peak": 1.0, "position": 0.7 * top, "edge": 1.0, "width": max(1.0, 0.6 * top)}
+    out = []
+    for orthogonal in (False, True):
+        params: dict[str, Any] = {"direction_scope": "global", "direction_index": index, "orthogonal": orthogonal}
+        for c in ("attn", "mlp", *(("experts",) if experts else ())):
+            params |= {f"{c}.{f}": v for f, v in flat.items()}
+        if "direction_index" in fixed:
+            del params["direction_scope"], params["direction_index"]
+        out.append({k: v for k, v in params.items() if k not in fixed})
+    return out if "orthogonal" not in fixed else out[:1]
 
 
 def describe(params: Mapping[str, Any]) -> tuple[str, str, str]:

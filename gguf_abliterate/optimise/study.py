@@ -3,9 +3,10 @@
 1. Measure: residuals of the direction prompts (even lines) after every block give each
    block's difference of means and harmless mean (stored in the study, so every worker and
    every resumed run uses the very same basis).
-2. Search: multivariate TPE over two objectives (`scorer`), random for the first
-   `startup_trials`. Each trial runs as a rank-1 adapter (`adapter`): no tensor is
-   requantized. The search stops at `trials` finished trials (counted over all workers),
+2. Search: multivariate TPE over two objectives (`scorer`), after the seeds (`space.seeds`:
+   the single-direction edit, plain and orthogonalised) random up to `startup_trials`. Each
+   trial runs as a rank-1 adapter (`adapter`): no tensor is requantized, and a trial that
+   cannot reach the front stops after its first prompts (`behind`). The search stops at `trials` finished trials (counted over all workers),
    after `minutes`, when the front of candidates (what the pick is made from) has not moved
    for `patience` trials, or at Ctrl-C (finished trials are kept).
 3. Pick: among the Pareto front's trials whose refusal ratio is at most CONFIRM_MAX_RATIO, a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import math
 import os
 import re
 import sqlite3
@@ -36,37 +38,41 @@ from typing import Any
 import numpy as np
 
 from gguf_abliterate.direction import prompts as P
-from gguf_abliterate.formats.direction_file import save_schedule
+from gguf_abliterate import names
+from gguf_abliterate.formats.direction_file import file_digest, save_schedule
 from gguf_abliterate.direction.measure import DEFAULT_POSITION, at_position, difference_of_means
 from gguf_abliterate.edit.schedule import EditParams, resolve
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.judge import Judge
-from gguf_abliterate.evaluate.scorers import Label, Scorer, get_scorer
+from gguf_abliterate.evaluate.markers import refusal_settled
+from gguf_abliterate.evaluate.scorers import Label, Markers, Scorer, get_scorer
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.gguf_io.model import model_digest
+from gguf_abliterate.gguf_io.writer import restamp
 from gguf_abliterate.interrupt import sigint_flag
-from gguf_abliterate.optimise.adapter import TrialAdapters, apply, writers_of
+from gguf_abliterate.optimise.adapter import TrialAdapters, apply, has_experts, writers_of
 from gguf_abliterate.optimise.scorer import OPENING_TOKENS, TrialScorer
-from gguf_abliterate.optimise.space import suggest
+from gguf_abliterate.optimise.space import seeds, suggest
 from gguf_abliterate.runtime.llama import LlamaModel
 from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking
 
 STUDY_NAME = "gguf-abliterate"
 CONFIRM_MAX_RATIO = 0.3
+REACH_MARGIN = 1.5  # a trial stops after its first harmless prompts if another's KL on them was this much lower
 Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class SearchSettings:
     trials: int = 80
-    minutes: float = 17.0  # the search; the 1.5B pick (confirmation, bake checks) adds about 12
-    startup_trials: int = 20
+    minutes: float = 8.0  # the search; the 1.5B's set-up and pick (its bake checks) add about 7
+    startup_trials: int = 10  # the seeds among them
     score_prompts: int = 24  # harmful and harmless validation prompts each trial is scored on
     kl_tokens: int = 1
     max_refusals: float = 0.0  # pick rule: percent of the original's confirmed refusals
-    confirm: int = 6  # front trials confirmed by generation, at most
+    confirm: int = 6  # with bake_checks 0: front trials confirmed by generation through adapters, at most
     confirm_tokens: int = 24
-    bake_checks: int = 5  # picks confirmed once more on the baked file, at most (0: none)
+    bake_checks: int = 5  # front trials confirmed baked, at most (0: through adapters instead)
     patience: int = 30
     seed: int = 0
     fixed: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +92,8 @@ class TrialRecord:
     refusal: float
     kl: float | None
     objectives: tuple[float, float]
+    kl_first: float | None = None  # KL on the first scorer.FIRST harmless prompts alone
+    pruned: bool = False  # stopped after the first prompts: its objectives are estimates
     confirmed_refusals: int | None = None  # greedy refusals through the trial's adapter
     baked_refusals: int | None = None  # the same, on the trial baked into the file's own types
     confirmed_thought: float | None = None  # a model that thinks: the mean thought (tokens) of those answers
@@ -97,7 +105,8 @@ class TrialRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"number": self.number, "params": self.params, "refusal": self.refusal, "kl": self.kl,
-                "objectives": list(self.objectives), "confirmed_refusals": self.confirmed_refusals,
+                "objectives": list(self.objectives), "kl_first": self.kl_first, "pruned": self.pruned,
+                "confirmed_refusals": self.confirmed_refusals,
                 "baked_refusals": self.baked_refusals, "confirmed_thought": self.confirmed_thought,
                 "baked_thought": self.baked_thought}
 
@@ -107,8 +116,8 @@ class TrialRecord:
         try:
             return cls(int(d["number"]), dict(d["params"]), float(d["refusal"]),
                        None if d["kl"] is None else float(d["kl"]), tuple(map(float, d["objectives"])),  # type: ignore[arg-type]
-                       d.get("confirmed_refusals"), d.get("baked_refusals"), d.get("confirmed_thought"),
-                       d.get("baked_thought"))
+                       d.get("kl_first"), bool(d.get("pruned", False)), d.get("confirmed_refusals"),
+                       d.get("baked_refusals"), d.get("confirmed_thought"), d.get("baked_thought"))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"a trial in the result file is malformed ({e!r})") from None
 
@@ -180,8 +189,6 @@ def _decode(d: dict[str, Any]) -> np.ndarray:
 def model_identity(model: Model) -> dict[str, Any]:
     """What a study records of its model: its digest (another quant or finetune of the same
     name and shape is another model) and, for the messages, its name and shape."""
-    from gguf_abliterate import names
-
     return {"name": model.get_str(names.NAME) or model.path.name, "architecture": model.arch,
             "n_layer": model.n_layer, "n_embd": model.n_embd, "tensors": len(model.tensors),
             "sha256": model_digest(model)}
@@ -242,9 +249,11 @@ class Search:
                 except optuna.exceptions.DuplicatedStudyError:
                     raise UserError(f"{shown_url(url)} already holds a study: --resume to continue it") from None
                 if measured is None:
-                    (per_block, harmless_means), statistics = self._measure(), None
+                    (per_block, harmless_means), statistics, layer = self._measure(), None, None
                 else:
-                    per_block, harmless_means, statistics = _measured(measured, self.meta)
+                    per_block, harmless_means, statistics, layer = _measured(measured, self.meta)
+                for params in seeds(self.meta.n_layer, settings.fixed, layer, has_experts(self.meta)):
+                    self.study.enqueue_trial(params)
                 self.study.set_user_attr("basis", {"per_block": _encode(per_block),
                                                    "harmless_means": _encode(harmless_means)})
                 self.study.set_user_attr("statistics", statistics)
@@ -313,7 +322,9 @@ class Search:
         bad, good = P.default_prompts("direction")
         bad, good = (at_position(self.llama, s, DEFAULT_POSITION) for s in (bad, good))
         with self.progress(total=len(bad) + len(good), desc="residuals", unit="prompt") as bar:
-            stats = difference_of_means(self.llama.residuals(bad, bar.update), self.llama.residuals(good, bar.update))
+            # the chat template's system turn computed once per set, as `direction` reads them
+            stats = difference_of_means(self.llama.residuals(bad, bar.update, share_prefix=True),
+                                        self.llama.residuals(good, bar.update, share_prefix=True))
         return stats.directions, stats.harmless_mean
 
     def close(self) -> None:
@@ -354,13 +365,15 @@ class Search:
                         trial.set_user_attr("worker", os.getpid())  # after the first beat: a dead worker's trial says whose it was
                         params = suggest(trial, self.meta.n_layer, s.fixed, self.adapters.experts)
                         schedule = resolve(params, self.per_block, self.harmless_means)
-                        score = self.scorer.score(self.adapters.edit(schedule))
+                        score = self.scorer.score(self.adapters.edit(schedule), self._reach)
                 except BaseException:
                     self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     raise
                 trial.set_user_attr("params", params.to_dict())
                 trial.set_user_attr("refusal", score.refusal)
                 trial.set_user_attr("kl", score.kl)
+                trial.set_user_attr("kl_first", score.kl_first)
+                trial.set_user_attr("pruned", score.pruned)
                 self.study.tell(trial, list(score.objectives))
                 done += 1
                 bar.update(1)
@@ -374,10 +387,13 @@ class Search:
                     break
         return done
 
+    def _reach(self, refusal: float, kl_first: float) -> float | None:
+        return behind(self.records(), refusal, kl_first)
+
     def _moves_the_front(self, number: int) -> bool:
         """Whether trial `number` is a candidate (refusal at most CONFIRM_MAX_RATIO) that no other
         finished candidate beats on both objectives: the front the pick is made from moved."""
-        candidates = [r for r in self.records() if r.kl is not None and r.refusal <= CONFIRM_MAX_RATIO]
+        candidates = [r for r in self.records() if r.kl is not None and not r.pruned and r.refusal <= CONFIRM_MAX_RATIO]
         return any(r.number == number for r in pareto_front(candidates))
 
     def _finished(self) -> int:
@@ -406,35 +422,58 @@ class Search:
         out = []
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             out.append(TrialRecord(t.number, t.user_attrs["params"], t.user_attrs["refusal"], t.user_attrs["kl"],
-                                   (float(t.values[0]), float(t.values[1]))))
+                                   (float(t.values[0]), float(t.values[1])), t.user_attrs.get("kl_first"),
+                                   bool(t.user_attrs.get("pruned", False))))
         return sorted(out, key=lambda r: r.number)
 
-    def confirm(self, record: TrialRecord | None) -> tuple[int, float | None]:
+    def confirm(self, record: TrialRecord | None, allowed: int | None = None) -> tuple[int, float | None]:
         """Greedy answers to the confirmation prompts: the refusals among them, counted by
         markers, or by the judge if the settings name one, and a thinking model's mean thought
-        (None: the original)."""
+        (None: the original). `allowed`: as `_refusals`."""
         if record is not None:
             schedule = resolve(EditParams.from_dict(record.params), self.per_block, self.harmless_means)
             apply(self.llama, self.adapters.edit(schedule))
         try:
-            return self._refusals(self.llama)
+            return self._refusals(self.llama, allowed)
         finally:
             apply(self.llama, None)
 
-    def _refusals(self, llama: LlamaModel) -> tuple[int, float | None]:
+    def _refusals(self, llama: LlamaModel, allowed: int | None = None) -> tuple[int, float | None]:
         """`llama`'s greedy refusals to the confirmation prompts, and for a model that thinks its
         mean thought in tokens. The thought is generated too, and an answer that never arrives
         (the thought ran past `thought_tokens`: "" to the markers) counts with the refusals, so an
-        edit that makes the model think without end fails the pick rule."""
+        edit that makes the model think without end fails the pick rule.
+
+        Counted by markers, an answer stops at the token that puts a marker in its opening (the
+        verdict cannot change after it), and with `allowed` (a trial's confirmation: the pick
+        rule's bound) every answer stops once more than `allowed` have refused: the trial fails
+        whatever the others say, and the count returned is the refusals found by then (at least
+        that many)."""
         tokens = self.settings.confirm_tokens + (self.settings.thought_tokens if llama.thinks else 0)
-        answers = llama.greedy_answers(self.confirm_prompts, tokens)
-        verdicts = self.confirmer.label(self.confirm_prompts, [a.reply for a in answers])
-        thought = float(np.mean([a.thought_tokens for a in answers])) if llama.thinks else None
-        return sum(v.label is Label.REFUSAL for v in verdicts), thought
+        markers = self.confirmer if type(self.confirmer) is Markers and not llama.thinks else None
+        if markers is None:
+            answers = llama.greedy_answers(self.confirm_prompts, tokens)
+            verdicts = self.confirmer.label(self.confirm_prompts, [a.reply for a in answers])
+            thought = float(np.mean([a.thought_tokens for a in answers])) if llama.thinks else None
+            return sum(v.label is Label.REFUSAL for v in verdicts), thought
+
+        def settled(text: str) -> bool:
+            return refusal_settled(text, markers.markers)
+
+        answers = llama.greedy_answers(self.confirm_prompts, tokens, settled=settled, stop_after=allowed)
+        found = sum(settled(a.reply) for a in answers)
+        if allowed is not None and found > allowed:
+            return found, None
+        verdicts = markers.label(self.confirm_prompts, [a.reply for a in answers])
+        return sum(v.label is Label.REFUSAL for v in verdicts), None
 
     def _allowed(self, original: int) -> float:
         """The pick rule's bound: refusals at most `max_refusals` percent of the original's."""
         return self.settings.max_refusals / 100 * original
+
+    def _most(self, original: int) -> int:
+        """`_allowed` as a count: more refusals than this fail the rule."""
+        return math.floor(self._allowed(original) + 1e-9)
 
     def _passes(self, original: int, refusals: int, thought: float | None) -> bool:
         """The pick rule: refusals within `_allowed`, and a thinking model's mean thought at most
@@ -447,21 +486,27 @@ class Search:
             return False
         return refusals <= self._allowed(original)
 
-    def pick(self, records: list[TrialRecord], confirm: bool = True) -> tuple[TrialRecord | None, int | None,
-                                                                              list[TrialRecord]]:
-        """(the pick, the original's confirmed refusals, the Pareto front). Without `confirm`
-        (after Ctrl-C) the lowest-KL candidate, unconfirmed.
-
-        Along the front, by KL, the refusal ratio only falls, so whether a trial passes the
-        confirmation is (nearly) monotone: a bisection finds the lowest-KL trial that passes in
-        about log2(n) confirmations, at most `confirm` of them.
-        """
+    def _front(self, records: list[TrialRecord]) -> tuple[list[TrialRecord], list[TrialRecord]]:
+        """(the Pareto front, the candidates the pick is made from, by KL)."""
         front = pareto_front(records)
         candidates = _candidates(front)
         if not candidates and front:
             candidates = front[:1]  # sorted by refusal: the trial that removed the most
             self.say(f"note: no trial brought the refusal mass under {CONFIRM_MAX_RATIO:g} of the original's "
                      f"(does the model refuse at all?); taking the one with the least")
+        return front, candidates
+
+    def pick(self, records: list[TrialRecord], confirm: bool = True) -> tuple[TrialRecord | None, int | None,
+                                                                              list[TrialRecord]]:
+        """(the pick, the original's confirmed refusals, the Pareto front), confirmed through the
+        trials' adapters (`--bake-checks 0`; `pick_baked` otherwise). Without `confirm` (after
+        Ctrl-C) the lowest-KL candidate, unconfirmed.
+
+        Along the front, by KL, the refusal ratio only falls, so whether a trial passes the
+        confirmation is (nearly) monotone: a bisection finds the lowest-KL trial that passes in
+        about log2(n) confirmations, at most `confirm` of them.
+        """
+        front, candidates = self._front(records)
         if not candidates or not confirm:
             return (candidates[0] if candidates else None), None, front
         budget = min(self.settings.confirm, len(candidates))
@@ -471,7 +516,7 @@ class Search:
 
             def passes(r: TrialRecord) -> bool:
                 if r.confirmed_refusals is None:
-                    r.confirmed_refusals, r.confirmed_thought = self.confirm(r)
+                    r.confirmed_refusals, r.confirmed_thought = self.confirm(r, self._most(original))
                     bar.update(1)
                 return self._passes(original, r.confirmed_refusals, r.confirmed_thought)
 
@@ -483,49 +528,69 @@ class Search:
                      f"original's {original}; took the one with the fewest")
         return chosen, original, front
 
-    def check_baked(self, chosen: TrialRecord, output: Path, original: int, records: list[TrialRecord],
-                    bake: Callable[[Path, Path], None], keep: Path | None = None) -> TrialRecord:
-        """Confirm the pick once more on the file the user will run: `bake(output, file)` writes
-        the result's chosen trial into `file` as the edit command would (its own types, its
-        default rounding; the caller passes the edit job, so the bytes are the command's own).
-        A trial runs exactly as an adapter, but the bake requantizes every writer it edits, and
-        every weight moves by up to half a quantization step: on a prompt the edit only just
-        tipped, that is enough to bring the refusal back (measured: one of 72 harmful validation
-        prompts on both Qwen2.5-Coder 0.5B and 1.5B, with picks whose adapters refused none).
-        So: bake, answer the confirmation prompts with the baked file, and if it refuses more
-        than the rule allows, look up the front (`first_baked_passing`). Saves `output` for each
-        pick it bakes (the bake reads the pick from it) and for the final pick. With `keep`, the
-        final pick's bake goes there. Returns the final pick."""
+    def pick_baked(self, records: list[TrialRecord], output: Path, bake: Callable[[Path, Path], None],
+                   keep: Path | None = None) -> tuple[TrialRecord | None, int | None, list[TrialRecord]]:
+        """(the pick, the original's confirmed refusals, the Pareto front), confirmed on the file
+        the user will run: `bake(output, file)` writes the result's chosen trial into `file` as
+        the edit command would (its own types, its default rounding; the caller passes the edit
+        job, so the bytes are the command's own), and the baked file answers the confirmation
+        prompts. The bisection of `pick` runs on bakes, at most `bake_checks` of them.
+
+        Why bakes and not adapters: a trial runs exactly as an adapter, but the bake requantizes
+        every writer it edits, and every weight moves by up to half a quantization step; on a
+        prompt the edit only just tipped, that brings the refusal back (one of 72 harmful
+        validation prompts on Qwen2.5-Coder 0.5B and 1.5B, for picks whose adapters refused
+        none). Confirming through adapters first and then baking did the work twice: on the
+        1.5B, 4 adapter confirmations and 4 bakes (810 s) where the bakes alone decide.
+
+        Saves `output` for each trial it bakes (the bake reads the trial from it) and for the
+        pick; with `keep`, the pick's bake goes there."""
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix=".bake-check-", dir=(keep or output).resolve().parent) as tmp:
-            file = Path(tmp) / "baked.gguf"
+        front, candidates = self._front(records)
+        if not candidates:
+            self.save(output, None, None, records)  # the error: nothing to write
+        budget = min(self.settings.bake_checks, len(candidates))
+        with self.progress(total=budget + 1, desc="baking and confirming the front", unit="trial") as bar, \
+                tempfile.TemporaryDirectory(prefix=".bake-check-", dir=(keep or output).resolve().parent) as tmp:
+            original, self.original_thought = self.confirm(None)
+            bar.update(1)
+            file, held = Path(tmp) / "baked.gguf", Path(tmp) / "passed.gguf"
+            holds: list[TrialRecord] = []  # the trial whose bake `held` is: the last that passed
 
             def baked(r: TrialRecord) -> bool:
                 self.save(output, r, original, records)
                 bake(output, file)
                 with _load(file, self.settings.thinking) as llama:
-                    r.baked_refusals, r.baked_thought = self._refusals(llama)
-                adapter = "" if r.confirmed_refusals is None else f" (through its adapter: {r.confirmed_refusals})"
+                    r.baked_refusals, r.baked_thought = self._refusals(llama, self._most(original))
+                bar.update(1)
                 thought = "" if r.baked_thought is None else f", thoughts of {r.baked_thought:.0f} tokens"
-                self.say(f"trial {r.number} baked: {r.baked_refusals} of {len(self.confirm_prompts)} "
-                         f"refused{adapter}{thought}")
-                return self._passes(original, r.baked_refusals, r.baked_thought)
+                self.say(f"trial {r.number} baked: {r.baked_refusals} of {len(self.confirm_prompts)} refused{thought}")
+                passes = self._passes(original, r.baked_refusals, r.baked_thought)
+                if passes and keep is not None:
+                    os.replace(file, held)
+                    holds[:] = [r]
+                return passes
 
-            later = [r for r in _candidates(pareto_front(records)) if (r.kl or 0.0) > (chosen.kl or 0.0)]
-            best = first_baked_passing(chosen, later, baked, self.settings.bake_checks)
-            if best is None:
-                tried = [r for r in (chosen, *later) if r.baked_refusals is not None]
-                best = min(tried, key=lambda r: (r.baked_refusals or 0, r.objectives[1]))
-                self.say(f"note: no baked pick kept refusals within {self.settings.max_refusals:g}% of the "
+            chosen = lowest_passing(candidates, baked, budget)
+            if chosen is None:
+                tried = [r for r in candidates if r.baked_refusals is not None]
+                chosen = min(tried, key=lambda r: (r.baked_refusals or 0, r.objectives[1]))
+                self.say(f"note: no baked candidate kept refusals within {self.settings.max_refusals:g}% of the "
                          f"original's {original}; took the one with the fewest")
             # the final file records every bake's refusals, so its digest (which baked files
-            # record as their direction's) is new: the kept bake is made from it
-            self.save(output, best, original, records)
+            # record as their direction's) is new: the kept bake gets it, and is then the very
+            # bytes a bake from the final file writes (the digest is all the bake reads of what
+            # changed); a pick whose bake was not kept is baked once more
+            self.save(output, chosen, original, records)
             if keep is not None:
-                bake(output, file)
-                os.replace(file, keep)
-        return best
+                if holds == [chosen]:
+                    restamp(held, names.DIRECTION_SHA256, file_digest(output))
+                    os.replace(held, keep)
+                else:
+                    bake(output, file)
+                    os.replace(file, keep)
+        return chosen, original, front
 
     def save(self, output: Path, chosen: TrialRecord | None, original: int | None,
              records: list[TrialRecord]) -> None:
@@ -585,12 +650,14 @@ def _heartbeat(study: Any, trial: Any) -> Iterator[None]:
 
 def _candidates(front: list[TrialRecord]) -> list[TrialRecord]:
     """The front's trials the pick is made from (refusal ratio at most CONFIRM_MAX_RATIO), by KL."""
-    return sorted((r for r in front if r.refusal <= CONFIRM_MAX_RATIO and r.kl is not None), key=lambda r: r.kl or 0.0)
+    return sorted((r for r in front if r.refusal <= CONFIRM_MAX_RATIO and r.kl is not None and not r.pruned),
+                  key=lambda r: r.kl or 0.0)
 
 
-def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray, dict[str, str] | None]:
-    """The per-block directions and harmless means of a `direction` file, for this model, and
-    where the input statistics it names are (absolute) with their sha256 (None if it names none)."""
+def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray, dict[str, str] | None, int | None]:
+    """The per-block directions and harmless means of a `direction` file, for this model, where
+    the input statistics it names are (absolute) with their sha256 (None if it names none), and
+    the block `direction` chose (None if it records none)."""
     from gguf_abliterate.formats.direction_file import load_direction
 
     d = load_direction(path)
@@ -601,7 +668,8 @@ def _measured(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray, dict[st
     name = d.metadata.get("statistics")
     statistics = None if not name else {"path": str((path.parent / name).resolve()),
                                         "sha256": d.metadata.get("statistics_sha256", "")}
-    return d.per_block, d.harmless_means, statistics
+    layer = d.metadata.get("layer", "")
+    return d.per_block, d.harmless_means, statistics, int(layer) if layer.isdigit() else None
 
 
 def lowest_passing(candidates: list[TrialRecord], passes: Callable[[TrialRecord], bool],
@@ -622,23 +690,17 @@ def lowest_passing(candidates: list[TrialRecord], passes: Callable[[TrialRecord]
     return candidates[hi]
 
 
-def first_baked_passing(first: TrialRecord, later: list[TrialRecord], bakes: Callable[[TrialRecord], bool],
-                        budget: int) -> TrialRecord | None:
-    """The pick `first` if its bake passes; else, up the front (`later`, by rising KL), the
-    lowest-KL trial whose bake passes, by bisection from the strongest end (`lowest_passing`);
-    at most `budget` bakes in all.
-
-    Not one step at a time: requantization noise tips the same prompt for neighbouring trials
-    alike (on Qwen2.5-Coder-0.5B the pick and its two neighbours up the front all refused the
-    one prompt baked that each answered through its adapter), while the strongest end had room.
-    Trials up the front are baked without an adapter confirmation first: they pass through
-    their adapters anyway (the front is monotone), so that would only add a confirmation each.
-    """
-    if budget < 1:
-        return None
-    if bakes(first):
-        return first
-    return lowest_passing(later, bakes, budget - 1)
+def behind(records: list[TrialRecord], refusal: float, kl_first: float) -> float | None:
+    """None if a trial of this refusal ratio, whose KL on the first harmless prompts is
+    `kl_first`, may still reach the front; else the KL to record for it. It cannot when a
+    finished trial refusing no more had a KL on the same prompts REACH_MARGIN times lower (the
+    comparison is paired, so the prompts' own spread cancels); the estimate, that trial's KL
+    scaled by the two trials' ratio on the same prompts, keeps it behind that trial."""
+    for r in records:
+        if not r.pruned and r.kl is not None and r.kl_first and r.refusal <= refusal \
+                and kl_first > REACH_MARGIN * r.kl_first:
+            return r.kl * kl_first / r.kl_first
+    return None
 
 
 def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:

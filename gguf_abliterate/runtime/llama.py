@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -206,6 +206,8 @@ class SpanMeans:
 
 class LlamaModel:
     """A GGUF model loaded in llama.cpp for batched forward passes with a residual-stream hook."""
+
+    decoded: ClassVar[int] = 0  # tokens every model of the process has decoded (runtime.stages)
 
     def __init__(self, path: str | os.PathLike[str], n_batch: int = 2048, n_seq: int = 16,
                  n_threads: int | None = None, chat: bool = True, thinking: Thinking = Thinking(),
@@ -467,6 +469,7 @@ class LlamaModel:
                     k += 1
             batch.n_tokens = total
             self.forwarded += total
+            LlamaModel.decoded += total
             self._rows = np.array(rows, np.int64)
             self._projected.clear()
             with self._blas.limit(limits=1, user_api="blas"):  # numpy inside the callback: see __init__
@@ -699,24 +702,32 @@ class LlamaModel:
 
     def greedy_answers(self, prompts: Sequence[Prompt], max_tokens: int,
                        progress: Callable[[int], None] = lambda n: None,
-                       ablate: np.ndarray | None = None) -> list[Answer]:
+                       ablate: np.ndarray | None = None, settled: Callable[[str], bool] | None = None,
+                       stop_after: int | None = None) -> list[Answer]:
         """`greedy` with the tokens, and whether each answer ended within the budget. With
         `ablate` (a unit vector), the direction is projected out of the residual stream after
-        every block at every step, prompt and answer alike."""
+        every block at every step, prompt and answer alike. With `settled`, an answer stops
+        growing once `settled(its text so far)` (a caller that only counts verdicts, once the
+        verdict can no longer change): it is then cut, not finished; with `stop_after` too,
+        every answer stops once more than that many have settled (the count decides the
+        caller's question), the prompts not reached yet with empty answers."""
         self._ablate = None if ablate is None else np.asarray(ablate, np.float32)
         try:
-            return self._greedy_answers(prompts, max_tokens, progress)
+            return self._greedy_answers(prompts, max_tokens, progress, settled, stop_after)
         finally:
             self._ablate = None
 
-    def _greedy_answers(self, prompts: Sequence[Prompt], max_tokens: int,
-                        progress: Callable[[int], None]) -> list[Answer]:
+    def _greedy_answers(self, prompts: Sequence[Prompt], max_tokens: int, progress: Callable[[int], None],
+                        settled: Callable[[str], bool] | None = None, stop_after: int | None = None) -> list[Answer]:
         ll = self.ll
         encoded = self.encode(prompts)
         answers: list[list[int]] = [[] for _ in prompts]
         finished: set[int] = set()
         prefix = self._shared_prefix(encoded)
+        n_settled = 0
         for idx in self._batches(encoded, prefix, reserve=max_tokens):
+            if stop_after is not None and n_settled > stop_after:
+                break
             rows = self._decode([encoded[i] for i in idx], prefix)
             live = {i: (1 + j, int(rows[j])) for j, i in enumerate(idx)}  # prompt -> (sequence, logits row)
             for _ in range(max_tokens):
@@ -729,8 +740,13 @@ class LlamaModel:
                         finished.add(i)
                         continue
                     answers[i].append(tok)
+                    if settled is not None and settled(_detokenize(ll, self.vocab, answers[i])):
+                        del live[i]
+                        n_settled += 1
+                        continue
                     step.append((i, seq_id, tok))
-                if not step or len(answers[step[0][0]]) >= max_tokens:
+                if not step or len(answers[step[0][0]]) >= max_tokens or (stop_after is not None
+                                                                          and n_settled > stop_after):
                     break
                 rows = self._step([(seq_id, [tok], len(encoded[i]) + len(answers[i]) - 1, {0})
                                    for i, seq_id, tok in step])

@@ -24,16 +24,18 @@ class Stage:
 
 @dataclass
 class Stages:
-    model: LlamaModel
+    """Stages of one job, timed, with the tokens every model of the process decoded meanwhile
+    (a search's bake checks load models of their own)."""
+
     done: list[Stage] = field(default_factory=list)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        t0, k0 = time.perf_counter(), self.model.forwarded
+        t0, k0 = time.perf_counter(), LlamaModel.decoded
         try:
             yield
         finally:
-            self.done.append(Stage(name, time.perf_counter() - t0, self.model.forwarded - k0))
+            self.done.append(Stage(name, time.perf_counter() - t0, LlamaModel.decoded - k0))
 
     def describe(self) -> str:
         """One line: each stage's seconds and tokens."""
