@@ -30,6 +30,7 @@ from gguf_abliterate.direction import prompts  # noqa: E402
 from gguf_abliterate.formats.direction_file import load_direction  # noqa: E402
 from gguf_abliterate.jobs.direction import DirectionRequest, run_direction  # noqa: E402
 from gguf_abliterate.runtime.llama import LlamaModel  # noqa: E402
+from gguf_abliterate.runtime.stages import Stage  # noqa: E402
 
 
 def plain_rate(path: Path, n: int) -> tuple[float, float]:
@@ -44,6 +45,18 @@ def plain_rate(path: Path, n: int) -> tuple[float, float]:
         model.next_token_logprobs(sample)
         rate = tokens / (time.perf_counter() - t0)
     return rate, every / rate
+
+
+def stage_table(stages: list[Stage], wall: float, rate: float) -> list[str]:
+    """Per stage: seconds, tokens decoded, a plain decode of as many tokens at `rate`, the ratio;
+    then the whole job (`wall` seconds)."""
+    lines = [f"{'stage':<13} {'seconds':>8} {'tokens':>8} {'plain s':>8} {'x plain':>8}"]
+    for s in stages:
+        plain = s.tokens / rate
+        lines.append(f"{s.name:<13} {s.seconds:8.1f} {s.tokens:8d} {plain:8.1f} {s.seconds / plain if plain else 0:8.2f}")
+    total = sum(s.tokens for s in stages)
+    lines.append(f"{'all':<13} {wall:8.1f} {total:8d} {total / rate:8.1f} {wall / (total / rate):8.2f}")
+    return lines
 
 
 def chose(path: Path) -> str:
@@ -74,13 +87,8 @@ def main() -> None:
         wall = time.perf_counter() - t0
         rate, floor = plain_rate(path, args.sample)
         print(f"{path.name}: plain decode {rate:.0f} tokens/s; reading the contrast prompts once: {floor:.1f} s")
-        print(f"{'stage':<10} {'seconds':>8} {'tokens':>8} {'plain s':>8} {'x plain':>8}")
-        for s in result.stages:
-            plain = s.tokens / rate
-            print(f"{s.name:<10} {s.seconds:8.1f} {s.tokens:8d} {plain:8.1f} {s.seconds / plain if plain else 0:8.2f}")
-        total = sum(s.tokens for s in result.stages)
-        print(f"{'all':<10} {wall:8.1f} {total:8d} {total / rate:8.1f} {wall / (total / rate):8.2f}"
-              f"   ({wall / floor:.1f}x reading the contrast prompts once)")
+        print("\n".join(stage_table(result.stages, wall, rate))
+              + f"   ({wall / floor:.1f}x reading the contrast prompts once)")
         print(f"chose {chose(ours)}")
         if args.against:
             print(f"against {args.against}: {against:.1f} s, chose {chose(theirs)}; "

@@ -48,7 +48,7 @@ from gguf_abliterate.jobs.optimise import OptimiseRequest, run_optimise  # noqa:
 from gguf_abliterate.optimise.adapter import TrialAdapters, apply  # noqa: E402
 from gguf_abliterate.runtime.llama import LlamaModel, common_prefix  # noqa: E402
 from tests.support.tiny_models import TinySpec, build_model  # noqa: E402
-from tools.bench_direction import plain_rate  # noqa: E402
+from tools.bench_direction import plain_rate, stage_table  # noqa: E402
 
 # a mixture-of-experts model of a laptop favourite's proportions (Qwen3-30B-A3B: 128 experts of
 # 768, 8 active; gpt-oss-20b: 32 of 2880, 4 active), small enough to build in a minute
@@ -92,12 +92,7 @@ def search(path: Path, against: Path | None, measured: Path | None) -> None:
         wall = time.perf_counter() - t0
         rate, _ = plain_rate(path, 32)
         print(f"{path.name}: plain decode {rate:.0f} tokens/s")
-        print(f"{'stage':<13} {'seconds':>8} {'tokens':>8} {'plain s':>8} {'x plain':>8}")
-        for s in result.stages:
-            plain = s.tokens / rate
-            print(f"{s.name:<13} {s.seconds:8.1f} {s.tokens:8d} {plain:8.1f} {s.seconds / plain if plain else 0:8.2f}")
-        total = sum(s.tokens for s in result.stages)
-        print(f"{'all':<13} {wall:8.1f} {total:8d} {total / rate:8.1f} {wall / (total / rate):8.2f}")
+        print("\n".join(stage_table(result.stages, wall, rate)))
         print(f"this checkout: {wall:.0f} s, {pick_line(ours)}")
         if against is not None:
             print(f"{against}: {their_wall:.0f} s, {pick_line(theirs)}")
