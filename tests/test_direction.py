@@ -19,13 +19,13 @@ from gguf_abliterate.runtime.llama import LlamaModel
 
 
 def test_elimination_rungs_and_their_cost() -> None:
-    """Rungs double from 4 probes to the count asked, harmless prompts in proportion; a count of 4
-    or fewer is one rung (every candidate on every prompt); the planned cost halves the
-    candidates at each rung, down to two finalists."""
-    assert rungs(32, 32) == [(4, 4), (8, 8), (16, 16), (32, 32)]
-    assert rungs(20, 10) == [(5, 2), (10, 5), (20, 10)]
-    assert rungs(4, 16) == [(4, 16)] and rungs(2, 2) == [(2, 2)]
-    assert planned_prompts(17, 32, 32) == 17 * 8 + 8 * 8 + 4 * 16 + 2 * 32  # the better half, two finalists at least
+    """Rungs double from 2 probes to the count asked, harmless prompts in proportion (at least
+    one); a count under 4 is one rung (every candidate on every prompt); the planned cost halves
+    the candidates at each rung, down to two finalists."""
+    assert rungs(32, 32) == [(2, 2), (4, 4), (8, 8), (16, 16), (32, 32)]
+    assert rungs(20, 10) == [(2, 1), (5, 2), (10, 5), (20, 10)]
+    assert rungs(4, 16) == [(2, 8), (4, 16)] and rungs(3, 3) == [(3, 3)]
+    assert planned_prompts(17, 32, 32) == 17 * 4 + 8 * 4 + 4 * 8 + 2 * 16 + 2 * 32  # the better half, two finalists at least
     assert planned_prompts(5, 3, 7) == 5 * 10
 
 
@@ -134,8 +134,8 @@ def test_difference_of_means_sign_and_norm() -> None:
 
 
 def test_layer_choice_by_elimination(tmp_path: Path) -> None:
-    """On 10 blocks (6 candidates) and 16 scoring prompts: every candidate is scored on 4
-    prompts, the better half on 8, and so on, each rung's finalists being the best of the rung
+    """On 10 blocks (6 candidates) and 16 scoring prompts: every candidate is scored on 2
+    prompts, the better half on 4, and so on, each rung's finalists being the best of the rung
     before by the choice's own rule; the chosen block is the best finalist."""
     from support.tiny_models import CHATML, TinySpec, build_model
 
@@ -146,12 +146,12 @@ def test_layer_choice_by_elimination(tmp_path: Path) -> None:
     d = load_direction(out)
     candidates = [int(c) for c in d.metadata["candidates"].split(",")]
     scored = dict(zip(candidates, (int(n) for n in d.metadata["scored_prompts"].split(","))))
-    assert len(candidates) == 6 and set(scored.values()) <= {4, 8, 16}
+    assert len(candidates) == 6 and set(scored.values()) <= {2, 4, 8, 16}
     finalists = [c for c in candidates if scored[c] == max(scored.values())]
     if max(scored.values()) < 16:  # stopped early: the leader was clearly ahead
         assert len(finalists) >= 1
     else:
-        assert sorted(scored.values()) == [4, 4, 4, 8, 16, 16]  # 6 -> 3 -> 2
+        assert sorted(scored.values()) == [2, 2, 2, 4, 16, 16]  # 6 -> 3 -> 2 (two finalists go on to 8, then 16)
     assert "by elimination" in run.stderr and "(eliminated)" in run.stderr
     layer = int(d.metadata["layer"])
     assert layer == min(finalists, key=lambda c: (d.statistics["layer_score"][c], d.statistics["kl"][c]))

@@ -351,9 +351,12 @@ def test_bisection_finds_the_lowest_kl_trial_that_passes() -> None:
             return r.number >= first_pass
 
         assert lowest_passing(front, passes, 8).number == first_pass
-        assert len(calls) <= 5 and len(set(calls)) == len(calls)  # log2(12) + 1, none twice
-    assert lowest_passing(front, lambda r: False, 8) is None
-    assert lowest_passing(front, lambda r: r.number >= 3, 2).number in (5, 11)  # budget spent: best found
+        assert len(calls) <= 4 and len(set(calls)) == len(calls)  # log2(12 + "none"), none twice
+    calls = []
+    assert lowest_passing(front, lambda r: bool(calls.append(r.number)), 8) is None and len(calls) <= 4
+    assert lowest_passing(front, lambda r: r.number >= 3, 2).number == 3  # budget spent: best found (6, then 3)
+    assert lowest_passing(front, lambda r: r.number >= 11, 2) is None  # budget spent before any passed
+    assert lowest_passing([], lambda r: True, 5) is None and lowest_passing(front, lambda r: True, 0) is None
 
 
 def test_a_trial_behind_the_front_on_its_first_prompts_stops_there() -> None:

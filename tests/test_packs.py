@@ -300,7 +300,7 @@ def test_the_lean_says_which_way_each_edit_moves_the_probes(tiny: dict[str, Path
     """`direction` records where the pack's probes sit along the direction; the edited models'
     own residual streams (llama.cpp's, through the capture hook) move the way it says: abliterating
     pulls the probes' component towards 0, reversing pushes it away, by about 1 -/+ s."""
-    from gguf_abliterate.direction.lean import Lean, lean_of
+    from gguf_abliterate.direction.lean import LEAN_PROBES, Lean, lean_of
 
     model, out, layer = tiny["qwen2"], tmp_path / "md.safetensors", 2
     run = cli("direction", model, "-o", out, "--behaviour", "markdown", "--layer", str(layer))
@@ -311,7 +311,7 @@ def test_the_lean_says_which_way_each_edit_moves_the_probes(tiny: dict[str, Path
     assert d.harmless_means is not None
     assert lean.negative == pytest.approx(float(d.harmless_means[layer] @ d.vectors), abs=1e-3)
     assert lean.positive - lean.negative == pytest.approx(float(d.statistics["diff_norm"][layer]), rel=1e-4)
-    probes = [p.prompt for p in load_pack("markdown").probes]
+    probes = [p.prompt for p in load_pack("markdown").probes[:LEAN_PROBES]]
 
     def at_block(path: Path) -> float:
         with LlamaModel(path) as m:

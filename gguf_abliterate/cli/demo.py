@@ -26,8 +26,9 @@ from gguf_abliterate.runtime.thinking import Thinking
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 # the short search (its seeds, then TPE) and its bake checks: about 3 minutes on the 0.5B
 SEARCH_TRIALS, SEARCH_MINUTES, SEARCH_BAKES = 12, 1.0, 3
-# the evaluation of four models: answers long enough for a refusal's opening
-EVAL_PROMPTS, EVAL_TOKENS = 24, 32
+# the evaluation of four models: answers long enough for a refusal's opening (the search
+# confirms its pick on as many tokens)
+EVAL_PROMPTS, EVAL_TOKENS = 24, 24
 
 
 def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output"), *, limit: int = EVAL_PROMPTS,

@@ -101,7 +101,7 @@ def command(ctx: click.Context, model_path: Path, output_path: Path, behaviour: 
     each candidate layer's direction is ablated from the residual stream and scored by the
     pack's measure (refusal: refusal-opening probability; other packs: short greedy answers
     to the probes) and by KL on harmless prompts, by elimination: every candidate on the first
-    4 validation prompts, the better half on twice as many, up to --score-prompts.
+    2 validation prompts, the better half on twice as many, up to --score-prompts.
     Abliterating with the file pulls the component along the direction to zero; --reverse
     amplifies it on whichever side the model leans to, so the command ends by saying where the
     pack's probes sit and which way each edit moves them.

@@ -14,7 +14,6 @@ after), and the pack's measure on the edited model is the answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,8 +21,10 @@ import numpy as np
 
 if TYPE_CHECKING:
     from gguf_abliterate.formats.direction_file import Direction
-    from gguf_abliterate.runtime.llama import LlamaModel
 
+# probes read for the lean (more only where the layer test scores more): a mean position, not a
+# per-prompt test; on the refusal pack all 72 cost the 1.5B's direction about 8% of its time
+LEAN_PROBES = 32
 # metadata keys of a direction file
 PROBES, POSITIVE, NEGATIVE = "probe_projection", "positive_projection", "negative_projection"
 
@@ -68,16 +69,10 @@ class Lean:
                 f"{way} {behaviour} (to first order; eval --behaviour {behaviour} measures it)")
 
 
-def measure_lean(model: LlamaModel, prompts: list[str], direction: np.ndarray, layer: int, negative_mean: np.ndarray,
-                 gap: float, progress: Callable[[int], None] = lambda n: None) -> Lean:
-    """The probes' mean projection on the unit `direction` at block `layer` (llama.cpp's
-    l_out, last prompt token), beside the negative set's mean projection and that plus `gap`
-    (the norm of the difference of means)."""
-    return lean_at(model.residuals(prompts, progress, share_prefix=True)[:, layer], direction, negative_mean, gap)
-
-
 def lean_at(residuals: np.ndarray, direction: np.ndarray, negative_mean: np.ndarray, gap: float) -> Lean:
-    """`measure_lean` from the probes' residuals (n_probes, n_embd) at the block already read."""
+    """The probes' mean projection on the unit `direction`, from their residuals (n_probes,
+    n_embd) at the direction's block (llama.cpp's l_out, where the answer opens), beside the
+    negative set's mean projection and that plus `gap` (the norm of the difference of means)."""
     negative = float(np.dot(negative_mean, direction))
     return Lean(float(residuals.astype(np.float64).dot(direction).mean()), negative + gap, negative)
 

@@ -28,7 +28,7 @@ from gguf_abliterate.runtime.llama import Answer, AtAnswer, LlamaModel, Prompt
 from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
 MAX_LAYER_FRACTION = 0.8
-FIRST_RUNG = 4  # prompts (of each kind) every candidate is scored on before the first elimination
+FIRST_RUNG = 2  # prompts (of each kind) every candidate is scored on before the first elimination
 # the residual capture stops once the direction's split-half agreement reaches CONVERGED, read
 # every CAPTURE_STEP prompt pairs from MIN_PAIRS on (the shipped 72 pairs do not reach it on
 # Qwen2.5-Coder 0.5B or 1.5B: 0.91 and 0.977, so they are captured whole)

@@ -20,7 +20,7 @@ from gguf_abliterate.arch import steerable_blocks
 from gguf_abliterate.direction import prompts as P
 from gguf_abliterate.direction.explain import TOP_TOKENS, Captured, asked_tokens, explain
 from gguf_abliterate.formats.direction_file import Direction, check_direction_path, save_measured
-from gguf_abliterate.direction.lean import lean_at
+from gguf_abliterate.direction.lean import LEAN_PROBES, lean_at
 from gguf_abliterate.direction.measure import (
     DEFAULT_POSITION,
     Position,
@@ -107,10 +107,11 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
                f"the prompts give the same direction at 1; reading stops early at {CONVERGED})")
         scores = np.full(model.n_layer, np.nan, np.float32)
         kl = np.full(model.n_layer, np.nan, np.float32)
-        with stages.stage("probes"), ui.bar(total=len(pack.probes), desc="probes", unit="prompt") as bar:
+        read = pack.probes[: max(LEAN_PROBES, _score_count(r, pack))]
+        with stages.stage("probes"), ui.bar(total=len(read), desc="probes", unit="prompt") as bar:
             # one pass: every block's residual (for the lean at the block chosen) and the first
             # token (the layer test's baseline, where it reads the probes so)
-            probes = at_position(model, [p.prompt for p in pack.probes], position, ui.bar)
+            probes = at_position(model, [p.prompt for p in read], position, ui.bar)
             probe_residuals, probe_logprobs = model.residuals_and_logprobs(probes, bar.update)
         same = pack.first_token and (position is Position.ANSWER or not model.thinks)
         with stages.stage("layers"):
@@ -213,6 +214,16 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
     return difference_of_means(pos_a, neg_a), mlp.means(), stored, seen, read
 
 
+def _score_prompts(r: DirectionRequest, pack: Pack) -> int:
+    """Validation prompts of each kind the layer test scores on, at most (--score-prompts)."""
+    return r.score_prompts or (32 if pack.first_token else SCORE_PROBES)
+
+
+def _score_count(r: DirectionRequest, pack: Pack) -> int:
+    """The pack's probes the layer test scores candidates on."""
+    return min(_score_prompts(r, pack), len(pack.probes))
+
+
 def _choose(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, stats: LayerStats,
             scores: np.ndarray, kl: np.ndarray, ui: Ui, probe_logprobs: np.ndarray | None) -> tuple[int, dict[str, str]]:
     """The block whose direction the file's edit uses (filling each candidate's score and KL),
@@ -226,12 +237,11 @@ def _choose(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, sta
         ui.say(f"note: pack {pack.name!r} has no measure, so block {chosen} was chosen by separation alone "
                f"(a pack file with a measure, or --layer N, chooses better)")
         return chosen, {"candidates": ",".join(map(str, candidates))}
-    score_prompts = r.score_prompts or (32 if pack.first_token else SCORE_PROBES)
     max_kl = r.max_kl if r.max_kl is not None else (DEFAULT_MAX_KL if pack.first_token else float("inf"))
     harmless = pack.negative if pack.name == "refusal" else load_pack("refusal").negative
-    v_good = P.split(list(harmless), "validation")[:score_prompts]
+    v_good = P.split(list(harmless), "validation")[: _score_prompts(r, pack)]
     measure = pack.layer_measure()
-    count = min(score_prompts, len(pack.probes))
+    count = _score_count(r, pack)
     with ui.bar(total=planned_prompts(len(candidates), count, len(v_good)), desc="scoring layers",
                 unit="prompt") as bar:
         choice = choose_layer(model, stats, pack.layer_scorer(model, count), count, v_good, candidates,
