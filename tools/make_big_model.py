@@ -29,9 +29,9 @@ N_EMBD, N_FF, N_VOCAB, N_HEAD, N_HEAD_KV, HEAD_DIM = 4096, 14336, 128256, 32, 8,
 # layouts), chosen so that random quants give zero-mean weights of standard deviation about 0.02,
 # a trained model's: a Q4_K weight is d*sc*q - dmin*m with sc, m in 0..63 and q in 0..15
 # (dmin = 7.5 d centres it, std 245 d); Q6_K's d*sc*(q-32) (sc int8) has std 1367 d, Q8_0's d*q
-# 74 d. Larger weights (an earlier build's fp16 0.002 everywhere: std up to 2.7) saturate
-# every attention softmax onto one position of the shared chat template, so no prompt reaches
-# the last token's residual stream and `direction` finds nothing to measure.
+# 74 d. With larger weights (an earlier build's fp16 0.002 everywhere: std up to 2.7) every
+# prompt gave the same last-token residual stream, so `direction` found nothing to measure; at
+# this scale the two prompt sets differ and it runs.
 _SCALES = {Q.Q4_K: ((0, 8.2e-5), (2, 6.1e-4)), Q.Q6_K: ((208, 1.5e-5),), Q.Q8_0: ((0, 2.7e-4),)}
 
 
