@@ -72,8 +72,7 @@ def eliminate(scores: np.ndarray, kls: np.ndarray, first: int, order_p: np.ndarr
     got = {c: (np.zeros(0), np.zeros(0)) for c in range(n_cand)}
 
     def key(c: int) -> tuple[float, ...]:
-        kl = float(got[c][1].mean())
-        return (0, float(got[c][0].mean()), kl) if kl <= max_kl else (1, kl)
+        return measure.rank(got[c][0], got[c][1], 1.0, max_kl)
 
     alive, have, had, cost = list(range(n_cand)), 0, 0, 0
     for n, g in measure.rungs(n_probes, kls.shape[1], first):
@@ -106,8 +105,7 @@ def main() -> None:
             np.savez(args.scores, scores=scores, kls=kls, first_block=first_block)
     max_kl = measure.DEFAULT_MAX_KL
     n_cand, n_probes = scores.shape
-    ranked = sorted(range(n_cand), key=lambda c: (0, scores[c].mean(), kls[c].mean()) if kls[c].mean() <= max_kl
-                    else (1, kls[c].mean()))
+    ranked = sorted(range(n_cand), key=lambda c: measure.rank(scores[c], kls[c], 1.0, max_kl))
     best = ranked[0]
     gaps = scores - scores[best]
     near = [c for c in range(n_cand) if gaps[c].mean() <= 2 * gaps[c].std(ddof=1) / np.sqrt(n_probes)]

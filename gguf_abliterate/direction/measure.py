@@ -226,8 +226,7 @@ def choose_layer(model: LlamaModel, stats: LayerStats, score: LayerScorer, count
     kls: dict[int, np.ndarray] = {c: np.zeros(0) for c in candidates}
 
     def key(layer: int) -> tuple[float, ...]:
-        kl = float(kls[layer].mean())
-        return (0, sign * float(scores[layer].mean()), kl) if kl <= max_kl else (1, kl)
+        return rank(scores[layer], kls[layer], sign, max_kl)
 
     alive, have, had = list(candidates), 0, 0  # probes and harmless prompts scored so far
     for n, g in rungs(count, len(harmless)):
@@ -261,6 +260,14 @@ def choose_layer(model: LlamaModel, stats: LayerStats, score: LayerScorer, count
     choice.kl = {c: float(kls[c].mean()) for c in candidates}
     choice.prompts = {c: len(scores[c]) for c in candidates}
     return choice
+
+
+def rank(score: np.ndarray, kl: np.ndarray, sign: float, max_kl: float) -> tuple[float, ...]:
+    """A candidate's place in `choose_layer`'s order, from its per-prompt scores and KLs (lower
+    first): within max_kl by the signed mean score, then the mean KL; beyond it after all
+    of those, by KL alone."""
+    mean_kl = float(kl.mean())
+    return (0, sign * float(score.mean()), mean_kl) if mean_kl <= max_kl else (1, mean_kl)
 
 
 def _clear_leader(ranked: list[int], scores: dict[int, np.ndarray], kls: dict[int, np.ndarray], sign: float,
