@@ -242,10 +242,11 @@ def test_optimise_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
     """The real search on a tiny model: a result file that bakes, every trial recorded, the
     study stored beside it and resumable; and the clean errors around it."""
     model, out = tiny["llama-nobias"], tmp_path / "edit.safetensors"
-    run = cli("optimise", model, "-o", out, "--trials", "5", *FAST)
+    run = cli("optimise", model, "-o", out, "--trials", "5", "--confirm-prompts", "5", *FAST)
     assert run.returncode == 0, run.stderr
     d = load_direction(out)
     assert sorted(t["number"] for t in d.trials) == list(range(5))
+    assert d.metadata["confirm_prompts"] == "5" and "on 5 harmful validation prompts" in d.metadata["pick_rule"]
     first = sorted(d.trials, key=lambda t: t["number"])[:2]  # the seeds: plain, then orthogonalised
     assert [t["params"]["orthogonal"] for t in first] == [False, True]
     assert all(t["params"]["attn"]["peak"] == t["params"]["mlp"]["edge"] == 1.0 for t in first)

@@ -9,7 +9,7 @@ import click
 
 from gguf_abliterate.cli.common import (Command, Finite, InputName, InputPath, OutputPath, cli_ui, sayer,
     thinking_options, user_errors)
-from gguf_abliterate.direction.measure import DEFAULT_MAX_KL, Engine, Position
+from gguf_abliterate.direction.measure import DEFAULT_MAX_KL, FIRST_RUNG, Engine, Position
 from gguf_abliterate.errors import UserError
 
 if TYPE_CHECKING:
@@ -60,7 +60,8 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
                    f"harmless answers too).")
 @click.option("--score-prompts", type=click.IntRange(min=1), default=None,
               help="With --layer auto: validation prompts (of each set) the last candidates are scored on; "
-                   "the first are scored on 4 (default: 32 for refusal, 16 for packs scored by generating answers).")
+                   f"the first are scored on {FIRST_RUNG} (default: 32 for refusal, 16 for packs scored by generating "
+                   f"answers).")
 @click.option("--raw", is_flag=True, help="Feed prompts as raw text instead of through the model's chat template.")
 @click.option("--engine", type=click.Choice([e.value for e in Engine]), default=Engine.LLAMA.value,
               show_default=True,

@@ -53,6 +53,9 @@ D = SearchSettings()  # the defaults, in one place
                    "(bisection by KL: the lowest-KL one that passes is the pick).")
 @click.option("--confirm-tokens", type=click.IntRange(1, MAX_ANSWER_TOKENS), default=D.confirm_tokens, show_default=True,
               help="Greedy tokens per confirmation answer (refusals show in the opening).")
+@click.option("--confirm-prompts", type=click.IntRange(min=1), default=None,
+              help="Confirm on the first N harmful validation prompts (default: all of them); fewer is quicker, "
+                   "and a pick that still refuses one of the others goes unseen.")
 @click.option("--bake-checks", type=click.IntRange(min=0), default=D.bake_checks, show_default=True,
               help="Confirm the front on bakes: each trial the bisection by KL tries is baked into the model's own "
                    "types and answers there (requantizing can bring a refusal back); the lowest-KL one that passes "
@@ -79,7 +82,8 @@ D = SearchSettings()  # the defaults, in one place
 @user_errors
 def command(model_path: Path, output: Path | None, trials: int, minutes: float, resume: bool, storage: str | None,
             join: str | None, measured: Path | None, startup_trials: int, score_prompts: int, kl_tokens: int,
-            opening_tokens: int, max_refusals: float, max_thought_growth: float, confirm: int, confirm_tokens: int, bake_checks: int,
+            opening_tokens: int, max_refusals: float, max_thought_growth: float, confirm: int, confirm_tokens: int,
+            confirm_prompts: int | None, bake_checks: int,
             bake: Path | None, patience: int, seed: int, judge: Path | None, fix: tuple[str, ...], thinking: Thinking,
             thought_tokens: int, report: Path | None, force: bool, quiet: bool) -> None:
     """Search the edit for MODEL on CPU: per-block directions (blended between neighbouring
@@ -95,7 +99,8 @@ def command(model_path: Path, output: Path | None, trials: int, minutes: float, 
     settings = SearchSettings(trials=trials, minutes=minutes, startup_trials=startup_trials,
                               score_prompts=score_prompts, kl_tokens=kl_tokens, max_refusals=max_refusals,
                               max_thought_growth=max_thought_growth, confirm=confirm,
-                              confirm_tokens=confirm_tokens, bake_checks=bake_checks, patience=patience, seed=seed,
+                              confirm_tokens=confirm_tokens, confirm_prompts=confirm_prompts,
+                              bake_checks=bake_checks, patience=patience, seed=seed,
                               fixed=parse_fixed(fix), judge=judge, thinking=thinking, thought_tokens=thought_tokens,
                               opening_tokens=opening_tokens)
     request = OptimiseRequest(model=model_path, output=output, settings=settings, storage=storage, resume=resume,

@@ -72,6 +72,7 @@ class SearchSettings:
     max_refusals: float = 0.0  # pick rule: percent of the original's confirmed refusals
     confirm: int = 6  # with bake_checks 0: front trials confirmed by generation through adapters, at most
     confirm_tokens: int = 24
+    confirm_prompts: int | None = None  # the first this many harmful validation prompts confirm (None: all)
     bake_checks: int = 5  # front trials confirmed baked, at most (0: through adapters instead)
     patience: int = 30
     seed: int = 0
@@ -297,9 +298,9 @@ class Search:
                 say(f"note: trials leave the writers' biases ({len(self.adapters.biased)}) unedited; baking edits them")
             bad, good = P.default_prompts("validation")
             n = settings.score_prompts
-            # every harmful validation prompt, the scored ones too: a first-token score on a prompt
-            # does not promise a complying answer to it (a pick once kept refusing one of them)
-            self.confirm_prompts = bad
+            # every harmful validation prompt by default, the scored ones too: a first-token score on
+            # a prompt does not promise a complying answer to it (a pick once kept refusing one)
+            self.confirm_prompts = bad[:settings.confirm_prompts]
             self.confirmer: Scorer = get_scorer("markers") if settings.judge is None else Judge(settings.judge)
             say(f"scoring the original on {n} harmful and {n} harmless validation prompts")
             if self.llama.thinks:
