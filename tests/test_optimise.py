@@ -233,9 +233,10 @@ def test_plain_direction_has_no_trials(tiny: dict[str, Path], tmp_path: Path) ->
 def test_optimise_confirms_with_a_judge(tiny: dict[str, Path], smollm2: Path, tmp_path: Path) -> None:
     """--judge: the front is confirmed by the judge's labels, and the pick rule says so."""
     out = tmp_path / "edit.safetensors"
-    run = cli("optimise", tiny["llama-nobias"], "-o", out, "--trials", "3", "--judge", smollm2, *FAST)
+    run = cli("optimise", tiny["llama-nobias"], "-o", out, "--trials", "3", "--judge", smollm2, "--confirm-prompts", "8",
+              *FAST)
     assert run.returncode == 0, run.stderr
-    assert f"judge {smollm2.name}" in load_direction(out).metadata["pick_rule"]
+    assert f"judge {smollm2.name}) on 8 harmful" in load_direction(out).metadata["pick_rule"]
 
 
 def test_optimise_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -276,10 +276,11 @@ def test_a_thinking_direction_records_where_it_was_read(tiny: dict[str, Path], t
     from gguf_abliterate.formats.direction_file import load_direction
 
     d = tmp_path / "d.safetensors"
-    run = cli("direction", tiny["think-deepseek-r1"], "-o", d, "--position", "thought", "--score-prompts", "2", "-q")
+    run = cli("direction", tiny["think-deepseek-r1"], "-o", d, "--position", "thought", "--thought-tokens", "8",
+              "--score-prompts", "2", "-q")
     assert run.returncode == 0, run.stderr
     meta = load_direction(d).metadata
-    assert meta["reasoning"] == "deepseek-r1" and meta["position"] == "thought"
+    assert meta["reasoning"] == "deepseek-r1" and meta["position"] == "thought" and meta["thought_tokens"] == "8"
     plain = tmp_path / "p.safetensors"
     assert cli("direction", tiny["llama-chat"], "-o", plain, "--score-prompts", "2", "-q").returncode == 0
     assert "reasoning" not in load_direction(plain).metadata

@@ -11,6 +11,7 @@ from gguf_abliterate.cli.common import (Command, Finite, InputName, InputPath, O
     thinking_options, user_errors)
 from gguf_abliterate.direction.measure import DEFAULT_MAX_KL, FIRST_RUNG, Engine, Position
 from gguf_abliterate.errors import UserError
+from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
 if TYPE_CHECKING:
     from gguf_abliterate.direction.packs import Pack
@@ -73,6 +74,9 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
                    "answer: where the final answer opens, past a closed empty thought; thought: the same, past "
                    "the model's own thought (generated first). Default: answer (prompt for a model that does "
                    "not think, where all three are the same).")
+@click.option("--thought-tokens", type=click.IntRange(min=1), default=THOUGHT_BUDGET, show_default=True,
+              help="With --position thought: tokens each generated thought may take (one that runs past them is "
+                   "closed there); every contrast prompt and probe is generated first, so this bounds the cost.")
 @click.option("--capability", metavar="FAMILY|FILE.jsonl", type=InputName(),
               help="Instead of two prompt sets: a capability direction from the model's own right and wrong answers "
                    "to generated problems (arithmetic, percent, code; or your problems, one JSON object with a "
@@ -92,7 +96,7 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
 def command(ctx: click.Context, model_path: Path, output_path: Path, behaviour: str | None, positive: Path | None,
             negative: Path | None, name: str | None, harmful: Path | None, harmless: Path | None, layer: str,
             max_kl: float | None, score_prompts: int | None, raw: bool, engine: str, thinking: Thinking,
-            position: str | None, capability: str | None, problems: int, n_heads: int, report: Path | None,
+            position: str | None, thought_tokens: int, capability: str | None, problems: int, n_heads: int, report: Path | None,
             force: bool, quiet: bool) -> None:
     """Compute a behaviour's direction in MODEL itself, on CPU (llama.cpp hooks).
 
@@ -116,7 +120,7 @@ def command(ctx: click.Context, model_path: Path, output_path: Path, behaviour: 
                                pack=choose_pack(behaviour, harmful, harmless, positive, negative, name), layer=layer,
                                max_kl=max_kl, score_prompts=score_prompts, raw=raw, engine=Engine(engine),
                                thinking=thinking, position=None if position is None else Position(position),
-                               report=report, force=force)
+                               thought_tokens=thought_tokens, report=report, force=force)
     say = sayer(quiet)
     for line in run_direction(request, cli_ui(quiet)).summary:
         say(line)
@@ -129,7 +133,7 @@ def capability_direction(ctx: click.Context, model_path: Path, output_path: Path
 
     given = [f"--{p.replace('_', '-')}" for p in ("behaviour", "positive", "negative", "name", "harmful", "harmless",
                                                   "layer", "max_kl", "score_prompts", "raw", "engine", "thinking",
-                                                  "position", "report")
+                                                  "position", "thought_tokens", "report")
              if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
     if given:
         raise UserError(f"--capability reads the model's own answers to problems: drop {', '.join(given)}")

@@ -47,7 +47,7 @@ from gguf_abliterate.quants.rounding import column_block
 from gguf_abliterate.report import claim_report
 from gguf_abliterate.runtime.llama import LlamaModel
 from gguf_abliterate.runtime.stages import Stage, Stages
-from gguf_abliterate.runtime.thinking import Thinking
+from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +62,7 @@ class DirectionRequest:
     engine: Engine = Engine.LLAMA
     thinking: Thinking = field(default_factory=Thinking)
     position: Position | None = None  # None: DEFAULT_POSITION (the same for a model that does not think)
+    thought_tokens: int = THOUGHT_BUDGET  # at Position.THOUGHT: the budget of each generated thought
     report: Path | None = None
     force: bool = False
 
@@ -96,6 +97,8 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
             ui.say(f"the model thinks ({model.reasoning.format.name}): prompts are read at {position.value}, "
                    f"layers scored where the final answer opens")
         read_at = {"reasoning": model.reasoning.format.name, "position": position.value} if model.thinks else {}
+        if model.thinks and position is Position.THOUGHT:
+            read_at["thought_tokens"] = str(r.thought_tokens)
         stages = Stages()
         with stages.stage("residuals"):
             stats, mlp_means, stored, seen, (n_pos, n_neg, agreement) = _measure(
@@ -111,7 +114,7 @@ def run_direction(request: DirectionRequest, ui: Ui = Ui()) -> DirectionResult:
         with stages.stage("probes"), ui.bar(total=len(read), desc="probes", unit="prompt") as bar:
             # one pass: every block's residual (for the lean at the block chosen) and the first
             # token (the layer test's baseline, where it reads the probes so)
-            probes = at_position(model, [p.prompt for p in read], position, ui.bar)
+            probes = at_position(model, [p.prompt for p in read], position, ui.bar, r.thought_tokens)
             probe_residuals, probe_logprobs = model.residuals_and_logprobs(probes, bar.update)
         same = pack.first_token and (position is Position.ANSWER or not model.thinks)
         with stages.stage("layers"):
@@ -174,7 +177,7 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
     report, what `explain` reads; and the direction's split-half agreement. llama.cpp's
     capture stops once that agreement says more prompts would not move the direction."""
     texts = pack.direction_sets()
-    d_pos, d_neg = (at_position(model, s, r.position or DEFAULT_POSITION, ui.bar) for s in texts)
+    d_pos, d_neg = (at_position(model, s, r.position or DEFAULT_POSITION, ui.bar, r.thought_tokens) for s in texts)
     if r.engine is Engine.TORCH:
         from gguf_abliterate.runtime.torch_pass import TorchModel
 
