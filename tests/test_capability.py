@@ -308,3 +308,99 @@ def test_worked_answers() -> None:
     assert worked("12 + 5 = 17\n17 * 2 = 34\nAnswer: 34")
     assert not worked("The answer is 34.\nAnswer: 34")
     assert not worked("She has some apples and gives them away.\nThen she buys more.")
+
+
+# -- the search ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def capability_file(tiny: dict[str, Path], tmp_path: Path) -> Path:
+    """A capability direction measured on the tiny model's own answers, labelled by a mask (it
+    solves nothing), written as `direction --capability` writes it."""
+    from gguf_abliterate.direction.capability import Labelled, label, measure
+    from gguf_abliterate.edit.options import format_heads
+    from gguf_abliterate.formats.direction_file import HEAD_SCORES, save_direction
+    from gguf_abliterate.runtime.llama import LlamaModel
+
+    problems = generate("arithmetic", "direction", 20)
+    with LlamaModel(tiny["qwen2"]) as m:
+        answers = label(m, problems, 6).answers
+        found = measure(m, Model(tiny["qwen2"]), Labelled(problems, answers, np.arange(20) % 2 == 0), n_heads=3)
+    path = tmp_path / "cap.safetensors"
+    save_direction(path, found.directions, {"behaviour": "capability:arithmetic", "heads": format_heads(found.heads)},
+                   {HEAD_SCORES: found.head_scores})
+    return path
+
+
+def test_a_search_trial_is_the_head_restricted_edit(tiny: dict[str, Path], tmp_path: Path,
+                                                     capability_file: Path) -> None:
+    """A trial's adapter (top 5 heads, strength -3: amplifying) and the F32 bake of those heads at
+    --scale 3 --reverse give the same next-token distributions in llama.cpp; the heads are the
+    file's ranking, highest first."""
+    from gguf_abliterate.edit.options import format_heads
+    from gguf_abliterate.evaluate.first_token import kl_divergence
+    from gguf_abliterate.formats.direction_file import load_direction
+    from gguf_abliterate.optimise.capability import HeadAdapters, heads_map, ranked_heads
+    from gguf_abliterate.runtime.llama import LlamaModel
+
+    direction = load_direction(capability_file)
+    assert direction.head_scores is not None and direction.head_scores.shape == (4, 4)
+    ranked = ranked_heads(direction.head_scores, 8)
+    scores = [direction.head_scores[b, h] for b, h in ranked]
+    assert scores == sorted(scores, reverse=True) and scores[0] == direction.head_scores.max()
+    adapters = HeadAdapters(Model(tiny["qwen2"]), direction, ranked)
+    baked = tmp_path / "baked.gguf"
+    run = cli(tiny["qwen2"], baked, "--direction", capability_file, "--heads", format_heads(heads_map(ranked[:5])),
+              "--scale", "3", "--reverse", "--requant-type", "f32")
+    assert run.returncode == 0, run.stderr
+    prompts = ["hello there", "one two three four"]
+    with LlamaModel(tiny["qwen2"], chat=False) as m:
+        plain = m.next_token_logprobs(prompts)
+        m.set_adapter(adapters.edit(5, -3.0))
+        adapted = m.next_token_logprobs(prompts)
+    with LlamaModel(baked, chat=False) as m:
+        direct = m.next_token_logprobs(prompts)
+    assert kl_divergence(direct, adapted) < 1e-3 < kl_divergence(plain, adapted)
+
+
+def test_capability_search_end_to_end(tiny: dict[str, Path], tmp_path: Path, capability_file: Path) -> None:
+    """`optimise --capability` records every trial (the first: the file's own edit, full
+    removal); it writes a strength and heads of its own only for a trial confirmed to answer
+    more search problems right than the original; a recorded strength is what the edit then
+    takes (the same bytes as giving it by hand); misuse is one line."""
+    from gguf_abliterate.formats.direction_file import load_direction, save_direction
+
+    out = tmp_path / "pick.safetensors"
+    run = cli("optimise", tiny["qwen2"], "--capability", "arithmetic", "--from", capability_file, "-o", out,
+              "--problems", "8", "--trials", "3")
+    assert run.returncode == 0, run.stderr
+    saved = load_direction(out)
+    search = json.loads(saved.metadata["search"])
+    assert [t["number"] for t in search["trials"]] == [0, 1, 2]
+    assert (search["trials"][0]["heads"], search["trials"][0]["strength"]) == (16, 1.0)
+    assert all(t["kl"] >= 0 and t["answer_ll"] <= 0 for t in search["trials"])
+    confirmed = [t for t in search["trials"] if t["confirmed"] is not None]
+    if "chosen_trial" in saved.metadata:  # a confirmed trial answered more right (by luck, on a random model)
+        chosen = next(t for t in search["trials"] if t["number"] == int(saved.metadata["chosen_trial"]))
+        assert chosen["confirmed"] > search["original_right"] and chosen in confirmed
+        assert float(saved.metadata["edit_strength"]) == pytest.approx(chosen["strength"], rel=1e-5)
+        assert len(saved.metadata["heads"].split(",")) == chosen["heads"] and f"trial {chosen['number']}" in run.stderr
+    else:
+        assert all(t["confirmed"] <= search["original_right"] for t in confirmed)
+        assert "no confirmed trial answered more search problems right" in run.stderr
+        assert "edit_strength" not in saved.metadata
+        assert saved.metadata["heads"] == load_direction(capability_file).metadata["heads"]
+    picked = tmp_path / "strength.safetensors"
+    save_direction(picked, saved.vectors, {**saved.metadata, "edit_strength": "-0.7"}, {})
+    by_file, by_hand = tmp_path / "file.gguf", tmp_path / "hand.gguf"
+    run = cli(tiny["qwen2"], by_file, "--direction", picked)
+    assert run.returncode == 0 and "strength -0.7 from strength.safetensors" in run.stderr, run.stderr
+    assert cli(tiny["qwen2"], by_hand, "--direction", picked, "--scale", "0.7", "--reverse", "-q").returncode == 0
+    assert by_file.read_bytes() == by_hand.read_bytes()
+    for args, says in (([], "--capability needs --from"), (["--from", capability_file, "--judge", tiny["qwen2"]],
+                                                            "drop --judge"),
+                       (["--from", tiny["qwen2"]], "direction files must be")):
+        run = cli("optimise", tiny["qwen2"], "--capability", "arithmetic", "-o", tmp_path / "x.safetensors", *args)
+        assert run.returncode == 1 and says in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    run = cli("optimise", tiny["qwen2"], "-o", tmp_path / "x.safetensors", "--problems", "9")
+    assert run.returncode == 1 and "--problems: only with --capability" in run.stderr
+    assert not (tmp_path / "x.safetensors").exists()

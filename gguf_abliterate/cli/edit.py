@@ -42,7 +42,9 @@ own type; every other tensor is copied byte for byte. OUTPUT appears only when c
               help="Direction file: .npy or .safetensors, one vector (n_embd) or one per block (n_layer, n_embd).")
 @click.option("--reverse", is_flag=True, help="Amplify the direction (W + S u u^T W) instead of removing it.")
 @click.option("--scale", type=Finite(-MAX_STRENGTH, MAX_STRENGTH), default=None,
-              help="Strength S: 1 (the default) removes the component fully; 0 changes nothing.")
+              help="Strength S: 1 (the default) removes the component fully; 0 changes nothing. An "
+                   "`optimise --capability` pick brings its own (edit_strength), used unless --scale or "
+                   "--reverse is given.")
 @click.option("--steer", type=Finite(-MAX_STRENGTH, MAX_STRENGTH), default=None, metavar="S",
               help="Instead of projecting: add S times the behaviour's mean difference (positive minus negative "
                    "prompts, at the direction's block) to that block's MLP output, baked into its ffn_down as a "

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from gguf_abliterate.cli.common import (Command, Finite, InputPath, OutputPath, cli_ui, sayer,
+from gguf_abliterate.cli.common import (Command, Finite, InputName, InputPath, OutputPath, cli_ui, sayer,
     thinking_options, thought_tokens_option, user_errors)
-from gguf_abliterate.errors import Interrupted
+from gguf_abliterate.errors import Interrupted, UserError
 from gguf_abliterate.evaluate.generate import MAX_ANSWER_TOKENS
 from gguf_abliterate.optimise.study import SearchSettings
 from gguf_abliterate.runtime.thinking import Thinking
@@ -73,18 +73,31 @@ D = SearchSettings()  # the defaults, in one place
               help="Fix a parameter instead of searching it (repeatable): direction_index=12.5 or per-block, "
                    "orthogonal=true, attn.peak=1, attn.position, attn.edge, attn.width, mlp.* (mlp.peak=0 "
                    "switches the MLP edit off), experts.* on mixture-of-experts models.")
+@click.option("--capability", metavar="FAMILY|FILE.jsonl", type=InputName(),
+              help="Search a capability edit instead (--from a `direction --capability` file of this family): how "
+                   "many of its heads and how strongly, either sign, against the right answer's likelihood after "
+                   "the model's own working on the search split, with KL on harmless prompts as the second "
+                   "objective; the likeliest front trials are confirmed by greedy accuracy (docs/capability.md).")
+@click.option("--problems", type=click.IntRange(min=8), default=48, show_default=True,
+              help="With --capability: search-split problems each trial reads (never those eval judges on).")
+@click.option("--max-kl", type=Finite(min=0), default=0.05, show_default=True,
+              help="With --capability: largest first-token KL on harmless prompts a pick may cause.")
+@click.option("--max-heads", type=click.IntRange(min=1), default=64, show_default=True,
+              help="With --capability: the trials choose among this many of the direction's highest-ranked heads.")
 @thinking_options
 @thought_tokens_option
 @click.option("--report", type=OutputPath(), metavar="FILE.html",
               help="Also write an HTML report: every trial, the Pareto front with the pick, its strengths per block.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT, the --bake file and the report if they exist.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.pass_context
 @user_errors
-def command(model_path: Path, output: Path | None, trials: int, minutes: float, resume: bool, storage: str | None,
+def command(ctx: click.Context, model_path: Path, output: Path | None, trials: int, minutes: float, resume: bool, storage: str | None,
             join: str | None, measured: Path | None, startup_trials: int, score_prompts: int, kl_tokens: int,
             opening_tokens: int, max_refusals: float, max_thought_growth: float, confirm: int, confirm_tokens: int,
             confirm_prompts: int | None, bake_checks: int,
-            bake: Path | None, patience: int, seed: int, judge: Path | None, fix: tuple[str, ...], thinking: Thinking,
+            bake: Path | None, patience: int, seed: int, judge: Path | None, fix: tuple[str, ...],
+            capability: str | None, problems: int, max_kl: float, max_heads: int, thinking: Thinking,
             thought_tokens: int, report: Path | None, force: bool, quiet: bool) -> None:
     """Search the edit for MODEL on CPU: per-block directions (blended between neighbouring
     blocks, or each block its own, optionally orthogonal to the harmless mean) and per-block
@@ -95,6 +108,15 @@ def command(model_path: Path, output: Path | None, trials: int, minutes: float, 
     The result bakes with `gguf-abliterate MODEL OUT.gguf --direction OUTPUT`."""
     from gguf_abliterate.jobs.optimise import OptimiseRequest, front_table, run_optimise
     from gguf_abliterate.optimise.space import parse_fixed
+
+    capability_only = ("problems", "max_kl", "max_heads")
+    given = {p for p in ctx.params if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT}
+    if capability is not None:
+        search_capability(model_path, output, capability, measured, problems, max_kl, max_heads, trials, minutes,
+                          confirm, seed, force, quiet, given)
+        return
+    if misplaced := sorted(given & set(capability_only)):
+        raise UserError(f"{', '.join('--' + p.replace('_', '-') for p in misplaced)}: only with --capability")
 
     settings = SearchSettings(trials=trials, minutes=minutes, startup_trials=startup_trials,
                               score_prompts=score_prompts, kl_tokens=kl_tokens, max_refusals=max_refusals,
@@ -113,3 +135,26 @@ def command(model_path: Path, output: Path | None, trials: int, minutes: float, 
         raise Interrupted("interrupted after {} trials: {} holds the best so far, unconfirmed (--resume continues "
                           "the study)".format(len(result.records), output) if result.chosen is not None else
                           "interrupted; the finished trials are in the study")
+
+
+def search_capability(model_path: Path, output: Path | None, capability: str, measured: Path | None, problems: int,
+                      max_kl: float, max_heads: int, trials: int, minutes: float, confirm: int, seed: int,
+                      force: bool, quiet: bool, given: set[str]) -> None:
+    """`optimise --capability`: refuse the refusal search's options, run the job, say what it found."""
+    from gguf_abliterate.jobs.capability import CapabilitySearchRequest, run_capability_search
+    from gguf_abliterate.optimise.capability import CapabilitySearch
+
+    shared = {"model_path", "output", "capability", "measured", "problems", "max_kl", "max_heads", "trials",
+              "minutes", "confirm", "seed", "force", "quiet"}
+    if others := sorted(given - shared):
+        raise UserError(f"--capability searches heads and strength: drop "
+                        f"{', '.join('--' + p.replace('_', '-') for p in others)}")
+    if measured is None or output is None:
+        raise UserError("--capability needs --from (a `direction --capability` file) and -o OUTPUT.safetensors")
+    request = CapabilitySearchRequest(model=model_path, capability=capability, direction=measured, output=output,
+                                      problems=problems, seed=seed, max_kl=max_kl, confirm=confirm, force=force,
+                                      search=CapabilitySearch(trials=trials, minutes=minutes, max_heads=max_heads,
+                                                              seed=seed))
+    say = sayer(quiet)
+    for line in run_capability_search(request, cli_ui(quiet)).summary:
+        say(line)

@@ -16,7 +16,10 @@ an array `(n_layer, n_embd)` (row N for block N). Formats:
   What `optimise` finds adds `attn_strength` and `mlp_strength` (the strength per block of
   each component; then `direction` holds one direction per block) and the metadata
   `method`, `trials` (JSON: every trial's parameters and scores) and `chosen_trial`
-  (`save_schedule`). `Direction` gives all of them back.
+  (`save_schedule`). What `direction --capability` measures adds `head_scores` (n_layer x
+  n_head: how much each head writes along the failure side) and the metadata `heads` (the
+  heads its edit changes); what `optimise --capability` picks adds `edit_strength` (the signed
+  strength the edit takes when given no --scale or --reverse). `Direction` gives all of them back.
 
 Vectors need not be unit length; they are normalised here.
 """
@@ -39,6 +42,7 @@ TENSOR_NAME = "direction"
 PER_BLOCK = "directions"
 HARMLESS_MEANS = "harmless_means"
 MLP_INPUT_MEANS = "mlp_input_means"  # per block, the mean input of the MLP down projection (for --steer)
+HEAD_SCORES = "head_scores"  # a capability direction's (n_layer, n_head): each head's write along failure
 STRENGTHS = {"attn": "attn_strength", "mlp": "mlp_strength", "experts": "experts_strength"}  # component -> tensor
 # per-block statistics a measured file holds, one float32 per block (NaN where not measured);
 # harmful/harmless name the positive/negative sets, and `layer_score` is the pack's layer measure
@@ -61,6 +65,7 @@ class Direction:
     harmless_means: np.ndarray | None = None  # (n_layer, n_embd)
     strengths: dict[str, np.ndarray] = field(default_factory=dict)  # component -> (n_layer,): a schedule
     mlp_input_means: np.ndarray | None = None  # (n_layer, n_ff), over every token of the direction prompts
+    head_scores: np.ndarray | None = None  # HEAD_SCORES, of a capability direction
 
     @property
     def trials(self) -> list[dict[str, Any]]:
@@ -155,7 +160,7 @@ def load_direction(path: str | Path) -> Direction:
         raise UserError(f"{path}: per-block strengths need one direction per block, and one strength each")
     return Direction(normalise(array, f"{path.name}"), digest, metadata, extra.get(PER_BLOCK),
                      {k: extra[k] for k in STATISTICS if k in extra}, extra.get(HARMLESS_MEANS), strengths,
-                     extra.get(MLP_INPUT_MEANS))
+                     extra.get(MLP_INPUT_MEANS), extra.get(HEAD_SCORES))
 
 
 def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str], dict[str, np.ndarray]]:
@@ -166,7 +171,7 @@ def _load_safetensors(path: Path) -> tuple[np.ndarray, dict[str, str], dict[str,
             names = list(f.keys())
             if TENSOR_NAME not in names:
                 raise UserError(f"{path}: no tensor named {TENSOR_NAME!r} (has: {', '.join(names) or 'none'})")
-            wanted = (PER_BLOCK, HARMLESS_MEANS, MLP_INPUT_MEANS, *STATISTICS, *RENAMED, *STRENGTHS.values())
+            wanted = (PER_BLOCK, HARMLESS_MEANS, MLP_INPUT_MEANS, HEAD_SCORES, *STATISTICS, *RENAMED, *STRENGTHS.values())
             extra = {RENAMED.get(k, k): f.get_tensor(k) for k in wanted if k in names}
             return f.get_tensor(TENSOR_NAME), dict(f.metadata() or {}), extra
     except (SafetensorError, OSError, TypeError, ValueError, EOFError) as e:

@@ -16,14 +16,17 @@ from gguf_abliterate.direction.capability import DEFAULT_HEADS, CapabilityDirect
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.capability import CapabilityReport, evaluate_capability
 from gguf_abliterate.evaluate.generate import load_for_eval
-from gguf_abliterate.evaluate.problems import INSTRUCTION, problems_for
-from gguf_abliterate.formats.direction_file import SIGN, check_direction_path, save_direction
+from gguf_abliterate.evaluate.problems import INSTRUCTION, is_right, problems_for
+from gguf_abliterate.edit.options import format_heads
+from gguf_abliterate.formats.direction_file import HEAD_SCORES, SIGN, check_direction_path, load_direction, save_direction
 from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
 from gguf_abliterate.jobs.ui import Ui
+from gguf_abliterate.optimise.capability import (CapabilityScorer, CapabilitySearch, CapabilityTrial, HeadAdapters,
+    Scored, forced, front, heads_map, ranked_heads, run_search)
 
 ANSWER_TOKENS = 256  # room to work: the 0.5B's worked answers run about 200 tokens
-HEAD_SCORES = "head_scores"  # the file's (n_layer, n_head) tensor: each head's write along failure
+KL_PROMPTS = 24  # harmless validation prompts a search trial's KL reads, as the refusal search's
 
 
 def capability_input(name: str) -> list[Path]:
@@ -131,3 +134,102 @@ def table(reports: Sequence[CapabilityReport]) -> list[str]:
                "prompts)")
     return out
 
+
+
+@dataclass(frozen=True, kw_only=True)
+class CapabilitySearchRequest:
+    model: Path
+    capability: str  # the family (or problems file) the direction was read from
+    direction: Path  # from `direction --capability`: its per-block directions and head ranking
+    output: Path  # .safetensors: the direction file, with the pick's heads and strength
+    problems: int = 48  # of the search split, which neither the direction nor `eval` reads
+    seed: int = 0
+    max_tokens: int = ANSWER_TOKENS
+    search: CapabilitySearch = CapabilitySearch()
+    max_kl: float = 0.05  # a trial whose first-token KL on harmless prompts exceeds this is no pick
+    confirm: int = 2  # front trials confirmed by greedy accuracy on the search problems, at most
+    force: bool = False
+
+
+@dataclass
+class CapabilitySearchResult:
+    trials: list[CapabilityTrial]
+    base: Scored
+    base_right: int  # the original's greedy right answers to the search problems
+    chosen: CapabilityTrial | None  # None: no confirmed trial beat the original
+    written: Path
+    summary: list[str]
+
+
+def run_capability_search(request: CapabilitySearchRequest, ui: Ui = Ui()) -> CapabilitySearchResult:
+    """`optimise --capability`: the original answers the search problems once; each trial reads
+    the right numbers' likelihood after that working, teacher-forced, and first-token KL; the
+    front's likeliest are confirmed by greedy accuracy; the file written is the direction file
+    with the pick's heads and signed strength (`edit_strength`), which the edit then takes."""
+    r = request
+    check_direction_path(r.output)
+    if r.output.suffix.lower() != ".safetensors":
+        raise UserError(f"{r.output}: the search's pick keeps its heads in its metadata: write a .safetensors file")
+    claim_outputs([r.output], [r.model, r.direction, *capability_input(r.capability)], r.force)
+    direction = load_direction(r.direction)
+    weights = Model(r.model)
+    direction.check_fits(weights.n_layer, weights.n_embd, weights.arch)
+    if direction.head_scores is None or not direction.per_layer:
+        raise UserError(f"{r.direction}: not a capability direction (make one with `direction --capability`)")
+    if direction.behaviour != f"capability:{Path(r.capability).stem}":
+        raise UserError(f"{r.direction} was read from {direction.behaviour}, not capability:{Path(r.capability).stem}")
+    problems = problems_for(r.capability, "search", r.problems, r.seed)
+    if len(problems) < 8:
+        raise UserError(f"{r.capability}: {len(problems)} problems in the search split; the search needs 8 or more")
+    candidates = ranked_heads(direction.head_scores, r.search.max_heads)
+    adapters = HeadAdapters(weights, direction, candidates)
+    prompts = [p.prompt for p in problems]
+    with load_for_eval(r.model) as m:
+        if m.thinks:
+            raise UserError("this model thinks before it answers; capability searches read answers that open at once")
+        with ui.bar(total=len(problems), desc="the original's answers", unit="problem") as bar:
+            original = m.greedy_answers(prompts, r.max_tokens, bar.update)
+        base_right = sum(is_right(p, a.reply) for p, a in zip(problems, original))
+        scorer = CapabilityScorer(m, forced(m, problems, original), P.default_prompts("validation")[1][:KL_PROMPTS])
+        ui.say(f"the original: {base_right}/{len(problems)} search problems right; the right number's mean "
+               f"log-likelihood after its own working {scorer.base.answer_ll:.3f} (the likeliest continuation on "
+               f"{scorer.base.forced_right})")
+        with ui.bar(total=r.search.trials, desc="trials", unit="trial") as bar:
+            def shown(t: CapabilityTrial) -> None:
+                bar.update(1)
+                bar.set_postfix(heads=t.heads, strength=f"{t.strength:+.2f}", ll=f"{t.scored.answer_ll:.3f}",
+                                kl=f"{t.scored.kl:.4f}")
+            trials = run_search(scorer, adapters, r.search, shown)
+        better = [t for t in front(trials, r.max_kl) if t.scored.answer_ll > scorer.base.answer_ll][: r.confirm]
+        with ui.bar(total=len(better), desc="confirming by greedy answers", unit="trial") as bar:
+            for t in better:
+                m.set_adapter(adapters.edit(t.heads, t.strength))
+                try:
+                    answers = m.greedy_answers(prompts, r.max_tokens)
+                finally:
+                    m.set_adapter(None)
+                t.confirmed = sum(is_right(p, a.reply) for p, a in zip(problems, answers))
+                bar.update(1)
+    passing = [t for t in better if (t.confirmed or 0) > base_right]
+    chosen = max(passing, key=lambda t: (t.confirmed or 0, t.scored.answer_ll), default=None)
+    summary = [f"{len(trials)} trials; {len(better)} confirmed (front trials within KL {r.max_kl:g} whose right "
+               f"numbers are likelier than the original's): "
+               + (", ".join(f"trial {t.number} ({t.heads} heads, strength {t.strength:+.2f}) {t.confirmed}/"
+                            f"{len(problems)}" for t in better) or "none")]
+    heads = candidates[: chosen.heads] if chosen is not None else None
+    meta = {**direction.metadata,
+            "search": json.dumps({"problems": len(problems), "seed": r.seed, "original_right": base_right,
+                                  "original_answer_ll": scorer.base.answer_ll, "max_kl": r.max_kl,
+                                  "trials": [t.to_json() for t in trials]})}
+    if chosen is not None and heads is not None:
+        meta.update(heads=format_heads(heads_map(heads)), edit_strength=f"{chosen.strength:.6g}",
+                    chosen_trial=str(chosen.number))
+        summary.append(f"wrote {r.output}: trial {chosen.number}, the top {chosen.heads} heads at strength "
+                       f"{chosen.strength:+.3g}, {chosen.confirmed}/{len(problems)} right against the original's "
+                       f"{base_right} on the search split (judge it on held-out problems: `eval --capability`)")
+    else:
+        summary.append(f"no confirmed trial answered more search problems right than the original ({base_right}/"
+                       f"{len(problems)}): wrote {r.output} with the direction's own heads and no strength of its own")
+    extra = {HEAD_SCORES: direction.head_scores, **{k: v for k, v in direction.statistics.items()}}
+    save_direction(r.output, direction.vectors, meta, extra)
+    return CapabilitySearchResult(trials, scorer.base, base_right, chosen, r.output, summary)

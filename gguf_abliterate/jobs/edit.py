@@ -8,7 +8,7 @@ rounds by, the output form), then plans and writes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +92,7 @@ def run_edit(request: EditRequest, ui: Ui = Ui()) -> EditResult:
                   [*(p.path for p in model.parts), r.direction, *([r.statistics] if r.statistics else [])], r.force)
     direction = load_direction(r.direction)
     direction.check_fits(model.n_layer, model.n_embd, model.arch)
+    r = _strength_from_file(r, direction, ui)
     rounding, stored = _rounding(r, model, direction, ui)
     opts = EditOptions(reverse=r.reverse, scale=1.0 if r.scale is None else r.scale,
                        layers=parse_layers(r.layers, model.n_layer), embeddings=r.embeddings,
@@ -138,6 +139,23 @@ def run_edit(request: EditRequest, ui: Ui = Ui()) -> EditResult:
                                "share of the removed component put back")
     summary.append(f"wrote {', '.join(str(p) for p in written)}")
     return EditResult(written, summary, report)
+
+
+def _strength_from_file(r: EditRequest, direction: Direction, ui: Ui) -> EditRequest:
+    """A capability search's pick records its signed strength (`edit_strength`: positive removes
+    the component, negative amplifies it); the edit takes it unless told --scale or --reverse."""
+    given = direction.metadata.get("edit_strength")
+    if given is None or r.scale is not None or r.reverse or r.steer is not None:
+        return r
+    try:
+        value = float(given)
+    except ValueError:
+        raise UserError(f"{r.direction}: edit_strength {given[:40]!r} is not a number") from None
+    if not np.isfinite(value):
+        raise UserError(f"{r.direction}: edit_strength {given[:40]!r} is not a finite number")
+    ui.say(f"strength {value:+g} from {r.direction.name} (the search's pick, "
+           f"{'amplifying' if value < 0 else 'removing'} the component; --scale or --reverse overrides it)")
+    return replace(r, scale=abs(value), reverse=value < 0)
 
 
 def _refuse_combinations(r: EditRequest, budget: float | None) -> None:
