@@ -152,7 +152,9 @@ def search_capability(model_path: Path, output: Path | None, capability: str, me
     if measured is None or output is None:
         raise UserError("--capability needs --from (a `direction --capability` file) and -o OUTPUT.safetensors")
     request = CapabilitySearchRequest(model=model_path, capability=capability, direction=measured, output=output,
-                                      problems=problems, seed=seed, max_kl=max_kl, confirm=confirm, force=force,
+                                      problems=problems, seed=seed, max_kl=max_kl, force=force,
+                                      # the refusal search's default --confirm (6) is not this search's (2)
+                                      **({"confirm": confirm} if "confirm" in given else {}),
                                       search=CapabilitySearch(trials=trials, minutes=minutes, max_heads=max_heads,
                                                               seed=seed))
     say = sayer(quiet)

@@ -216,13 +216,12 @@ def run_capability_search(request: CapabilitySearchRequest, ui: Ui = Ui()) -> Ca
                f"numbers are likelier than the original's): "
                + (", ".join(f"trial {t.number} ({t.heads} heads, strength {t.strength:+.2f}) {t.confirmed}/"
                             f"{len(problems)}" for t in better) or "none")]
-    heads = candidates[: chosen.heads] if chosen is not None else None
     meta = {**direction.metadata,
             "search": json.dumps({"problems": len(problems), "seed": r.seed, "original_right": base_right,
                                   "original_answer_ll": scorer.base.answer_ll, "max_kl": r.max_kl,
                                   "trials": [t.to_json() for t in trials]})}
-    if chosen is not None and heads is not None:
-        meta.update(heads=format_heads(heads_map(heads)), edit_strength=f"{chosen.strength:.6g}",
+    if chosen is not None:
+        meta.update(heads=format_heads(heads_map(candidates[: chosen.heads])), edit_strength=f"{chosen.strength:.6g}",
                     chosen_trial=str(chosen.number))
         summary.append(f"wrote {r.output}: trial {chosen.number}, the top {chosen.heads} heads at strength "
                        f"{chosen.strength:+.3g}, {chosen.confirmed}/{len(problems)} right against the original's "
@@ -230,6 +229,6 @@ def run_capability_search(request: CapabilitySearchRequest, ui: Ui = Ui()) -> Ca
     else:
         summary.append(f"no confirmed trial answered more search problems right than the original ({base_right}/"
                        f"{len(problems)}): wrote {r.output} with the direction's own heads and no strength of its own")
-    extra = {HEAD_SCORES: direction.head_scores, **{k: v for k, v in direction.statistics.items()}}
+    extra = {HEAD_SCORES: direction.head_scores, **direction.statistics}
     save_direction(r.output, direction.vectors, meta, extra)
     return CapabilitySearchResult(trials, scorer.base, base_right, chosen, r.output, summary)
