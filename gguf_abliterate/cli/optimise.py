@@ -21,9 +21,10 @@ D = SearchSettings()  # the defaults, in one place
 @click.option("-o", "--output", type=OutputPath(),
               help="Where the result goes (.safetensors): every trial, and the chosen one ready to bake.")
 @click.option("--trials", type=click.IntRange(min=1), default=D.trials, show_default=True,
-              help="Finished trials to run, over all workers of the study.")
+              help="Finished trials to run, over all workers of the study (--capability: 40 unless given).")
 @click.option("--minutes", type=Finite(min=0, min_open=True), default=D.minutes, show_default=True,
-              help="Start no trial after this long (the pick's confirmation comes after).")
+              help="Start no trial after this long (the pick's confirmation comes after; --capability: 30 unless "
+                   "given, its trials cost minutes).")
 @click.option("--resume", is_flag=True, help="Continue the study stored beside OUTPUT (or in --storage).")
 @click.option("--storage", metavar="URL",
               help="Optuna storage URL for the study (sqlite:///x.db, postgresql://..., mysql://...). "
@@ -155,8 +156,10 @@ def search_capability(model_path: Path, output: Path | None, capability: str, me
                                       problems=problems, seed=seed, max_kl=max_kl, force=force,
                                       # the refusal search's default --confirm (6) is not this search's (2)
                                       **({"confirm": confirm} if "confirm" in given else {}),
-                                      search=CapabilitySearch(trials=trials, minutes=minutes, max_heads=max_heads,
-                                                              seed=seed))
+                                      # nor are its --trials and --minutes: a capability trial costs minutes
+                                      search=CapabilitySearch(max_heads=max_heads, seed=seed,
+                                                              **({"trials": trials} if "trials" in given else {}),
+                                                              **({"minutes": minutes} if "minutes" in given else {})))
     say = sayer(quiet)
     for line in run_capability_search(request, cli_ui(quiet)).summary:
         say(line)

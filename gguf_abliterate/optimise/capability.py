@@ -152,7 +152,7 @@ class CapabilityTrial:
 @dataclass(frozen=True, kw_only=True)
 class CapabilitySearch:
     trials: int = 40
-    minutes: float = 10.0
+    minutes: float = 30.0  # a trial reads every search problem's whole working: 160 s on the 0.5B at 48
     max_heads: int = 64  # the ranking's top this many are the candidates
     strengths: tuple[float, float] = (-1.0, 2.0)  # the signed strength's range
     seed: int = 0
