@@ -25,7 +25,7 @@ from gguf_abliterate.gguf_io import Model
 from gguf_abliterate.jobs.ui import Ui
 from gguf_abliterate.report import claim_report
 from gguf_abliterate.runtime.llama import LlamaModel
-from gguf_abliterate.runtime.thinking import Thinking
+from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking
 
 AGREES = 0.9  # below this, the direction measured here is not the file's (other model, prompts or position)
 
@@ -70,8 +70,10 @@ def run_explain(request: ExplainRequest, ui: Ui = Ui()) -> ExplainResult:
     with LlamaModel(r.model, thinking=r.thinking, room_for_thoughts=True) as model:
         asked = asked_tokens(model, r.tokens, pack.name)  # a --token that is no token fails before the passes
         position = Position(d.metadata.get("position", DEFAULT_POSITION.value))
-        sets = [at_position(model, s, position, ui.bar) for s in pack.direction_sets()]
-        mine = list(zip(yours, at_position(model, yours, position, ui.bar)))
+        # the thoughts' budget the direction was read with, so the readings here are its own
+        budget = int(d.metadata.get("thought_tokens", THOUGHT_BUDGET))
+        sets = [at_position(model, s, position, ui.bar, budget) for s in pack.direction_sets()]
+        mine = list(zip(yours, at_position(model, yours, position, ui.bar, budget)))
         seen = capture(model, sets[0], sets[1], mine, ui.bar)
         x = explain(meta, model.piece, d, blocks, seen, r.top, ui.bar, pack.name, asked)
     result = ExplainResult(x, _summary(x, d, r.direction.name))
