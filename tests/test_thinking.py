@@ -286,6 +286,26 @@ def test_a_thinking_direction_records_where_it_was_read(tiny: dict[str, Path], t
     assert "reasoning" not in load_direction(plain).metadata
 
 
+def test_a_converging_capture_generates_no_thought_it_does_not_read(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """At `thought`, each capture step generates its own prompts' thoughts: two sets (100 lines of
+    each make the direction) that differ the same way in every pair converge at 32 + 32, and no
+    thought of the prompts not read is generated (every thought bar counts one step's prompts,
+    never a whole set)."""
+    import re
+
+    from gguf_abliterate.direction.measure import CAPTURE_STEP, MIN_PAIRS
+
+    bad, good = tmp_path / "bad.txt", tmp_path / "good.txt"
+    bad.write_text("\n".join(f"item {i} of the list, then zebra zebra zebra" for i in range(200)))
+    good.write_text("\n".join(f"item {i} of the list, then apple apple apple" for i in range(200)))
+    run = cli("direction", tiny["think-deepseek-r1"], "-o", tmp_path / "d.safetensors", "--harmful", bad,
+              "--harmless", good, "--layer", "1", "--position", "thought", "--thought-tokens", "2")
+    assert run.returncode == 0, run.stderr
+    assert f"the direction converged at {MIN_PAIRS} + {MIN_PAIRS} prompts" in run.stderr
+    totals = {int(t) for t in re.findall(r"the model's own thoughts:[^\r\n]*?\d+/(\d+)", run.stderr)}
+    assert totals == {CAPTURE_STEP}
+
+
 @pytest.mark.parametrize(("model", "args", "says"), [
     ("llama-chat", ["--thinking", "on"], "no thinking form; it supports none"),
     ("think-deepseek-r1", ["--thinking", "off"], "cannot stop thinking; it supports deepseek-r1"),

@@ -45,7 +45,7 @@ from gguf_abliterate.gguf_io.atomic import claim_outputs
 from gguf_abliterate.jobs.ui import Ui
 from gguf_abliterate.quants.rounding import column_block
 from gguf_abliterate.report import claim_report
-from gguf_abliterate.runtime.llama import LlamaModel
+from gguf_abliterate.runtime.llama import LlamaModel, Prompt
 from gguf_abliterate.runtime.stages import Stage, Stages
 from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking
 
@@ -177,17 +177,23 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
     report, what `explain` reads; and the direction's split-half agreement. llama.cpp's
     capture stops once that agreement says more prompts would not move the direction."""
     texts = pack.direction_sets()
-    d_pos, d_neg = (at_position(model, s, r.position or DEFAULT_POSITION, ui.bar, r.thought_tokens) for s in texts)
+
+    def placed(prompts: list[str]) -> list[Prompt]:
+        """As read at the position; at `thought`, each step's thoughts generated only when it is
+        read, so a capture that converges early generates no thought it does not read."""
+        return at_position(model, prompts, r.position or DEFAULT_POSITION, ui.bar, r.thought_tokens)
+
     if r.engine is Engine.TORCH:
         from gguf_abliterate.runtime.torch_pass import TorchModel
 
         tm = TorchModel(meta)
         ui.say("computing residuals with the torch engine")
-        pos_t, neg_t = tm.last_token_residuals(model.encode(d_pos)), tm.last_token_residuals(model.encode(d_neg))
+        pos_t, neg_t = (tm.last_token_residuals(model.encode(placed(s))) for s in texts)
         return (difference_of_means(pos_t, neg_t), None, None, None,
                 (len(pos_t), len(neg_t), split_half_agreement(pos_t, neg_t, candidate_layers(model.n_layer))))
     pos, neg, order = [], [], []  # captured in steps; `order`: which rows the report's inputs keep
     candidates = candidate_layers(model.n_layer)
+    d_pos, d_neg = texts
     with (ui.bar(total=len(d_pos) + len(d_neg), desc="residuals", unit="prompt") as bar, model.mlp_inputs() as mlp,
           model.input_moments(column_block) as moments,
           model.last_inputs() if r.report else nullcontext() as inputs):  # for the report's reading (explain)
@@ -195,7 +201,7 @@ def _measure(r: DirectionRequest, pack: Pack, meta: Model, model: LlamaModel, ke
             for have, prompts in ((pos, d_pos), (neg, d_neg)):
                 step = prompts[len(have) : len(have) + CAPTURE_STEP]
                 if step:
-                    have.extend(model.residuals(step, bar.update, share_prefix=True))
+                    have.extend(model.residuals(placed(step), bar.update, share_prefix=True))
                     order.extend([have is pos] * len(step))
             if min(len(pos), len(neg)) >= MIN_PAIRS and (len(pos) < len(d_pos) or len(neg) < len(d_neg)):
                 agreement = split_half_agreement(np.stack(pos), np.stack(neg), candidates)
