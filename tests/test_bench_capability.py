@@ -13,13 +13,15 @@ from gguf_abliterate.evaluate.problems import problems_for
 from tools.bench_capability import chunks, pooled
 
 RULES = ("a % 2 == 0", "a % 3 != 0", "a % 5 != 0")  # original, edit, control: right when true
+FINISHED = ("a % 7 != 0", "True", "a % 11 != 0")  # and finished within the budget
 STAND_IN = f"""
 import json, sys
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 answers = [json.loads(line)["answer"] for line in open(args["--capability"])]
 models = [{{"correct": [bool(eval(rule, {{"a": a}})) for a in answers], "mean_tokens": 100.0,
+           "finished": [bool(eval(done, {{"a": a}})) for a in answers],
            "total": len(answers), "unfinished": 1, "kl_vs_base": 0.0 if i else None}}
-          for i, rule in enumerate({RULES!r})]
+          for i, (rule, done) in enumerate(zip({RULES!r}, {FINISHED!r}))]
 json.dump({{"models": models}}, open(args["--json"], "w"))
 """
 
@@ -41,5 +43,14 @@ def test_slices_resume_and_pool(tmp_path: Path) -> None:
     edit = Paired.of(right[0], right[1])
     assert f"+{edit.gained} / -{edit.lost} | {edit.p_value:.3g}" in table
     against = Paired.of(right[2], right[1])
-    assert table.endswith(f"+{against.gained} / -{against.lost}, p = {against.p_value:.3g}")
+    assert f"edit against the control, paired: +{against.gained} / -{against.lost}, p = {against.p_value:.3g}" in table
+    done = [a % 7 != 0 and a % 11 != 0 for a in answers]  # finished by all three
+    kept = [[r for r, d in zip(rs, done) if d] for rs in right]
+    edit_done = Paired.of(kept[0], kept[1])
+    assert table.splitlines()[-1] == (
+        f"on the {sum(done)} problems all three finished within the budget: right {sum(kept[0])} / {sum(kept[1])} / "
+        f"{sum(kept[2])} (original / edit / control); edit vs original +{edit_done.gained} / -{edit_done.lost}, "
+        f"p = {edit_done.p_value:.3g}; control vs original +{Paired.of(kept[0], kept[2]).gained} / "
+        f"-{Paired.of(kept[0], kept[2]).lost}, p = {Paired.of(kept[0], kept[2]).p_value:.3g}")
+    assert 0 < sum(done) < 50
     assert pooled(tmp_path, "transfer") == []

@@ -288,6 +288,7 @@ def test_capability_commands_on_a_tiny_model(tiny: dict[str, Path], tmp_path: Pa
     saved = json.loads(out.read_text())
     assert len(saved["problems"]) == 6 and saved["settings"]["split"] == "heldout"
     assert all(len(m["answers"]) == 6 for m in saved["models"])
+    assert all(sum(not f for f in m["finished"]) == m["unfinished"] for m in saved["models"])
     held = {p["question"] for p in saved["problems"]}
     assert held <= {p.question for p in load_problems(f, "heldout")}
     d = tmp_path / "d.safetensors"

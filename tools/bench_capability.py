@@ -113,10 +113,21 @@ def pooled(w: Path, name: str) -> list[str]:
         rows.append(f"| {label} | {right}/{n} | {right / n:.1%} [{lo:.1%}, {hi:.1%}] | {vs} | {tokens:.0f} | {cut} | "
                     + ("-" if kl is None else f"{kl:.4f}") + " |")
     against = Paired.of(correct[2], correct[1])
-    return [f"{len(correct[0])} problems in {len(parts)} slices", "",
-            "| model | right | accuracy (95% CI) | vs original: gained / lost | p (McNemar) | tokens | cut | KL |",
-            "|---|---|---|---|---|---|---|---|", *rows, "",
-            f"edit against the control, paired: +{against.gained} / -{against.lost}, p = {against.p_value:.3g}"]
+    out = [f"{len(correct[0])} problems in {len(parts)} slices", "",
+           "| model | right | accuracy (95% CI) | vs original: gained / lost | p (McNemar) | tokens | cut | KL |",
+           "|---|---|---|---|---|---|---|---|", *rows, "",
+           f"edit against the control, paired: +{against.gained} / -{against.lost}, p = {against.p_value:.3g}"]
+    if all("finished" in m[i] for m in models for i in range(3)):
+        # an answer cut by the budget is read by its last number, mostly wrong: an edit that only
+        # makes answers shorter gains there; on the problems every model finished it cannot
+        done = np.array([all(f) for f in zip(*(sum((m[i]["finished"] for m in models), []) for i in range(3)))])
+        kept = [np.asarray(c)[done] for c in correct]
+        edit, ctrl = Paired.of(kept[0], kept[1]), Paired.of(kept[0], kept[2])
+        out.append(f"on the {int(done.sum())} problems all three finished within the budget: right "
+                   f"{' / '.join(str(int(k.sum())) for k in kept)} (original / edit / control); edit vs original "
+                   f"+{edit.gained} / -{edit.lost}, p = {edit.p_value:.3g}; control vs original +{ctrl.gained} / "
+                   f"-{ctrl.lost}, p = {ctrl.p_value:.3g}")
+    return out
 
 
 def main() -> None:

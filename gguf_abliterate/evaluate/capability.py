@@ -71,6 +71,7 @@ class CapabilityReport:
     correct: list[bool] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
     values: list[int | None] = field(default_factory=list)  # the number read from each answer
+    finished: list[bool] = field(default_factory=list)  # each answer ended within the budget
 
     @property
     def accuracy(self) -> float:
@@ -94,7 +95,8 @@ def evaluate_capability(paths: Sequence[Path], problems: Sequence[Problem], max_
         report = CapabilityReport(str(path), right, len(problems), wilson(right, len(problems)),
                                   float(np.mean([len(a.tokens) for a in answers])),
                                   sum(not a.finished for a in answers), kl_vs_base=divergence, correct=correct,
-                                  answers=[a.reply for a in answers], values=values)
+                                  answers=[a.reply for a in answers], values=values,
+                                  finished=[a.finished for a in answers])
         if reports:
             report.paired = Paired.of(reports[0].correct, correct)
         reports.append(report)
