@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from gguf_abliterate.evaluate.capability import Paired
 from gguf_abliterate.evaluate.problems import problems_for
 from tools.bench_capability import chunks, pooled
@@ -22,7 +24,8 @@ models = [{{"correct": [bool(eval(rule, {{"a": a}})) for a in answers], "mean_to
            "finished": [bool(eval(done, {{"a": a}})) for a in answers],
            "total": len(answers), "unfinished": 1, "kl_vs_base": 0.0 if i else None}}
           for i, (rule, done) in enumerate(zip({RULES!r}, {FINISHED!r}))]
-json.dump({{"models": models}}, open(args["--json"], "w"))
+json.dump({{"settings": {{"max_tokens": int(args.get("--max-tokens", 256))}}, "models": models}},
+          open(args["--json"], "w"))
 """
 
 
@@ -54,3 +57,7 @@ def test_slices_resume_and_pool(tmp_path: Path) -> None:
         f"-{Paired.of(kept[0], kept[2]).lost}, p = {Paired.of(kept[0], kept[2]).p_value:.3g}")
     assert 0 < sum(done) < 50
     assert pooled(tmp_path, "transfer") == []
+    # a slice answered with another budget is not pooled with the rest
+    chunks(tmp_path, "heldout", "arithmetic", 60, 10, [*stand_in, "--max-tokens", "512"])
+    with pytest.raises(SystemExit, match="different budgets"):
+        pooled(tmp_path, "heldout")

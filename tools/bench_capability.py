@@ -1,7 +1,8 @@
 """A capability edit against the original and a random control, on held-out problems.
 
     python tools/bench_capability.py --work DIR --direction D.safetensors [MODEL] [--problems 500]
-        [--chunk 100] [--transfer percent] [--transfer-problems N] [--scale S] [--reverse] [--seed 0]
+        [--chunk 100] [--max-tokens N] [--transfer percent] [--transfer-problems N] [--scale S] [--reverse]
+        [--seed 0]
 
 The direction file comes from `direction --capability` (it names its family and heads) or from
 `optimise --capability` (its pick's heads, and the signed strength the edit takes). Made
@@ -100,7 +101,12 @@ def pooled(w: Path, name: str) -> list[str]:
     parts = sorted(w.glob(f"{name}-*.json"), key=lambda f: int(f.stem.rsplit("-", 1)[1]))
     if not parts:
         return []
-    models = [json.loads(f.read_text())["models"] for f in parts]
+    saved = [json.loads(f.read_text()) for f in parts]
+    budgets = {s.get("settings", {}).get("max_tokens") for s in saved}
+    if len(budgets) > 1:
+        raise SystemExit(f"{w}: the {name} slices were answered with different budgets ({sorted(budgets)}): "
+                         f"pool one budget per work folder")
+    models = [s["models"] for s in saved]
     rows = []
     correct = [sum((m[i]["correct"] for m in models), []) for i in range(3)]
     for i, label in enumerate(("original", "capability edit", "random control")):
@@ -137,6 +143,7 @@ def main() -> None:
     ap.add_argument("--direction", type=Path, required=True)
     ap.add_argument("--problems", type=int, default=500)
     ap.add_argument("--chunk", type=int, default=100, help="problems per evaluation run (a stopped run resumes)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="each answer's budget (default: eval's)")
     ap.add_argument("--transfer", default="percent", help="a family the direction never saw ('' to skip)")
     ap.add_argument("--transfer-problems", type=int, default=None, help="default: --problems")
     ap.add_argument("--scale", type=float, default=None,
@@ -163,7 +170,8 @@ def main() -> None:
         times["control"] = run([*cli, str(model_path), str(control), "--direction", str(control_dir), "--scale",
                                 str(abs(signed) * factor), *flags], w / "control.log")
     lines = []
-    evaluate = [*cli, "eval", str(model_path), str(edit), str(control), "-q", "--samples", "0"]
+    evaluate = [*cli, "eval", str(model_path), str(edit), str(control), "-q", "--samples", "0",
+                *(["--max-tokens", str(a.max_tokens)] if a.max_tokens else [])]
     for name, fam, count in (("heldout", family, a.problems), ("transfer", a.transfer, a.transfer_problems or a.problems)):
         if fam:
             times.update(chunks(w, name, fam, count, a.chunk, evaluate))
