@@ -15,6 +15,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # `direction` caches input statistics that change what a default edit writes: never in the
 # user's cache, and (fixture below) per test, so no test's edit depends on another's run
 os.environ["GGUF_ABLITERATE_MOMENTS"] = tempfile.mkdtemp(prefix="moments-")
+# `direction --capability`'s answer logs (resuming a stopped run): never in the user's cache either
+os.environ["GGUF_ABLITERATE_ANSWERS"] = tempfile.mkdtemp(prefix="answers-")
 
 import click
 import numpy as np

@@ -303,6 +303,37 @@ def test_capability_commands_on_a_tiny_model(tiny: dict[str, Path], tmp_path: Pa
     assert run.returncode == 1 and "write a .safetensors file" in run.stderr
 
 
+def test_a_stopped_labelling_resumes_from_its_log(tiny: dict[str, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers are logged a batch at a time; a run that finds the log (a batch and a line cut by
+    the stop) takes those answers as they are and generates only the rest; the command removes
+    the log once the direction is written, or when the answers cannot make one."""
+    from gguf_abliterate.direction.answer_log import AnswerLog, answers_dir
+    from gguf_abliterate.direction.capability import LOG_BATCH, label
+    from gguf_abliterate.runtime.llama import LlamaModel
+
+    monkeypatch.setenv("GGUF_ABLITERATE_ANSWERS", str(tmp_path / "answers"))
+    problems = generate("arithmetic", "direction", LOG_BATCH + 6)
+    log = AnswerLog("digest", [p.prompt for p in problems], 3)
+    with LlamaModel(tiny["qwen2"]) as m:
+        whole = label(m, problems, 3, log=log)
+        lines = log.path.read_text().splitlines()
+        assert len(lines) == len(problems)
+        log.path.write_text("\n".join(lines[:LOG_BATCH]) + "\n" + lines[LOG_BATCH][:20])  # stopped mid-write
+        counted: list[int] = []
+        again = label(m, problems, 3, counted.append, log)
+    assert counted[0] == LOG_BATCH and sum(counted) == len(problems)  # the logged ones, then the rest
+    assert [a.tokens for a in again.answers] == [a.tokens for a in whole.answers]
+    assert (again.right == whole.right).all() and len(log.load()) == len(problems)
+    assert AnswerLog("digest", [p.prompt for p in problems], 4).path != log.path  # another budget: another log
+    f = tmp_path / "sums.jsonl"
+    f.write_text("\n".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": 2 * i}) for i in range(80)))
+    run = cli("direction", tiny["qwen2"], "-o", tmp_path / "d.safetensors", "--capability", f, "--problems", "16",
+              "-q", env={"GGUF_ABLITERATE_ANSWERS": str(answers_dir())})
+    assert run.returncode == 1 and "needs at least 8 right" in run.stderr
+    assert [p.name for p in answers_dir().iterdir()] == [log.path.name]  # the command's own log is gone
+
+
 def test_worked_answers() -> None:
     from gguf_abliterate.direction.capability import worked
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from gguf import MODEL_TENSOR
 
+from gguf_abliterate.direction.answer_log import AnswerLog
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.problems import Problem, is_right
 from gguf_abliterate.formats.direction_file import normalise
@@ -33,6 +34,7 @@ from gguf_abliterate.runtime.llama import Answer, LlamaModel
 
 MIN_EACH = 8  # right and wrong answers each needed for a difference of means worth reading
 DEFAULT_HEADS = 20  # ThinkEdit's order of magnitude: about 5% of a small model's heads
+LOG_BATCH = 64  # problems answered between two writes of the answer log (eval's sequences per batch)
 
 
 @dataclass
@@ -53,9 +55,21 @@ class Labelled:
 
 
 def label(model: LlamaModel, problems: Sequence[Problem], budget: int,
-          progress: Callable[[int], None] = lambda n: None) -> Labelled:
-    """Greedy answers within `budget` tokens, labelled by the problems' checker."""
-    answers = model.greedy_answers([p.prompt for p in problems], budget, progress)
+          progress: Callable[[int], None] = lambda n: None, log: AnswerLog | None = None) -> Labelled:
+    """Greedy answers within `budget` tokens, labelled by the problems' checker. With `log`, the
+    answers it holds are taken as they are, and the rest are generated `LOG_BATCH` problems at
+    a time, each batch logged as it is done."""
+    kept = log.load() if log is not None else {}
+    todo = [p.prompt for p in problems if p.prompt not in kept]
+    progress(len(problems) - len(todo))
+    step = LOG_BATCH if log is not None else max(1, len(todo))
+    for start in range(0, len(todo), step):
+        prompts = todo[start : start + step]
+        answers = model.greedy_answers(prompts, budget, progress)
+        if log is not None:
+            log.add(prompts, answers)
+        kept.update(zip(prompts, answers))
+    answers = [kept[p.prompt] for p in problems]
     return Labelled(list(problems), answers, np.array([is_right(p, a.reply) for p, a in zip(problems, answers)], bool))
 
 

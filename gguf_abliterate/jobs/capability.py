@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gguf_abliterate.direction import prompts as P
+from gguf_abliterate.direction.answer_log import AnswerLog
 from gguf_abliterate.direction.capability import DEFAULT_HEADS, CapabilityDirection, Findable, label, measure
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.capability import CapabilityReport, evaluate_capability
@@ -20,6 +21,7 @@ from gguf_abliterate.evaluate.problems import INSTRUCTION, is_right, problems_fo
 from gguf_abliterate.edit.options import format_heads
 from gguf_abliterate.formats.direction_file import HEAD_SCORES, SIGN, check_direction_path, load_direction, save_direction
 from gguf_abliterate.gguf_io import Model
+from gguf_abliterate.gguf_io.model import model_digest
 from gguf_abliterate.gguf_io.atomic import claim_outputs, write_text
 from gguf_abliterate.jobs.ui import Ui
 from gguf_abliterate.optimise.capability import (CapabilityScorer, CapabilitySearch, CapabilityTrial, HeadAdapters,
@@ -64,17 +66,25 @@ def run_capability_direction(request: CapabilityDirectionRequest, ui: Ui = Ui())
     if len(problems) < r.problems:
         ui.say(f"note: {r.capability} has {len(problems)} problems in the direction split, not {r.problems}")
     weights = Model(r.model)
+    log = AnswerLog(model_digest(weights), [p.prompt for p in problems], r.max_tokens)
     with load_for_eval(r.model) as m:
         if m.thinks:
             raise UserError("this model thinks before it answers; capability directions are read from answers that "
                             "open at once (models that think are not covered yet)")
+        if kept := len(log.load()):
+            ui.say(f"resuming: {kept} of the {len(problems)} answers were given before the run was stopped "
+                   f"({log.path})")
         with ui.bar(total=len(problems), desc="answering", unit="problem") as bar:
-            labelled = label(m, problems, r.max_tokens, bar.update)
-        findable = Findable.of(labelled)
-        for line in findable.lines():
-            ui.say(line)
-        with ui.bar(total=len(problems), desc="reading the answers", unit="problem") as bar:
-            measured = measure(m, weights, labelled, r.heads, bar.update)
+            labelled = label(m, problems, r.max_tokens, bar.update, log)
+        try:
+            findable = Findable.of(labelled)
+            for line in findable.lines():
+                ui.say(line)
+            with ui.bar(total=len(problems), desc="reading the answers", unit="problem") as bar:
+                measured = measure(m, weights, labelled, r.heads, bar.update)
+        except UserError:  # about the answers themselves: a rerun would give the same
+            log.remove()
+            raise
     meta = {"behaviour": f"capability:{Path(r.capability).stem}", "sign": SIGN,
             "positive": "the model's right answers", "negative": "its wrong answers",
             "layer_convention": "l_out-L: residual stream after block L, averaged over each answer's tokens",
@@ -83,6 +93,7 @@ def run_capability_direction(request: CapabilityDirectionRequest, ui: Ui = Ui())
             "max_tokens": str(r.max_tokens), "instruction": INSTRUCTION, "findable": json.dumps(asdict(findable))}
     save_direction(r.output, measured.directions, meta,
                    {"diff_norm": measured.diff_norms, HEAD_SCORES: measured.head_scores})
+    log.remove()
     return CapabilityDirectionResult(findable, measured, r.output)
 
 
