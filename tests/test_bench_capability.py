@@ -41,6 +41,8 @@ def test_slices_resume_and_pool(tmp_path: Path) -> None:
     right = [[bool(eval(rule, {"a": a})) for a in answers] for rule in RULES]
     table = "\n".join(pooled(tmp_path, "heldout"))
     assert table.startswith("50 problems in 5 slices")
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 5 and len({row.count("|") for row in rows}) == 1  # every row has every column
     for label, r in zip(("original", "capability edit", "random control"), right):
         assert f"| {label} | {sum(r)}/50 |" in table
     edit = Paired.of(right[0], right[1])

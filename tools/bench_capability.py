@@ -115,7 +115,7 @@ def pooled(w: Path, name: str) -> list[str]:
         tokens = sum(m[i]["mean_tokens"] * m[i]["total"] for m in models) / n
         cut = sum(m[i]["unfinished"] for m in models)
         kl = models[0][i]["kl_vs_base"]
-        vs = "-" if i == 0 else "+{0.gained} / -{0.lost} | {0.p_value:.3g}".format(Paired.of(correct[0], correct[i]))
+        vs = "- | -" if i == 0 else "+{0.gained} / -{0.lost} | {0.p_value:.3g}".format(Paired.of(correct[0], correct[i]))
         rows.append(f"| {label} | {right}/{n} | {right / n:.1%} [{lo:.1%}, {hi:.1%}] | {vs} | {tokens:.0f} | {cut} | "
                     + ("-" if kl is None else f"{kl:.4f}") + " |")
     against = Paired.of(correct[2], correct[1])
