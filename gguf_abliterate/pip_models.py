@@ -77,6 +77,12 @@ def cache_dir() -> Path:
     return Path(base) / "gguf-abliterate"
 
 
+def cache_subdir(env: str, name: str) -> Path:
+    """`$env` if set (tests point it at a temporary folder), else `name/` in the model cache."""
+    value = os.environ.get(env)
+    return Path(value) if value else cache_dir() / name
+
+
 def sha256(path: Path) -> str:
     """sha256 of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()

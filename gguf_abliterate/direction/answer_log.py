@@ -20,8 +20,7 @@ from gguf_abliterate.runtime.llama import Answer
 
 def answers_dir() -> Path:
     """`$GGUF_ABLITERATE_ANSWERS`, else `answers/` in the model cache."""
-    env = os.environ.get("GGUF_ABLITERATE_ANSWERS")
-    return Path(env) if env else pip_models.cache_dir() / "answers"
+    return pip_models.cache_subdir("GGUF_ABLITERATE_ANSWERS", "answers")
 
 
 class AnswerLog:
@@ -46,11 +45,14 @@ class AnswerLog:
 
     def add(self, prompts: Sequence[str], answers: Sequence[Answer]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            if f.tell() and not self.path.read_bytes().endswith(b"\n"):  # a line the stop cut: end it
-                f.write("\n")
+        with self.path.open("ab+") as f:
+            if f.tell():  # a line the stop cut: end it
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
             for p, a in zip(prompts, answers):
-                f.write(json.dumps({"prompt": p, "text": a.text, "tokens": a.tokens, "finished": a.finished}) + "\n")
+                row = {"prompt": p, "text": a.text, "tokens": a.tokens, "finished": a.finished}
+                f.write((json.dumps(row) + "\n").encode())
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,8 +84,7 @@ def _width(packed: int) -> int:
 
 def moments_dir() -> Path:
     """`$GGUF_ABLITERATE_MOMENTS`, else `moments/` in the model cache."""
-    env = os.environ.get("GGUF_ABLITERATE_MOMENTS")
-    return Path(env) if env else pip_models.cache_dir() / "moments"
+    return pip_models.cache_subdir("GGUF_ABLITERATE_MOMENTS", "moments")
 
 
 def _encode(means: dict[tuple[str, int], np.ndarray]) -> dict[str, np.ndarray]:
