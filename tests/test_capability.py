@@ -334,6 +334,29 @@ def test_a_stopped_labelling_resumes_from_its_log(tiny: dict[str, Path], tmp_pat
     assert [p.name for p in answers_dir().iterdir()] == [log.path.name]  # the command's own log is gone
 
 
+def test_finished_only_keeps_the_answers_that_ended(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """`--finished-only` drops the answers the budget cut before the difference of means; when
+    too few are left it says so in one line and keeps the answer log (the same answers still
+    serve without the flag); without --capability the flag is refused."""
+    from gguf_abliterate.direction.capability import Labelled
+    from gguf_abliterate.runtime.llama import Answer
+
+    problems = generate("arithmetic", "direction", 5)
+    answers = [Answer(f"a{i}", [i], finished=i % 2 == 0) for i in range(5)]
+    kept = Labelled(problems, answers, np.array([True, True, False, False, True])).only_finished()
+    assert [a.text for a in kept.answers] == ["a0", "a2", "a4"] and kept.right.tolist() == [True, False, True]
+    assert kept.problems == [problems[0], problems[2], problems[4]]
+    f = tmp_path / "sums.jsonl"
+    f.write_text("\n".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": 2 * i}) for i in range(80)))
+    answers_dir = tmp_path / "answers"
+    run = cli("direction", tiny["qwen2"], "-o", tmp_path / "d.safetensors", "--capability", f, "--problems", "16",
+              "--finished-only", "-q", env={"GGUF_ABLITERATE_ANSWERS": str(answers_dir)})
+    assert run.returncode == 1 and "answers that finished are right" in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and len(list(answers_dir.iterdir())) == 1
+    run = cli("direction", tiny["qwen2"], "-o", tmp_path / "d.npy", "--finished-only")
+    assert run.returncode == 1 and "give it with --capability" in run.stderr
+
+
 def test_worked_answers() -> None:
     from gguf_abliterate.direction.capability import worked
 

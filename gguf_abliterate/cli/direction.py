@@ -87,6 +87,10 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
               help="With --capability: problems the model answers (from the direction split, never evaluated on).")
 @click.option("--top-heads", "n_heads", type=click.IntRange(min=1), default=20, show_default=True,
               help="With --capability: how many attention heads the file names for the edit.")
+@click.option("--finished-only", is_flag=True,
+              help="With --capability: read the direction from the answers that finished within the budget only. "
+                   "Answers the budget cut are mostly wrong and mostly loops, so with them the direction reads "
+                   "finishing against running on as much as right against wrong.")
 @click.option("--report", type=OutputPath(), metavar="FILE.html",
               help="Also write an HTML report: per-block statistics and the candidate layers' scores, charted.")
 @click.option("--force", is_flag=True, help="Replace the output file and the report if they exist.")
@@ -96,8 +100,8 @@ def choose_pack(behaviour: str | None, harmful: Path | None = None, harmless: Pa
 def command(ctx: click.Context, model_path: Path, output_path: Path, behaviour: str | None, positive: Path | None,
             negative: Path | None, name: str | None, harmful: Path | None, harmless: Path | None, layer: str,
             max_kl: float | None, score_prompts: int | None, raw: bool, engine: str, thinking: Thinking,
-            position: str | None, thought_tokens: int, capability: str | None, problems: int, n_heads: int, report: Path | None,
-            force: bool, quiet: bool) -> None:
+            position: str | None, thought_tokens: int, capability: str | None, problems: int, n_heads: int,
+            finished_only: bool, report: Path | None, force: bool, quiet: bool) -> None:
     """Compute a behaviour's direction in MODEL itself, on CPU (llama.cpp hooks).
 
     Difference of means of the residual stream after each block at the last prompt token,
@@ -114,8 +118,10 @@ def command(ctx: click.Context, model_path: Path, output_path: Path, behaviour: 
     from gguf_abliterate.jobs.direction import DirectionRequest, run_direction
 
     if capability is not None:
-        capability_direction(ctx, model_path, output_path, capability, problems, n_heads, force, quiet)
+        capability_direction(ctx, model_path, output_path, capability, problems, n_heads, finished_only, force, quiet)
         return
+    if finished_only:
+        raise UserError("--finished-only reads a capability's answers: give it with --capability")
     request = DirectionRequest(model=model_path, output=output_path,
                                pack=choose_pack(behaviour, harmful, harmless, positive, negative, name), layer=layer,
                                max_kl=max_kl, score_prompts=score_prompts, raw=raw, engine=Engine(engine),
@@ -127,7 +133,7 @@ def command(ctx: click.Context, model_path: Path, output_path: Path, behaviour: 
 
 
 def capability_direction(ctx: click.Context, model_path: Path, output_path: Path, capability: str, problems: int,
-                         n_heads: int, force: bool, quiet: bool) -> None:
+                         n_heads: int, finished_only: bool, force: bool, quiet: bool) -> None:
     """`direction --capability`: refuse the prompt-set options, run the job, say what it found."""
     from gguf_abliterate.jobs.capability import CapabilityDirectionRequest, run_capability_direction
 
@@ -138,7 +144,8 @@ def capability_direction(ctx: click.Context, model_path: Path, output_path: Path
     if given:
         raise UserError(f"--capability reads the model's own answers to problems: drop {', '.join(given)}")
     result = run_capability_direction(CapabilityDirectionRequest(
-        model=model_path, output=output_path, capability=capability, problems=problems, heads=n_heads, force=force),
+        model=model_path, output=output_path, capability=capability, problems=problems, heads=n_heads,
+        finished_only=finished_only, force=force),
         cli_ui(quiet))
     say = sayer(quiet)
     say(f"heads (block.head, write along the failure side): {result.measured.describe_heads()}")

@@ -53,6 +53,13 @@ class Labelled:
     def finished(self) -> np.ndarray:
         return np.array([a.finished for a in self.answers], bool)
 
+    def only_finished(self) -> Labelled:
+        """The answers that ended within the budget. A cut answer is mostly wrong and mostly a
+        loop or a long unfinished working, so with it among the wrong ones the difference of
+        means reads finishing against not finishing as much as right against wrong."""
+        keep = np.flatnonzero(self.finished)
+        return Labelled([self.problems[i] for i in keep], [self.answers[i] for i in keep], self.right[keep])
+
 
 def label(model: LlamaModel, problems: Sequence[Problem], budget: int,
           progress: Callable[[int], None] = lambda n: None, log: AnswerLog | None = None) -> Labelled:

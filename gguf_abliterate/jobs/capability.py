@@ -13,7 +13,8 @@ from pathlib import Path
 
 from gguf_abliterate.direction import prompts as P
 from gguf_abliterate.direction.answer_log import AnswerLog
-from gguf_abliterate.direction.capability import DEFAULT_HEADS, CapabilityDirection, Findable, label, measure
+from gguf_abliterate.direction.capability import (DEFAULT_HEADS, MIN_EACH, CapabilityDirection, Findable, label,
+    measure)
 from gguf_abliterate.errors import UserError
 from gguf_abliterate.evaluate.capability import CapabilityReport, evaluate_capability
 from gguf_abliterate.evaluate.generate import load_for_eval
@@ -45,6 +46,7 @@ class CapabilityDirectionRequest:
     seed: int = 0
     max_tokens: int = ANSWER_TOKENS
     heads: int = DEFAULT_HEADS
+    finished_only: bool = False  # read the direction from the answers that ended within the budget
     force: bool = False
 
 
@@ -76,11 +78,19 @@ def run_capability_direction(request: CapabilityDirectionRequest, ui: Ui = Ui())
                    f"({log.path})")
         with ui.bar(total=len(problems), desc="answering", unit="problem") as bar:
             labelled = label(m, problems, r.max_tokens, bar.update, log)
+        findable = Findable.of(labelled)
+        for line in findable.lines():
+            ui.say(line)
+        if r.finished_only:
+            labelled = labelled.only_finished()
+            ui.say(f"reading the {len(labelled.answers)} answers that finished within the budget "
+                   f"({int(labelled.right.sum())} right)")
+            if min(labelled.right.sum(), (~labelled.right).sum()) < MIN_EACH:  # the log stays: it serves without
+                raise UserError(f"{int(labelled.right.sum())} of the {len(labelled.answers)} answers that finished "
+                                f"are right: a direction needs at least {MIN_EACH} right and {MIN_EACH} wrong (drop "
+                                f"--finished-only, or give more problems)")
         try:
-            findable = Findable.of(labelled)
-            for line in findable.lines():
-                ui.say(line)
-            with ui.bar(total=len(problems), desc="reading the answers", unit="problem") as bar:
+            with ui.bar(total=len(labelled.answers), desc="reading the answers", unit="problem") as bar:
                 measured = measure(m, weights, labelled, r.heads, bar.update)
         except UserError:  # about the answers themselves: a rerun would give the same
             log.remove()
@@ -91,6 +101,8 @@ def run_capability_direction(request: CapabilityDirectionRequest, ui: Ui = Ui())
             "architecture": weights.arch, "heads": ",".join(f"{b}.{h}" for b, hs in measured.heads.items() for h in hs),
             "problems": str(len(problems)), "right": str(findable.right), "seed": str(r.seed),
             "max_tokens": str(r.max_tokens), "instruction": INSTRUCTION, "findable": json.dumps(asdict(findable))}
+    if r.finished_only:
+        meta["read_from"] = f"the {len(labelled.answers)} answers that finished within the budget"
     save_direction(r.output, measured.directions, meta,
                    {"diff_norm": measured.diff_norms, HEAD_SCORES: measured.head_scores})
     log.remove()
