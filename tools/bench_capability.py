@@ -24,7 +24,8 @@ here, each step skipped when its output exists, so a stopped run resumes:
 `--original-from DIR2` takes the original's answers from another work folder's slices (the same
 model file, problems and budget, else it stops), and answers only with the edit and the control:
 greedy answers of one model are the same whatever it is compared with, and they are a third of
-the cost. The first-token KL against the original is read here, once.
+the cost. The first-token KL against the original is read here, once. Check that the original
+answers one slice here as it did there first (CONTRIBUTING: greedy answers and batching).
 """
 
 from __future__ import annotations
