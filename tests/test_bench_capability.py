@@ -105,6 +105,10 @@ def test_the_original_taken_from_another_folder(tmp_path: Path, answered: Path) 
     assert not list(second.glob("*.pair.json"))
     third = tmp_path / "third"
     third.mkdir()
+    before = answered.read_text()
+    with pytest.raises(SystemExit, match="holds other problems"):  # another family's slice: stopped before answering
+        chunks(third, "heldout", "percent", 10, 10, stand_in, models, first, lambda o, others: [0.0, 0.0])
+    assert answered.read_text() == before
     with pytest.raises(SystemExit, match="answered with original"):
         chunks(third, "heldout", "arithmetic", 10, 10, stand_in, [Path("other"), *models[1:]], first,
                lambda o, others: [0.0, 0.0])

@@ -104,7 +104,7 @@ def with_original(saved: dict, answered: dict, kl: list[float]) -> dict:
     """An evaluation of the edit and the control made whole with the original's answers from an
     earlier one: the same problems and budget, paired again against the original."""
     if saved["problems"] != answered["problems"] or saved["settings"]["max_tokens"] != answered["settings"]["max_tokens"]:
-        raise SystemExit("--original-from: that slice holds other problems or another budget")
+        raise SystemExit("--original-from: the earlier slice holds other problems or another budget")
     base = saved["models"][0]
     models = [base]
     for m, divergence in zip(answered["models"], kl):
@@ -136,6 +136,8 @@ def chunks(w: Path, name: str, family: str, count: int, size: int, evaluate: lis
         earlier = json.loads(saved.read_text())
         if earlier["models"][0]["path"] != str(models[0]):
             raise SystemExit(f"--original-from: {saved} answered with {earlier['models'][0]['path']}, not {models[0]}")
+        if [p["question"] for p in earlier["problems"]] != [p.question for p in problems[start : start + size]]:
+            raise SystemExit(f"--original-from: {saved} holds other problems than this slice")  # before answering
         pair = w / f"{out.stem}.pair.json"
         times[out.stem] = run([*evaluate, *map(str, models[1:]), "--capability", str(part), "--problems", str(size),
                                "--json", str(pair), "--force"], w / f"{out.stem}.log")
