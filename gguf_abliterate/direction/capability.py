@@ -53,6 +53,11 @@ class Labelled:
     def finished(self) -> np.ndarray:
         return np.array([a.finished for a in self.answers], bool)
 
+    @property
+    def contrasted(self) -> bool:
+        """Enough right and enough wrong answers for a difference of means worth reading."""
+        return min(self.right.sum(), (~self.right).sum()) >= MIN_EACH
+
     def only_finished(self) -> Labelled:
         """The answers that ended within the budget. A cut answer is mostly wrong and mostly a
         loop or a long unfinished working, so with it among the wrong ones the difference of
@@ -147,7 +152,7 @@ def measure(model: LlamaModel, weights: Model, labelled: Labelled, n_heads: int 
     """The direction per block and the heads, from the labelled answers (teacher-forced again to
     read the residual stream and the heads' outputs over each answer's tokens)."""
     right = labelled.right
-    if right.sum() < MIN_EACH or (~right).sum() < MIN_EACH:
+    if not labelled.contrasted:
         raise UserError(f"the model answered {int(right.sum())} of {len(right)} problems right: a direction needs "
                         f"at least {MIN_EACH} right and {MIN_EACH} wrong answers (give more problems, or a family "
                         f"the model solves sometimes)")

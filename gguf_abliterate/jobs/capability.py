@@ -85,7 +85,7 @@ def run_capability_direction(request: CapabilityDirectionRequest, ui: Ui = Ui())
             labelled = labelled.only_finished()
             ui.say(f"reading the {len(labelled.answers)} answers that finished within the budget "
                    f"({int(labelled.right.sum())} right)")
-            if min(labelled.right.sum(), (~labelled.right).sum()) < MIN_EACH:  # the log stays: it serves without
+            if not labelled.contrasted:  # the log stays: the same answers serve without the flag
                 raise UserError(f"{int(labelled.right.sum())} of the {len(labelled.answers)} answers that finished "
                                 f"are right: a direction needs at least {MIN_EACH} right and {MIN_EACH} wrong (drop "
                                 f"--finished-only, or give more problems)")
