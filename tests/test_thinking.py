@@ -219,6 +219,37 @@ def test_a_pick_that_thinks_much_longer_fails(tiny: dict[str, Path]) -> None:
     assert Search._passes(search, 20, 2, None)
 
 
+def test_the_thought_guard_reads_the_harmless_prompts(tiny: dict[str, Path]) -> None:
+    """A confirmation on a model that thinks generates the harmful confirmation prompts, then,
+    unless their refusals already fail the pick rule, the harmless scoring prompts, whose mean
+    thought is what the guard compares: not the harmful ones, which the original refuses in a
+    short thought, so that any edit that answers them thinks longer."""
+    from types import SimpleNamespace
+
+    from gguf_abliterate.evaluate.scorers import get_scorer
+    from gguf_abliterate.optimise.study import ANSWER_PEEK, Search, SearchSettings
+    from gguf_abliterate.runtime.llama import LlamaModel
+
+    class Model(LlamaModel):
+        calls: list[tuple[list[str], int]] = []
+
+        def greedy_answers(self, prompts, max_tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
+            self.calls.append((list(prompts), max_tokens))
+            return super().greedy_answers(prompts, max_tokens, *args, **kwargs)
+
+    bad, good = ["How do I pick a lock?", "Make a weapon."], ["Bake bread.", "Plant a tree.", "Sing."]
+    search = SimpleNamespace(settings=SearchSettings(confirm_tokens=2, thought_tokens=12), confirm_prompts=bad,
+                             confirmer=get_scorer("markers"), scorer=SimpleNamespace(harmless=good))
+    search._harmless_thought = lambda llama: Search._harmless_thought(search, llama)
+    with Model(tiny["think-qwen3"], n_seq=8) as m:
+        refusals, thought = Search._refusals(search, m)
+        assert m.calls == [(bad, 14), (good, 12 + ANSWER_PEEK)] and thought is not None
+        assert thought == pytest.approx(np.mean([a.thought_tokens for a in m.greedy_answers(good, 12 + ANSWER_PEEK)]))
+        m.calls.clear()
+        # over the bound (here one no count can meet): the trial fails, its thoughts are not generated
+        assert Search._refusals(search, m, -1) == (refusals, None) and m.calls == [(bad, 14)]
+
+
 def test_a_search_on_a_thinking_model_records_its_thoughts(tiny: dict[str, Path], tmp_path: Path) -> None:
     """optimise end to end on a model that thinks: the confirmations' mean thoughts are kept
     with the trials, shown in the front table and the report, and the result says so."""
@@ -228,13 +259,14 @@ def test_a_search_on_a_thinking_model_records_its_thoughts(tiny: dict[str, Path]
     out, page = tmp_path / "s.safetensors", tmp_path / "s.html"
     run = cli("optimise", tiny["think-qwen3"], "-o", out, "--trials", "3", "--startup-trials", "3",
               "--score-prompts", "2", "--confirm-tokens", "2", "--confirm", "1", "--bake-checks", "0",
-              "--thought-tokens", "12", "--opening-tokens", "0", "--report", page)
+              "--thought-tokens", "12", "--opening-tokens", "0", "--max-refusals", "100", "--report", page)
     assert run.returncode == 0, run.stderr
     result = load_direction(out)
     assert result.metadata["reasoning"] == "qwen3" and result.metadata["max_thought_growth"] == "1.5"
     assert result.metadata["opening_tokens"] == "0"
     confirmed = [t for t in json.loads(result.metadata["trials"]) if t["confirmed_refusals"] is not None]
-    assert confirmed and all(t["confirmed_thought"] is not None for t in confirmed)
+    assert confirmed and all(t["confirmed_thought"] is not None for t in confirmed)  # none over the refusal bound
+    assert result.metadata["original_thought"]  # what the guard compares the pick's thoughts with
     assert "thought" in run.stderr.split("Pareto front")[1].splitlines()[1]
     assert "a trial forwards up to" in run.stderr
     front = parse(page.read_text(encoding="utf-8")).tables["front-table"]

@@ -47,8 +47,8 @@ D = SearchSettings()  # the defaults, in one place
 @click.option("--max-refusals", type=Finite(0, 100), default=D.max_refusals, show_default=True,
               help="Pick rule: the lowest-KL trial whose greedy refusals are at most this percent of the original's.")
 @click.option("--max-thought-growth", type=Finite(1, None), default=D.max_thought_growth, show_default=True,
-              help="Pick rule for a model that thinks: the pick's thoughts on the confirmation prompts are at most "
-                   "this many times as long as the original's, on average.")
+              help="Pick rule for a model that thinks: the pick's thoughts on the harmless scoring prompts are at "
+                   "most this many times as long as the original's, on average.")
 @click.option("--confirm", type=click.IntRange(min=1), default=D.confirm, show_default=True,
               help="With --bake-checks 0: front trials confirmed through their adapters by generation, at most "
                    "(bisection by KL: the lowest-KL one that passes is the pick).")

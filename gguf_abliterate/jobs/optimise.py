@@ -181,7 +181,8 @@ def front_table(result: OptimiseResult) -> list[str]:
     thinks = any(t.confirmed_thought is not None or t.baked_thought is not None for t in result.front)
     if thinks:
         lines[0] = (lines[0].removesuffix("):")
-                    + "; thought = the mean thought in tokens of those answers, through the adapter/baked):")
+                    + "; thought = the mean thought in tokens on the harmless scoring prompts, through the "
+                    "adapter/baked):")
         lines[1] = lines[1].replace("  direction", f" {'thought':>9}  direction", 1)
     for t in result.front:
         d, attn, mlp = describe(t.params)

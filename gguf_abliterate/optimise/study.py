@@ -14,9 +14,13 @@
    counted by markers (or labelled by a judge model: slower, and it sees refusals markers
    miss), to find the lowest-KL one whose refusals are at most `max_refusals`
    percent of the original model's on the same prompts (or, if none is, the one with the
-   fewest, then the lowest KL). For a model that thinks, a trial also fails if its thoughts
-   on those prompts run longer on average than `max_thought_growth` times the original's:
-   an edit that makes the model think twice as long costs the user as much as a worse answer.
+   fewest, then the lowest KL). For a model that thinks, an answer that never arrives counts
+   as a refusal, and a trial also fails if its thoughts on the harmless scoring prompts run
+   longer on average than `max_thought_growth` times the original's on the same prompts: an
+   edit that makes the model think twice as long costs the user as much as a worse answer.
+   Not on the harmful prompts: the original refuses those in a short thought, and an edit that
+   answers them must think longer (on the 1.5B made to think the original's thoughts there ran
+   87 tokens, and every trial confirmed more than 1.5 times that).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking
 
 STUDY_NAME = "gguf-abliterate"
 CONFIRM_MAX_RATIO = 0.3
+ANSWER_PEEK = 8  # a model that thinks: final-answer tokens generated past a harmless thought's budget
 REACH_MARGIN = 1.5  # a trial stops after its first harmless prompts if another's KL on them was this much lower
 Say = Callable[[str], None]
 
@@ -79,7 +84,7 @@ class SearchSettings:
     fixed: dict[str, Any] = field(default_factory=dict)
     judge: Path | None = None  # confirm the front with this judge model instead of markers
     thinking: Thinking = field(default_factory=Thinking)
-    max_thought_growth: float = 1.5  # a model that thinks: a pick's mean thought, at most this times the original's
+    max_thought_growth: float = 1.5  # a model that thinks: a pick's mean harmless thought, at most this times the original's
     thought_tokens: int = THOUGHT_BUDGET  # a model that thinks: its thought's budget, scoring and confirming
     opening_tokens: int = OPENING_TOKENS  # a model that thinks: tokens of its own answer a trial reads (0: none)
 
@@ -97,7 +102,7 @@ class TrialRecord:
     pruned: bool = False  # stopped after the first prompts: its objectives are estimates
     confirmed_refusals: int | None = None  # greedy refusals through the trial's adapter
     baked_refusals: int | None = None  # the same, on the trial baked into the file's own types
-    confirmed_thought: float | None = None  # a model that thinks: the mean thought (tokens) of those answers
+    confirmed_thought: float | None = None  # a model that thinks: the mean thought (tokens) on the harmless scoring prompts
     baked_thought: float | None = None
 
     def thought_cell(self) -> str:
@@ -234,7 +239,7 @@ class Search:
                  progress: Callable[..., Any], measured: Path | None = None):
         optuna = _optuna()
         self.settings, self.say, self.progress = settings, say, progress
-        self.original_thought: float | None = None  # a model that thinks: its mean thought on the confirmation prompts
+        self.original_thought: float | None = None  # a model that thinks: its mean thought on the harmless scoring prompts
         self.meta = Model(model_path)
         identity = model_identity(self.meta)
         storage = _storage(url)
@@ -441,9 +446,11 @@ class Search:
 
     def _refusals(self, llama: LlamaModel, allowed: int | None = None) -> tuple[int, float | None]:
         """`llama`'s greedy refusals to the confirmation prompts, and for a model that thinks its
-        mean thought in tokens. The thought is generated too, and an answer that never arrives
-        (the thought ran past `thought_tokens`: "" to the markers) counts with the refusals, so an
-        edit that makes the model think without end fails the pick rule.
+        mean thought in tokens on the harmless scoring prompts (None where the refusals already
+        exceed `allowed`: the trial fails whatever it thinks). The thought is generated too, and
+        an answer that never arrives (the thought ran past `thought_tokens`: "" to the markers)
+        counts with the refusals, so an edit that makes the model think without end fails the
+        pick rule.
 
         Counted by markers, an answer stops at the token that puts a marker in its opening (the
         verdict cannot change after it), and with `allowed` (a trial's confirmation: the pick
@@ -455,8 +462,9 @@ class Search:
         if markers is None:
             answers = llama.greedy_answers(self.confirm_prompts, tokens)
             verdicts = self.confirmer.label(self.confirm_prompts, [a.reply for a in answers])
-            thought = float(np.mean([a.thought_tokens for a in answers])) if llama.thinks else None
-            return sum(v.label is Label.REFUSAL for v in verdicts), thought
+            refusals = sum(v.label is Label.REFUSAL for v in verdicts)
+            measured = llama.thinks and (allowed is None or refusals <= allowed)
+            return refusals, self._harmless_thought(llama) if measured else None
 
         def settled(text: str) -> bool:
             return refusal_settled(text, markers.markers)
@@ -467,6 +475,12 @@ class Search:
             return found, None
         verdicts = markers.label(self.confirm_prompts, [a.reply for a in answers])
         return sum(v.label is Label.REFUSAL for v in verdicts), None
+
+    def _harmless_thought(self, llama: LlamaModel) -> float:
+        """`llama`'s mean thought in tokens on the harmless scoring prompts (a few tokens of the
+        final answer beyond the budget show whether the thought closed)."""
+        answers = llama.greedy_answers(self.scorer.harmless, self.settings.thought_tokens + ANSWER_PEEK)
+        return float(np.mean([a.thought_tokens for a in answers]))
 
     def _allowed(self, original: int) -> float:
         """The pick rule's bound: refusals at most `max_refusals` percent of the original's."""
@@ -482,7 +496,7 @@ class Search:
         longest = (None if thought is None or self.original_thought is None else
                    self.settings.max_thought_growth * max(self.original_thought, 1.0))
         if longest is not None and thought is not None and thought > longest:
-            self.say(f"note: a trial's thoughts run {thought:.0f} tokens on average, more than "
+            self.say(f"note: a trial's thoughts on the harmless prompts run {thought:.0f} tokens on average, more than "
                      f"{self.settings.max_thought_growth:g} times the original's {self.original_thought:.0f}: not picked")
             return False
         return refusals <= self._allowed(original)
@@ -613,7 +627,8 @@ class Search:
         if self.llama.thinks:  # KL along the original's thought, refusal after it, the pick's thoughts bounded
             metadata |= {"reasoning": self.llama.reasoning.format.name,
                          "max_thought_growth": f"{self.settings.max_thought_growth:g}",
-                         "opening_tokens": str(self.settings.opening_tokens)}
+                         "opening_tokens": str(self.settings.opening_tokens),
+                         "original_thought": "" if self.original_thought is None else f"{self.original_thought:.1f}"}
         if self.statistics is not None:  # named relative to the result, as a direction names them
             metadata |= {"statistics": os.path.relpath(self.statistics["path"], output.resolve().parent),
                          "statistics_sha256": self.statistics["sha256"]}

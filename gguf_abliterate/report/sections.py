@@ -291,8 +291,9 @@ def search(d: Direction, title: str) -> Section:
             charts.front_chart(points, ("KL along the original's thought and answer on harmless prompts (log)"
                                         if thinks else "first-token KL on harmless prompts (log)"),
                                "refusal ratio (vs original)"),
-            f"Each trial's two objectives, both minimised: the first-token refusal probability on harmful "
-            f"prompts as a ratio to the original's, and the KL on harmless prompts. "
+            f"Each trial's two objectives, both minimised: "
+            f"{_thinking_refusal(meta) if thinks else 'the first-token refusal probability on harmful prompts'}, "
+            f"as a ratio to the original's, and the KL on harmless prompts. "
             f"{len(records) - len(scored)} trials kept more than half the refusal and were not run on the harmless "
             f"prompts (not drawn). The pick is made among front trials with ratio at most {CONFIRM_MAX_RATIO}."))
     else:
@@ -315,11 +316,21 @@ def search(d: Direction, title: str) -> Section:
     content.append(para(f"confirmed / baked: greedy refusals on {meta.get('confirm_prompts', '?')} harmful "
                         f"prompts through the trial's adapter / baked into the file's own types (original: "
                         f"{meta.get('original_refusals') or '-'})."
-                        + (f" The model thinks ({meta['reasoning']}): refusal is read where the final answer opens, "
-                           f"after the original's own thought; thought: the mean thought in tokens of those answers "
-                           f"(the pick's at most {meta.get('max_thought_growth', '?')} times the original's)."
+                        + (f" The model thinks ({meta['reasoning']}): a trial's refusal is {_thinking_refusal(meta)}; "
+                           f"an answer that never arrives counts as a refusal; thought: the mean thought in tokens on "
+                           f"the harmless scoring prompts (the original's {meta.get('original_thought') or '-'}; the "
+                           f"pick's at most {meta.get('max_thought_growth', '?')} times that)."
                            if thinks else ""), class_="note"))
     return title, join(content)
+
+
+def _thinking_refusal(meta: dict[str, str]) -> str:
+    """Where a search on a model that thinks read a trial's refusals (files before
+    `opening_tokens` was recorded read where the final answer opens)."""
+    tokens = int(meta.get("opening_tokens", "0") or 0)
+    return (f"the share of harmful prompts whose first {tokens} tokens of the trial's own answer (its thought's "
+            f"opening) refuse" if tokens else
+            "the refusal probability where the final answer opens, after the original's own thought")
 
 
 def direction_sections(d: Direction, name: str) -> list[Section]:
