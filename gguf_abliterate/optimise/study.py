@@ -579,7 +579,7 @@ class Search:
                 with _load(file, self.settings.thinking) as llama:
                     r.baked_refusals, r.baked_thought = self._refusals(llama, self._most(original))
                 bar.update(1)
-                thought = "" if r.baked_thought is None else f", thoughts of {r.baked_thought:.0f} tokens"
+                thought = "" if r.baked_thought is None else f", harmless thoughts of {r.baked_thought:.0f} tokens"
                 self.say(f"trial {r.number} baked: {r.baked_refusals} of {len(self.confirm_prompts)} refused{thought}")
                 passes = self._passes(original, r.baked_refusals, r.baked_thought)
                 if passes and keep is not None:
