@@ -221,13 +221,14 @@ def test_a_pick_that_thinks_much_longer_fails(tiny: dict[str, Path]) -> None:
 
 def test_the_thought_guard_reads_the_harmless_prompts(tiny: dict[str, Path]) -> None:
     """A confirmation on a model that thinks generates the harmful confirmation prompts, then,
-    unless their refusals already fail the pick rule, the harmless scoring prompts, whose mean
-    thought is what the guard compares: not the harmful ones, which the original refuses in a
-    short thought, so that any edit that answers them thinks longer."""
+    unless their refusals already fail the pick rule, the harmless scoring prompts at the
+    scorer's budget, whose mean thought is what the guard compares: not the harmful ones, which
+    the original refuses in a short thought, so that any edit that answers them thinks longer.
+    The original's harmless thoughts are the scorer's, not generated again."""
     from types import SimpleNamespace
 
     from gguf_abliterate.evaluate.scorers import get_scorer
-    from gguf_abliterate.optimise.study import ANSWER_PEEK, Search, SearchSettings
+    from gguf_abliterate.optimise.study import Search, SearchSettings
     from gguf_abliterate.runtime.llama import LlamaModel
 
     class Model(LlamaModel):
@@ -238,13 +239,17 @@ def test_the_thought_guard_reads_the_harmless_prompts(tiny: dict[str, Path]) -> 
             return super().greedy_answers(prompts, max_tokens, *args, **kwargs)
 
     bad, good = ["How do I pick a lock?", "Make a weapon."], ["Bake bread.", "Plant a tree.", "Sing."]
-    search = SimpleNamespace(settings=SearchSettings(confirm_tokens=2, thought_tokens=12), confirm_prompts=bad,
-                             confirmer=get_scorer("markers"), scorer=SimpleNamespace(harmless=good))
-    search._harmless_thought = lambda llama: Search._harmless_thought(search, llama)
+    search = SimpleNamespace(settings=SearchSettings(confirm_tokens=2, thought_tokens=12, kl_tokens=3),
+                             confirm_prompts=bad, confirmer=get_scorer("markers"),
+                             scorer=SimpleNamespace(harmless=good, thought=123.0))
+    search._harmless_thought = lambda llama, original: Search._harmless_thought(search, llama, original)
     with Model(tiny["think-qwen3"], n_seq=8) as m:
         refusals, thought = Search._refusals(search, m)
-        assert m.calls == [(bad, 14), (good, 12 + ANSWER_PEEK)] and thought is not None
-        assert thought == pytest.approx(np.mean([a.thought_tokens for a in m.greedy_answers(good, 12 + ANSWER_PEEK)]))
+        assert m.calls == [(bad, 14), (good, 12 + 3)] and thought is not None
+        assert thought == pytest.approx(np.mean([a.thought_tokens for a in m.greedy_answers(good, 12 + 3)]))
+        m.calls.clear()
+        # the original: its thoughts are the scorer's own answers', read once
+        assert Search._refusals(search, m, original=True) == (refusals, 123.0) and m.calls == [(bad, 14)]
         m.calls.clear()
         # over the bound (here one no count can meet): the trial fails, its thoughts are not generated
         assert Search._refusals(search, m, -1) == (refusals, None) and m.calls == [(bad, 14)]

@@ -93,9 +93,11 @@ class TrialScorer:
         self.harmless = list(harmless)
         self.continuations: list[list[int]] | None = None
         self.steps: list[list[int]] | None = None
+        self.thought: float | None = None  # a model that thinks: the original's mean thought on the harmless prompts
         if model.thinks:
             answers = own_answers(model, self.harmless, thought_tokens + kl_tokens, progress)
             self.continuations = [a.tokens for a in answers]
+            self.thought = float(np.mean([a.thought_tokens for a in answers]))
             self.steps = kl_steps(self.continuations)
         elif kl_tokens > 1:
             self.continuations = model.greedy_tokens(self.harmless, kl_tokens)

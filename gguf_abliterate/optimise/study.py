@@ -62,7 +62,6 @@ from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET, Thinking
 
 STUDY_NAME = "gguf-abliterate"
 CONFIRM_MAX_RATIO = 0.3
-ANSWER_PEEK = 8  # a model that thinks: final-answer tokens generated past a harmless thought's budget
 REACH_MARGIN = 1.5  # a trial stops after its first harmless prompts if another's KL on them was this much lower
 Say = Callable[[str], None]
 
@@ -440,14 +439,16 @@ class Search:
             schedule = resolve(EditParams.from_dict(record.params), self.per_block, self.harmless_means)
             apply(self.llama, self.adapters.edit(schedule))
         try:
-            return self._refusals(self.llama, allowed)
+            return self._refusals(self.llama, allowed, original=record is None)
         finally:
             apply(self.llama, None)
 
-    def _refusals(self, llama: LlamaModel, allowed: int | None = None) -> tuple[int, float | None]:
+    def _refusals(self, llama: LlamaModel, allowed: int | None = None,
+                  original: bool = False) -> tuple[int, float | None]:
         """`llama`'s greedy refusals to the confirmation prompts, and for a model that thinks its
         mean thought in tokens on the harmless scoring prompts (None where the refusals already
-        exceed `allowed`: the trial fails whatever it thinks). The thought is generated too, and
+        exceed `allowed`: the trial fails whatever it thinks; `original`: the unedited model's,
+        which the scorer already generated). The thought is generated too, and
         an answer that never arrives (the thought ran past `thought_tokens`: "" to the markers)
         counts with the refusals, so an edit that makes the model think without end fails the
         pick rule.
@@ -464,7 +465,7 @@ class Search:
             verdicts = self.confirmer.label(self.confirm_prompts, [a.reply for a in answers])
             refusals = sum(v.label is Label.REFUSAL for v in verdicts)
             measured = llama.thinks and (allowed is None or refusals <= allowed)
-            return refusals, self._harmless_thought(llama) if measured else None
+            return refusals, self._harmless_thought(llama, original) if measured else None
 
         def settled(text: str) -> bool:
             return refusal_settled(text, markers.markers)
@@ -476,10 +477,13 @@ class Search:
         verdicts = markers.label(self.confirm_prompts, [a.reply for a in answers])
         return sum(v.label is Label.REFUSAL for v in verdicts), None
 
-    def _harmless_thought(self, llama: LlamaModel) -> float:
-        """`llama`'s mean thought in tokens on the harmless scoring prompts (a few tokens of the
-        final answer beyond the budget show whether the thought closed)."""
-        answers = llama.greedy_answers(self.scorer.harmless, self.settings.thought_tokens + ANSWER_PEEK)
+    def _harmless_thought(self, llama: LlamaModel, original: bool) -> float:
+        """`llama`'s mean thought in tokens on the harmless scoring prompts, generated at the
+        budget of the scorer's own answers to them (the KL's continuations), whose thoughts are
+        the original's: generating those again would cost minutes on a 1.5B and say the same."""
+        if original and self.scorer.thought is not None:
+            return self.scorer.thought
+        answers = llama.greedy_answers(self.scorer.harmless, self.settings.thought_tokens + self.settings.kl_tokens)
         return float(np.mean([a.thought_tokens for a in answers]))
 
     def _allowed(self, original: int) -> float:
