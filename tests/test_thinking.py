@@ -228,6 +228,7 @@ def test_the_thought_guard_reads_the_harmless_prompts(tiny: dict[str, Path]) -> 
     from types import SimpleNamespace
 
     from gguf_abliterate.evaluate.scorers import get_scorer
+    from gguf_abliterate.optimise.scorer import TrialScorer
     from gguf_abliterate.optimise.study import Search, SearchSettings
     from gguf_abliterate.runtime.llama import LlamaModel
 
@@ -239,17 +240,21 @@ def test_the_thought_guard_reads_the_harmless_prompts(tiny: dict[str, Path]) -> 
             return super().greedy_answers(prompts, max_tokens, *args, **kwargs)
 
     bad, good = ["How do I pick a lock?", "Make a weapon."], ["Bake bread.", "Plant a tree.", "Sing."]
-    search = SimpleNamespace(settings=SearchSettings(confirm_tokens=2, thought_tokens=12, kl_tokens=3),
-                             confirm_prompts=bad, confirmer=get_scorer("markers"),
-                             scorer=SimpleNamespace(harmless=good, thought=123.0))
-    search._harmless_thought = lambda llama, original: Search._harmless_thought(search, llama, original)
     with Model(tiny["think-qwen3"], n_seq=8) as m:
+        scorer = TrialScorer(m, bad, good, kl_tokens=3, thought_tokens=12, opening_tokens=0)
+        # the original's harmless thoughts, read once with the KL's continuations, at their budget
+        assert m.calls[-1] == (good, 12 + 3)
+        assert scorer.thought == pytest.approx(np.mean([a.thought_tokens for a in m.greedy_answers(good, 12 + 3)]))
+        search = SimpleNamespace(settings=SearchSettings(confirm_tokens=2, thought_tokens=12, kl_tokens=3),
+                                 confirm_prompts=bad, confirmer=get_scorer("markers"), scorer=scorer)
+        search._harmless_thought = lambda llama, original: Search._harmless_thought(search, llama, original)
+        m.calls.clear()
         refusals, thought = Search._refusals(search, m)
         assert m.calls == [(bad, 14), (good, 12 + 3)] and thought is not None
         assert thought == pytest.approx(np.mean([a.thought_tokens for a in m.greedy_answers(good, 12 + 3)]))
         m.calls.clear()
-        # the original: its thoughts are the scorer's own answers', read once
-        assert Search._refusals(search, m, original=True) == (refusals, 123.0) and m.calls == [(bad, 14)]
+        # the original: its thoughts are the scorer's own answers', not generated again
+        assert Search._refusals(search, m, original=True) == (refusals, scorer.thought) and m.calls == [(bad, 14)]
         m.calls.clear()
         # over the bound (here one no count can meet): the trial fails, its thoughts are not generated
         assert Search._refusals(search, m, -1) == (refusals, None) and m.calls == [(bad, 14)]

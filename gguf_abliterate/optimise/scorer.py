@@ -43,7 +43,7 @@ from gguf_abliterate.evaluate.first_token import kl_divergence, kl_steps, refusa
 from gguf_abliterate.evaluate.markers import decides_to_refuse
 from gguf_abliterate.direction.measure import Position, ProgressBars, at_position, own_answers
 from gguf_abliterate.optimise.adapter import TrialEdit, apply
-from gguf_abliterate.runtime.llama import LlamaModel, Prompt
+from gguf_abliterate.runtime.llama import Answer, LlamaModel, Prompt
 from gguf_abliterate.runtime.thinking import THOUGHT_BUDGET
 
 GUARD = 0.5
@@ -94,14 +94,20 @@ class TrialScorer:
         self.continuations: list[list[int]] | None = None
         self.steps: list[list[int]] | None = None
         self.thought: float | None = None  # a model that thinks: the original's mean thought on the harmless prompts
+        self.answer_tokens = thought_tokens + kl_tokens  # ... and the budget it was read at
         if model.thinks:
-            answers = own_answers(model, self.harmless, thought_tokens + kl_tokens, progress)
+            answers = own_answers(model, self.harmless, self.answer_tokens, progress)
             self.continuations = [a.tokens for a in answers]
-            self.thought = float(np.mean([a.thought_tokens for a in answers]))
+            self.thought = _mean_thought(answers)
             self.steps = kl_steps(self.continuations)
         elif kl_tokens > 1:
             self.continuations = model.greedy_tokens(self.harmless, kl_tokens)
         self.base = self._harmless_logprobs()
+
+    def thought_of(self, llama: LlamaModel) -> float:
+        """`llama`'s mean thought in tokens on the harmless prompts, generated at the budget the
+        original's (`thought`) were read at, so that the two compare like with like."""
+        return _mean_thought(llama.greedy_answers(self.harmless, self.answer_tokens))
 
     def forwarded_tokens(self) -> int:
         """What a trial forwards at most (the harmful prompts, then the harmless ones): on a model
@@ -163,3 +169,7 @@ class TrialScorer:
             return Score(ratio, float(kls.mean()), kl_first)
         finally:
             apply(self.model, None)
+
+
+def _mean_thought(answers: Sequence[Answer]) -> float:
+    return float(np.mean([a.thought_tokens for a in answers]))

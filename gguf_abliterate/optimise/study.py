@@ -477,14 +477,10 @@ class Search:
         verdicts = markers.label(self.confirm_prompts, [a.reply for a in answers])
         return sum(v.label is Label.REFUSAL for v in verdicts), None
 
-    def _harmless_thought(self, llama: LlamaModel, original: bool) -> float:
-        """`llama`'s mean thought in tokens on the harmless scoring prompts, generated at the
-        budget of the scorer's own answers to them (the KL's continuations), whose thoughts are
-        the original's: generating those again would cost minutes on a 1.5B and say the same."""
-        if original and self.scorer.thought is not None:
-            return self.scorer.thought
-        answers = llama.greedy_answers(self.scorer.harmless, self.settings.thought_tokens + self.settings.kl_tokens)
-        return float(np.mean([a.thought_tokens for a in answers]))
+    def _harmless_thought(self, llama: LlamaModel, original: bool) -> float | None:
+        """`llama`'s mean thought in tokens on the harmless scoring prompts: the original's are the
+        scorer's own answers to them (the KL's continuations), not generated a second time."""
+        return self.scorer.thought if original else self.scorer.thought_of(llama)
 
     def _allowed(self, original: int) -> float:
         """The pick rule's bound: refusals at most `max_refusals` percent of the original's."""
