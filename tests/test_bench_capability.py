@@ -77,6 +77,8 @@ def test_slices_resume_and_pool(tmp_path: Path) -> None:
         f"-{Paired.of(kept[0], kept[2]).lost}, p = {Paired.of(kept[0], kept[2]).p_value:.3g}")
     assert 0 < sum(done) < 50
     assert pooled(tmp_path, "transfer") == []
+    chunks(tmp_path, "transfer", "percent", 10, 10, stand_in, MODELS)
+    assert pooled(tmp_path, "transfer")[0] == "10 problems in 1 slice"
     # a slice answered with another budget is not pooled with the rest
     chunks(tmp_path, "heldout", "arithmetic", 60, 10, [*stand_in, "--max-tokens", "512"], MODELS)
     with pytest.raises(SystemExit, match="different budgets"):
