@@ -67,7 +67,7 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_demo: tuple[Path, Any]) -> None:
     report = json.loads((out / "report.json").read_text())
     assert [Path(m["path"]).name for m in report["models"]] == ["qwen2.gguf", "qwen2-abliterated.gguf",
                                                                 "qwen2-optimised.gguf", "qwen2-reverse.gguf"]
-    assert "Pareto front" in run.stderr
+    assert "Pareto front" in run.stderr and "(a short search: 3 trials or 1 minute)" in run.stderr
     assert "prompt the original refused and the abliterated model answered" in run.stdout
     assert "prompt the original answered and the reverse model refused" in run.stdout
     assert "llama-cli -m" in run.stdout and "ollama create" in run.stdout and "stage times" in run.stdout

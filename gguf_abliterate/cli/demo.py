@@ -25,7 +25,7 @@ from gguf_abliterate.runtime.thinking import Thinking
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
 # the short search (its seeds, then TPE) and its bake checks, which confirm on the prompts the
-# evaluation shows (all 72 took a third of the demo's search): about 2.5 minutes on the 0.5B
+# evaluation shows (all 72 took a third of the demo's search): 92 s on the 0.5B (2026-12-08)
 SEARCH_TRIALS, SEARCH_MINUTES, SEARCH_BAKES = 12, 1.0, 3
 # the evaluation of four models: answers long enough for a refusal's opening (the search
 # confirms its pick on as many tokens)
@@ -78,7 +78,8 @@ def run_demo(model_path: Path | None = None, out_dir: Path = Path("demo-output")
         run_edit(EditRequest(input=src, output=outputs[mode], direction=direction, reverse=mode == "reverse",
                              force=True))
         edit_seconds[str(outputs[mode])] = stage(f"edit ({mode})")
-    say(f"== optimised edit (a short search: {trials} trials or {minutes:g} minutes)")
+    say(f"== optimised edit (a short search: {trials} trial{'s' * (trials != 1)} "
+        f"or {minutes:g} minute{'s' * (minutes != 1)})")
     searched.with_suffix(".study.db").unlink(missing_ok=True)
     searching = OptimiseRequest(model=src, output=searched, measured=direction, bake=outputs["optimised"], force=True,
                                 settings=SearchSettings(trials=trials, minutes=minutes, startup_trials=trials // 3,
