@@ -170,7 +170,7 @@ def pooled(w: Path, name: str) -> list[str]:
         rows.append(f"| {label} | {right}/{n} | {right / n:.1%} [{lo:.1%}, {hi:.1%}] | {vs} | {tokens:.0f} | {cut} | "
                     + ("-" if kl is None else f"{kl:.4f}") + " |")
     against = Paired.of(correct[2], correct[1])
-    out = [f"{len(correct[0])} problems in {len(parts)} slice" + ("s" if len(parts) > 1 else ""), "",
+    out = [f"{len(correct[0])} problems in {len(parts)} slice{'s' * (len(parts) != 1)}", "",
            "| model | right | accuracy (95% CI) | vs original: gained / lost | p (McNemar) | tokens | cut | KL |",
            "|---|---|---|---|---|---|---|---|", *rows, "",
            f"edit against the control, paired: +{against.gained} / -{against.lost}, p = {against.p_value:.3g}"]
